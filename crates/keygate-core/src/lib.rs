@@ -1,1 +1,25 @@
-//! keygate-core
+//! keygate-core: everything keygate decides, as plain Rust.
+//!
+//! This crate never depends on `proxy-wasm`. The filter crate reads the request from the host,
+//! hands a [`RequestHead`] to [`decide`], and sends whatever [`Decision`] comes back. The control
+//! plane serialises the same [`config`] types the filter compiles, and computes secret digests with
+//! the same [`digest`] functions, so the two sides cannot drift.
+//!
+//! Flow: JSON bytes → [`config::ConfigDoc`] (wire types, serde) → [`compile::compile`] (validates
+//! everything once, with path-prefixed errors, and builds lookup tables) → [`CompiledConfig`] →
+//! [`decide`] per request (lookups only, no parsing of config).
+
+pub mod compile;
+pub mod config;
+pub mod credential;
+pub mod decision;
+pub mod digest;
+pub mod headers;
+pub mod ip;
+pub mod path;
+pub mod reason;
+
+pub use compile::{compile, CompiledConfig, ConfigError};
+pub use decision::{decide, Allow, Decision, Identity, PrincipalKind};
+pub use headers::RequestHead;
+pub use reason::Reason;

@@ -1,0 +1,454 @@
+//! Validating a config document once and compiling it into lookup tables.
+//!
+//! Every error names the exact place in the document (`keys[3].allowed_ips[0]: ...`). A config
+//! either compiles whole or not at all; callers keep the previous [`CompiledConfig`] on error.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::UNIX_EPOCH;
+
+use crate::config::{
+    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, Role, Scheme, SecretDoc, UnknownRoutes,
+    SCHEMA_V1,
+};
+use crate::credential::EnabledSchemes;
+use crate::digest::{parse_digest_hex, Digest32, Digester};
+use crate::ip::IpAllowlist;
+use crate::path::Template;
+
+/// A config rejected at compile time: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// JSON path such as `keys[3].allowed_ips[0]`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError { path: path.into(), message: message.into() })
+}
+
+/// Who a credential identifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Principal {
+    Key(u32),
+    Account(u32),
+}
+
+/// A compiled API catalogue entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Api {
+    pub(crate) name: Box<str>,
+    pub(crate) methods: Vec<Box<[u8]>>,
+    pub(crate) templates: Vec<Template>,
+    pub(crate) publishable: bool,
+    pub(crate) management: bool,
+}
+
+/// A secret digest with its optional end of validity (unix seconds, inclusive).
+#[derive(Debug, Clone)]
+pub(crate) struct Secret {
+    pub(crate) digest: Digest32,
+    pub(crate) not_after: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Account {
+    pub(crate) sid: Box<str>,
+    pub(crate) suspended: bool,
+    pub(crate) auth_tokens: Vec<Secret>,
+    pub(crate) allowed_ips: Option<IpAllowlist>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Key {
+    pub(crate) sid: Box<str>,
+    pub(crate) account: u32,
+    pub(crate) role: Role,
+    pub(crate) secrets: Vec<Secret>,
+    pub(crate) expires_at: Option<u64>,
+    pub(crate) enabled: bool,
+    /// Bitset over `CompiledConfig::apis`; `None` = every API the role allows.
+    pub(crate) apis: Option<Box<[u64]>>,
+    pub(crate) allowed_ips: Option<IpAllowlist>,
+}
+
+impl Key {
+    pub(crate) fn may_call(&self, api: usize) -> bool {
+        match &self.apis {
+            None => true,
+            Some(bits) => bits.get(api / 64).is_some_and(|w| w & (1u64 << (api % 64)) != 0),
+        }
+    }
+}
+
+/// A validated config, ready for [`crate::decide`].
+#[derive(Debug)]
+pub struct CompiledConfig {
+    version: u64,
+    pub(crate) digester: Digester,
+    pub(crate) schemes: EnabledSchemes,
+    pub(crate) forward_authorization: bool,
+    pub(crate) identity_headers: [Box<str>; 4],
+    pub(crate) unknown_routes: UnknownRoutes,
+    pub(crate) cors_preflight: CorsPreflight,
+    pub(crate) apis: Vec<Api>,
+    pub(crate) accounts: Vec<Account>,
+    pub(crate) keys: Vec<Key>,
+    pub(crate) by_sid: HashMap<Box<[u8]>, Principal>,
+    pub(crate) by_token: HashMap<Digest32, u32>,
+    www_authenticate: [String; 2],
+}
+
+impl CompiledConfig {
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn forward_authorization(&self) -> bool {
+        self.forward_authorization
+    }
+
+    /// Header names the filter sets on allowed requests and strips from every request:
+    /// account SID, key SID, role, API (in that order).
+    pub fn identity_headers(&self) -> &[Box<str>; 4] {
+        &self.identity_headers
+    }
+
+    /// `WWW-Authenticate` values sent with every 401 (static realm; same bytes for every 401 of a
+    /// kind, so unknown key and wrong secret are indistinguishable).
+    pub fn www_authenticate(&self) -> &[String] {
+        let n = usize::from(self.schemes.basic) + usize::from(self.schemes.bearer);
+        let first = if self.schemes.basic { 0 } else { 1 };
+        &self.www_authenticate[first..first + n]
+    }
+
+    /// Counts for logs: (accounts, keys, apis).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.accounts.len(), self.keys.len(), self.apis.len())
+    }
+}
+
+/// Parses and compiles a JSON config document.
+pub fn compile(json: &[u8]) -> Result<CompiledConfig, ConfigError> {
+    let doc = parse(json)?;
+    compile_doc(&doc)
+}
+
+/// Parses a JSON config document into its wire types, with the path of any shape error.
+pub fn parse(json: &[u8]) -> Result<ConfigDoc, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let doc: ConfigDoc = serde_path_to_error::deserialize(&mut de).map_err(|e| ConfigError {
+        path: e.path().to_string(),
+        message: e.inner().to_string(),
+    })?;
+    de.end().map_err(|e| ConfigError { path: String::new(), message: e.to_string() })?;
+    Ok(doc)
+}
+
+fn parse_time(path: &str, s: &str) -> Result<u64, ConfigError> {
+    match humantime::parse_rfc3339(s) {
+        Ok(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Ok(d.as_secs()),
+            Err(_) => err(path, format!("{s:?} is before 1970")),
+        },
+        Err(_) => err(path, format!("invalid RFC 3339 UTC time {s:?} (expected like \"2026-11-24T10:00:00Z\")")),
+    }
+}
+
+/// SIDs appear in URLs and headers: ASCII letters, digits, `_` and `-`, 1 to 64 characters.
+fn check_sid(path: &str, sid: &str) -> Result<(), ConfigError> {
+    if sid.is_empty() || sid.len() > 64 || !sid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return err(path, format!("invalid SID {sid:?}: use 1 to 64 ASCII letters, digits, '_' or '-'"));
+    }
+    Ok(())
+}
+
+fn check_header_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !ok {
+        return err(path, format!("invalid header name {name:?}: use lowercase letters, digits, '-' and '_'"));
+    }
+    if matches!(name, "authorization" | "host" | "content-length" | "transfer-encoding" | "connection" | "te") {
+        return err(path, format!("{name:?} cannot be an identity header"));
+    }
+    Ok(())
+}
+
+struct SecretSeen {
+    by_digest: HashMap<Digest32, String>,
+}
+
+impl SecretSeen {
+    fn compile(&mut self, path: &str, docs: &[SecretDoc], required: bool) -> Result<Vec<Secret>, ConfigError> {
+        if required && docs.is_empty() {
+            return err(path, "must have at least one secret");
+        }
+        let mut out = Vec::with_capacity(docs.len());
+        for (i, s) in docs.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let digest = parse_digest_hex(&s.digest).map_err(|m| ConfigError { path: format!("{p}.digest"), message: m })?;
+            if let Some(other) = self.by_digest.insert(digest, p.clone()) {
+                return err(format!("{p}.digest"), format!("same digest as {other}; every secret must be unique"));
+            }
+            let not_after = s.not_after.as_deref().map(|t| parse_time(&format!("{p}.not_after"), t)).transpose()?;
+            out.push(Secret { digest, not_after });
+        }
+        Ok(out)
+    }
+}
+
+fn compile_allowlist(path: &str, list: &Option<Vec<String>>) -> Result<Option<IpAllowlist>, ConfigError> {
+    list.as_deref()
+        .map(|l| {
+            IpAllowlist::parse(l).map_err(|(i, message)| ConfigError {
+                path: match i {
+                    Some(i) => format!("{path}[{i}]"),
+                    None => path.to_owned(),
+                },
+                message,
+            })
+        })
+        .transpose()
+}
+
+fn compile_api(i: usize, a: &ApiDoc) -> Result<Api, ConfigError> {
+    let p = format!("apis[{i}]");
+    if a.name.is_empty()
+        || !a.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return err(format!("{p}.name"), format!("invalid API name {:?}: use lowercase letters, digits, '_', '-', '.'", a.name));
+    }
+    if a.publishable && a.management {
+        return err(&p, "an API cannot be both publishable and management");
+    }
+    if a.methods.is_empty() {
+        return err(format!("{p}.methods"), "must list at least one method");
+    }
+    let mut methods = Vec::with_capacity(a.methods.len());
+    for (j, m) in a.methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            return err(format!("{p}.methods[{j}]"), format!("invalid method {m:?}: use an uppercase HTTP method"));
+        }
+        if a.methods[..j].contains(m) {
+            return err(format!("{p}.methods[{j}]"), format!("duplicate method {m:?}"));
+        }
+        methods.push(m.as_bytes().into());
+    }
+    if a.paths.is_empty() {
+        return err(format!("{p}.paths"), "must list at least one path template");
+    }
+    let mut templates = Vec::with_capacity(a.paths.len());
+    for (j, t) in a.paths.iter().enumerate() {
+        templates.push(Template::parse(t).map_err(|m| ConfigError {
+            path: format!("{p}.paths[{j}]"),
+            message: format!("template {t:?}: {m}"),
+        })?);
+    }
+    Ok(Api { name: a.name.as_str().into(), methods, templates, publishable: a.publishable, management: a.management })
+}
+
+fn compile_account(i: usize, a: &AccountDoc, seen: &mut SecretSeen) -> Result<Account, ConfigError> {
+    let p = format!("accounts[{i}]");
+    check_sid(&format!("{p}.sid"), &a.sid)?;
+    Ok(Account {
+        sid: a.sid.as_str().into(),
+        suspended: a.status == AccountStatus::Suspended,
+        auth_tokens: seen.compile(&format!("{p}.auth_tokens"), &a.auth_tokens, false)?,
+        allowed_ips: compile_allowlist(&format!("{p}.allowed_ips"), &a.allowed_ips)?,
+    })
+}
+
+fn compile_key(
+    i: usize,
+    k: &KeyDoc,
+    accounts: &HashMap<&str, u32>,
+    apis: &[Api],
+    seen: &mut SecretSeen,
+) -> Result<Key, ConfigError> {
+    let p = format!("keys[{i}]");
+    check_sid(&format!("{p}.sid"), &k.sid)?;
+    let Some(&account) = accounts.get(k.account_sid.as_str()) else {
+        return err(format!("{p}.account_sid"), format!("unknown account {:?}", k.account_sid));
+    };
+    let secrets = seen.compile(&format!("{p}.secrets"), &k.secrets, true)?;
+    let expires_at = k.expires_at.as_deref().map(|t| parse_time(&format!("{p}.expires_at"), t)).transpose()?;
+    let key_apis = match &k.apis {
+        None => None,
+        Some(names) if names.is_empty() => {
+            return err(format!("{p}.apis"), "must not be empty; omit the field to allow every API the role allows");
+        }
+        Some(names) => {
+            let mut bits = vec![0u64; apis.len().div_ceil(64)].into_boxed_slice();
+            for (j, name) in names.iter().enumerate() {
+                let jp = format!("{p}.apis[{j}]");
+                let Some(idx) = apis.iter().position(|a| *a.name == **name) else {
+                    return err(jp, format!("unknown API {name:?}"));
+                };
+                let api = &apis[idx];
+                if !role_allows(k.role, api) {
+                    return err(
+                        jp,
+                        format!("a {} key can never call {name:?} ({})", k.role.as_str(), api_kind(api)),
+                    );
+                }
+                bits[idx / 64] |= 1u64 << (idx % 64);
+            }
+            Some(bits)
+        }
+    };
+    Ok(Key {
+        sid: k.sid.as_str().into(),
+        account,
+        role: k.role,
+        secrets,
+        expires_at,
+        enabled: k.enabled,
+        apis: key_apis,
+        allowed_ips: compile_allowlist(&format!("{p}.allowed_ips"), &k.allowed_ips)?,
+    })
+}
+
+fn api_kind(api: &Api) -> &'static str {
+    if api.management {
+        "a management API"
+    } else if !api.publishable {
+        "not publishable"
+    } else {
+        "publishable"
+    }
+}
+
+/// Whether a role may call an API at all (before the key's own API list).
+pub(crate) fn role_allows(role: Role, api: &Api) -> bool {
+    match role {
+        Role::Main => true,
+        Role::Standard => !api.management,
+        Role::Publishable => api.publishable,
+    }
+}
+
+/// Validates wire types and builds the lookup tables.
+pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
+    if doc.schema != SCHEMA_V1 {
+        return err("schema", format!("unsupported schema {:?}; expected {SCHEMA_V1:?}", doc.schema));
+    }
+    let s = &doc.settings;
+    if s.realm.is_empty() || !s.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        return err("settings.realm", "must be non-empty printable ASCII without '\"' or '\\'");
+    }
+    let hmac_key = match &s.hmac_key {
+        None => None,
+        Some(h) => Some(hex::decode(h).map_err(|_| ConfigError {
+            path: "settings.hmac_key".into(),
+            message: "must be hex".into(),
+        })?),
+    };
+    let digester = Digester::new(s.secret_digest, hmac_key.as_deref())
+        .map_err(|m| ConfigError { path: "settings".into(), message: m })?;
+    if s.schemes.is_empty() {
+        return err("settings.schemes", "must enable at least one of \"basic\", \"bearer\"");
+    }
+    let schemes = EnabledSchemes {
+        basic: s.schemes.contains(&Scheme::Basic),
+        bearer: s.schemes.contains(&Scheme::Bearer),
+    };
+    let ih = &s.identity_headers;
+    let names = [("account_sid", &ih.account_sid), ("key_sid", &ih.key_sid), ("role", &ih.role), ("api", &ih.api)];
+    for (i, (field, name)) in names.iter().enumerate() {
+        check_header_name(&format!("settings.identity_headers.{field}"), name)?;
+        if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+            return err(
+                format!("settings.identity_headers.{field}"),
+                format!("{name:?} is already used for {other}"),
+            );
+        }
+    }
+
+    let mut apis = Vec::with_capacity(doc.apis.len());
+    for (i, a) in doc.apis.iter().enumerate() {
+        if let Some(j) = doc.apis[..i].iter().position(|b| b.name == a.name) {
+            return err(format!("apis[{i}].name"), format!("duplicate API name {:?} (also apis[{j}])", a.name));
+        }
+        apis.push(compile_api(i, a)?);
+    }
+
+    let mut seen = SecretSeen { by_digest: HashMap::new() };
+    let mut by_sid: HashMap<Box<[u8]>, Principal> = HashMap::with_capacity(doc.accounts.len() + doc.keys.len());
+    let mut sid_owner: HashMap<&str, String> = HashMap::with_capacity(by_sid.capacity());
+    fn claim<'d>(owners: &mut HashMap<&'d str, String>, sid: &'d str, path: String) -> Result<(), ConfigError> {
+        if let Some(other) = owners.get(sid) {
+            return err(format!("{path}.sid"), format!("duplicate SID {sid:?} (also {other})"));
+        }
+        owners.insert(sid, path);
+        Ok(())
+    }
+
+    let mut accounts = Vec::with_capacity(doc.accounts.len());
+    let mut account_idx: HashMap<&str, u32> = HashMap::with_capacity(doc.accounts.len());
+    for (i, a) in doc.accounts.iter().enumerate() {
+        let acc = compile_account(i, a, &mut seen)?;
+        claim(&mut sid_owner, &a.sid, format!("accounts[{i}]"))?;
+        let idx = index_u32(i)?;
+        account_idx.insert(&a.sid, idx);
+        by_sid.insert(a.sid.as_bytes().into(), Principal::Account(idx));
+        accounts.push(acc);
+    }
+
+    let mut keys = Vec::with_capacity(doc.keys.len());
+    let mut by_token = HashMap::with_capacity(doc.keys.len());
+    for (i, k) in doc.keys.iter().enumerate() {
+        let key = compile_key(i, k, &account_idx, &apis, &mut seen)?;
+        claim(&mut sid_owner, &k.sid, format!("keys[{i}]"))?;
+        let idx = index_u32(i)?;
+        by_sid.insert(k.sid.as_bytes().into(), Principal::Key(idx));
+        if schemes.bearer {
+            for s in &key.secrets {
+                by_token.insert(s.digest, idx);
+            }
+        }
+        keys.push(key);
+    }
+
+    let realm = &s.realm;
+    Ok(CompiledConfig {
+        version: doc.version,
+        digester,
+        schemes,
+        forward_authorization: s.forward_authorization,
+        identity_headers: [
+            ih.account_sid.as_str().into(),
+            ih.key_sid.as_str().into(),
+            ih.role.as_str().into(),
+            ih.api.as_str().into(),
+        ],
+        unknown_routes: s.unknown_routes,
+        cors_preflight: s.cors_preflight,
+        apis,
+        accounts,
+        keys,
+        by_sid,
+        by_token,
+        www_authenticate: [
+            format!("Basic realm=\"{realm}\", charset=\"UTF-8\""),
+            format!("Bearer realm=\"{realm}\""),
+        ],
+    })
+}
+
+fn index_u32(i: usize) -> Result<u32, ConfigError> {
+    u32::try_from(i).map_err(|_| ConfigError { path: String::new(), message: "too many entries".into() })
+}

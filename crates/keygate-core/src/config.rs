@@ -1,0 +1,213 @@
+//! Wire types of the keygate config document (`keygate.config/v1`).
+//!
+//! These mirror the JSON exactly and carry no validation beyond shape; [`crate::compile`] checks
+//! meaning and builds the lookup tables. The control plane produces these same types, so a
+//! document it serves is, by construction, one the filter can read.
+
+use serde::{Deserialize, Serialize};
+
+/// The only schema identifier this version of keygate accepts.
+pub const SCHEMA_V1: &str = "keygate.config/v1";
+
+/// A whole config document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDoc {
+    /// Must be [`SCHEMA_V1`].
+    pub schema: String,
+    /// Monotonic config version; the edge never goes back to an older one.
+    pub version: u64,
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub apis: Vec<ApiDoc>,
+    #[serde(default)]
+    pub accounts: Vec<AccountDoc>,
+    #[serde(default)]
+    pub keys: Vec<KeyDoc>,
+}
+
+/// Filter-wide behaviour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Realm named in `WWW-Authenticate` (static; never derived from the request).
+    pub realm: String,
+    /// How secret digests in this document were computed.
+    pub secret_digest: DigestAlgorithm,
+    /// Hex-encoded HMAC key (at least 32 bytes) when `secret_digest` is `hmac-sha256`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hmac_key: Option<String>,
+    /// Credential schemes accepted at the edge.
+    pub schemes: Vec<Scheme>,
+    /// Pass the client's `Authorization` header to the upstream (off by default).
+    pub forward_authorization: bool,
+    pub identity_headers: IdentityHeaders,
+    /// What happens to an authenticated request whose method and path match no API.
+    pub unknown_routes: UnknownRoutes,
+    /// Whether CORS preflight requests pass without credentials.
+    pub cors_preflight: CorsPreflight,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            realm: "keygate".to_owned(),
+            secret_digest: DigestAlgorithm::Sha256,
+            hmac_key: None,
+            schemes: vec![Scheme::Basic, Scheme::Bearer],
+            forward_authorization: false,
+            identity_headers: IdentityHeaders::default(),
+            unknown_routes: UnknownRoutes::Deny,
+            cors_preflight: CorsPreflight::Deny,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DigestAlgorithm {
+    Sha256,
+    HmacSha256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Basic,
+    Bearer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownRoutes {
+    /// 404 `unknown_route` (default).
+    Deny,
+    /// Let main and standard principals without an API restriction through.
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CorsPreflight {
+    Deny,
+    Allow,
+}
+
+/// Names of the headers the filter sets on allowed requests (and strips from every request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaders {
+    pub account_sid: String,
+    pub key_sid: String,
+    pub role: String,
+    pub api: String,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            account_sid: "x-keygate-account-sid".to_owned(),
+            key_sid: "x-keygate-key-sid".to_owned(),
+            role: "x-keygate-role".to_owned(),
+            api: "x-keygate-api".to_owned(),
+        }
+    }
+}
+
+/// One entry of the API catalogue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiDoc {
+    pub name: String,
+    pub methods: Vec<String>,
+    /// Path templates: `/v2/accounts/{account_sid}/calls`, `.../calls/**`, `.../Keys/{sid}.json`.
+    pub paths: Vec<String>,
+    /// Publishable (client-side) keys may call it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub publishable: bool,
+    /// Key or account management: main keys and account credentials only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub management: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    Active,
+    Suspended,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountDoc {
+    pub sid: String,
+    pub status: AccountStatus,
+    /// Digests of the account's auth tokens (account credentials act as a main-level principal).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth_tokens: Vec<SecretDoc>,
+    /// CIDRs; omitted means any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_ips: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Main,
+    Standard,
+    Publishable,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Main => "main",
+            Role::Standard => "standard",
+            Role::Publishable => "publishable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyDoc {
+    pub sid: String,
+    pub account_sid: String,
+    pub role: Role,
+    pub secrets: Vec<SecretDoc>,
+    /// RFC 3339 UTC instant after which the key no longer authenticates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    /// API names this key may call; omitted means every API its role allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apis: Option<Vec<String>>,
+    /// CIDRs; omitted means any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_ips: Option<Vec<String>>,
+}
+
+/// A secret as the edge knows it: a digest, never the plaintext.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretDoc {
+    /// Lowercase hex of the 32-byte digest (see [`crate::digest`]).
+    pub digest: String,
+    /// RFC 3339 UTC instant after which this secret stops working (a rotated secret's grace end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
