@@ -59,6 +59,11 @@ impl EnabledSchemes {
     pub const ALL: EnabledSchemes = EnabledSchemes { basic: true, bearer: true };
 }
 
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn is_token68_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
 }
@@ -84,6 +89,9 @@ pub fn parse_authorization(value: &[u8], schemes: EnabledSchemes) -> Result<Cred
         });
     };
     let scheme = &value[..sp];
+    if !scheme.iter().all(|&b| is_tchar(b)) {
+        return Err(Reason::MalformedCredentials);
+    }
     let token = trim_ows(&value[sp..]);
     let is_basic = scheme.eq_ignore_ascii_case(b"basic");
     let is_bearer = scheme.eq_ignore_ascii_case(b"bearer");

@@ -28,6 +28,9 @@ pub fn parse_header_map(buf: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
         let value_start = name_end.checked_add(1)?;
         let value_end = value_start.checked_add(value_len)?;
         let value = buf.get(value_start..value_end)?;
+        // Both terminators must be inside the buffer.
+        buf.get(name_end)?;
+        buf.get(value_end)?;
         pairs.push((name, value));
         data = value_end.checked_add(1)?;
     }

@@ -74,7 +74,7 @@ pub fn canonicalize(raw: &[u8]) -> Option<CanonicalPath> {
                 let decoded = hi << 4 | lo;
                 if is_unreserved(decoded) {
                     out.push(char::from(decoded));
-                } else if decoded.is_ascii_graphic() && !matches!(decoded, b'/' | b'\\' | b'%' | b';' | b'?' | b'#') {
+                } else if (decoded.is_ascii_graphic() || decoded == b' ') && !matches!(decoded, b'/' | b'\\' | b'%' | b';' | b'?' | b'#') {
                     out.push('%');
                     out.push(char::from(HEX_UPPER[usize::from(hi)]));
                     out.push(char::from(HEX_UPPER[usize::from(lo)]));

@@ -122,6 +122,14 @@ mod tests {
     }
 
     #[test]
+    fn discriminants_index_all() {
+        // The filter indexes its per-reason counters with `reason as usize`.
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.code());
+        }
+    }
+
+    #[test]
     fn codes_are_unique_snake_case() {
         let mut seen = std::collections::HashSet::new();
         for r in Reason::ALL {
