@@ -123,9 +123,7 @@ pub fn parse_authorization(value: &[u8], schemes: EnabledSchemes) -> Result<Cred
 fn scheme_reason(word: &[u8], schemes: EnabledSchemes) -> Reason {
     let known = (word.eq_ignore_ascii_case(b"basic") && schemes.basic)
         || (word.eq_ignore_ascii_case(b"bearer") && schemes.bearer);
-    if known {
-        Reason::MalformedCredentials
-    } else if word.is_empty() {
+    if known || word.is_empty() {
         Reason::MalformedCredentials
     } else {
         Reason::UnsupportedScheme
@@ -230,7 +228,7 @@ mod tests {
     #[test]
     fn overlong_values_are_malformed() {
         let mut v = b"Bearer ".to_vec();
-        v.extend(std::iter::repeat(b'a').take(MAX_AUTHORIZATION_LEN));
+        v.extend(std::iter::repeat_n(b'a', MAX_AUTHORIZATION_LEN));
         assert_eq!(parse(&v).err(), Some(Reason::MalformedCredentials));
     }
 

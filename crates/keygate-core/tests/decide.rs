@@ -12,6 +12,8 @@
 //! - SKsusp  / `sk_live_susp`      AC2 (suspended)
 //! - SKac3   / `sk_live_ac3`       AC3 (account allowlist)
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::IpAddr;
 
 use base64::Engine as _;
@@ -36,6 +38,8 @@ fn bearer(token: &str) -> Vec<u8> {
     format!("Bearer {token}").into_bytes()
 }
 
+type Expect<'a> = (&'a str, Option<&'a str>, &'a str, Option<&'a str>);
+
 struct Case<'a> {
     name: &'a str,
     method: &'a str,
@@ -43,7 +47,8 @@ struct Case<'a> {
     auth: Option<Vec<u8>>,
     ip: Option<&'a str>,
     now: u64,
-    want: Result<(&'a str, Option<&'a str>, &'a str, Option<&'a str>), Reason>,
+    /// (account SID, key SID, role, API) or the denial.
+    want: Result<Expect<'a>, Reason>,
 }
 
 fn run<'c>(cfg: &'c CompiledConfig, c: &Case<'_>) -> Decision<'c> {

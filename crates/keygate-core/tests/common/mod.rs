@@ -1,5 +1,5 @@
 //! The fixture config shared by the integration tests (plaintexts listed in `decide.rs`).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use keygate_core::config::*;
 use keygate_core::digest::Digester;
