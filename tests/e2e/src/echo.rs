@@ -1,0 +1,366 @@
+//! The echo upstream: an HTTP/1.1 server that answers every request with 200 and a JSON echo
+//! `{"method": .., "path": .., "headers": [[name, value-lossy-utf8], ..]}`, and records each
+//! request (header values as raw bytes) so a test can assert exactly what got past the filter.
+//!
+//! A path starting with `/__slow/<ms>` is answered after `<ms>` milliseconds, for tests that need
+//! requests in flight at the same time; [`Echo::in_flight`] and [`Echo::max_in_flight`] count them.
+//!
+//! One thread accepts, one thread serves each connection (keep-alive supported). The server
+//! stops when the [`Echo`] is dropped.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::wire::{self, Framing, Wire};
+
+/// A request as the upstream received it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CapturedRequest {
+    pub method: String,
+    /// The request-target as sent (lossy UTF-8; Envoy only forwards valid path characters).
+    pub path: String,
+    /// Headers in wire order, names as sent, values as raw bytes.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl CapturedRequest {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        wire::find_header(&self.headers, name)
+    }
+
+    /// First value of header `name` as UTF-8 text, if present and valid UTF-8.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Every value of header `name`, in wire order.
+    pub fn header_all(&self, name: &str) -> Vec<&[u8]> {
+        wire::find_all_headers(&self.headers, name)
+    }
+
+    pub fn has_header(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
+
+    /// The JSON the echo answers with for this request.
+    pub fn to_json(&self) -> serde_json::Value {
+        let headers: Vec<serde_json::Value> = self
+            .headers
+            .iter()
+            .map(|(n, v)| serde_json::json!([n, String::from_utf8_lossy(v)]))
+            .collect();
+        serde_json::json!({"method": self.method, "path": self.path, "headers": headers})
+    }
+}
+
+impl std::fmt::Debug for CapturedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.to_json())
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    captured: Mutex<Vec<CapturedRequest>>,
+    record: bool,
+    verbose: bool,
+    stop: Arc<AtomicBool>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A running echo upstream. Dropping it stops the server.
+pub struct Echo {
+    /// The port it listens on (same as [`Echo::port`]).
+    pub port: u16,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Starts on 127.0.0.1 with an ephemeral port, recording requests.
+    pub fn start() -> Echo {
+        Echo::start_on("127.0.0.1", 0).expect("start echo upstream on 127.0.0.1:0")
+    }
+
+    /// Starts on `bind:port` (port 0 picks a free one), recording requests.
+    pub fn start_on(bind: &str, port: u16) -> io::Result<Echo> {
+        Echo::spawn(bind, port, true, false)
+    }
+
+    /// Serves forever without recording, printing one line per request (the `keygate-echo`
+    /// binary).
+    pub fn serve_forever(bind: &str, port: u16) -> io::Result<()> {
+        let mut echo = Echo::spawn(bind, port, false, true)?;
+        println!("keygate-echo listening on http://{}", echo.addr);
+        match echo.acceptor.take() {
+            Some(handle) => handle
+                .join()
+                .map_err(|_| io::Error::other("echo acceptor thread panicked")),
+            None => Ok(()),
+        }
+    }
+
+    fn spawn(bind: &str, port: u16, record: bool, verbose: bool) -> io::Result<Echo> {
+        let listener = TcpListener::bind((bind, port))?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            record,
+            verbose,
+            ..Shared::default()
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("echo-accept-{}", addr.port()))
+                .spawn(move || accept_loop(listener, shared))?
+        };
+        Ok(Echo {
+            port: addr.port(),
+            addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn captured(&self) -> Vec<CapturedRequest> {
+        self.shared
+            .captured
+            .lock()
+            .expect("echo capture lock")
+            .clone()
+    }
+
+    /// Forgets the captured requests and resets [`Echo::max_in_flight`].
+    pub fn clear(&self) {
+        self.shared
+            .captured
+            .lock()
+            .expect("echo capture lock")
+            .clear();
+        self.shared
+            .max_in_flight
+            .store(self.in_flight(), Ordering::SeqCst);
+    }
+
+    /// Waits until at least `n` requests have been captured, then returns them all; panics after
+    /// `timeout`.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<CapturedRequest> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.captured();
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "echo upstream received {} requests, expected at least {n} within {timeout:?}: {got:?}",
+                    got.len()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Requests currently being answered.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Most requests being answered at the same time since start (or the last [`Echo::clear`]).
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept so the acceptor sees the flag.
+        let wake = match self.addr {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
+            }
+            other => other,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(handle) = self.acceptor.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let shared = Arc::clone(&shared);
+        let _ = thread::Builder::new()
+            .name("echo-conn".to_string())
+            .spawn(move || {
+                if let Err(e) = serve_connection(stream, &shared) {
+                    if shared.verbose && !shared.stop.load(Ordering::SeqCst) {
+                        eprintln!("keygate-echo: connection error: {e}");
+                    }
+                }
+            });
+    }
+}
+
+fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    // Short timeouts let idle keep-alive connections notice shutdown.
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    stream.set_nodelay(true)?;
+    let mut wire = Wire::new(stream, Some(Arc::clone(&shared.stop)));
+    loop {
+        let head = wire.take_head(|buf| {
+            let mut headers = vec![httparse::EMPTY_HEADER; wire::MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            Ok(match req.parse(buf)? {
+                httparse::Status::Complete(len) => Some((
+                    len,
+                    (
+                        req.method.unwrap_or("").to_string(),
+                        req.path.unwrap_or("").to_string(),
+                        wire::copy_headers(req.headers),
+                    ),
+                )),
+                httparse::Status::Partial => None,
+            })
+        })?;
+        let Some((method, path, headers)) = head else {
+            return Ok(());
+        };
+        let body = match wire::framing(&headers)? {
+            Framing::Chunked => wire.take_chunked()?,
+            Framing::Length(n) => wire.take(n)?,
+            Framing::None => Vec::new(),
+        };
+        let close = wire::find_header(&headers, "connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+        let request = CapturedRequest {
+            method,
+            path,
+            headers,
+            body,
+        };
+        let reply = request.to_json().to_string();
+        if shared.verbose {
+            println!(
+                "{} {} ({} headers)",
+                request.method,
+                request.path,
+                request.headers.len()
+            );
+        }
+        let delay = slow_delay(&request.path);
+        if shared.record {
+            shared
+                .captured
+                .lock()
+                .expect("echo capture lock")
+                .push(request);
+        }
+
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        if let Some(delay) = delay {
+            thread::sleep(delay);
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{reply}",
+            reply.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        let written = wire.write_all(response.as_bytes());
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        written?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// `/__slow/<ms>[/...]` asks the echo to wait `<ms>` milliseconds before answering.
+fn slow_delay(path: &str) -> Option<Duration> {
+    let rest = path.strip_prefix("/__slow/")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Req;
+
+    #[test]
+    fn echoes_method_path_and_raw_header_bytes() {
+        let echo = Echo::start();
+        let res = Req::get("/a/b?c=d")
+            .header("x-bin", b"\xffok")
+            .header("x-dup", "1")
+            .header("x-dup", "2")
+            .send(echo.port());
+        assert_eq!(res.status, 200);
+        let json = res.body_json();
+        assert_eq!(json["method"], "GET");
+        assert_eq!(json["path"], "/a/b?c=d");
+        let got = echo.captured();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].header("x-bin"), Some(&b"\xffok"[..]));
+        assert_eq!(got[0].header_all("x-dup"), vec![&b"1"[..], &b"2"[..]]);
+        assert_eq!(
+            json["headers"][1],
+            serde_json::json!(["x-bin", "\u{fffd}ok"])
+        );
+    }
+
+    #[test]
+    fn keeps_connections_alive_and_reads_bodies() {
+        let echo = Echo::start();
+        let mut conn = crate::client::Conn::open(echo.port()).unwrap();
+        let a = conn.send(&Req::post("/one").body("hello")).unwrap();
+        let b = conn
+            .send_raw(
+                b"POST /two HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            )
+            .unwrap();
+        assert_eq!((a.status, b.status), (200, 200));
+        let got = echo.captured();
+        assert_eq!(got[0].body, b"hello");
+        assert_eq!(got[1].body, b"abc");
+        assert_eq!(got[1].path, "/two");
+    }
+
+    #[test]
+    fn slow_path_delays_and_counts_in_flight() {
+        let echo = Echo::start();
+        let port = echo.port();
+        let started = Instant::now();
+        let threads: Vec<_> = (0..3)
+            .map(|_| thread::spawn(move || Req::get("/__slow/300/x").send(port).status))
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 200);
+        }
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(echo.max_in_flight(), 3);
+        assert_eq!(echo.in_flight(), 0);
+        assert_eq!(slow_delay("/__slow/abc"), None);
+        assert_eq!(slow_delay("/__slow/25"), Some(Duration::from_millis(25)));
+    }
+}
