@@ -17,6 +17,7 @@ pub mod digest;
 pub mod headers;
 pub mod ip;
 pub mod path;
+pub mod ratelimit;
 pub mod reason;
 
 pub use compile::{compile, CompiledConfig, ConfigError};
