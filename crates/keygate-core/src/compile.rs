@@ -8,9 +8,10 @@ use std::fmt;
 use std::time::UNIX_EPOCH;
 
 use crate::config::{
-    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, Role, Scheme, SecretDoc, UnknownRoutes,
-    SCHEMA_V1,
+    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, LimitsDoc, OnStoreErrorDoc, RateDoc, Role,
+    Scheme, SecretDoc, UnknownRoutes, SCHEMA_V1,
 };
+use crate::ratelimit::{OnStoreError, Rate};
 use crate::credential::EnabledSchemes;
 use crate::digest::{parse_digest_hex, Digest32, Digester};
 use crate::ip::IpAllowlist;
@@ -55,6 +56,32 @@ pub(crate) struct Api {
     pub(crate) templates: Vec<Template>,
     pub(crate) publishable: bool,
     pub(crate) management: bool,
+    /// Default per key × API limit.
+    pub(crate) limit: Option<LimitRate>,
+}
+
+/// A compiled rate with its shadow flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitRate {
+    pub rate: Rate,
+    pub shadow: bool,
+}
+
+/// The failed-authentication limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FailedAuth {
+    pub(crate) limit: LimitRate,
+    pub(crate) buckets: u32,
+    pub(crate) ipv6_prefix: u8,
+}
+
+/// Filter-wide limit settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) failed_auth: Option<FailedAuth>,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) max_cas_retries: u32,
+    pub(crate) quota_headers: bool,
 }
 
 /// A secret digest with its optional end of validity (unix seconds, inclusive).
@@ -70,6 +97,8 @@ pub(crate) struct Account {
     pub(crate) suspended: bool,
     pub(crate) auth_tokens: Vec<Secret>,
     pub(crate) allowed_ips: Option<IpAllowlist>,
+    pub(crate) rate: Option<LimitRate>,
+    pub(crate) concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +112,10 @@ pub(crate) struct Key {
     /// Bitset over `CompiledConfig::apis`; `None` = every API the role allows.
     pub(crate) apis: Option<Box<[u64]>>,
     pub(crate) allowed_ips: Option<IpAllowlist>,
+    /// Per-key rate (the key's override, else its role's default).
+    pub(crate) rate: Option<LimitRate>,
+    /// Per key × API overrides: (API index, rate).
+    pub(crate) api_rates: Vec<(u32, LimitRate)>,
 }
 
 impl Key {
@@ -109,6 +142,7 @@ pub struct CompiledConfig {
     pub(crate) keys: Vec<Key>,
     pub(crate) by_sid: HashMap<Box<[u8]>, Principal>,
     pub(crate) by_token: HashMap<Digest32, u32>,
+    pub(crate) limits: Limits,
     www_authenticate: [String; 2],
 }
 
@@ -258,13 +292,27 @@ fn compile_api(i: usize, a: &ApiDoc) -> Result<Api, ConfigError> {
             message: format!("template {t:?}: {m}"),
         })?);
     }
-    Ok(Api { name: a.name.as_str().into(), methods, templates, publishable: a.publishable, management: a.management })
+    let limit = a.limit.as_ref().map(|r| compile_rate(&format!("{p}.limit"), r)).transpose()?;
+    Ok(Api { name: a.name.as_str().into(), methods, templates, publishable: a.publishable, management: a.management, limit })
 }
 
-fn compile_account(i: usize, a: &AccountDoc, seen: &mut SecretSeen) -> Result<Account, ConfigError> {
+fn compile_account(i: usize, a: &AccountDoc, seen: &mut SecretSeen, defaults: &LimitsDoc) -> Result<Account, ConfigError> {
     let p = format!("accounts[{i}]");
     check_sid(&format!("{p}.sid"), &a.sid)?;
+    let own = a.limits.clone().unwrap_or_default();
+    let rate = match (&own.rate, &defaults.account) {
+        (Some(r), _) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
+        (None, Some(r)) => Some(compile_rate("limits.account", r)?),
+        (None, None) => None,
+    };
+    let concurrency = match (own.concurrency, defaults.account_concurrency) {
+        (Some(0), _) => return err(format!("{p}.limits.concurrency"), "must be at least 1"),
+        (Some(n), _) => Some(n),
+        (None, d) => d,
+    };
     Ok(Account {
+        rate,
+        concurrency,
         sid: a.sid.as_str().into(),
         suspended: a.status == AccountStatus::Suspended,
         auth_tokens: seen.compile(&format!("{p}.auth_tokens"), &a.auth_tokens, false)?,
@@ -278,6 +326,7 @@ fn compile_key(
     accounts: &HashMap<&str, u32>,
     apis: &[Api],
     seen: &mut SecretSeen,
+    defaults: &LimitsDoc,
 ) -> Result<Key, ConfigError> {
     let p = format!("keys[{i}]");
     check_sid(&format!("{p}.sid"), &k.sid)?;
@@ -310,7 +359,28 @@ fn compile_key(
             Some(bits)
         }
     };
+    let own = k.limits.clone().unwrap_or_default();
+    let role_default = match k.role {
+        Role::Main => (&defaults.key.main, "limits.key.main"),
+        Role::Standard => (&defaults.key.standard, "limits.key.standard"),
+        Role::Publishable => (&defaults.key.publishable, "limits.key.publishable"),
+    };
+    let rate = match (&own.rate, role_default) {
+        (Some(r), _) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
+        (None, (Some(r), path)) => Some(compile_rate(path, r)?),
+        (None, (None, _)) => None,
+    };
+    let mut api_rates = Vec::with_capacity(own.apis.len());
+    for (name, r) in &own.apis {
+        let path = format!("{p}.limits.apis.{name}");
+        let Some(idx) = apis.iter().position(|a| *a.name == **name) else {
+            return err(path, format!("unknown API {name:?}"));
+        };
+        api_rates.push((index_u32(idx)?, compile_rate(&path, r)?));
+    }
     Ok(Key {
+        rate,
+        api_rates,
         sid: k.sid.as_str().into(),
         account,
         role: k.role,
@@ -400,7 +470,7 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
     let mut accounts = Vec::with_capacity(doc.accounts.len());
     let mut account_idx: HashMap<&str, u32> = HashMap::with_capacity(doc.accounts.len());
     for (i, a) in doc.accounts.iter().enumerate() {
-        let acc = compile_account(i, a, &mut seen)?;
+        let acc = compile_account(i, a, &mut seen, &doc.limits)?;
         claim(&mut sid_owner, &a.sid, format!("accounts[{i}]"))?;
         let idx = index_u32(i)?;
         account_idx.insert(&a.sid, idx);
@@ -411,7 +481,7 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
     let mut keys = Vec::with_capacity(doc.keys.len());
     let mut by_token = HashMap::with_capacity(doc.keys.len());
     for (i, k) in doc.keys.iter().enumerate() {
-        let key = compile_key(i, k, &account_idx, &apis, &mut seen)?;
+        let key = compile_key(i, k, &account_idx, &apis, &mut seen, &doc.limits)?;
         claim(&mut sid_owner, &k.sid, format!("keys[{i}]"))?;
         let idx = index_u32(i)?;
         by_sid.insert(k.sid.as_bytes().into(), Principal::Key(idx));
@@ -423,8 +493,10 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
         keys.push(key);
     }
 
+    let limits = compile_limits(&doc.limits)?;
     let realm = &s.realm;
     Ok(CompiledConfig {
+        limits,
         version: doc.version,
         digester,
         schemes,
@@ -451,4 +523,63 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
 
 fn index_u32(i: usize) -> Result<u32, ConfigError> {
     u32::try_from(i).map_err(|_| ConfigError { path: String::new(), message: "too many entries".into() })
+}
+
+/// Longest period a rate may have.
+const MAX_PERIOD_US: u64 = 86_400 * 1_000_000;
+
+/// Compiles `{"requests": N, "per": "1m"}`.
+pub(crate) fn compile_rate(path: &str, r: &RateDoc) -> Result<LimitRate, ConfigError> {
+    if r.requests == 0 {
+        return err(format!("{path}.requests"), "must be at least 1");
+    }
+    let period = humantime::parse_duration(&r.per).map_err(|_| ConfigError {
+        path: format!("{path}.per"),
+        message: format!("invalid duration {:?} (expected like \"1s\", \"1m\", \"90s\", \"1h\")", r.per),
+    })?;
+    let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
+    if !(1_000..=MAX_PERIOD_US).contains(&period_us) {
+        return err(format!("{path}.per"), format!("{:?} is outside 1ms..24h", r.per));
+    }
+    if period_us < u64::from(r.requests) {
+        return err(path, format!("{} requests per {} is more than one per microsecond", r.requests, r.per));
+    }
+    Ok(LimitRate { rate: Rate { requests: r.requests, period_us }, shadow: r.shadow })
+}
+
+fn compile_limits(l: &LimitsDoc) -> Result<Limits, ConfigError> {
+    if l.account_concurrency == Some(0) {
+        return err("limits.account_concurrency", "must be at least 1");
+    }
+    let failed_auth = match &l.failed_auth {
+        None => None,
+        Some(f) => {
+            let limit = compile_rate(
+                "limits.failed_auth",
+                &RateDoc { requests: f.requests, per: f.per.clone(), shadow: f.shadow },
+            )?;
+            let buckets = f.buckets.unwrap_or(65_536);
+            if !(1..=1 << 20).contains(&buckets) {
+                return err("limits.failed_auth.buckets", "must be between 1 and 1048576");
+            }
+            let ipv6_prefix = f.ipv6_prefix.unwrap_or(64);
+            if !(16..=128).contains(&ipv6_prefix) {
+                return err("limits.failed_auth.ipv6_prefix", "must be between 16 and 128");
+            }
+            Some(FailedAuth { limit, buckets, ipv6_prefix })
+        }
+    };
+    let max_cas_retries = l.max_cas_retries.unwrap_or(16);
+    if max_cas_retries > 1000 {
+        return err("limits.max_cas_retries", "must be at most 1000");
+    }
+    Ok(Limits {
+        failed_auth,
+        on_store_error: match l.on_store_error {
+            OnStoreErrorDoc::Deny => OnStoreError::Deny,
+            OnStoreErrorDoc::Allow => OnStoreError::Allow,
+        },
+        max_cas_retries,
+        quota_headers: l.quota_headers,
+    })
 }

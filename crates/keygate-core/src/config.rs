@@ -25,6 +25,115 @@ pub struct ConfigDoc {
     pub accounts: Vec<AccountDoc>,
     #[serde(default)]
     pub keys: Vec<KeyDoc>,
+    #[serde(default, skip_serializing_if = "LimitsDoc::is_empty")]
+    pub limits: LimitsDoc,
+}
+
+/// A rate: `requests` per `per` (a duration such as `"1s"`, `"1m"`, `"90s"`, `"1h"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateDoc {
+    pub requests: u32,
+    pub per: String,
+    /// Count what would be refused, refuse nothing (roll a limit out safely).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
+}
+
+/// Default per-key rates by role.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRatesDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main: Option<RateDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standard: Option<RateDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publishable: Option<RateDoc>,
+}
+
+/// The failed-authentication limiter: per client IP (IPv6 per prefix), hashed into a fixed
+/// number of buckets so memory stays bounded whatever addresses attackers use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedAuthDoc {
+    pub requests: u32,
+    pub per: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
+    /// Number of shared-data buckets (default 65536).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<u32>,
+    /// IPv6 clients are grouped by this prefix length (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreErrorDoc {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// Filter-wide limit defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsDoc {
+    /// Per-key rate by role (overridable per key).
+    #[serde(default, skip_serializing_if = "RoleRatesDoc::is_empty")]
+    pub key: RoleRatesDoc,
+    /// Per-account rate across all keys (overridable per account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<RateDoc>,
+    /// Per-account in-flight requests (overridable per account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_concurrency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_auth: Option<FailedAuthDoc>,
+    /// Outcome when the counter store cannot answer (CAS retries exhausted, unreadable value).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_store_error: OnStoreErrorDoc,
+    /// CAS retries per subject before the store-error outcome applies (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cas_retries: Option<u32>,
+    /// Add `RateLimit-Policy` / `RateLimit` headers to allowed responses too.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quota_headers: bool,
+}
+
+impl RoleRatesDoc {
+    pub fn is_empty(&self) -> bool {
+        self.main.is_none() && self.standard.is_none() && self.publishable.is_none()
+    }
+}
+
+impl LimitsDoc {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitsDoc::default()
+    }
+}
+
+/// Per-account limit overrides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountLimitsDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+/// Per-key limit overrides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitsDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateDoc>,
+    /// Per key × API rates by API name (override the API's own default).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub apis: std::collections::BTreeMap<String, RateDoc>,
 }
 
 /// Filter-wide behaviour.
@@ -129,6 +238,9 @@ pub struct ApiDoc {
     /// Key or account management: main keys and account credentials only.
     #[serde(default, skip_serializing_if = "is_false")]
     pub management: bool,
+    /// Default per key × API rate for this API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<RateDoc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +261,8 @@ pub struct AccountDoc {
     /// CIDRs; omitted means any address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<AccountLimitsDoc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +301,8 @@ pub struct KeyDoc {
     /// CIDRs; omitted means any address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<KeyLimitsDoc>,
 }
 
 /// A secret as the edge knows it: a digest, never the plaintext.
@@ -210,4 +326,8 @@ fn is_true(b: &bool) -> bool {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }

@@ -10,6 +10,7 @@
 //! [`decide`] per request (lookups only, no parsing of config).
 
 pub mod compile;
+pub mod concurrency;
 pub mod config;
 pub mod credential;
 pub mod decision;

@@ -302,36 +302,28 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
     }
 }
 
-impl fmt::Display for LimitKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Test support: a fake of Envoy shared data with the host's exact CAS rules and fault injection.
+pub mod testing {
+    use super::{decode, SetError, SharedStore, StoreError};
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// A fake of Envoy shared data with the host's exact CAS rules, and fault injection.
     #[derive(Default)]
-    struct FakeStore {
-        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    pub struct FakeStore {
+        pub map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
         next_cas: Cell<u32>,
         /// Number of upcoming `set`s that fail with a CAS mismatch (a racing writer).
-        conflicts: Cell<u32>,
-        fail_gets: Cell<bool>,
-        sets: Cell<u32>,
+        pub conflicts: Cell<u32>,
+        pub fail_gets: Cell<bool>,
+        pub sets: Cell<u32>,
     }
 
     impl FakeStore {
-        fn new() -> FakeStore {
+        pub fn new() -> FakeStore {
             let s = FakeStore { next_cas: Cell::new(1), ..FakeStore::default() };
             // The anchor whose CAS serves as the absent CAS.
-            s.set("anchor", b"", 0).unwrap();
+            let _ = s.set("anchor", b"", 0);
             s
         }
         fn cas(&self) -> u32 {
@@ -339,11 +331,11 @@ mod tests {
             self.next_cas.set(c + 1);
             c
         }
-        fn raw_set(&self, key: &str, v: &[u8]) {
+        pub fn raw_set(&self, key: &str, v: &[u8]) {
             let c = self.cas();
             self.map.borrow_mut().insert(key.to_owned(), (v.to_vec(), c));
         }
-        fn tat(&self, key: &str) -> Option<u64> {
+        pub fn tat(&self, key: &str) -> Option<u64> {
             self.map.borrow().get(key).and_then(|(v, _)| decode(v))
         }
     }
@@ -360,7 +352,8 @@ mod tests {
             if self.conflicts.get() > 0 {
                 self.conflicts.set(self.conflicts.get() - 1);
                 // A racing writer got there first: it bumps the CAS.
-                if let Some((v, _)) = self.map.borrow().get(key).cloned() {
+                let current = self.map.borrow().get(key).cloned();
+                if let Some((v, _)) = current {
                     let c = self.cas();
                     self.map.borrow_mut().insert(key.to_owned(), (v, c));
                 }
@@ -380,6 +373,20 @@ mod tests {
             self.map.borrow().get("anchor").map_or(0, |(_, c)| *c)
         }
     }
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::FakeStore;
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const SEC: u64 = 1_000_000;
     const MIN: u64 = 60 * SEC;
