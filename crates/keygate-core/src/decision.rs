@@ -51,6 +51,16 @@ pub struct Identity<'c> {
 pub struct Allow<'c> {
     /// `None` for a CORS preflight passed without credentials.
     pub identity: Option<Identity<'c>>,
+    /// Indices into the config, for the limits (`None` with `identity`).
+    pub(crate) refs: Option<Refs>,
+}
+
+/// Where the principal and the API sit in the compiled config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refs {
+    pub(crate) key: Option<u32>,
+    pub(crate) account: u32,
+    pub(crate) api: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +93,7 @@ fn decide_inner<'c>(
     client_ip: &mut dyn FnMut() -> Option<IpAddr>,
 ) -> Result<Allow<'c>, Reason> {
     if cfg.cors_preflight == CorsPreflight::Allow && req.method == b"OPTIONS" && req.cors_preflight_headers {
-        return Ok(Allow { identity: None });
+        return Ok(Allow { identity: None, refs: None });
     }
     let value = match req.authorization {
         AuthorizationHeader::Absent => return Err(Reason::MissingCredentials),
@@ -94,12 +104,12 @@ fn decide_inner<'c>(
     let path = canonicalize(req.path).ok_or(Reason::MalformedPath)?;
     let principal = authenticate(cfg, &credential, now).ok_or(Reason::InvalidCredentials)?;
 
-    let (account_idx, key) = match principal {
+    let (account_idx, key, key_idx) = match principal {
         Principal::Key(k) => {
             let key = cfg.keys.get(k as usize).ok_or(Reason::InvalidCredentials)?;
-            (key.account, Some(key))
+            (key.account, Some(key), Some(k))
         }
-        Principal::Account(a) => (a, None),
+        Principal::Account(a) => (a, None, None),
     };
     let account = cfg.accounts.get(account_idx as usize).ok_or(Reason::InvalidCredentials)?;
     if account.suspended {
@@ -140,7 +150,7 @@ fn decide_inner<'c>(
             if !role_allows(role, api) || !key.is_none_or(|k| k.may_call(i)) {
                 return Err(Reason::PermissionDenied);
             }
-            Some(&*api.name)
+            Some((&*api.name, u32::try_from(i).map_err(|_| Reason::UnknownRoute)?))
         }
         None if wrong_account => return Err(Reason::AccountMismatch),
         None if cfg.unknown_routes == UnknownRoutes::Deny => return Err(Reason::UnknownRoute),
@@ -159,8 +169,9 @@ fn decide_inner<'c>(
             key_sid: key.map(|k| &*k.sid),
             kind: if key.is_some() { PrincipalKind::Key } else { PrincipalKind::Account },
             role: key.map_or("account", |k| k.role.as_str()),
-            api,
+            api: api.map(|(name, _)| name),
         }),
+        refs: Some(Refs { key: key_idx, account: account_idx, api: api.map(|(_, i)| i) }),
     })
 }
 

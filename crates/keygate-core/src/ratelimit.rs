@@ -125,7 +125,12 @@ pub struct Quota {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// Every enforced limit admitted; `tightest` is the one with the least quota left.
-    Admitted { tightest: Option<Quota>, shadow_limited: Vec<LimitKind> },
+    Admitted {
+        tightest: Option<Quota>,
+        shadow_limited: Vec<LimitKind>,
+        /// Indices of the checks that actually took a request (for [`Limiter::give_back`]).
+        taken: Vec<usize>,
+    },
     /// Refused by `quota.kind`; retry after `retry_after_s` seconds.
     Limited { quota: Quota, retry_after_s: u64 },
     /// The store failed and the configured outcome is to deny.
@@ -215,7 +220,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 }
             }
         }
-        Admission::Admitted { tightest, shadow_limited }
+        Admission::Admitted { tightest, shadow_limited, taken }
     }
 
     /// Reads a subject without taking from it: would a request be refused now? Used by the
@@ -281,8 +286,9 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
         Step::Failed
     }
 
-    /// Undoes `take` for the given checks: moves each TAT back by `T` (never below `now`).
-    fn give_back(&self, checks: &[Check], taken: &[usize], now: u64, counters: &mut Counters) {
+    /// Undoes the takes of an admission (`taken` indexes `checks`) after a later, separate
+    /// limit refused: moves each TAT back by `T` (never below `now`).
+    pub fn give_back(&self, checks: &[Check], taken: &[usize], now: u64, counters: &mut Counters) {
         for &i in taken {
             let check = &checks[i];
             for attempt in 0..=self.max_retries {

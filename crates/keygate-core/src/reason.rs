@@ -30,11 +30,23 @@ pub enum Reason {
     AccountMismatch,
     /// Method and path match no API in the catalogue.
     UnknownRoute,
+    /// The key's own rate limit.
+    RateLimitedKey,
+    /// The account's rate limit (all its keys together).
+    RateLimitedAccount,
+    /// The key's limit for this API.
+    RateLimitedApi,
+    /// The account already has its maximum of requests in flight.
+    ConcurrencyLimited,
+    /// Too many failed authentications from this client address.
+    TooManyFailedAuth,
+    /// The limit counters could not be read or updated and the configured outcome is deny.
+    LimiterUnavailable,
 }
 
 impl Reason {
     /// Every reason, for docs, stats and tests.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 18] = [
         Reason::NoConfig,
         Reason::MissingCredentials,
         Reason::MultipleCredentials,
@@ -47,6 +59,12 @@ impl Reason {
         Reason::PermissionDenied,
         Reason::AccountMismatch,
         Reason::UnknownRoute,
+        Reason::RateLimitedKey,
+        Reason::RateLimitedAccount,
+        Reason::RateLimitedApi,
+        Reason::ConcurrencyLimited,
+        Reason::TooManyFailedAuth,
+        Reason::LimiterUnavailable,
     ];
 
     /// Stable reason code, used in the JSON body and in stat names.
@@ -64,12 +82,23 @@ impl Reason {
             Reason::PermissionDenied => "permission_denied",
             Reason::AccountMismatch => "account_mismatch",
             Reason::UnknownRoute => "unknown_route",
+            Reason::RateLimitedKey => "rate_limited_key",
+            Reason::RateLimitedAccount => "rate_limited_account",
+            Reason::RateLimitedApi => "rate_limited_api",
+            Reason::ConcurrencyLimited => "concurrency_limited",
+            Reason::TooManyFailedAuth => "too_many_failed_auth",
+            Reason::LimiterUnavailable => "limiter_unavailable",
         }
     }
 
     pub fn status(self) -> u32 {
         match self {
-            Reason::NoConfig => 503,
+            Reason::NoConfig | Reason::LimiterUnavailable => 503,
+            Reason::RateLimitedKey
+            | Reason::RateLimitedAccount
+            | Reason::RateLimitedApi
+            | Reason::ConcurrencyLimited
+            | Reason::TooManyFailedAuth => 429,
             Reason::MissingCredentials | Reason::UnsupportedScheme | Reason::InvalidCredentials => 401,
             Reason::MultipleCredentials | Reason::MalformedCredentials | Reason::MalformedPath => 400,
             Reason::AccountSuspended | Reason::IpNotAllowed | Reason::PermissionDenied => 403,
@@ -91,6 +120,12 @@ impl Reason {
             Reason::PermissionDenied => "This key is not permitted to call this API",
             Reason::AccountMismatch => "Account not found",
             Reason::UnknownRoute => "Not found",
+            Reason::RateLimitedKey => "Rate limit exceeded for this API key",
+            Reason::RateLimitedAccount => "Rate limit exceeded for this account",
+            Reason::RateLimitedApi => "Rate limit exceeded for this API with this key",
+            Reason::ConcurrencyLimited => "Too many concurrent requests for this account",
+            Reason::TooManyFailedAuth => "Too many failed authentication attempts; retry later",
+            Reason::LimiterUnavailable => "Rate limiting is temporarily unavailable; retry shortly",
         }
     }
 

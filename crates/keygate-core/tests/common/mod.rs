@@ -22,6 +22,7 @@ pub fn key(sid: &str, account: &str, role: Role, secret: &str) -> KeyDoc {
         enabled: true,
         apis: None,
         allowed_ips: None,
+        limits: None,
     }
 }
 
@@ -32,6 +33,7 @@ pub fn api(name: &str, methods: &[&str], paths: &[&str]) -> ApiDoc {
         paths: paths.iter().map(|s| s.to_string()).collect(),
         publishable: false,
         management: false,
+        limit: None,
     }
 }
 
@@ -64,13 +66,14 @@ pub fn fixture_doc() -> ConfigDoc {
             balance,
         ],
         accounts: vec![
-            AccountDoc { sid: "AC1".into(), status: AccountStatus::Active, auth_tokens: vec![d("tok_ac1")], allowed_ips: None },
-            AccountDoc { sid: "AC2".into(), status: AccountStatus::Suspended, auth_tokens: vec![], allowed_ips: None },
+            AccountDoc { sid: "AC1".into(), status: AccountStatus::Active, auth_tokens: vec![d("tok_ac1")], allowed_ips: None, limits: None },
+            AccountDoc { sid: "AC2".into(), status: AccountStatus::Suspended, auth_tokens: vec![], allowed_ips: None, limits: None },
             AccountDoc {
                 sid: "AC3".into(),
                 status: AccountStatus::Active,
                 auth_tokens: vec![],
                 allowed_ips: Some(vec!["10.0.0.0/8".into()]),
+                limits: None,
             },
         ],
         keys: vec![
@@ -84,6 +87,7 @@ pub fn fixture_doc() -> ConfigDoc {
             key("SKsusp", "AC2", Role::Standard, "sk_live_susp"),
             key("SKac3", "AC3", Role::Standard, "sk_live_ac3"),
         ],
+        limits: LimitsDoc::default(),
     }
 }
 

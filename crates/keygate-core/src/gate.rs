@@ -1,0 +1,247 @@
+//! The whole per-request gate: failed-authentication limiter, [`crate::decide`], then rate and
+//! concurrency limits. The host is reached through the narrow [`Host`] trait, so this runs the
+//! same against Envoy (the filter's implementation) and against the fakes in tests.
+//!
+//! Order:
+//! 1. if a failed-auth limit is configured and the request carries credentials, refuse with 429
+//!    when the client address's bucket is exhausted, before any secret is compared (so a guesser
+//!    learns nothing more once limited);
+//! 2. [`crate::decide`]; an `invalid_credentials` denial takes one from the client's bucket;
+//! 3. for an authenticated request, take from key × API, key and account rates, all or nothing;
+//! 4. then a concurrency slot for the account; if refused, the rates taken in 3 are given back.
+//!
+//! A request that fails authentication therefore consumes nothing from any key or account
+//! quota, and a request refused by one limit consumes nothing from the others.
+
+use std::net::IpAddr;
+
+use crate::compile::{CompiledConfig, LimitRate};
+use crate::concurrency::{Acquire, Inflight};
+use crate::decision::{decide, Decision, Identity};
+use crate::headers::{AuthorizationHeader, RequestHead};
+use crate::ratelimit::{Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SharedStore};
+use crate::reason::Reason;
+
+/// Seconds after which a VM's in-flight lease stops counting unless refreshed.
+pub const INFLIGHT_LEASE_S: u64 = 10;
+/// How often a VM with requests in flight should call [`heartbeat`].
+pub const INFLIGHT_HEARTBEAT_S: u64 = 2;
+
+/// What the gate needs from the host.
+pub trait Host {
+    /// Wall-clock time in microseconds since the Unix epoch.
+    fn now_us(&self) -> u64;
+    /// The client address Envoy computed; may be called more than once (cache it).
+    fn client_ip(&self) -> Option<IpAddr>;
+    fn store(&self) -> &dyn SharedStore;
+    /// This VM's identity for concurrency leases.
+    fn vm_id(&self) -> u64;
+}
+
+/// A slot held for the request's lifetime; give it back with [`release`] when the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InflightTicket {
+    pub store_key: String,
+}
+
+/// A denial with what the reply needs beyond the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: Reason,
+    pub retry_after_s: Option<u64>,
+    /// The limit that refused, for `RateLimit-Policy` / `RateLimit`.
+    pub quota: Option<Quota>,
+}
+
+impl Denial {
+    fn plain(reason: Reason) -> Denial {
+        Denial { reason, retry_after_s: None, quota: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict<'c> {
+    Allow {
+        identity: Option<Identity<'c>>,
+        /// The tightest enforced limit after this request, when quota headers are on.
+        quota: Option<Quota>,
+        inflight: Option<InflightTicket>,
+    },
+    Deny(Denial),
+}
+
+/// What happened, for stats.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GateStats {
+    pub counters: Counters,
+    pub shadow_limited: Vec<LimitKind>,
+    /// The store failed but the configured outcome let the request through.
+    pub store_failures_allowed: u32,
+}
+
+fn reason_for(kind: LimitKind) -> Reason {
+    match kind {
+        LimitKind::Key => Reason::RateLimitedKey,
+        LimitKind::Account => Reason::RateLimitedAccount,
+        LimitKind::KeyApi => Reason::RateLimitedApi,
+        LimitKind::FailedAuth => Reason::TooManyFailedAuth,
+    }
+}
+
+/// 64-bit FNV-1a, to spread client addresses over the failed-auth buckets.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+fn failed_auth_check(cfg: &CompiledConfig, ip: IpAddr) -> Option<Check> {
+    let fa = cfg.limits.failed_auth?;
+    let h = match ip.to_canonical() {
+        IpAddr::V4(v4) => fnv1a(&v4.octets()),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let prefix = u32::from(fa.ipv6_prefix.min(128));
+            let masked = if prefix == 0 { 0 } else { bits & (u128::MAX << (128 - prefix)) };
+            fnv1a(&masked.to_be_bytes())
+        }
+    };
+    let bucket = h % u64::from(fa.buckets.max(1));
+    Some(Check {
+        store_key: format!("kg:fa:1:{bucket}"),
+        rate: fa.limit.rate,
+        kind: LimitKind::FailedAuth,
+        shadow: fa.limit.shadow,
+    })
+}
+
+fn check(store_key: String, limit: LimitRate, kind: LimitKind) -> Check {
+    Check { store_key, rate: limit.rate, kind, shadow: limit.shadow }
+}
+
+/// Runs the whole gate for one request.
+pub fn evaluate<'c>(cfg: &'c CompiledConfig, head: &RequestHead<'_>, host: &dyn Host, stats: &mut GateStats) -> Verdict<'c> {
+    let now_us = host.now_us();
+    let limiter = Limiter {
+        store: host.store(),
+        max_retries: cfg.limits.max_cas_retries,
+        on_store_error: cfg.limits.on_store_error,
+    };
+
+    // 1. Failed-auth gate, only for requests that present credentials.
+    let fa_check = match (cfg.limits.failed_auth, head.authorization) {
+        (Some(_), AuthorizationHeader::One(_) | AuthorizationHeader::Many) => {
+            host.client_ip().and_then(|ip| failed_auth_check(cfg, ip))
+        }
+        _ => None,
+    };
+    if let Some(c) = &fa_check {
+        if let Some(retry_after_s) = limiter.would_refuse(c, now_us, &mut stats.counters) {
+            if c.shadow {
+                stats.shadow_limited.push(LimitKind::FailedAuth);
+            } else {
+                return Verdict::Deny(Denial {
+                    reason: Reason::TooManyFailedAuth,
+                    retry_after_s: Some(retry_after_s),
+                    quota: Some(Quota { kind: LimitKind::FailedAuth, rate: c.rate, remaining: 0, reset_s: retry_after_s }),
+                });
+            }
+        }
+    }
+
+    // 2. Authentication and authorization.
+    let decision = decide(cfg, head, now_us / 1_000_000, &mut || host.client_ip());
+    let allow = match decision {
+        Decision::Deny(reason) => {
+            if reason == Reason::InvalidCredentials {
+                if let Some(c) = &fa_check {
+                    let _ = limiter.admit(std::slice::from_ref(c), now_us, &mut stats.counters);
+                }
+            }
+            return Verdict::Deny(Denial::plain(reason));
+        }
+        Decision::Allow(a) => a,
+    };
+    let Some(refs) = allow.refs else {
+        return Verdict::Allow { identity: allow.identity, quota: None, inflight: None };
+    };
+
+    // 3. Rates: key × API, key, account.
+    let account = &cfg.accounts[refs.account as usize];
+    let key = refs.key.map(|k| &cfg.keys[k as usize]);
+    let mut checks = Vec::with_capacity(3);
+    if let (Some(key), Some(api_idx)) = (key, refs.api) {
+        let own = key.api_rates.iter().find(|(i, _)| *i == api_idx).map(|(_, r)| *r);
+        let api = &cfg.apis[api_idx as usize];
+        if let Some(limit) = own.or(api.limit) {
+            checks.push(check(format!("kg:rl:1:ka:{}:{}", key.sid, api.name), limit, LimitKind::KeyApi));
+        }
+    }
+    if let Some(limit) = key.and_then(|k| k.rate) {
+        checks.push(check(format!("kg:rl:1:k:{}", key.map_or("", |k| &*k.sid)), limit, LimitKind::Key));
+    }
+    if let Some(limit) = account.rate {
+        checks.push(check(format!("kg:rl:1:a:{}", account.sid), limit, LimitKind::Account));
+    }
+    let (quota, taken) = if checks.is_empty() {
+        (None, Vec::new())
+    } else {
+        match limiter.admit(&checks, now_us, &mut stats.counters) {
+            Admission::Admitted { tightest, shadow_limited, taken } => {
+                stats.shadow_limited.extend(shadow_limited);
+                (tightest, taken)
+            }
+            Admission::Limited { quota, retry_after_s } => {
+                return Verdict::Deny(Denial { reason: reason_for(quota.kind), retry_after_s: Some(retry_after_s), quota: Some(quota) });
+            }
+            Admission::StoreFailure => {
+                return Verdict::Deny(Denial { reason: Reason::LimiterUnavailable, retry_after_s: Some(1), quota: None });
+            }
+        }
+    };
+    if cfg.limits.on_store_error == OnStoreError::Allow && stats.counters.retries_exhausted + stats.counters.garbage_values + stats.counters.store_errors > 0 {
+        stats.store_failures_allowed += 1;
+    }
+
+    // 4. Concurrency.
+    let mut inflight = None;
+    if let Some(limit) = account.concurrency {
+        let store_key = format!("kg:cc:1:a:{}", account.sid);
+        let slots = Inflight { store: host.store(), max_retries: cfg.limits.max_cas_retries, lease_s: INFLIGHT_LEASE_S, vm_id: host.vm_id() };
+        match slots.acquire(&store_key, limit, now_us / 1_000_000, &mut stats.counters) {
+            Acquire::Acquired => inflight = Some(InflightTicket { store_key }),
+            Acquire::Refused => {
+                limiter.give_back(&checks, &taken, now_us, &mut stats.counters);
+                return Verdict::Deny(Denial { reason: Reason::ConcurrencyLimited, retry_after_s: Some(1), quota: None });
+            }
+            Acquire::Failed if cfg.limits.on_store_error == OnStoreError::Deny => {
+                limiter.give_back(&checks, &taken, now_us, &mut stats.counters);
+                return Verdict::Deny(Denial { reason: Reason::LimiterUnavailable, retry_after_s: Some(1), quota: None });
+            }
+            Acquire::Failed => stats.store_failures_allowed += 1,
+        }
+    }
+
+    Verdict::Allow { identity: allow.identity, quota: quota.filter(|_| cfg.limits.quota_headers), inflight }
+}
+
+/// Gives back a concurrency slot when the request's stream ends, however it ends.
+pub fn release(cfg_max_retries: u32, ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
+    let slots = Inflight { store: host.store(), max_retries: cfg_max_retries, lease_s: INFLIGHT_LEASE_S, vm_id: host.vm_id() };
+    slots.release(&ticket.store_key, host.now_us() / 1_000_000, counters);
+}
+
+/// Refreshes this VM's lease on an account's slots (call every [`INFLIGHT_HEARTBEAT_S`] while
+/// the VM has requests of that account in flight).
+pub fn heartbeat(cfg_max_retries: u32, store_key: &str, host: &dyn Host, counters: &mut Counters) {
+    let slots = Inflight { store: host.store(), max_retries: cfg_max_retries, lease_s: INFLIGHT_LEASE_S, vm_id: host.vm_id() };
+    slots.heartbeat(store_key, host.now_us() / 1_000_000, counters);
+}
+
+/// `RateLimit-Policy` and `RateLimit` header values (IETF draft-ietf-httpapi-ratelimit-headers).
+pub fn ratelimit_headers(q: &Quota) -> (String, String) {
+    let name = q.kind.name();
+    let window_s = q.rate.period_us.div_ceil(1_000_000).max(1);
+    (
+        format!("\"{name}\";q={};w={window_s}", q.rate.requests),
+        format!("\"{name}\";r={};t={}", q.remaining, q.reset_s),
+    )
+}
