@@ -65,7 +65,7 @@ run: setup build ## run the demo: echo upstream on :18080, Envoy on :10000 (admi
 	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) scripts/demo.sh
 
 validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy/ (loads the filter)
-	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate -l warning -c "$$f"; done
+	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)
 	@$(MAKE) -k test-core test-core-wasm test-filter test-e2e

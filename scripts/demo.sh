@@ -37,4 +37,4 @@ added, Authorization removed). Access-log lines appear below. Ctrl-C stops Envoy
 
 TRY
 
-"$ENVOY" -c envoy/envoy.yaml --use-dynamic-base-id --concurrency 2 -l warning
+"$ENVOY" -c envoy/envoy.yaml --disable-hot-restart --use-dynamic-base-id --concurrency 2 -l warning

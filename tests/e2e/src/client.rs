@@ -352,3 +352,85 @@ impl Conn {
 pub fn send_raw(port: u16, bytes: &[u8]) -> io::Result<Response> {
     Conn::open(port)?.send_raw(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// A one-connection server that reads one request head and answers `reply` verbatim.
+    fn canned(replies: Vec<&'static [u8]>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            for reply in replies {
+                let mut seen = Vec::new();
+                let mut byte = [0u8; 1];
+                while !seen.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                    seen.push(byte[0]);
+                }
+                s.write_all(reply).unwrap();
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn reads_chunked_and_length_framed_responses_on_one_connection() {
+        let port = canned(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-b: \xfe\r\n\r\n4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nx-trailer: 1\r\n\r\n",
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nwww-authenticate: Basic\r\nwww-authenticate: Bearer\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+        ]);
+        let mut conn = Conn::open(port).unwrap();
+        let first = conn.send(&Req::get("/a")).unwrap();
+        assert_eq!(
+            (first.status, first.body_text().as_str()),
+            (200, "wikipedia")
+        );
+        assert_eq!(first.header("X-B"), Some(&b"\xfe"[..]));
+        assert_eq!(first.header_str("x-b"), None);
+        let second = conn.send(&Req::get("/b")).unwrap();
+        assert_eq!(second.status, 401);
+        assert_eq!(second.body_json(), serde_json::json!({}));
+        assert_eq!(
+            second.header_all("www-authenticate"),
+            vec![&b"Basic"[..], &b"Bearer"[..]]
+        );
+        let head = conn.send(&Req::head("/c")).unwrap();
+        assert_eq!((head.status, head.body.len()), (200, 0));
+        assert!(conn.peer_closed(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn reads_a_close_delimited_body() {
+        let port = canned(vec![b"HTTP/1.0 200 OK\r\n\r\nuntil close"]);
+        let res = Req::get("/").send(port);
+        assert_eq!(res.body_text(), "until close");
+    }
+
+    #[test]
+    fn builds_exact_request_bytes() {
+        let req = Req::post(b"/p\xff?q")
+            .basic("SKx", "s:e")
+            .header("x-dup", "1")
+            .header("x-dup", b"\x80")
+            .body("hi");
+        assert_eq!(
+            req.to_bytes(7),
+            b"POST /p\xff?q HTTP/1.1\r\nhost: 127.0.0.1:7\r\nauthorization: Basic U0t4OnM6ZQ==\r\nx-dup: 1\r\nx-dup: \x80\r\ncontent-length: 2\r\n\r\nhi"
+        );
+        let bare = Req::get("/")
+            .header("Host", "h")
+            .bearer("t")
+            .no_auto_headers()
+            .body("x");
+        assert_eq!(
+            bare.to_bytes(7),
+            b"GET / HTTP/1.1\r\nHost: h\r\nauthorization: Bearer t\r\n\r\nx"
+        );
+    }
+}

@@ -311,6 +311,9 @@ impl EnvoyBuilder {
             .arg(&files.bootstrap)
             .arg("--concurrency")
             .arg(self.concurrency.to_string())
+            // No hot restart: nothing in /dev/shm to leak when the process is killed, and no
+            // base-id clash between parallel instances. --use-dynamic-base-id is belt and braces.
+            .arg("--disable-hot-restart")
             .arg("--use-dynamic-base-id")
             .arg("--admin-address-path")
             .arg(&files.admin_address)
@@ -571,4 +574,39 @@ fn read_lossy(path: &Path) -> String {
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_passes_the_plugin_config_verbatim_and_applies_hcm_options() {
+        let config = "{ \"schema\" : \"keygate.config/v1\",\n \"x\": \"\\u00e9\" }";
+        let b = EnvoyBuilder::new()
+            .plugin_config(config)
+            .upstream_port(4242)
+            .normalize_path(false)
+            .merge_slashes(true)
+            .cluster("control", 5151)
+            .bootstrap(Path::new("/f.wasm"), Path::new("/a.log"));
+        let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        let wasm = &hcm["http_filters"][0]["typed_config"]["config"];
+        assert_eq!(wasm["configuration"]["value"], config);
+        assert_eq!(wasm["root_id"], "keygate");
+        assert_eq!(wasm["fail_open"], false);
+        assert_eq!(wasm["vm_config"]["code"]["local"]["filename"], "/f.wasm");
+        assert_eq!(hcm["http_filters"][1]["name"], "envoy.filters.http.router");
+        assert_eq!(hcm["normalize_path"], false);
+        assert_eq!(hcm["merge_slashes"], true);
+        let clusters = &b["static_resources"]["clusters"];
+        assert_eq!(clusters[0]["name"], "upstream");
+        assert_eq!(
+            clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+                ["address"]["socket_address"]["port_value"],
+            4242
+        );
+        assert_eq!(clusters[1]["name"], "control");
+    }
 }

@@ -25,7 +25,14 @@ fn bootstraps() -> Vec<PathBuf> {
 /// relative wasm path resolves, exactly as `make run` starts them.
 fn validate_file(file: &Path) -> Output {
     Command::new(paths::envoy_bin())
-        .args(["--mode", "validate", "-l", "warning", "-c"])
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+            "-c",
+        ])
         .arg(file)
         .current_dir(paths::workspace_root())
         .output()
