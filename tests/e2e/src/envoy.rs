@@ -481,6 +481,12 @@ impl Envoy {
         })
     }
 
+    /// A metric the filter defined itself: Envoy lists those as `wasmcustom.<name>`, so
+    /// `custom_metric("keygate.allowed")` reads `wasmcustom.keygate.allowed`.
+    pub fn custom_metric(&self, name: &str) -> Option<u64> {
+        self.counter(&format!("wasmcustom.{name}"))
+    }
+
     /// The value of gauge `name` (same lookup as [`Envoy::counter`]).
     pub fn gauge(&self, name: &str) -> Option<u64> {
         self.counter(name)

@@ -38,6 +38,7 @@ fn demo_config_denies_anonymous_and_admits_the_main_key_without_forwarding_its_c
     assert!(lines[1].contains("account=ACdemo0001"), "{lines:?}");
     assert_eq!(envoy.counter("http.keygate.downstream_rq_4xx"), Some(1));
     assert_eq!(envoy.counter("http.keygate.downstream_rq_2xx"), Some(1));
+    assert_eq!(envoy.counter("http.keygate.no-such-counter"), None);
 }
 
 #[test]
