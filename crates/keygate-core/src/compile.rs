@@ -583,3 +583,15 @@ fn compile_limits(l: &LimitsDoc) -> Result<Limits, ConfigError> {
         quota_headers: l.quota_headers,
     })
 }
+
+impl CompiledConfig {
+    /// CAS retries per subject (for releasing and refreshing concurrency slots).
+    pub fn max_cas_retries(&self) -> u32 {
+        self.limits.max_cas_retries
+    }
+
+    /// Whether any account has an in-flight limit (the filter then runs a heartbeat timer).
+    pub fn uses_concurrency_limits(&self) -> bool {
+        self.accounts.iter().any(|a| a.concurrency.is_some())
+    }
+}
