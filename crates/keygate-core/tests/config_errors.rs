@@ -67,6 +67,12 @@ fn rejected_documents_name_path_and_reason() {
         ("identity header clash", |v, _| v["settings"]["identity_headers"]["role"] = json!("x-keygate-account-sid"), r#"settings.identity_headers.role: "x-keygate-account-sid" is already used for account_sid"#.into()),
         ("identity header authorization", |v, _| v["settings"]["identity_headers"]["api"] = json!("authorization"), r#"settings.identity_headers.api: "authorization" cannot be an identity header"#.into()),
         ("realm quote", |v, _| v["settings"]["realm"] = json!("a\"b"), r#"settings.realm: must be non-empty printable ASCII without '"' or '\'"#.into()),
+        ("zero requests", |v, _| v["limits"] = json!({"key": {"main": {"requests": 0, "per": "1m"}}}), "limits.key.main.requests: must be at least 1".into()),
+        ("bad period", |v, _| v["limits"] = json!({"account": {"requests": 5, "per": "soon"}}), r#"limits.account.per: invalid duration "soon""#.into()),
+        ("period too long", |v, _| v["apis"][0]["limit"] = json!({"requests": 5, "per": "2days"}), r#"apis[0].limit.per: "2days" is outside 1ms..24h"#.into()),
+        ("unknown API limit", |v, _| v["keys"][0]["limits"] = json!({"apis": {"fax": {"requests": 1, "per": "1s"}}}), r#"keys[0].limits.apis.fax: unknown API "fax""#.into()),
+        ("zero concurrency", |v, _| v["accounts"][0]["limits"] = json!({"concurrency": 0}), "accounts[0].limits.concurrency: must be at least 1".into()),
+        ("limits unknown field", |v, _| v["limits"] = json!({"acount": {"requests": 1, "per": "1s"}}), "limits.acount: unknown field `acount`".into()),
         ("ok 64-hex digest still unique", |v, h| v["keys"][0]["secrets"][0]["digest"] = json!(h), "compiled".into()),
     ];
     for (name, edit, want) in cases {
