@@ -79,6 +79,11 @@ pub fn parse_authorization(value: &[u8], schemes: EnabledSchemes) -> Result<Cred
     if value.len() > MAX_AUTHORIZATION_LEN {
         return Err(Reason::MalformedCredentials);
     }
+    // token68 has no comma, so a comma means several credentials: a comma-joined list, or two
+    // `Authorization` headers that the proxy folded into one line (Envoy does for HTTP/1).
+    if value.contains(&b',') {
+        return Err(Reason::MultipleCredentials);
+    }
     let value = trim_ows(value);
     let Some(sp) = value.iter().position(|&b| b == b' ') else {
         // A lone word: either a scheme with no credentials or garbage.
@@ -209,9 +214,10 @@ mod tests {
             (b"Basic QR==", Reason::MalformedCredentials),
             // '=' in the middle, comma-joined schemes, space inside the token
             (b"Basic QW=xh", Reason::MalformedCredentials),
-            (b"Basic QWxh, Bearer abc", Reason::MalformedCredentials),
+            (b"Basic QWxh, Bearer abc", Reason::MultipleCredentials),
+            (b"Basic QWxh,Bearer abc", Reason::MultipleCredentials),
             (b"Bearer abc def", Reason::MalformedCredentials),
-            (b"Bearer abc,def", Reason::MalformedCredentials),
+            (b"Bearer abc,def", Reason::MultipleCredentials),
             // control and non-UTF-8 bytes
             (b"Bearer abc\x00", Reason::MalformedCredentials),
             (b"Bearer \xff\xfe", Reason::MalformedCredentials),

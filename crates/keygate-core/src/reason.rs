@@ -10,7 +10,7 @@ pub enum Reason {
     NoConfig,
     /// No `Authorization` header.
     MissingCredentials,
-    /// More than one `Authorization` header.
+    /// More than one credential: two `Authorization` headers, or a comma-joined list.
     MultipleCredentials,
     /// An `Authorization` header that does not parse (not token68, bad base64, no colon, ...).
     MalformedCredentials,
@@ -110,7 +110,7 @@ impl Reason {
         match self {
             Reason::NoConfig => "The gateway has no key configuration yet; retry shortly",
             Reason::MissingCredentials => "Missing API key: send HTTP Basic or Bearer credentials",
-            Reason::MultipleCredentials => "More than one Authorization header",
+            Reason::MultipleCredentials => "More than one credential in the request",
             Reason::MalformedCredentials => "Malformed Authorization header",
             Reason::UnsupportedScheme => "Unsupported authorization scheme",
             Reason::InvalidCredentials => "Invalid or missing API key",
