@@ -134,6 +134,7 @@ pub struct CompiledConfig {
     pub(crate) digester: Digester,
     pub(crate) schemes: EnabledSchemes,
     pub(crate) forward_authorization: bool,
+    pub(crate) check_secret_format: bool,
     pub(crate) identity_headers: [Box<str>; 4],
     pub(crate) unknown_routes: UnknownRoutes,
     pub(crate) cors_preflight: CorsPreflight,
@@ -501,6 +502,7 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
         digester,
         schemes,
         forward_authorization: s.forward_authorization,
+        check_secret_format: s.check_secret_format,
         identity_headers: [
             ih.account_sid.as_str().into(),
             ih.key_sid.as_str().into(),

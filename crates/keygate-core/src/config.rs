@@ -149,6 +149,10 @@ pub struct Settings {
     pub hmac_key: Option<String>,
     /// Credential schemes accepted at the edge.
     pub schemes: Vec<Scheme>,
+    /// Refuse secrets that are not in keygate's checksummed format (see
+    /// [`crate::secret_format`]) without a lookup. On for configs from the control plane.
+    #[serde(skip_serializing_if = "is_false")]
+    pub check_secret_format: bool,
     /// Pass the client's `Authorization` header to the upstream (off by default).
     pub forward_authorization: bool,
     pub identity_headers: IdentityHeaders,
@@ -165,6 +169,7 @@ impl Default for Settings {
             secret_digest: DigestAlgorithm::Sha256,
             hmac_key: None,
             schemes: vec![Scheme::Basic, Scheme::Bearer],
+            check_secret_format: false,
             forward_authorization: false,
             identity_headers: IdentityHeaders::default(),
             unknown_routes: UnknownRoutes::Deny,

@@ -24,6 +24,7 @@ use crate::digest::Digest32;
 use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::path::{canonicalize, TemplateMatch};
 use crate::reason::Reason;
+use crate::secret_format;
 
 /// What kind of credential authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +188,16 @@ fn secret_matches(secrets: &[Secret], digest: &Digest32, now: u64) -> bool {
 }
 
 fn authenticate(cfg: &CompiledConfig, credential: &Credential<'_>, now: u64) -> Option<Principal> {
+    if cfg.check_secret_format {
+        let secret = match credential {
+            Credential::Basic { secret, .. } => secret.as_slice(),
+            Credential::Bearer { token } => token,
+        };
+        // The format is public, so refusing a malformed secret early reveals nothing.
+        if !secret_format::is_well_formed(secret) {
+            return None;
+        }
+    }
     match credential {
         Credential::Basic { user, secret } => {
             let digest = cfg.digester.digest(secret);

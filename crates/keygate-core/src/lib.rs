@@ -21,6 +21,7 @@ pub mod ip;
 pub mod path;
 pub mod ratelimit;
 pub mod reason;
+pub mod secret_format;
 
 pub use compile::{compile, CompiledConfig, ConfigError};
 pub use decision::{decide, Allow, Decision, Identity, PrincipalKind};

@@ -210,3 +210,23 @@ fn padded_and_unpadded_basic_reach_the_same_principal() {
         assert!(matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(a) if a.identity.and_then(|i| i.key_sid) == Some("SKmain")));
     }
 }
+
+#[test]
+fn checked_secret_format_refuses_malformed_secrets_without_a_lookup() {
+    use keygate_core::secret_format::{encode, SecretKind, RANDOM_BYTES};
+    let good = encode(SecretKind::SecretLive, &[7u8; RANDOM_BYTES]).unwrap();
+    let mut doc = fixture_doc();
+    doc.settings.check_secret_format = true;
+    doc.keys[0].secrets = vec![common::d(&good)];
+    let cfg = compile_doc(&doc).unwrap();
+    let ok = bearer(&good);
+    let h = head("GET", "/v2/accounts/AC1/calls", AuthorizationHeader::One(&ok), false);
+    assert!(matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(_)));
+    let basic_ok = basic("SKmain", &good);
+    let h = head("GET", "/v2/accounts/AC1/calls", AuthorizationHeader::One(&basic_ok), false);
+    assert!(matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(_)));
+    // The fixture's other keys have unformatted secrets: refused once the check is on.
+    let legacy = basic("SKstd", "sk_live_std");
+    let h = head("GET", "/v2/accounts/AC1/calls", AuthorizationHeader::One(&legacy), false);
+    assert_eq!(decide(&cfg, &h, T0, &mut || None), Decision::Deny(Reason::InvalidCredentials));
+}
