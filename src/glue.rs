@@ -46,7 +46,8 @@ impl Metrics {
             allowed: counter("keygate.allowed"),
             config_loaded: counter("keygate.config.loaded"),
             config_rejected: counter("keygate.config.rejected"),
-            config_version: hostcalls::define_metric(MetricType::Gauge, "keygate.config.version").ok(),
+            config_version: hostcalls::define_metric(MetricType::Gauge, "keygate.config.version")
+                .ok(),
             cas_retries: counter("keygate.ratelimit.cas_retries"),
             retries_exhausted: counter("keygate.ratelimit.retries_exhausted"),
             garbage_values: counter("keygate.ratelimit.garbage_values"),
@@ -136,7 +137,11 @@ impl SharedStore for VmState {
 
 impl VmState {
     fn start() -> VmState {
-        let state = VmState { anchor_cas: Cell::new(0), vm_id: Cell::new(0), inflight: RefCell::new(HashMap::new()) };
+        let state = VmState {
+            anchor_cas: Cell::new(0),
+            vm_id: Cell::new(0),
+            inflight: RefCell::new(HashMap::new()),
+        };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
         if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {
             state.anchor_cas.set(cas);
@@ -146,7 +151,9 @@ impl VmState {
         for _ in 0..64 {
             let (next, cas) = match store.get(VM_SEQ_KEY) {
                 Ok(Some((v, cas))) => {
-                    let prev = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_le_bytes).unwrap_or(0);
+                    let prev = <[u8; 8]>::try_from(v.as_slice())
+                        .map(u64::from_le_bytes)
+                        .unwrap_or(0);
                     (prev.wrapping_add(1), cas)
                 }
                 Ok(None) => (1, store.absent_cas()),
@@ -195,11 +202,15 @@ pub struct KeygateRoot {
 
 impl KeygateRoot {
     fn metrics(&mut self) -> Rc<Metrics> {
-        self.metrics.get_or_insert_with(|| Rc::new(Metrics::define())).clone()
+        self.metrics
+            .get_or_insert_with(|| Rc::new(Metrics::define()))
+            .clone()
     }
 
     fn vm(&mut self) -> Rc<VmState> {
-        self.vm.get_or_insert_with(|| Rc::new(VmState::start())).clone()
+        self.vm
+            .get_or_insert_with(|| Rc::new(VmState::start()))
+            .clone()
     }
 }
 
@@ -214,10 +225,22 @@ impl RootContext for KeygateRoot {
 
     fn on_tick(&mut self) {
         // Refresh this VM's concurrency leases for accounts with requests in flight here.
-        let (Some(vm), Some(cfg)) = (self.vm.clone(), self.config.clone()) else { return };
-        let host = RequestHost { vm: &vm, now_us: now_us(), client_ip: OnceCell::new() };
+        let (Some(vm), Some(cfg)) = (self.vm.clone(), self.config.clone()) else {
+            return;
+        };
+        let host = RequestHost {
+            vm: &vm,
+            now_us: now_us(),
+            client_ip: OnceCell::new(),
+        };
         let mut counters = Counters::default();
-        let keys: Vec<String> = vm.inflight.borrow().iter().filter(|(_, n)| **n > 0).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<String> = vm
+            .inflight
+            .borrow()
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in keys {
             gate::heartbeat(cfg.max_cas_retries(), &key, &host, &mut counters);
         }
@@ -229,15 +252,25 @@ impl RootContext for KeygateRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
         let metrics = self.metrics();
         let _ = self.vm();
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
+        let bytes = match hostcalls::get_buffer(
+            BufferType::PluginConfiguration,
+            0,
+            plugin_configuration_size,
+        ) {
             Ok(b) => b.unwrap_or_default(),
             Err(status) => {
-                log(LogLevel::Error, &format!("cannot read plugin configuration: {status:?}"));
+                log(
+                    LogLevel::Error,
+                    &format!("cannot read plugin configuration: {status:?}"),
+                );
                 return false;
             }
         };
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            log(LogLevel::Warn, "empty plugin configuration; every request gets 503 no_config");
+            log(
+                LogLevel::Warn,
+                "empty plugin configuration; every request gets 503 no_config",
+            );
             return true;
         }
         match compile(&bytes) {
@@ -245,14 +278,18 @@ impl RootContext for KeygateRoot {
                 let (accounts, keys, apis) = cfg.counts();
                 log(
                     LogLevel::Info,
-                    &format!("config version {} in force: {accounts} accounts, {keys} keys, {apis} apis", cfg.version()),
+                    &format!(
+                        "config version {} in force: {accounts} accounts, {keys} keys, {apis} apis",
+                        cfg.version()
+                    ),
                 );
                 Metrics::bump(metrics.config_loaded);
                 if let Some(id) = metrics.config_version {
                     let _ = hostcalls::record_metric(id, cfg.version());
                 }
                 if cfg.uses_concurrency_limits() {
-                    let _ = hostcalls::set_tick_period(Duration::from_secs(gate::INFLIGHT_HEARTBEAT_S));
+                    let _ =
+                        hostcalls::set_tick_period(Duration::from_secs(gate::INFLIGHT_HEARTBEAT_S));
                 }
                 self.config = Some(Rc::new(cfg));
                 true
@@ -274,7 +311,10 @@ impl RootContext for KeygateRoot {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(KeygateHttp {
             config: self.config.clone(),
-            metrics: self.metrics.clone().unwrap_or_else(|| Rc::new(Metrics::default())),
+            metrics: self
+                .metrics
+                .clone()
+                .unwrap_or_else(|| Rc::new(Metrics::default())),
             vm: self.vm.clone()?,
             ticket: None,
             quota: None,
@@ -300,7 +340,11 @@ impl Context for KeygateHttp {}
 
 #[link(wasm_import_module = "env")]
 extern "C" {
-    fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
 }
 
 /// All request headers in proxy-wasm's serialized form, as bytes. The SDK's own getter decodes
@@ -323,11 +367,15 @@ fn now_us() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(u64::MAX, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .map_or(u64::MAX, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+        })
 }
 
 fn client_ip() -> Option<IpAddr> {
-    let bytes = hostcalls::get_property(vec!["source", "address"]).ok().flatten()?;
+    let bytes = hostcalls::get_property(vec!["source", "address"])
+        .ok()
+        .flatten()?;
     parse_client_address(&bytes)
 }
 
@@ -336,9 +384,16 @@ impl KeygateHttp {
         let reason = denial.reason;
         self.metrics.denied(reason);
         let body = reason.body();
-        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+        let mut headers: Vec<(&str, &str)> = vec![
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ];
         if reason.challenges() {
-            headers.extend(www_authenticate.iter().map(|v| ("www-authenticate", v.as_str())));
+            headers.extend(
+                www_authenticate
+                    .iter()
+                    .map(|v| ("www-authenticate", v.as_str())),
+            );
         }
         let retry_after = match (reason, denial.retry_after_s) {
             (Reason::NoConfig, _) => Some(NO_CONFIG_RETRY_AFTER.to_owned()),
@@ -353,8 +408,13 @@ impl KeygateHttp {
             headers.push(("ratelimit-policy", p));
             headers.push(("ratelimit", r));
         }
-        if let Err(status) = hostcalls::send_http_response(reason.status(), headers, Some(body.as_bytes())) {
-            log(LogLevel::Error, &format!("cannot send local reply: {status:?}"));
+        if let Err(status) =
+            hostcalls::send_http_response(reason.status(), headers, Some(body.as_bytes()))
+        {
+            log(
+                LogLevel::Error,
+                &format!("cannot send local reply: {status:?}"),
+            );
             let _ = hostcalls::reset_http_request();
         }
         Action::Pause
@@ -362,7 +422,12 @@ impl KeygateHttp {
 
     /// Sets identity headers (replacing client copies), removes client copies of unset ones and,
     /// unless configured otherwise, the `Authorization` header.
-    fn forward(&self, cfg: &CompiledConfig, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
+    fn forward(
+        &self,
+        cfg: &CompiledConfig,
+        pairs: &[(&[u8], &[u8])],
+        identity: Option<Identity<'_>>,
+    ) {
         let names = cfg.identity_headers();
         let values: [Option<&str>; 4] = match identity {
             Some(id) => [Some(id.account_sid), id.key_sid, Some(id.role), id.api],
@@ -383,7 +448,10 @@ impl KeygateHttp {
             let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
         }
         if let Some(id) = identity {
-            let _ = hostcalls::set_property(vec!["keygate.account_sid"], Some(id.account_sid.as_bytes()));
+            let _ = hostcalls::set_property(
+                vec!["keygate.account_sid"],
+                Some(id.account_sid.as_bytes()),
+            );
             if let Some(key) = id.key_sid {
                 let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
             }
@@ -398,21 +466,41 @@ fn has_header(pairs: &[(&[u8], &[u8])], name: &[u8]) -> bool {
 impl HttpContext for KeygateHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(cfg) = self.config.clone() else {
-            return self.deny(&Denial { reason: Reason::NoConfig, retry_after_s: None, quota: None }, &[]);
+            return self.deny(
+                &Denial {
+                    reason: Reason::NoConfig,
+                    retry_after_s: None,
+                    quota: None,
+                },
+                &[],
+            );
         };
         let raw = request_header_map();
         let pairs = parse_header_map(&raw).unwrap_or_default();
         let head = RequestHead::from_pairs(&pairs);
-        let host = RequestHost { vm: &self.vm, now_us: now_us(), client_ip: OnceCell::new() };
+        let host = RequestHost {
+            vm: &self.vm,
+            now_us: now_us(),
+            client_ip: OnceCell::new(),
+        };
         let mut stats = GateStats::default();
         let verdict = gate::evaluate(&cfg, &head, &host, &mut stats);
         self.metrics.gate(&stats);
         match verdict {
             Verdict::Deny(denial) => self.deny(&denial, cfg.www_authenticate()),
-            Verdict::Allow { identity, quota, inflight } => {
+            Verdict::Allow {
+                identity,
+                quota,
+                inflight,
+            } => {
                 self.forward(&cfg, &pairs, identity);
                 if let Some(ticket) = inflight {
-                    *self.vm.inflight.borrow_mut().entry(ticket.store_key.clone()).or_insert(0) += 1;
+                    *self
+                        .vm
+                        .inflight
+                        .borrow_mut()
+                        .entry(ticket.store_key.clone())
+                        .or_insert(0) += 1;
                     self.ticket = Some(ticket);
                 }
                 self.quota = quota;
@@ -425,8 +513,13 @@ impl HttpContext for KeygateHttp {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(q) = &self.quota {
             let (policy, state) = gate::ratelimit_headers(q);
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "ratelimit-policy", Some(&policy));
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "ratelimit", Some(&state));
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                "ratelimit-policy",
+                Some(&policy),
+            );
+            let _ =
+                hostcalls::set_map_value(MapType::HttpResponseHeaders, "ratelimit", Some(&state));
         }
         Action::Continue
     }
@@ -434,7 +527,11 @@ impl HttpContext for KeygateHttp {
     fn on_log(&mut self) {
         // The stream is over, however it ended: give the concurrency slot back.
         if let (Some(ticket), Some(cfg)) = (self.ticket.take(), self.config.as_ref()) {
-            let host = RequestHost { vm: &self.vm, now_us: now_us(), client_ip: OnceCell::new() };
+            let host = RequestHost {
+                vm: &self.vm,
+                now_us: now_us(),
+                client_ip: OnceCell::new(),
+            };
             let mut counters = Counters::default();
             gate::release(cfg.max_cas_retries(), &ticket, &host, &mut counters);
             self.metrics.counters(&counters);

@@ -8,14 +8,14 @@ use std::fmt;
 use std::time::UNIX_EPOCH;
 
 use crate::config::{
-    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, LimitsDoc, OnStoreErrorDoc, RateDoc, Role,
-    Scheme, SecretDoc, UnknownRoutes, SCHEMA_V1,
+    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, LimitsDoc,
+    OnStoreErrorDoc, RateDoc, Role, Scheme, SecretDoc, UnknownRoutes, SCHEMA_V1,
 };
-use crate::ratelimit::{OnStoreError, Rate};
 use crate::credential::EnabledSchemes;
 use crate::digest::{parse_digest_hex, Digest32, Digester};
 use crate::ip::IpAllowlist;
 use crate::path::Template;
+use crate::ratelimit::{OnStoreError, Rate};
 
 /// A config rejected at compile time: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +38,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { path: path.into(), message: message.into() })
+    Err(ConfigError {
+        path: path.into(),
+        message: message.into(),
+    })
 }
 
 /// Who a credential identifies.
@@ -122,7 +125,9 @@ impl Key {
     pub(crate) fn may_call(&self, api: usize) -> bool {
         match &self.apis {
             None => true,
-            Some(bits) => bits.get(api / 64).is_some_and(|w| w & (1u64 << (api % 64)) != 0),
+            Some(bits) => bits
+                .get(api / 64)
+                .is_some_and(|w| w & (1u64 << (api % 64)) != 0),
         }
     }
 }
@@ -189,7 +194,10 @@ pub fn parse(json: &[u8]) -> Result<ConfigDoc, ConfigError> {
         path: e.path().to_string(),
         message: e.inner().to_string(),
     })?;
-    de.end().map_err(|e| ConfigError { path: String::new(), message: e.to_string() })?;
+    de.end().map_err(|e| ConfigError {
+        path: String::new(),
+        message: e.to_string(),
+    })?;
     Ok(doc)
 }
 
@@ -199,25 +207,44 @@ fn parse_time(path: &str, s: &str) -> Result<u64, ConfigError> {
             Ok(d) => Ok(d.as_secs()),
             Err(_) => err(path, format!("{s:?} is before 1970")),
         },
-        Err(_) => err(path, format!("invalid RFC 3339 UTC time {s:?} (expected like \"2026-11-24T10:00:00Z\")")),
+        Err(_) => err(
+            path,
+            format!("invalid RFC 3339 UTC time {s:?} (expected like \"2026-11-24T10:00:00Z\")"),
+        ),
     }
 }
 
 /// SIDs appear in URLs and headers: ASCII letters, digits, `_` and `-`, 1 to 64 characters.
 fn check_sid(path: &str, sid: &str) -> Result<(), ConfigError> {
-    if sid.is_empty() || sid.len() > 64 || !sid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-        return err(path, format!("invalid SID {sid:?}: use 1 to 64 ASCII letters, digits, '_' or '-'"));
+    if sid.is_empty()
+        || sid.len() > 64
+        || !sid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return err(
+            path,
+            format!("invalid SID {sid:?}: use 1 to 64 ASCII letters, digits, '_' or '-'"),
+        );
     }
     Ok(())
 }
 
 fn check_header_name(path: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !ok {
-        return err(path, format!("invalid header name {name:?}: use lowercase letters, digits, '-' and '_'"));
+        return err(
+            path,
+            format!("invalid header name {name:?}: use lowercase letters, digits, '-' and '_'"),
+        );
     }
-    if matches!(name, "authorization" | "host" | "content-length" | "transfer-encoding" | "connection" | "te") {
+    if matches!(
+        name,
+        "authorization" | "host" | "content-length" | "transfer-encoding" | "connection" | "te"
+    ) {
         return err(path, format!("{name:?} cannot be an identity header"));
     }
     Ok(())
@@ -228,25 +255,43 @@ struct SecretSeen {
 }
 
 impl SecretSeen {
-    fn compile(&mut self, path: &str, docs: &[SecretDoc], required: bool) -> Result<Vec<Secret>, ConfigError> {
+    fn compile(
+        &mut self,
+        path: &str,
+        docs: &[SecretDoc],
+        required: bool,
+    ) -> Result<Vec<Secret>, ConfigError> {
         if required && docs.is_empty() {
             return err(path, "must have at least one secret");
         }
         let mut out = Vec::with_capacity(docs.len());
         for (i, s) in docs.iter().enumerate() {
             let p = format!("{path}[{i}]");
-            let digest = parse_digest_hex(&s.digest).map_err(|m| ConfigError { path: format!("{p}.digest"), message: m })?;
+            let digest = parse_digest_hex(&s.digest).map_err(|m| ConfigError {
+                path: format!("{p}.digest"),
+                message: m,
+            })?;
             if let Some(other) = self.by_digest.insert(digest, p.clone()) {
-                return err(format!("{p}.digest"), format!("same digest as {other}; every secret must be unique"));
+                return err(
+                    format!("{p}.digest"),
+                    format!("same digest as {other}; every secret must be unique"),
+                );
             }
-            let not_after = s.not_after.as_deref().map(|t| parse_time(&format!("{p}.not_after"), t)).transpose()?;
+            let not_after = s
+                .not_after
+                .as_deref()
+                .map(|t| parse_time(&format!("{p}.not_after"), t))
+                .transpose()?;
             out.push(Secret { digest, not_after });
         }
         Ok(out)
     }
 }
 
-fn compile_allowlist(path: &str, list: &Option<Vec<String>>) -> Result<Option<IpAllowlist>, ConfigError> {
+fn compile_allowlist(
+    path: &str,
+    list: &Option<Vec<String>>,
+) -> Result<Option<IpAllowlist>, ConfigError> {
     list.as_deref()
         .map(|l| {
             IpAllowlist::parse(l).map_err(|(i, message)| ConfigError {
@@ -263,9 +308,17 @@ fn compile_allowlist(path: &str, list: &Option<Vec<String>>) -> Result<Option<Ip
 fn compile_api(i: usize, a: &ApiDoc) -> Result<Api, ConfigError> {
     let p = format!("apis[{i}]");
     if a.name.is_empty()
-        || !a.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+        || !a.name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+        })
     {
-        return err(format!("{p}.name"), format!("invalid API name {:?}: use lowercase letters, digits, '_', '-', '.'", a.name));
+        return err(
+            format!("{p}.name"),
+            format!(
+                "invalid API name {:?}: use lowercase letters, digits, '_', '-', '.'",
+                a.name
+            ),
+        );
     }
     if a.publishable && a.management {
         return err(&p, "an API cannot be both publishable and management");
@@ -276,10 +329,16 @@ fn compile_api(i: usize, a: &ApiDoc) -> Result<Api, ConfigError> {
     let mut methods = Vec::with_capacity(a.methods.len());
     for (j, m) in a.methods.iter().enumerate() {
         if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-            return err(format!("{p}.methods[{j}]"), format!("invalid method {m:?}: use an uppercase HTTP method"));
+            return err(
+                format!("{p}.methods[{j}]"),
+                format!("invalid method {m:?}: use an uppercase HTTP method"),
+            );
         }
         if a.methods[..j].contains(m) {
-            return err(format!("{p}.methods[{j}]"), format!("duplicate method {m:?}"));
+            return err(
+                format!("{p}.methods[{j}]"),
+                format!("duplicate method {m:?}"),
+            );
         }
         methods.push(m.as_bytes().into());
     }
@@ -293,11 +352,27 @@ fn compile_api(i: usize, a: &ApiDoc) -> Result<Api, ConfigError> {
             message: format!("template {t:?}: {m}"),
         })?);
     }
-    let limit = a.limit.as_ref().map(|r| compile_rate(&format!("{p}.limit"), r)).transpose()?;
-    Ok(Api { name: a.name.as_str().into(), methods, templates, publishable: a.publishable, management: a.management, limit })
+    let limit = a
+        .limit
+        .as_ref()
+        .map(|r| compile_rate(&format!("{p}.limit"), r))
+        .transpose()?;
+    Ok(Api {
+        name: a.name.as_str().into(),
+        methods,
+        templates,
+        publishable: a.publishable,
+        management: a.management,
+        limit,
+    })
 }
 
-fn compile_account(i: usize, a: &AccountDoc, seen: &mut SecretSeen, defaults: &LimitsDoc) -> Result<Account, ConfigError> {
+fn compile_account(
+    i: usize,
+    a: &AccountDoc,
+    seen: &mut SecretSeen,
+    defaults: &LimitsDoc,
+) -> Result<Account, ConfigError> {
     let p = format!("accounts[{i}]");
     check_sid(&format!("{p}.sid"), &a.sid)?;
     let own = a.limits.clone().unwrap_or_default();
@@ -332,14 +407,24 @@ fn compile_key(
     let p = format!("keys[{i}]");
     check_sid(&format!("{p}.sid"), &k.sid)?;
     let Some(&account) = accounts.get(k.account_sid.as_str()) else {
-        return err(format!("{p}.account_sid"), format!("unknown account {:?}", k.account_sid));
+        return err(
+            format!("{p}.account_sid"),
+            format!("unknown account {:?}", k.account_sid),
+        );
     };
     let secrets = seen.compile(&format!("{p}.secrets"), &k.secrets, true)?;
-    let expires_at = k.expires_at.as_deref().map(|t| parse_time(&format!("{p}.expires_at"), t)).transpose()?;
+    let expires_at = k
+        .expires_at
+        .as_deref()
+        .map(|t| parse_time(&format!("{p}.expires_at"), t))
+        .transpose()?;
     let key_apis = match &k.apis {
         None => None,
         Some(names) if names.is_empty() => {
-            return err(format!("{p}.apis"), "must not be empty; omit the field to allow every API the role allows");
+            return err(
+                format!("{p}.apis"),
+                "must not be empty; omit the field to allow every API the role allows",
+            );
         }
         Some(names) => {
             let mut bits = vec![0u64; apis.len().div_ceil(64)].into_boxed_slice();
@@ -352,7 +437,11 @@ fn compile_key(
                 if !role_allows(k.role, api) {
                     return err(
                         jp,
-                        format!("a {} key can never call {name:?} ({})", k.role.as_str(), api_kind(api)),
+                        format!(
+                            "a {} key can never call {name:?} ({})",
+                            k.role.as_str(),
+                            api_kind(api)
+                        ),
                     );
                 }
                 bits[idx / 64] |= 1u64 << (idx % 64);
@@ -415,11 +504,25 @@ pub(crate) fn role_allows(role: Role, api: &Api) -> bool {
 /// Validates wire types and builds the lookup tables.
 pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
     if doc.schema != SCHEMA_V1 {
-        return err("schema", format!("unsupported schema {:?}; expected {SCHEMA_V1:?}", doc.schema));
+        return err(
+            "schema",
+            format!(
+                "unsupported schema {:?}; expected {SCHEMA_V1:?}",
+                doc.schema
+            ),
+        );
     }
     let s = &doc.settings;
-    if s.realm.is_empty() || !s.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
-        return err("settings.realm", "must be non-empty printable ASCII without '\"' or '\\'");
+    if s.realm.is_empty()
+        || !s
+            .realm
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return err(
+            "settings.realm",
+            "must be non-empty printable ASCII without '\"' or '\\'",
+        );
     }
     let hmac_key = match &s.hmac_key {
         None => None,
@@ -428,17 +531,28 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
             message: "must be hex".into(),
         })?),
     };
-    let digester = Digester::new(s.secret_digest, hmac_key.as_deref())
-        .map_err(|m| ConfigError { path: "settings".into(), message: m })?;
+    let digester =
+        Digester::new(s.secret_digest, hmac_key.as_deref()).map_err(|m| ConfigError {
+            path: "settings".into(),
+            message: m,
+        })?;
     if s.schemes.is_empty() {
-        return err("settings.schemes", "must enable at least one of \"basic\", \"bearer\"");
+        return err(
+            "settings.schemes",
+            "must enable at least one of \"basic\", \"bearer\"",
+        );
     }
     let schemes = EnabledSchemes {
         basic: s.schemes.contains(&Scheme::Basic),
         bearer: s.schemes.contains(&Scheme::Bearer),
     };
     let ih = &s.identity_headers;
-    let names = [("account_sid", &ih.account_sid), ("key_sid", &ih.key_sid), ("role", &ih.role), ("api", &ih.api)];
+    let names = [
+        ("account_sid", &ih.account_sid),
+        ("key_sid", &ih.key_sid),
+        ("role", &ih.role),
+        ("api", &ih.api),
+    ];
     for (i, (field, name)) in names.iter().enumerate() {
         check_header_name(&format!("settings.identity_headers.{field}"), name)?;
         if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
@@ -452,17 +566,30 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
     let mut apis = Vec::with_capacity(doc.apis.len());
     for (i, a) in doc.apis.iter().enumerate() {
         if let Some(j) = doc.apis[..i].iter().position(|b| b.name == a.name) {
-            return err(format!("apis[{i}].name"), format!("duplicate API name {:?} (also apis[{j}])", a.name));
+            return err(
+                format!("apis[{i}].name"),
+                format!("duplicate API name {:?} (also apis[{j}])", a.name),
+            );
         }
         apis.push(compile_api(i, a)?);
     }
 
-    let mut seen = SecretSeen { by_digest: HashMap::new() };
-    let mut by_sid: HashMap<Box<[u8]>, Principal> = HashMap::with_capacity(doc.accounts.len() + doc.keys.len());
+    let mut seen = SecretSeen {
+        by_digest: HashMap::new(),
+    };
+    let mut by_sid: HashMap<Box<[u8]>, Principal> =
+        HashMap::with_capacity(doc.accounts.len() + doc.keys.len());
     let mut sid_owner: HashMap<&str, String> = HashMap::with_capacity(by_sid.capacity());
-    fn claim<'d>(owners: &mut HashMap<&'d str, String>, sid: &'d str, path: String) -> Result<(), ConfigError> {
+    fn claim<'d>(
+        owners: &mut HashMap<&'d str, String>,
+        sid: &'d str,
+        path: String,
+    ) -> Result<(), ConfigError> {
         if let Some(other) = owners.get(sid) {
-            return err(format!("{path}.sid"), format!("duplicate SID {sid:?} (also {other})"));
+            return err(
+                format!("{path}.sid"),
+                format!("duplicate SID {sid:?} (also {other})"),
+            );
         }
         owners.insert(sid, path);
         Ok(())
@@ -524,7 +651,10 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
 }
 
 fn index_u32(i: usize) -> Result<u32, ConfigError> {
-    u32::try_from(i).map_err(|_| ConfigError { path: String::new(), message: "too many entries".into() })
+    u32::try_from(i).map_err(|_| ConfigError {
+        path: String::new(),
+        message: "too many entries".into(),
+    })
 }
 
 /// Longest period a rate may have.
@@ -537,16 +667,34 @@ pub(crate) fn compile_rate(path: &str, r: &RateDoc) -> Result<LimitRate, ConfigE
     }
     let period = humantime::parse_duration(&r.per).map_err(|_| ConfigError {
         path: format!("{path}.per"),
-        message: format!("invalid duration {:?} (expected like \"1s\", \"1m\", \"90s\", \"1h\")", r.per),
+        message: format!(
+            "invalid duration {:?} (expected like \"1s\", \"1m\", \"90s\", \"1h\")",
+            r.per
+        ),
     })?;
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
     if !(1_000..=MAX_PERIOD_US).contains(&period_us) {
-        return err(format!("{path}.per"), format!("{:?} is outside 1ms..24h", r.per));
+        return err(
+            format!("{path}.per"),
+            format!("{:?} is outside 1ms..24h", r.per),
+        );
     }
     if period_us < u64::from(r.requests) {
-        return err(path, format!("{} requests per {} is more than one per microsecond", r.requests, r.per));
+        return err(
+            path,
+            format!(
+                "{} requests per {} is more than one per microsecond",
+                r.requests, r.per
+            ),
+        );
     }
-    Ok(LimitRate { rate: Rate { requests: r.requests, period_us }, shadow: r.shadow })
+    Ok(LimitRate {
+        rate: Rate {
+            requests: r.requests,
+            period_us,
+        },
+        shadow: r.shadow,
+    })
 }
 
 fn compile_limits(l: &LimitsDoc) -> Result<Limits, ConfigError> {
@@ -558,17 +706,31 @@ fn compile_limits(l: &LimitsDoc) -> Result<Limits, ConfigError> {
         Some(f) => {
             let limit = compile_rate(
                 "limits.failed_auth",
-                &RateDoc { requests: f.requests, per: f.per.clone(), shadow: f.shadow },
+                &RateDoc {
+                    requests: f.requests,
+                    per: f.per.clone(),
+                    shadow: f.shadow,
+                },
             )?;
             let buckets = f.buckets.unwrap_or(65_536);
             if !(1..=1 << 20).contains(&buckets) {
-                return err("limits.failed_auth.buckets", "must be between 1 and 1048576");
+                return err(
+                    "limits.failed_auth.buckets",
+                    "must be between 1 and 1048576",
+                );
             }
             let ipv6_prefix = f.ipv6_prefix.unwrap_or(64);
             if !(16..=128).contains(&ipv6_prefix) {
-                return err("limits.failed_auth.ipv6_prefix", "must be between 16 and 128");
+                return err(
+                    "limits.failed_auth.ipv6_prefix",
+                    "must be between 16 and 128",
+                );
             }
-            Some(FailedAuth { limit, buckets, ipv6_prefix })
+            Some(FailedAuth {
+                limit,
+                buckets,
+                ipv6_prefix,
+            })
         }
     };
     let max_cas_retries = l.max_cas_retries.unwrap_or(16);

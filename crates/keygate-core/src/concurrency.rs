@@ -37,10 +37,24 @@ fn decode(bytes: &[u8]) -> Option<Vec<Lease>> {
     if tag != TAG || rest.len() % ENTRY != 0 {
         return None;
     }
-    let u64_at = |c: &[u8], at: usize| c.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
-    let u32_at = |c: &[u8], at: usize| c.get(at..at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes);
+    let u64_at = |c: &[u8], at: usize| {
+        c.get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    let u32_at = |c: &[u8], at: usize| {
+        c.get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+    };
     rest.chunks_exact(ENTRY)
-        .map(|c| Some(Lease { vm_id: u64_at(c, 0)?, count: u32_at(c, 8)?, heartbeat_s: u64_at(c, 12)? }))
+        .map(|c| {
+            Some(Lease {
+                vm_id: u64_at(c, 0)?,
+                count: u32_at(c, 8)?,
+                heartbeat_s: u64_at(c, 12)?,
+            })
+        })
         .collect()
 }
 
@@ -90,7 +104,13 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
     pub fn total(&self, key: &str, now_s: u64) -> Option<u32> {
         let (bytes, _) = self.store.get(key).ok()??;
         let leases = decode(&bytes)?;
-        Some(leases.iter().filter(|l| self.live(l, now_s)).map(|l| l.count).sum())
+        Some(
+            leases
+                .iter()
+                .filter(|l| self.live(l, now_s))
+                .map(|l| l.count)
+                .sum(),
+        )
     }
 
     fn live(&self, l: &Lease, now_s: u64) -> bool {
@@ -125,7 +145,11 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
                         // Nothing of ours to give back or refresh (e.g. already pruned).
                         return Acquire::Acquired;
                     }
-                    leases.push(Lease { vm_id: self.vm_id, count: 0, heartbeat_s: now_s });
+                    leases.push(Lease {
+                        vm_id: self.vm_id,
+                        count: 0,
+                        heartbeat_s: now_s,
+                    });
                     leases.len() - 1
                 }
             };
@@ -168,7 +192,12 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn vm(store: &FakeStore, id: u64) -> Inflight<'_, FakeStore> {
-        Inflight { store, max_retries: 4, lease_s: 10, vm_id: id }
+        Inflight {
+            store,
+            max_retries: 4,
+            lease_s: 10,
+            vm_id: id,
+        }
     }
 
     #[test]
@@ -208,7 +237,11 @@ mod tests {
         assert_eq!(long.acquire("acc", 1, 100, &mut n), Acquire::Acquired);
         for t in (102..200).step_by(2) {
             long.heartbeat("acc", t, &mut n);
-            assert_eq!(other.acquire("acc", 1, t, &mut n), Acquire::Refused, "t={t}");
+            assert_eq!(
+                other.acquire("acc", 1, t, &mut n),
+                Acquire::Refused,
+                "t={t}"
+            );
         }
     }
 
@@ -236,9 +269,16 @@ mod tests {
         for round in 0..50u64 {
             // A new VM every round (reloads), each leaving one request in flight.
             let v = vm(&store, round + 10);
-            assert_eq!(v.acquire("acc", 1000, round * 20, &mut n), Acquire::Acquired);
+            assert_eq!(
+                v.acquire("acc", 1000, round * 20, &mut n),
+                Acquire::Acquired
+            );
         }
         let (bytes, _) = store.get("acc").unwrap().unwrap();
-        assert!(bytes.len() <= 1 + 2 * ENTRY, "only leases younger than the lease survive: {} bytes", bytes.len());
+        assert!(
+            bytes.len() <= 1 + 2 * ENTRY,
+            "only leases younger than the lease survive: {} bytes",
+            bytes.len()
+        );
     }
 }

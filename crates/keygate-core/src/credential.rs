@@ -56,7 +56,10 @@ pub struct EnabledSchemes {
 }
 
 impl EnabledSchemes {
-    pub const ALL: EnabledSchemes = EnabledSchemes { basic: true, bearer: true };
+    pub const ALL: EnabledSchemes = EnabledSchemes {
+        basic: true,
+        bearer: true,
+    };
 }
 
 /// RFC 9110 `tchar`.
@@ -71,11 +74,16 @@ fn is_token68_char(b: u8) -> bool {
 /// `1*tchar-ish *"="`: at least one non-`=` character, `=` only at the end.
 fn is_token68(t: &[u8]) -> bool {
     let body_len = t.iter().position(|&b| b == b'=').unwrap_or(t.len());
-    body_len > 0 && t[..body_len].iter().all(|&b| is_token68_char(b)) && t[body_len..].iter().all(|&b| b == b'=')
+    body_len > 0
+        && t[..body_len].iter().all(|&b| is_token68_char(b))
+        && t[body_len..].iter().all(|&b| b == b'=')
 }
 
 /// Parses one `Authorization` header value.
-pub fn parse_authorization(value: &[u8], schemes: EnabledSchemes) -> Result<Credential<'_>, Reason> {
+pub fn parse_authorization(
+    value: &[u8],
+    schemes: EnabledSchemes,
+) -> Result<Credential<'_>, Reason> {
     if value.len() > MAX_AUTHORIZATION_LEN {
         return Err(Reason::MalformedCredentials);
     }
@@ -87,11 +95,13 @@ pub fn parse_authorization(value: &[u8], schemes: EnabledSchemes) -> Result<Cred
     let value = trim_ows(value);
     let Some(sp) = value.iter().position(|&b| b == b' ') else {
         // A lone word: either a scheme with no credentials or garbage.
-        return Err(if value.is_empty() || value.iter().all(|&b| b.is_ascii_alphabetic()) {
-            scheme_reason(value, schemes)
-        } else {
-            Reason::MalformedCredentials
-        });
+        return Err(
+            if value.is_empty() || value.iter().all(|&b| b.is_ascii_alphabetic()) {
+                scheme_reason(value, schemes)
+            } else {
+                Reason::MalformedCredentials
+            },
+        );
     };
     let scheme = &value[..sp];
     if !scheme.iter().all(|&b| is_tchar(b)) {
@@ -109,8 +119,13 @@ pub fn parse_authorization(value: &[u8], schemes: EnabledSchemes) -> Result<Cred
     if is_bearer {
         return Ok(Credential::Bearer { token });
     }
-    let decoded = BASE64.decode(token).map_err(|_| Reason::MalformedCredentials)?;
-    let colon = decoded.iter().position(|&b| b == b':').ok_or(Reason::MalformedCredentials)?;
+    let decoded = BASE64
+        .decode(token)
+        .map_err(|_| Reason::MalformedCredentials)?;
+    let colon = decoded
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(Reason::MalformedCredentials)?;
     if colon == 0 {
         return Err(Reason::MalformedCredentials);
     }
@@ -152,7 +167,10 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn basic(user: &str, secret: &str) -> Credential<'static> {
-        Credential::Basic { user: user.as_bytes().to_vec(), secret: secret.as_bytes().to_vec() }
+        Credential::Basic {
+            user: user.as_bytes().to_vec(),
+            secret: secret.as_bytes().to_vec(),
+        }
     }
 
     fn parse(v: &[u8]) -> Result<Credential<'_>, Reason> {
@@ -162,9 +180,15 @@ mod tests {
     #[test]
     fn rfc7617_examples() {
         // RFC 7617 §2: "Aladdin" / "open sesame".
-        assert_eq!(parse(b"Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="), Ok(basic("Aladdin", "open sesame")));
+        assert_eq!(
+            parse(b"Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+            Ok(basic("Aladdin", "open sesame"))
+        );
         // RFC 7617 §2.1 charset example: "test" / "123£" in UTF-8.
-        assert_eq!(parse(b"Basic dGVzdDoxMjPCow=="), Ok(basic("test", "123\u{a3}")));
+        assert_eq!(
+            parse(b"Basic dGVzdDoxMjPCow=="),
+            Ok(basic("test", "123\u{a3}"))
+        );
     }
 
     #[test]
@@ -175,7 +199,12 @@ mod tests {
             b"bAsIc QWxhZGRpbjpvcGVuIHNlc2FtZQ",
             b"Basic   QWxhZGRpbjpvcGVuIHNlc2FtZQ==  ",
         ] {
-            assert_eq!(parse(v), Ok(basic("Aladdin", "open sesame")), "{}", String::from_utf8_lossy(v));
+            assert_eq!(
+                parse(v),
+                Ok(basic("Aladdin", "open sesame")),
+                "{}",
+                String::from_utf8_lossy(v)
+            );
         }
     }
 
@@ -189,13 +218,26 @@ mod tests {
     fn empty_secret_is_a_credential_empty_user_is_not() {
         // "SK1:" and ":secret"
         assert_eq!(parse(b"Basic U0sxOg=="), Ok(basic("SK1", "")));
-        assert_eq!(parse(b"Basic OnNlY3JldA=="), Err(Reason::MalformedCredentials));
+        assert_eq!(
+            parse(b"Basic OnNlY3JldA=="),
+            Err(Reason::MalformedCredentials)
+        );
     }
 
     #[test]
     fn bearer_token_is_taken_whole() {
-        assert_eq!(parse(b"Bearer sk_live_abc123"), Ok(Credential::Bearer { token: b"sk_live_abc123" }));
-        assert_eq!(parse(b"bearer  pk_live_x~y.z+/=="), Ok(Credential::Bearer { token: b"pk_live_x~y.z+/==" }));
+        assert_eq!(
+            parse(b"Bearer sk_live_abc123"),
+            Ok(Credential::Bearer {
+                token: b"sk_live_abc123"
+            })
+        );
+        assert_eq!(
+            parse(b"bearer  pk_live_x~y.z+/=="),
+            Ok(Credential::Bearer {
+                token: b"pk_live_x~y.z+/=="
+            })
+        );
     }
 
     #[test]
@@ -227,7 +269,12 @@ mod tests {
             (b"Token", Reason::UnsupportedScheme),
         ];
         for (v, want) in cases {
-            assert_eq!(parse(v).err(), Some(*want), "{:?}", String::from_utf8_lossy(v));
+            assert_eq!(
+                parse(v).err(),
+                Some(*want),
+                "{:?}",
+                String::from_utf8_lossy(v)
+            );
         }
     }
 
@@ -240,9 +287,18 @@ mod tests {
 
     #[test]
     fn disabled_schemes_are_unsupported() {
-        let only_basic = EnabledSchemes { basic: true, bearer: false };
-        assert_eq!(parse_authorization(b"Bearer abc", only_basic).err(), Some(Reason::UnsupportedScheme));
-        let only_bearer = EnabledSchemes { basic: false, bearer: true };
+        let only_basic = EnabledSchemes {
+            basic: true,
+            bearer: false,
+        };
+        assert_eq!(
+            parse_authorization(b"Bearer abc", only_basic).err(),
+            Some(Reason::UnsupportedScheme)
+        );
+        let only_bearer = EnabledSchemes {
+            basic: false,
+            bearer: true,
+        };
         assert_eq!(
             parse_authorization(b"Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==", only_bearer).err(),
             Some(Reason::UnsupportedScheme)
@@ -253,7 +309,9 @@ mod tests {
     fn debug_never_shows_secrets() {
         let c = basic("SK1", "hunter2");
         assert!(!format!("{c:?}").contains("hunter2"));
-        let b = Credential::Bearer { token: b"sk_live_hunter2" };
+        let b = Credential::Bearer {
+            token: b"sk_live_hunter2",
+        };
         assert!(!format!("{b:?}").contains("hunter2"));
     }
 }

@@ -93,8 +93,14 @@ fn decide_inner<'c>(
     now: u64,
     client_ip: &mut dyn FnMut() -> Option<IpAddr>,
 ) -> Result<Allow<'c>, Reason> {
-    if cfg.cors_preflight == CorsPreflight::Allow && req.method == b"OPTIONS" && req.cors_preflight_headers {
-        return Ok(Allow { identity: None, refs: None });
+    if cfg.cors_preflight == CorsPreflight::Allow
+        && req.method == b"OPTIONS"
+        && req.cors_preflight_headers
+    {
+        return Ok(Allow {
+            identity: None,
+            refs: None,
+        });
     }
     let value = match req.authorization {
         AuthorizationHeader::Absent => return Err(Reason::MissingCredentials),
@@ -112,7 +118,10 @@ fn decide_inner<'c>(
         }
         Principal::Account(a) => (a, None, None),
     };
-    let account = cfg.accounts.get(account_idx as usize).ok_or(Reason::InvalidCredentials)?;
+    let account = cfg
+        .accounts
+        .get(account_idx as usize)
+        .ok_or(Reason::InvalidCredentials)?;
     if account.suspended {
         return Err(Reason::AccountSuspended);
     }
@@ -120,7 +129,8 @@ fn decide_inner<'c>(
     let key_list = key.and_then(|k| k.allowed_ips.as_ref());
     if key_list.is_some() || account.allowed_ips.is_some() {
         let ip = client_ip().ok_or(Reason::IpNotAllowed)?;
-        let admitted = key_list.is_none_or(|l| l.contains(ip)) && account.allowed_ips.as_ref().is_none_or(|l| l.contains(ip));
+        let admitted = key_list.is_none_or(|l| l.contains(ip))
+            && account.allowed_ips.as_ref().is_none_or(|l| l.contains(ip));
         if !admitted {
             return Err(Reason::IpNotAllowed);
         }
@@ -136,7 +146,9 @@ fn decide_inner<'c>(
         for t in &api.templates {
             match t.matches(&path) {
                 TemplateMatch::No => {}
-                TemplateMatch::Yes { account_sid: Some(sid) } if sid != &*account.sid => wrong_account = true,
+                TemplateMatch::Yes {
+                    account_sid: Some(sid),
+                } if sid != &*account.sid => wrong_account = true,
                 TemplateMatch::Yes { .. } => {
                     matched = Some(i);
                     break 'apis;
@@ -151,7 +163,10 @@ fn decide_inner<'c>(
             if !role_allows(role, api) || !key.is_none_or(|k| k.may_call(i)) {
                 return Err(Reason::PermissionDenied);
             }
-            Some((&*api.name, u32::try_from(i).map_err(|_| Reason::UnknownRoute)?))
+            Some((
+                &*api.name,
+                u32::try_from(i).map_err(|_| Reason::UnknownRoute)?,
+            ))
         }
         None if wrong_account => return Err(Reason::AccountMismatch),
         None if cfg.unknown_routes == UnknownRoutes::Deny => return Err(Reason::UnknownRoute),
@@ -168,11 +183,19 @@ fn decide_inner<'c>(
         identity: Some(Identity {
             account_sid: &account.sid,
             key_sid: key.map(|k| &*k.sid),
-            kind: if key.is_some() { PrincipalKind::Key } else { PrincipalKind::Account },
+            kind: if key.is_some() {
+                PrincipalKind::Key
+            } else {
+                PrincipalKind::Account
+            },
             role: key.map_or("account", |k| k.role.as_str()),
             api: api.map(|(name, _)| name),
         }),
-        refs: Some(Refs { key: key_idx, account: account_idx, api: api.map(|(_, i)| i) }),
+        refs: Some(Refs {
+            key: key_idx,
+            account: account_idx,
+            api: api.map(|(_, i)| i),
+        }),
     })
 }
 
@@ -204,12 +227,14 @@ fn authenticate(cfg: &CompiledConfig, credential: &Credential<'_>, now: u64) -> 
             match cfg.by_sid.get(user.as_slice()) {
                 Some(&Principal::Key(k)) => {
                     let key = cfg.keys.get(k as usize)?;
-                    let ok = secret_matches(&key.secrets, &digest, now) & key_usable(key.enabled, key.expires_at, now);
+                    let ok = secret_matches(&key.secrets, &digest, now)
+                        & key_usable(key.enabled, key.expires_at, now);
                     ok.then_some(Principal::Key(k))
                 }
                 Some(&Principal::Account(a)) => {
                     let account = cfg.accounts.get(a as usize)?;
-                    secret_matches(&account.auth_tokens, &digest, now).then_some(Principal::Account(a))
+                    secret_matches(&account.auth_tokens, &digest, now)
+                        .then_some(Principal::Account(a))
                 }
                 None => {
                     // Same work as a wrong secret, then fail.
@@ -222,7 +247,8 @@ fn authenticate(cfg: &CompiledConfig, credential: &Credential<'_>, now: u64) -> 
             let digest = cfg.digester.digest(token);
             let &k = cfg.by_token.get(&digest)?;
             let key = cfg.keys.get(k as usize)?;
-            let ok = secret_matches(&key.secrets, &digest, now) & key_usable(key.enabled, key.expires_at, now);
+            let ok = secret_matches(&key.secrets, &digest, now)
+                & key_usable(key.enabled, key.expires_at, now);
             ok.then_some(Principal::Key(k))
         }
     }

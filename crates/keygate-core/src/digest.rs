@@ -82,9 +82,15 @@ pub fn digests_equal(a: &Digest32, b: &Digest32) -> Choice {
 /// Parses the lowercase hex form of a digest.
 pub fn parse_digest_hex(s: &str) -> Result<Digest32, String> {
     if s.len() != 64 {
-        return Err(format!("digest must be 64 lowercase hex characters, got {} characters", s.len()));
+        return Err(format!(
+            "digest must be 64 lowercase hex characters, got {} characters",
+            s.len()
+        ));
     }
-    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err("digest must be 64 lowercase hex characters".to_owned());
     }
     let mut out = [0u8; 32];
@@ -102,7 +108,10 @@ mod tests {
     fn sha256_matches_known_vector() {
         // SHA-256("abc") from FIPS 180-2.
         let d = Digester::Sha256.digest_hex(b"abc");
-        assert_eq!(d, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            d,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

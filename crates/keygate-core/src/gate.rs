@@ -19,7 +19,9 @@ use crate::compile::{CompiledConfig, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
 use crate::decision::{decide, Decision, Identity};
 use crate::headers::{AuthorizationHeader, RequestHead};
-use crate::ratelimit::{Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SharedStore};
+use crate::ratelimit::{
+    Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SharedStore,
+};
 use crate::reason::Reason;
 
 /// Seconds after which a VM's in-flight lease stops counting unless refreshed.
@@ -55,7 +57,11 @@ pub struct Denial {
 
 impl Denial {
     fn plain(reason: Reason) -> Denial {
-        Denial { reason, retry_after_s: None, quota: None }
+        Denial {
+            reason,
+            retry_after_s: None,
+            quota: None,
+        }
     }
 }
 
@@ -90,7 +96,9 @@ fn reason_for(kind: LimitKind) -> Reason {
 
 /// 64-bit FNV-1a, to spread client addresses over the failed-auth buckets.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn failed_auth_check(cfg: &CompiledConfig, ip: IpAddr) -> Option<Check> {
@@ -100,7 +108,11 @@ fn failed_auth_check(cfg: &CompiledConfig, ip: IpAddr) -> Option<Check> {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
             let prefix = u32::from(fa.ipv6_prefix.min(128));
-            let masked = if prefix == 0 { 0 } else { bits & (u128::MAX << (128 - prefix)) };
+            let masked = if prefix == 0 {
+                0
+            } else {
+                bits & (u128::MAX << (128 - prefix))
+            };
             fnv1a(&masked.to_be_bytes())
         }
     };
@@ -114,11 +126,21 @@ fn failed_auth_check(cfg: &CompiledConfig, ip: IpAddr) -> Option<Check> {
 }
 
 fn check(store_key: String, limit: LimitRate, kind: LimitKind) -> Check {
-    Check { store_key, rate: limit.rate, kind, shadow: limit.shadow }
+    Check {
+        store_key,
+        rate: limit.rate,
+        kind,
+        shadow: limit.shadow,
+    }
 }
 
 /// Runs the whole gate for one request.
-pub fn evaluate<'c>(cfg: &'c CompiledConfig, head: &RequestHead<'_>, host: &dyn Host, stats: &mut GateStats) -> Verdict<'c> {
+pub fn evaluate<'c>(
+    cfg: &'c CompiledConfig,
+    head: &RequestHead<'_>,
+    host: &dyn Host,
+    stats: &mut GateStats,
+) -> Verdict<'c> {
     let now_us = host.now_us();
     let limiter = Limiter {
         store: host.store(),
@@ -141,7 +163,12 @@ pub fn evaluate<'c>(cfg: &'c CompiledConfig, head: &RequestHead<'_>, host: &dyn 
                 return Verdict::Deny(Denial {
                     reason: Reason::TooManyFailedAuth,
                     retry_after_s: Some(retry_after_s),
-                    quota: Some(Quota { kind: LimitKind::FailedAuth, rate: c.rate, remaining: 0, reset_s: retry_after_s }),
+                    quota: Some(Quota {
+                        kind: LimitKind::FailedAuth,
+                        rate: c.rate,
+                        remaining: 0,
+                        reset_s: retry_after_s,
+                    }),
                 });
             }
         }
@@ -161,7 +188,11 @@ pub fn evaluate<'c>(cfg: &'c CompiledConfig, head: &RequestHead<'_>, host: &dyn 
         Decision::Allow(a) => a,
     };
     let Some(refs) = allow.refs else {
-        return Verdict::Allow { identity: allow.identity, quota: None, inflight: None };
+        return Verdict::Allow {
+            identity: allow.identity,
+            quota: None,
+            inflight: None,
+        };
     };
 
     // 3. Rates: key × API, key, account.
@@ -169,35 +200,71 @@ pub fn evaluate<'c>(cfg: &'c CompiledConfig, head: &RequestHead<'_>, host: &dyn 
     let key = refs.key.map(|k| &cfg.keys[k as usize]);
     let mut checks = Vec::with_capacity(3);
     if let (Some(key), Some(api_idx)) = (key, refs.api) {
-        let own = key.api_rates.iter().find(|(i, _)| *i == api_idx).map(|(_, r)| *r);
+        let own = key
+            .api_rates
+            .iter()
+            .find(|(i, _)| *i == api_idx)
+            .map(|(_, r)| *r);
         let api = &cfg.apis[api_idx as usize];
         if let Some(limit) = own.or(api.limit) {
-            checks.push(check(format!("kg:rl:1:ka:{}:{}", key.sid, api.name), limit, LimitKind::KeyApi));
+            checks.push(check(
+                format!("kg:rl:1:ka:{}:{}", key.sid, api.name),
+                limit,
+                LimitKind::KeyApi,
+            ));
         }
     }
     if let Some(limit) = key.and_then(|k| k.rate) {
-        checks.push(check(format!("kg:rl:1:k:{}", key.map_or("", |k| &*k.sid)), limit, LimitKind::Key));
+        checks.push(check(
+            format!("kg:rl:1:k:{}", key.map_or("", |k| &*k.sid)),
+            limit,
+            LimitKind::Key,
+        ));
     }
     if let Some(limit) = account.rate {
-        checks.push(check(format!("kg:rl:1:a:{}", account.sid), limit, LimitKind::Account));
+        checks.push(check(
+            format!("kg:rl:1:a:{}", account.sid),
+            limit,
+            LimitKind::Account,
+        ));
     }
     let (quota, taken) = if checks.is_empty() {
         (None, Vec::new())
     } else {
         match limiter.admit(&checks, now_us, &mut stats.counters) {
-            Admission::Admitted { tightest, shadow_limited, taken } => {
+            Admission::Admitted {
+                tightest,
+                shadow_limited,
+                taken,
+            } => {
                 stats.shadow_limited.extend(shadow_limited);
                 (tightest, taken)
             }
-            Admission::Limited { quota, retry_after_s } => {
-                return Verdict::Deny(Denial { reason: reason_for(quota.kind), retry_after_s: Some(retry_after_s), quota: Some(quota) });
+            Admission::Limited {
+                quota,
+                retry_after_s,
+            } => {
+                return Verdict::Deny(Denial {
+                    reason: reason_for(quota.kind),
+                    retry_after_s: Some(retry_after_s),
+                    quota: Some(quota),
+                });
             }
             Admission::StoreFailure => {
-                return Verdict::Deny(Denial { reason: Reason::LimiterUnavailable, retry_after_s: Some(1), quota: None });
+                return Verdict::Deny(Denial {
+                    reason: Reason::LimiterUnavailable,
+                    retry_after_s: Some(1),
+                    quota: None,
+                });
             }
         }
     };
-    if cfg.limits.on_store_error == OnStoreError::Allow && stats.counters.retries_exhausted + stats.counters.garbage_values + stats.counters.store_errors > 0 {
+    if cfg.limits.on_store_error == OnStoreError::Allow
+        && stats.counters.retries_exhausted
+            + stats.counters.garbage_values
+            + stats.counters.store_errors
+            > 0
+    {
         stats.store_failures_allowed += 1;
     }
 
@@ -205,34 +272,66 @@ pub fn evaluate<'c>(cfg: &'c CompiledConfig, head: &RequestHead<'_>, host: &dyn 
     let mut inflight = None;
     if let Some(limit) = account.concurrency {
         let store_key = format!("kg:cc:1:a:{}", account.sid);
-        let slots = Inflight { store: host.store(), max_retries: cfg.limits.max_cas_retries, lease_s: INFLIGHT_LEASE_S, vm_id: host.vm_id() };
+        let slots = Inflight {
+            store: host.store(),
+            max_retries: cfg.limits.max_cas_retries,
+            lease_s: INFLIGHT_LEASE_S,
+            vm_id: host.vm_id(),
+        };
         match slots.acquire(&store_key, limit, now_us / 1_000_000, &mut stats.counters) {
             Acquire::Acquired => inflight = Some(InflightTicket { store_key }),
             Acquire::Refused => {
                 limiter.give_back(&checks, &taken, now_us, &mut stats.counters);
-                return Verdict::Deny(Denial { reason: Reason::ConcurrencyLimited, retry_after_s: Some(1), quota: None });
+                return Verdict::Deny(Denial {
+                    reason: Reason::ConcurrencyLimited,
+                    retry_after_s: Some(1),
+                    quota: None,
+                });
             }
             Acquire::Failed if cfg.limits.on_store_error == OnStoreError::Deny => {
                 limiter.give_back(&checks, &taken, now_us, &mut stats.counters);
-                return Verdict::Deny(Denial { reason: Reason::LimiterUnavailable, retry_after_s: Some(1), quota: None });
+                return Verdict::Deny(Denial {
+                    reason: Reason::LimiterUnavailable,
+                    retry_after_s: Some(1),
+                    quota: None,
+                });
             }
             Acquire::Failed => stats.store_failures_allowed += 1,
         }
     }
 
-    Verdict::Allow { identity: allow.identity, quota: quota.filter(|_| cfg.limits.quota_headers), inflight }
+    Verdict::Allow {
+        identity: allow.identity,
+        quota: quota.filter(|_| cfg.limits.quota_headers),
+        inflight,
+    }
 }
 
 /// Gives back a concurrency slot when the request's stream ends, however it ends.
-pub fn release(cfg_max_retries: u32, ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
-    let slots = Inflight { store: host.store(), max_retries: cfg_max_retries, lease_s: INFLIGHT_LEASE_S, vm_id: host.vm_id() };
+pub fn release(
+    cfg_max_retries: u32,
+    ticket: &InflightTicket,
+    host: &dyn Host,
+    counters: &mut Counters,
+) {
+    let slots = Inflight {
+        store: host.store(),
+        max_retries: cfg_max_retries,
+        lease_s: INFLIGHT_LEASE_S,
+        vm_id: host.vm_id(),
+    };
     slots.release(&ticket.store_key, host.now_us() / 1_000_000, counters);
 }
 
 /// Refreshes this VM's lease on an account's slots (call every [`INFLIGHT_HEARTBEAT_S`] while
 /// the VM has requests of that account in flight).
 pub fn heartbeat(cfg_max_retries: u32, store_key: &str, host: &dyn Host, counters: &mut Counters) {
-    let slots = Inflight { store: host.store(), max_retries: cfg_max_retries, lease_s: INFLIGHT_LEASE_S, vm_id: host.vm_id() };
+    let slots = Inflight {
+        store: host.store(),
+        max_retries: cfg_max_retries,
+        lease_s: INFLIGHT_LEASE_S,
+        vm_id: host.vm_id(),
+    };
     slots.heartbeat(store_key, host.now_us() / 1_000_000, counters);
 }
 

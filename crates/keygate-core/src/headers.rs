@@ -140,17 +140,40 @@ mod tests {
 
     #[test]
     fn head_counts_authorization_headers() {
-        let one: Vec<(&[u8], &[u8])> = vec![(b":method", b"GET"), (b":path", b"/p"), (b"authorization", b"Bearer t")];
+        let one: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"GET"),
+            (b":path", b"/p"),
+            (b"authorization", b"Bearer t"),
+        ];
         let h = RequestHead::from_pairs(&one);
-        assert_eq!((h.method, h.path, h.authorization), (&b"GET"[..], &b"/p"[..], AuthorizationHeader::One(b"Bearer t")));
-        let two: Vec<(&[u8], &[u8])> = vec![(b"authorization", b"Bearer t"), (b"Authorization", b"Basic x")];
-        assert_eq!(RequestHead::from_pairs(&two).authorization, AuthorizationHeader::Many);
-        assert_eq!(RequestHead::from_pairs(&[]).authorization, AuthorizationHeader::Absent);
+        assert_eq!(
+            (h.method, h.path, h.authorization),
+            (
+                &b"GET"[..],
+                &b"/p"[..],
+                AuthorizationHeader::One(b"Bearer t")
+            )
+        );
+        let two: Vec<(&[u8], &[u8])> = vec![
+            (b"authorization", b"Bearer t"),
+            (b"Authorization", b"Basic x"),
+        ];
+        assert_eq!(
+            RequestHead::from_pairs(&two).authorization,
+            AuthorizationHeader::Many
+        );
+        assert_eq!(
+            RequestHead::from_pairs(&[]).authorization,
+            AuthorizationHeader::Absent
+        );
     }
 
     #[test]
     fn preflight_needs_both_cors_headers() {
-        let both: Vec<(&[u8], &[u8])> = vec![(b"origin", b"https://a"), (b"access-control-request-method", b"POST")];
+        let both: Vec<(&[u8], &[u8])> = vec![
+            (b"origin", b"https://a"),
+            (b"access-control-request-method", b"POST"),
+        ];
         assert!(RequestHead::from_pairs(&both).cors_preflight_headers);
         assert!(!RequestHead::from_pairs(&both[..1]).cors_preflight_headers);
     }

@@ -17,7 +17,10 @@ impl IpAllowlist {
     /// Compiles a CIDR list; errors carry the index of the bad entry.
     pub fn parse(entries: &[String]) -> Result<IpAllowlist, (Option<usize>, String)> {
         if entries.is_empty() {
-            return Err((None, "must not be empty; omit the field to allow any address".to_owned()));
+            return Err((
+                None,
+                "must not be empty; omit the field to allow any address".to_owned(),
+            ));
         }
         let mut nets = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
@@ -37,7 +40,10 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let net = if s.contains('/') {
         let net: IpNet = s.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
         if net.network() != net.addr() {
-            return Err(format!("host bits set in {s:?}; did you mean \"{}\"?", net.trunc()));
+            return Err(format!(
+                "host bits set in {s:?}; did you mean \"{}\"?",
+                net.trunc()
+            ));
         }
         net
     } else {
@@ -45,12 +51,17 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
         IpNet::from(ip)
     };
     if net.prefix_len() == 0 {
-        return Err(format!("{s:?} allows every address; omit the field to allow any address"));
+        return Err(format!(
+            "{s:?} allows every address; omit the field to allow any address"
+        ));
     }
     if let IpNet::V6(v6) = net {
         // ::ffff:0:0/96 and anything inside it is IPv4 space written as IPv6: we match mapped
         // peers as IPv4, so such an entry would silently match nothing, or everything.
-        let mapped: IpNet = IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96).map_err(|e| e.to_string())?);
+        let mapped: IpNet = IpNet::V6(
+            ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96)
+                .map_err(|e| e.to_string())?,
+        );
         if mapped.contains(&IpNet::V6(v6)) || IpNet::V6(v6).contains(&mapped) {
             return Err(format!("{s:?} covers IPv4-mapped IPv6 addresses (::ffff:0:0/96); write IPv4 CIDRs for IPv4 clients"));
         }
@@ -120,18 +131,33 @@ mod tests {
             assert_eq!(parse_cidr(entry).unwrap_err(), want, "{entry}");
         }
         assert!(parse_cidr("2001:db8::/64").is_ok());
-        assert!(parse_cidr("::ffff:0:0/95").is_err(), "a supernet of the mapped range is refused");
+        assert!(
+            parse_cidr("::ffff:0:0/95").is_err(),
+            "a supernet of the mapped range is refused"
+        );
         let err = IpAllowlist::parse(&[]).unwrap_err();
-        assert_eq!(err, (None, "must not be empty; omit the field to allow any address".to_owned()));
+        assert_eq!(
+            err,
+            (
+                None,
+                "must not be empty; omit the field to allow any address".to_owned()
+            )
+        );
         let err = IpAllowlist::parse(&["10.0.0.0/8".into(), "nope".into()]).unwrap_err();
         assert_eq!(err.0, Some(1));
     }
 
     #[test]
     fn client_address_forms() {
-        assert_eq!(parse_client_address(b"127.0.0.1:5555"), Some(ip("127.0.0.1")));
+        assert_eq!(
+            parse_client_address(b"127.0.0.1:5555"),
+            Some(ip("127.0.0.1"))
+        );
         assert_eq!(parse_client_address(b"[::1]:5555"), Some(ip("::1")));
-        assert_eq!(parse_client_address(b"[::ffff:10.0.0.1]:80"), Some(ip("10.0.0.1")));
+        assert_eq!(
+            parse_client_address(b"[::ffff:10.0.0.1]:80"),
+            Some(ip("10.0.0.1"))
+        );
         assert_eq!(parse_client_address(b"10.0.0.1"), Some(ip("10.0.0.1")));
         assert_eq!(parse_client_address(b""), None);
         assert_eq!(parse_client_address(b"\xff"), None);

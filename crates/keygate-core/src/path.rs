@@ -35,7 +35,11 @@ fn is_unreserved(b: u8) -> bool {
 
 /// Characters allowed literally in a path segment (RFC 3986 pchar minus `;` and `%`).
 fn is_plain_pchar(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@')
+    is_unreserved(b)
+        || matches!(
+            b,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@'
+        )
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -74,7 +78,9 @@ pub fn canonicalize(raw: &[u8]) -> Option<CanonicalPath> {
                 let decoded = hi << 4 | lo;
                 if is_unreserved(decoded) {
                     out.push(char::from(decoded));
-                } else if (decoded.is_ascii_graphic() || decoded == b' ') && !matches!(decoded, b'/' | b'\\' | b'%' | b';' | b'?' | b'#') {
+                } else if (decoded.is_ascii_graphic() || decoded == b' ')
+                    && !matches!(decoded, b'/' | b'\\' | b'%' | b';' | b'?' | b'#')
+                {
                     out.push('%');
                     out.push(char::from(HEX_UPPER[usize::from(hi)]));
                     out.push(char::from(HEX_UPPER[usize::from(lo)]));
@@ -100,7 +106,10 @@ pub fn canonicalize(raw: &[u8]) -> Option<CanonicalPath> {
     }
     // An empty segment anywhere but the end means `//`.
     let seg_count = path[1..].split(|&b| b == b'/').count();
-    let empty_inner = path[1..].split(|&b| b == b'/').take(seg_count.saturating_sub(1)).any(|s| s.is_empty());
+    let empty_inner = path[1..]
+        .split(|&b| b == b'/')
+        .take(seg_count.saturating_sub(1))
+        .any(|s| s.is_empty());
     if empty_inner {
         return None;
     }
@@ -116,7 +125,11 @@ enum Segment {
     Literal(Box<str>),
     /// `prefix{name}suffix`; matches when the request segment has the prefix and suffix and a
     /// non-empty middle.
-    Param { prefix: Box<str>, suffix: Box<str>, account: bool },
+    Param {
+        prefix: Box<str>,
+        suffix: Box<str>,
+        account: bool,
+    },
 }
 
 /// A compiled path template.
@@ -132,7 +145,9 @@ pub struct Template {
 pub enum TemplateMatch<'p> {
     No,
     /// Matched; carries the `{account_sid}` value if the template has one.
-    Yes { account_sid: Option<&'p str> },
+    Yes {
+        account_sid: Option<&'p str>,
+    },
 }
 
 impl Template {
@@ -141,7 +156,11 @@ impl Template {
         if !t.starts_with('/') {
             return Err("must start with '/'".to_owned());
         }
-        let raw: Vec<&str> = if t == "/" { Vec::new() } else { t[1..].split('/').collect() };
+        let raw: Vec<&str> = if t == "/" {
+            Vec::new()
+        } else {
+            t[1..].split('/').collect()
+        };
         let mut segments = Vec::with_capacity(raw.len());
         let mut rest = false;
         let mut has_account = false;
@@ -164,12 +183,19 @@ impl Template {
                     segments.push(Segment::Literal(canon.as_str()[1..].into()));
                 }
                 (Some(open), Some(close)) if open < close => {
-                    let (prefix, name, suffix) = (&seg[..open], &seg[open + 1..close], &seg[close + 1..]);
+                    let (prefix, name, suffix) =
+                        (&seg[..open], &seg[open + 1..close], &seg[close + 1..]);
                     if prefix.contains(['{', '}']) || suffix.contains(['{', '}']) {
                         return Err(format!("segment {seg:?} has more than one placeholder"));
                     }
-                    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-                        return Err(format!("placeholder name {name:?} must be lowercase letters, digits and '_'"));
+                    if name.is_empty()
+                        || !name
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                    {
+                        return Err(format!(
+                            "placeholder name {name:?} must be lowercase letters, digits and '_'"
+                        ));
                     }
                     for lit in [prefix, suffix] {
                         if !lit.bytes().all(is_plain_pchar) {
@@ -183,7 +209,11 @@ impl Template {
                         }
                         has_account = true;
                     }
-                    segments.push(Segment::Param { prefix: prefix.into(), suffix: suffix.into(), account });
+                    segments.push(Segment::Param {
+                        prefix: prefix.into(),
+                        suffix: suffix.into(),
+                        account,
+                    });
                 }
                 _ => return Err(format!("segment {seg:?} has unbalanced braces")),
             }
@@ -196,15 +226,24 @@ impl Template {
         let mut account_sid = None;
         let mut segs = path.segments();
         for want in &self.segments {
-            let Some(got) = segs.next() else { return TemplateMatch::No };
+            let Some(got) = segs.next() else {
+                return TemplateMatch::No;
+            };
             match want {
                 Segment::Literal(l) => {
                     if **l != *got {
                         return TemplateMatch::No;
                     }
                 }
-                Segment::Param { prefix, suffix, account } => {
-                    if got.len() <= prefix.len() + suffix.len() || !got.starts_with(&**prefix) || !got.ends_with(&**suffix) {
+                Segment::Param {
+                    prefix,
+                    suffix,
+                    account,
+                } => {
+                    if got.len() <= prefix.len() + suffix.len()
+                        || !got.starts_with(&**prefix)
+                        || !got.ends_with(&**suffix)
+                    {
                         return TemplateMatch::No;
                     }
                     if *account {
@@ -237,7 +276,10 @@ mod tests {
             ("/v2/accounts/AC1/calls", "/v2/accounts/AC1/calls"),
             ("/v2/accounts/AC1/calls/", "/v2/accounts/AC1/calls"),
             ("/v2/accounts/AC1/calls?limit=1", "/v2/accounts/AC1/calls"),
-            ("/v2/accounts/AC1/calls?x=/../keys", "/v2/accounts/AC1/calls"),
+            (
+                "/v2/accounts/AC1/calls?x=/../keys",
+                "/v2/accounts/AC1/calls",
+            ),
             ("/v2/%61ccounts/AC1", "/v2/accounts/AC1"),
             ("/a/%7e%2D", "/a/~-"),
             ("/a/b%20c", "/a/b%20c"),
@@ -254,11 +296,44 @@ mod tests {
     #[test]
     fn refused_paths() {
         let cases = [
-            "", "*", "v2/accounts", "//v2", "/v2//accounts", "/v2/./accounts", "/v2/../keys",
-            "/v2/accounts/..", "/v2/%2e%2e/keys", "/v2/%2E/x", "/v2/.%2e/x", "/a%2fb", "/a%2Fb",
-            "/a%5cb", "/a\\b", "/a%252e%252e", "/a;b", "/a%3bb", "/a/b#frag", "/a%23b", "/a%3F",
-            "/a%00", "/a%1f", "/a%7f", "/a\x00", "/a b", "/a\tb", "/caf\u{e9}", "/a%c3%a9", "/a%",
-            "/a%4", "/a%zz", "/a\"b", "/a<b", "/a|b", "/a^b", "/a`b", "/a{b}",
+            "",
+            "*",
+            "v2/accounts",
+            "//v2",
+            "/v2//accounts",
+            "/v2/./accounts",
+            "/v2/../keys",
+            "/v2/accounts/..",
+            "/v2/%2e%2e/keys",
+            "/v2/%2E/x",
+            "/v2/.%2e/x",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a%252e%252e",
+            "/a;b",
+            "/a%3bb",
+            "/a/b#frag",
+            "/a%23b",
+            "/a%3F",
+            "/a%00",
+            "/a%1f",
+            "/a%7f",
+            "/a\x00",
+            "/a b",
+            "/a\tb",
+            "/caf\u{e9}",
+            "/a%c3%a9",
+            "/a%",
+            "/a%4",
+            "/a%zz",
+            "/a\"b",
+            "/a<b",
+            "/a|b",
+            "/a^b",
+            "/a`b",
+            "/a{b}",
         ];
         for raw in cases {
             assert_eq!(canon(raw), None, "{raw:?} should be refused");
@@ -284,21 +359,75 @@ mod tests {
     #[test]
     fn templates_match_on_segment_boundaries() {
         let yes = |a: Option<&'static str>| TemplateMatch::Yes { account_sid: a };
-        assert_eq!(m("/v2/accounts/{account_sid}/calls", "/v2/accounts/AC1/calls"), yes(Some("AC1")));
-        assert_eq!(m("/v2/accounts/{account_sid}/calls", "/v2/accounts/AC1/callsx"), TemplateMatch::No);
-        assert_eq!(m("/v2/accounts/{account_sid}/calls", "/v2/accounts/AC1/calls/CA1"), TemplateMatch::No);
-        assert_eq!(m("/v2/accounts/{account_sid}/calls/**", "/v2/accounts/AC1/calls/CA1/x"), yes(Some("AC1")));
-        assert_eq!(m("/v2/accounts/{account_sid}/calls/**", "/v2/accounts/AC1/calls"), yes(Some("AC1")));
-        assert_eq!(m("/v2/accounts/{account_sid}/calls/**", "/v2/accounts/AC1/callsx"), TemplateMatch::No);
-        assert_eq!(m("/v2/accounts/{account_sid}", "/v2/accounts"), TemplateMatch::No);
         assert_eq!(
-            m("/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json", "/2010-04-01/Accounts/AC9/Keys/SK1.json"),
+            m("/v2/accounts/{account_sid}/calls", "/v2/accounts/AC1/calls"),
+            yes(Some("AC1"))
+        );
+        assert_eq!(
+            m(
+                "/v2/accounts/{account_sid}/calls",
+                "/v2/accounts/AC1/callsx"
+            ),
+            TemplateMatch::No
+        );
+        assert_eq!(
+            m(
+                "/v2/accounts/{account_sid}/calls",
+                "/v2/accounts/AC1/calls/CA1"
+            ),
+            TemplateMatch::No
+        );
+        assert_eq!(
+            m(
+                "/v2/accounts/{account_sid}/calls/**",
+                "/v2/accounts/AC1/calls/CA1/x"
+            ),
+            yes(Some("AC1"))
+        );
+        assert_eq!(
+            m(
+                "/v2/accounts/{account_sid}/calls/**",
+                "/v2/accounts/AC1/calls"
+            ),
+            yes(Some("AC1"))
+        );
+        assert_eq!(
+            m(
+                "/v2/accounts/{account_sid}/calls/**",
+                "/v2/accounts/AC1/callsx"
+            ),
+            TemplateMatch::No
+        );
+        assert_eq!(
+            m("/v2/accounts/{account_sid}", "/v2/accounts"),
+            TemplateMatch::No
+        );
+        assert_eq!(
+            m(
+                "/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json",
+                "/2010-04-01/Accounts/AC9/Keys/SK1.json"
+            ),
             yes(Some("AC9"))
         );
-        assert_eq!(m("/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json", "/2010-04-01/Accounts/AC9/Keys/.json"), TemplateMatch::No);
-        assert_eq!(m("/2010-04-01/Accounts/{account_sid}/Keys.json", "/2010-04-01/Accounts/AC9/Keys.jsonx"), TemplateMatch::No);
+        assert_eq!(
+            m(
+                "/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json",
+                "/2010-04-01/Accounts/AC9/Keys/.json"
+            ),
+            TemplateMatch::No
+        );
+        assert_eq!(
+            m(
+                "/2010-04-01/Accounts/{account_sid}/Keys.json",
+                "/2010-04-01/Accounts/AC9/Keys.jsonx"
+            ),
+            TemplateMatch::No
+        );
         assert_eq!(m("/api/account/balance", "/api/account/balance"), yes(None));
-        assert_eq!(m("/api/account/balance", "/api/Account/balance"), TemplateMatch::No);
+        assert_eq!(
+            m("/api/account/balance", "/api/Account/balance"),
+            TemplateMatch::No
+        );
         assert_eq!(m("/", "/"), yes(None));
         assert_eq!(m("/**", "/anything/at/all"), yes(None));
     }
@@ -310,9 +439,18 @@ mod tests {
             ("/v2//x", "empty segment (doubled or trailing '/')"),
             ("/v2/x/", "empty segment (doubled or trailing '/')"),
             ("/**/x", "'**' may only be the last segment"),
-            ("/{a}{b}", "segment \"{a}{b}\" has more than one placeholder"),
-            ("/{Account}", "placeholder name \"Account\" must be lowercase letters, digits and '_'"),
-            ("/{account_sid}/{account_sid}", "{account_sid} appears more than once"),
+            (
+                "/{a}{b}",
+                "segment \"{a}{b}\" has more than one placeholder",
+            ),
+            (
+                "/{Account}",
+                "placeholder name \"Account\" must be lowercase letters, digits and '_'",
+            ),
+            (
+                "/{account_sid}/{account_sid}",
+                "{account_sid} appears more than once",
+            ),
             ("/a}b{", "segment \"a}b{\" has unbalanced braces"),
             ("/a%2fb", "segment \"a%2fb\" is not in canonical form"),
             ("/..", "segment \"..\" is not in canonical form"),

@@ -57,7 +57,8 @@ impl Rate {
 
     /// Burst tolerance `(L − 1)·T`.
     fn tolerance_us(self) -> u64 {
-        self.interval_us().saturating_mul(u64::from(self.requests.saturating_sub(1)))
+        self.interval_us()
+            .saturating_mul(u64::from(self.requests.saturating_sub(1)))
     }
 }
 
@@ -71,7 +72,12 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
-    pub const ALL: [LimitKind; 4] = [LimitKind::Key, LimitKind::Account, LimitKind::KeyApi, LimitKind::FailedAuth];
+    pub const ALL: [LimitKind; 4] = [
+        LimitKind::Key,
+        LimitKind::Account,
+        LimitKind::KeyApi,
+        LimitKind::FailedAuth,
+    ];
 
     /// Name used in `RateLimit-Policy` and stat names.
     pub fn name(self) -> &'static str {
@@ -183,7 +189,9 @@ fn quota(check: &Check, tat_after: u64, now: u64) -> Quota {
     Quota {
         kind: check.kind,
         rate: check.rate,
-        remaining: u32::try_from(free / t).unwrap_or(u32::MAX).min(check.rate.requests),
+        remaining: u32::try_from(free / t)
+            .unwrap_or(u32::MAX)
+            .min(check.rate.requests),
         reset_s: ceil_div(used, 1_000_000),
     }
 }
@@ -206,9 +214,14 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 Step::Refused { .. } if check.shadow => shadow_limited.push(check.kind),
                 Step::Refused { tat } => {
                     self.give_back(checks, &taken, now_us, counters);
-                    let retry_after_us = tat.saturating_sub(now_us).saturating_sub(check.rate.tolerance_us());
+                    let retry_after_us = tat
+                        .saturating_sub(now_us)
+                        .saturating_sub(check.rate.tolerance_us());
                     return Admission::Limited {
-                        quota: Quota { remaining: 0, ..quota(check, tat, now_us) },
+                        quota: Quota {
+                            remaining: 0,
+                            ..quota(check, tat, now_us)
+                        },
                         retry_after_s: ceil_div(retry_after_us, 1_000_000).max(1),
                     };
                 }
@@ -220,7 +233,11 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 }
             }
         }
-        Admission::Admitted { tightest, shadow_limited, taken }
+        Admission::Admitted {
+            tightest,
+            shadow_limited,
+            taken,
+        }
     }
 
     /// Reads a subject without taking from it: would a request be refused now? Used by the
@@ -295,7 +312,9 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 if attempt > 0 {
                     counters.cas_retries += 1;
                 }
-                let Ok(Some((bytes, cas))) = self.store.get(&check.store_key) else { break };
+                let Ok(Some((bytes, cas))) = self.store.get(&check.store_key) else {
+                    break;
+                };
                 let Some(tat) = decode(&bytes) else { break };
                 let back = tat.saturating_sub(check.rate.interval_us()).max(now);
                 match self.store.set(&check.store_key, &encode(back), cas) {
@@ -327,7 +346,10 @@ pub mod testing {
 
     impl FakeStore {
         pub fn new() -> FakeStore {
-            let s = FakeStore { next_cas: Cell::new(1), ..FakeStore::default() };
+            let s = FakeStore {
+                next_cas: Cell::new(1),
+                ..FakeStore::default()
+            };
             // The anchor whose CAS serves as the absent CAS.
             let _ = s.set("anchor", b"", 0);
             s
@@ -339,7 +361,9 @@ pub mod testing {
         }
         pub fn raw_set(&self, key: &str, v: &[u8]) {
             let c = self.cas();
-            self.map.borrow_mut().insert(key.to_owned(), (v.to_vec(), c));
+            self.map
+                .borrow_mut()
+                .insert(key.to_owned(), (v.to_vec(), c));
         }
         pub fn tat(&self, key: &str) -> Option<u64> {
             self.map.borrow().get(key).and_then(|(v, _)| decode(v))
@@ -372,7 +396,9 @@ pub mod testing {
                 }
             }
             let c = self.cas();
-            self.map.borrow_mut().insert(key.to_owned(), (value.to_vec(), c));
+            self.map
+                .borrow_mut()
+                .insert(key.to_owned(), (value.to_vec(), c));
             Ok(())
         }
         fn absent_cas(&self) -> u32 {
@@ -399,11 +425,23 @@ mod tests {
     const NOW: u64 = 1_700_000_000 * SEC;
 
     fn check(key: &str, requests: u32, period_us: u64, kind: LimitKind) -> Check {
-        Check { store_key: key.into(), rate: Rate { requests, period_us }, kind, shadow: false }
+        Check {
+            store_key: key.into(),
+            rate: Rate {
+                requests,
+                period_us,
+            },
+            kind,
+            shadow: false,
+        }
     }
 
     fn limiter(store: &FakeStore) -> Limiter<'_, FakeStore> {
-        Limiter { store, max_retries: 4, on_store_error: OnStoreError::Deny }
+        Limiter {
+            store,
+            max_retries: 4,
+            on_store_error: OnStoreError::Deny,
+        }
     }
 
     fn admitted(a: &Admission) -> bool {
@@ -416,7 +454,9 @@ mod tests {
         let l = limiter(&store);
         let c = [check("k", 10, MIN, LimitKind::Key)];
         let mut n = Counters::default();
-        let results: Vec<bool> = (0..15).map(|_| admitted(&l.admit(&c, NOW, &mut n))).collect();
+        let results: Vec<bool> = (0..15)
+            .map(|_| admitted(&l.admit(&c, NOW, &mut n)))
+            .collect();
         assert_eq!(results.iter().filter(|a| **a).count(), 10);
         assert!(results[..10].iter().all(|a| *a));
         // T = 6 s: just before one interval nothing new, at it exactly one.
@@ -425,7 +465,12 @@ mod tests {
         assert!(!admitted(&l.admit(&c, NOW + 6 * SEC, &mut n)));
         // After a whole idle period the full burst is back, not more.
         let later = NOW + 10 * MIN;
-        assert_eq!((0..20).filter(|_| admitted(&l.admit(&c, later, &mut n))).count(), 10);
+        assert_eq!(
+            (0..20)
+                .filter(|_| admitted(&l.admit(&c, later, &mut n)))
+                .count(),
+            10
+        );
     }
 
     #[test]
@@ -436,7 +481,9 @@ mod tests {
         let mut n = Counters::default();
         let a1 = l.admit(&c, NOW, &mut n);
         match a1 {
-            Admission::Admitted { tightest: Some(q), .. } => {
+            Admission::Admitted {
+                tightest: Some(q), ..
+            } => {
                 assert_eq!(q.remaining, 1);
                 assert_eq!(q.reset_s, 30);
             }
@@ -444,7 +491,10 @@ mod tests {
         }
         let _ = l.admit(&c, NOW, &mut n);
         match l.admit(&c, NOW, &mut n) {
-            Admission::Limited { quota, retry_after_s } => {
+            Admission::Limited {
+                quota,
+                retry_after_s,
+            } => {
                 assert_eq!(quota.kind, LimitKind::Key);
                 assert_eq!(quota.remaining, 0);
                 assert_eq!(retry_after_s, 30);
@@ -478,9 +528,22 @@ mod tests {
         assert!(admitted(&l.admit(&[key.clone(), api.clone()], NOW, &mut n)));
         let before = store.tat("key");
         for _ in 0..5 {
-            assert!(matches!(l.admit(&[key.clone(), api.clone()], NOW, &mut n), Admission::Limited { quota: Quota { kind: LimitKind::KeyApi, .. }, .. }));
+            assert!(matches!(
+                l.admit(&[key.clone(), api.clone()], NOW, &mut n),
+                Admission::Limited {
+                    quota: Quota {
+                        kind: LimitKind::KeyApi,
+                        ..
+                    },
+                    ..
+                }
+            ));
         }
-        assert_eq!(store.tat("key"), before, "key budget untouched by refused requests");
+        assert_eq!(
+            store.tat("key"),
+            before,
+            "key budget untouched by refused requests"
+        );
     }
 
     #[test]
@@ -501,11 +564,18 @@ mod tests {
         let c = [check("k", 10, MIN, LimitKind::Key)];
         let mut n = Counters::default();
         store.conflicts.set(100);
-        assert_eq!(limiter(&store).admit(&c, NOW, &mut n), Admission::StoreFailure);
+        assert_eq!(
+            limiter(&store).admit(&c, NOW, &mut n),
+            Admission::StoreFailure
+        );
         assert_eq!(n.retries_exhausted, 1);
         assert_eq!(n.cas_retries, 4);
         store.conflicts.set(100);
-        let allow = Limiter { store: &store, max_retries: 4, on_store_error: OnStoreError::Allow };
+        let allow = Limiter {
+            store: &store,
+            max_retries: 4,
+            on_store_error: OnStoreError::Allow,
+        };
         assert!(admitted(&allow.admit(&c, NOW, &mut n)));
         assert_eq!(n.retries_exhausted, 2);
     }
@@ -529,7 +599,10 @@ mod tests {
         store.fail_gets.set(true);
         let c = [check("k", 10, MIN, LimitKind::Key)];
         let mut n = Counters::default();
-        assert_eq!(limiter(&store).admit(&c, NOW, &mut n), Admission::StoreFailure);
+        assert_eq!(
+            limiter(&store).admit(&c, NOW, &mut n),
+            Admission::StoreFailure
+        );
         assert_eq!(n.store_errors, 1);
     }
 
@@ -541,7 +614,10 @@ mod tests {
         let absent = store.absent_cas();
         assert!(store.get("new").unwrap().is_none());
         store.set("new", &encode(NOW + 1), absent).unwrap();
-        assert_eq!(store.set("new", &encode(NOW + 2), absent), Err(SetError::CasMismatch));
+        assert_eq!(
+            store.set("new", &encode(NOW + 2), absent),
+            Err(SetError::CasMismatch)
+        );
         assert_eq!(store.tat("new"), Some(NOW + 1));
         // And through the limiter: L = 1, two "simultaneous" first requests, one admitted.
         let l = limiter(&store);
@@ -560,7 +636,9 @@ mod tests {
         let mut n = Counters::default();
         assert!(admitted(&l.admit(std::slice::from_ref(&c), NOW, &mut n)));
         match l.admit(std::slice::from_ref(&c), NOW, &mut n) {
-            Admission::Admitted { shadow_limited, .. } => assert_eq!(shadow_limited, vec![LimitKind::Account]),
+            Admission::Admitted { shadow_limited, .. } => {
+                assert_eq!(shadow_limited, vec![LimitKind::Account])
+            }
             other => panic!("{other:?}"),
         }
     }

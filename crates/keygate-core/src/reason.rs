@@ -99,8 +99,12 @@ impl Reason {
             | Reason::RateLimitedApi
             | Reason::ConcurrencyLimited
             | Reason::TooManyFailedAuth => 429,
-            Reason::MissingCredentials | Reason::UnsupportedScheme | Reason::InvalidCredentials => 401,
-            Reason::MultipleCredentials | Reason::MalformedCredentials | Reason::MalformedPath => 400,
+            Reason::MissingCredentials | Reason::UnsupportedScheme | Reason::InvalidCredentials => {
+                401
+            }
+            Reason::MultipleCredentials | Reason::MalformedCredentials | Reason::MalformedPath => {
+                400
+            }
             Reason::AccountSuspended | Reason::IpNotAllowed | Reason::PermissionDenied => 403,
             Reason::AccountMismatch | Reason::UnknownRoute => 404,
         }
@@ -132,7 +136,11 @@ impl Reason {
     /// The JSON body: `{"error":{"code":"...","message":"..."}}`. Codes and messages contain no
     /// characters that need escaping, which a test checks.
     pub fn body(self) -> String {
-        format!(r#"{{"error":{{"code":"{}","message":"{}"}}}}"#, self.code(), self.message())
+        format!(
+            r#"{{"error":{{"code":"{}","message":"{}"}}}}"#,
+            self.code(),
+            self.message()
+        )
     }
 
     /// Whether the reply carries `WWW-Authenticate` challenges.
@@ -169,7 +177,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for r in Reason::ALL {
             assert!(seen.insert(r.code()), "duplicate code {}", r.code());
-            assert!(r.code().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(r
+                .code()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
         }
     }
 

@@ -90,7 +90,10 @@ pub fn encode(kind: SecretKind, random: &[u8; RANDOM_BYTES]) -> Option<String> {
 
 /// Whether a token has a known prefix, the right length and alphabet, and a matching checksum.
 pub fn is_well_formed(token: &[u8]) -> bool {
-    let Some(kind) = SecretKind::ALL.iter().find(|k| token.starts_with(k.prefix().as_bytes())) else {
+    let Some(kind) = SecretKind::ALL
+        .iter()
+        .find(|k| token.starts_with(k.prefix().as_bytes()))
+    else {
         return false;
     };
     let want_len = kind.prefix().len() + BODY_LEN + CHECKSUM_LEN;
@@ -98,7 +101,10 @@ pub fn is_well_formed(token: &[u8]) -> bool {
         return false;
     }
     let (head, sum) = token.split_at(want_len - CHECKSUM_LEN);
-    head[kind.prefix().len()..].iter().all(|b| b.is_ascii_alphanumeric()) && checksum(head) == sum
+    head[kind.prefix().len()..]
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric())
+        && checksum(head) == sum
 }
 
 #[cfg(test)]
@@ -110,7 +116,9 @@ mod tests {
     fn bytes(seed: u8) -> [u8; RANDOM_BYTES] {
         let mut b = [0u8; RANDOM_BYTES];
         for (i, x) in b.iter_mut().enumerate() {
-            *x = seed.wrapping_mul(31).wrapping_add((i as u8).wrapping_mul(97));
+            *x = seed
+                .wrapping_mul(31)
+                .wrapping_add((i as u8).wrapping_mul(97));
         }
         b
     }
@@ -127,7 +135,9 @@ mod tests {
 
     #[test]
     fn any_single_character_change_breaks_the_checksum() {
-        let s = encode(SecretKind::SecretLive, &bytes(3)).unwrap().into_bytes();
+        let s = encode(SecretKind::SecretLive, &bytes(3))
+            .unwrap()
+            .into_bytes();
         for i in 8..s.len() {
             let mut t = s.clone();
             t[i] = if t[i] == b'a' { b'b' } else { b'a' };
@@ -140,7 +150,9 @@ mod tests {
         let s = encode(SecretKind::PublishableLive, &bytes(9)).unwrap();
         assert!(!is_well_formed(&s.as_bytes()[..s.len() - 1]));
         assert!(!is_well_formed(format!("{s}x").as_bytes()));
-        assert!(!is_well_formed(s.replacen("pk_live_", "xk_live_", 1).as_bytes()));
+        assert!(!is_well_formed(
+            s.replacen("pk_live_", "xk_live_", 1).as_bytes()
+        ));
         assert!(!is_well_formed(b"sk_live_demoMain0001"));
         assert!(!is_well_formed(b""));
     }

@@ -80,7 +80,10 @@ fn rejected_documents_name_path_and_reason() {
         edit(&mut v, &h64);
         let got = error_of(&v);
         // serde's messages end with " at line L column C"; compare the stable prefix.
-        assert!(got.starts_with(&want), "case {name:?}:\n got: {got}\nwant: {want}");
+        assert!(
+            got.starts_with(&want),
+            "case {name:?}:\n got: {got}\nwant: {want}"
+        );
     }
 }
 

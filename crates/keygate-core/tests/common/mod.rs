@@ -9,7 +9,10 @@ pub const T0: u64 = 1_795_514_400;
 pub const T0_STR: &str = "2026-11-24T10:00:00Z";
 
 pub fn d(secret: &str) -> SecretDoc {
-    SecretDoc { digest: Digester::Sha256.digest_hex(secret.as_bytes()), not_after: None }
+    SecretDoc {
+        digest: Digester::Sha256.digest_hex(secret.as_bytes()),
+        not_after: None,
+    }
 }
 
 pub fn key(sid: &str, account: &str, role: Role, secret: &str) -> KeyDoc {
@@ -38,10 +41,14 @@ pub fn api(name: &str, methods: &[&str], paths: &[&str]) -> ApiDoc {
 }
 
 pub fn fixture_doc() -> ConfigDoc {
-    let mut keys_api = api("keys", &["GET", "POST", "DELETE"], &[
-        "/2010-04-01/Accounts/{account_sid}/Keys.json",
-        "/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json",
-    ]);
+    let mut keys_api = api(
+        "keys",
+        &["GET", "POST", "DELETE"],
+        &[
+            "/2010-04-01/Accounts/{account_sid}/Keys.json",
+            "/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json",
+        ],
+    );
     keys_api.management = true;
     let mut balance = api("balance", &["GET"], &["/api/account/balance"]);
     balance.publishable = true;
@@ -50,7 +57,10 @@ pub fn fixture_doc() -> ConfigDoc {
     let mut ip = key("SKip", "AC1", Role::Standard, "sk_live_ip");
     ip.allowed_ips = Some(vec!["192.0.2.0/24".into(), "2001:db8::/32".into()]);
     let mut rot = key("SKrot", "AC1", Role::Standard, "sk_live_new");
-    rot.secrets.push(SecretDoc { not_after: Some(T0_STR.into()), ..d("sk_live_old") });
+    rot.secrets.push(SecretDoc {
+        not_after: Some(T0_STR.into()),
+        ..d("sk_live_old")
+    });
     let mut off = key("SKoff", "AC1", Role::Standard, "sk_live_off");
     off.enabled = false;
     let mut exp = key("SKexp", "AC1", Role::Standard, "sk_live_exp");
@@ -60,14 +70,37 @@ pub fn fixture_doc() -> ConfigDoc {
         version: 7,
         settings: Settings::default(),
         apis: vec![
-            api("calls", &["GET", "POST"], &["/v2/accounts/{account_sid}/calls", "/v2/accounts/{account_sid}/calls/**"]),
-            api("messages", &["GET", "POST"], &["/2010-04-01/Accounts/{account_sid}/Messages.json"]),
+            api(
+                "calls",
+                &["GET", "POST"],
+                &[
+                    "/v2/accounts/{account_sid}/calls",
+                    "/v2/accounts/{account_sid}/calls/**",
+                ],
+            ),
+            api(
+                "messages",
+                &["GET", "POST"],
+                &["/2010-04-01/Accounts/{account_sid}/Messages.json"],
+            ),
             keys_api,
             balance,
         ],
         accounts: vec![
-            AccountDoc { sid: "AC1".into(), status: AccountStatus::Active, auth_tokens: vec![d("tok_ac1")], allowed_ips: None, limits: None },
-            AccountDoc { sid: "AC2".into(), status: AccountStatus::Suspended, auth_tokens: vec![], allowed_ips: None, limits: None },
+            AccountDoc {
+                sid: "AC1".into(),
+                status: AccountStatus::Active,
+                auth_tokens: vec![d("tok_ac1")],
+                allowed_ips: None,
+                limits: None,
+            },
+            AccountDoc {
+                sid: "AC2".into(),
+                status: AccountStatus::Suspended,
+                auth_tokens: vec![],
+                allowed_ips: None,
+                limits: None,
+            },
             AccountDoc {
                 sid: "AC3".into(),
                 status: AccountStatus::Active,
@@ -90,4 +123,3 @@ pub fn fixture_doc() -> ConfigDoc {
         limits: LimitsDoc::default(),
     }
 }
-
