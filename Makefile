@@ -20,7 +20,10 @@ ECHO_PORT := 18080
 
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help setup setup-rust setup-envoy setup-wasm-bindgen build run validate \
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := authorization path template cidr config header_map decide
+
+.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run validate \
         test test-core test-core-wasm test-filter test-e2e lint fmt clean
 
 help: ## list targets
@@ -91,6 +94,17 @@ lint: setup-rust ## cargo fmt --check and clippy -D warnings (workspace native +
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) -p keygate-filter -p keygate-core -- -D warnings
+
+setup-fuzz: ## install cargo-fuzz (needs the nightly toolchain, which these machines have)
+	@if cargo fuzz --version >/dev/null 2>&1; then echo "setup: $$(cargo fuzz --version) already installed"; \
+	else echo "setup: cargo install cargo-fuzz (takes a few minutes)"; cargo install cargo-fuzz --locked --quiet; fi
+
+fuzz: setup-fuzz ## run every fuzz target for FUZZ_SECONDS each (default 60); new corpus and crashers land in fuzz/
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | grep -E '^(#[0-9]+ *DONE|Done|stat::number_of_executed_units|==[0-9]+==|SUMMARY)' || true; \
+	  if ls fuzz/artifacts/$$t/crash-* >/dev/null 2>&1; then echo "fuzz: $$t found a crasher in fuzz/artifacts/$$t" >&2; exit 1; fi; \
+	done
 
 fmt: ## format the workspace
 	cargo fmt --all

@@ -19,6 +19,8 @@ pub mod gate;
 pub mod headers;
 pub mod ip;
 pub mod path;
+#[doc(hidden)]
+pub mod props;
 pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;
