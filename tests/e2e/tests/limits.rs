@@ -491,7 +491,7 @@ fn a_request_whose_client_disconnects_gives_its_concurrency_slot_back() {
     const N: usize = 3;
     let (echo, envoy) = start(&config_with(json!({"account_concurrency": 3})));
     let port = envoy.port();
-    let slow = get("/__slow/8000", MAIN);
+    let slow = get("/__slow/6000", MAIN);
 
     // N requests held at the upstream, written without waiting for their answers.
     let mut conns: Vec<Conn> = (0..N)
@@ -645,35 +645,47 @@ fn connect_from(local: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
     }
 }
 
-/// Sends `req` (with `connection: close`) from `local` and reads the whole reply.
+/// Sends `req` on a fresh connection from `local` and reads one reply (framed by its
+/// Content-Length, which Envoy's local replies and the echo both send).
 #[cfg(target_os = "linux")]
 fn send_from(local: Ipv4Addr, port: u16, req: Req) -> Response {
     let mut stream =
         connect_from(local, port).unwrap_or_else(|e| panic!("connect from {local}: {e}"));
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(&req.header("connection", "close").to_bytes(port))
-        .unwrap();
+    stream.write_all(&req.to_bytes(port)).unwrap();
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let head_len = match parsed.parse(&raw) {
-        Ok(httparse::Status::Complete(n)) => n,
-        other => panic!(
-            "unparsable reply ({other:?}): {:?}",
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "connection closed mid-reply: {:?}",
             String::from_utf8_lossy(&raw)
-        ),
-    };
-    Response {
-        status: parsed.code.unwrap_or(0),
-        reason: parsed.reason.unwrap_or("").to_string(),
-        headers: parsed
+        );
+        raw.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(&raw) else {
+            continue;
+        };
+        let headers: Vec<(String, Vec<u8>)> = parsed
             .headers
             .iter()
             .map(|h| (h.name.to_string(), h.value.to_vec()))
-            .collect(),
-        body: raw[head_len..].to_vec(),
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+            .expect("a reply with Content-Length");
+        if raw.len() >= head_len + length {
+            return Response {
+                status: parsed.code.unwrap_or(0),
+                reason: parsed.reason.unwrap_or("").to_string(),
+                headers,
+                body: raw[head_len..head_len + length].to_vec(),
+            };
+        }
     }
 }
 
