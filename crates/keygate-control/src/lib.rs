@@ -1,0 +1,230 @@
+//! keygate-control: the control plane of keygate.
+//!
+//! Accounts and API keys the way Twilio and Exotel users expect them, stored in one SQLite file,
+//! and the edge feed: the complete edge config (`keygate_core::config::ConfigDoc`, digests only)
+//! at the current config version, with ETag / `If-None-Match` and a long-poll.
+//!
+//! [`app`] builds the router over an [`AppState`]; [`run`] serves it on a listener until a
+//! shutdown future completes; `main.rs` only parses flags. Modules:
+//! - [`twilio`]: the Twilio-compatible Keys resource under `/2010-04-01/Accounts/{sid}/Keys`;
+//! - [`v1`]: keygate's own `/v1/accounts/...` (accounts, keys with roles, permissions,
+//!   allowlists, limits, expiry, regeneration with grace);
+//! - [`edge`]: `/v1/edge/config`;
+//! - [`service`]: the operations (one transaction and one version bump each), used by the
+//!   handlers and the CLI; [`store`]: SQLite; [`model`]: validation against the edge compiler;
+//! - [`auth`]: credentials to principals; [`secret`]: CSPRNG secrets, digests, redaction.
+
+pub mod auth;
+pub mod catalog;
+pub mod edge;
+pub mod error;
+pub mod model;
+pub mod secret;
+pub mod service;
+pub mod store;
+pub mod twilio;
+pub mod v1;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use crate::catalog::Catalog;
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::store::Db;
+
+/// Settings of a running control plane.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub catalog: Catalog,
+    /// Region of accounts created without one.
+    pub default_region: String,
+}
+
+impl Config {
+    pub fn with_built_in_catalog() -> Result<Config, String> {
+        Ok(Config { catalog: Catalog::built_in()?, default_region: DEFAULT_REGION.to_owned() })
+    }
+}
+
+pub const DEFAULT_REGION: &str = "us1";
+
+/// Shared by every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    config: Config,
+    /// The latest config version known to this process (writes here, and a poll of the file for
+    /// writes by other processes such as the CLI).
+    version: watch::Sender<u64>,
+    /// Set when the server shuts down, so long-polls return at once.
+    closing: watch::Sender<bool>,
+    /// The serialized edge config of one version.
+    feed: tokio::sync::Mutex<Option<(u64, axum::body::Bytes)>>,
+}
+
+impl AppState {
+    /// Opens (creating and migrating) the database and checks that what it holds compiles as an
+    /// edge config with this catalogue; refuses to start otherwise (the error names the place).
+    pub fn open(path: &Path, config: Config) -> Result<AppState, String> {
+        let mut conn = store::open(path)?;
+        let doc = service::snapshot(&mut conn, &config.catalog).map_err(|e| e.message())?;
+        let json = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
+        keygate_core::compile::compile(&json)
+            .map_err(|e| format!("the stored keys do not compile with this catalogue: {e}"))?;
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                db: Db::new(conn),
+                config,
+                version: watch::Sender::new(doc.version),
+                closing: watch::Sender::new(false),
+                feed: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.config.catalog
+    }
+
+    pub fn default_region(&self) -> &str {
+        &self.inner.config.default_region
+    }
+
+    /// Records a committed config version and wakes long-polls.
+    pub fn published(&self, version: u64) {
+        self.inner.version.send_if_modified(|v| {
+            if version > *v {
+                *v = version;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn current_version(&self) -> u64 {
+        *self.inner.version.borrow()
+    }
+
+    /// Resolves the request's credential (401 if it does not authenticate).
+    pub async fn principal(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let mut auth = HeaderMap::new();
+        for v in headers.get_all(axum::http::header::AUTHORIZATION) {
+            auth.append(axum::http::header::AUTHORIZATION, v.clone());
+        }
+        self.db().call(move |c| auth::authenticate(c, &auth, model::now())).await
+    }
+}
+
+/// The router: Twilio-compatible Keys, keygate's `/v1`, the edge feed; JSON 404/405 elsewhere.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(twilio::routes())
+        .merge(v1::routes())
+        .merge(edge::routes())
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// One structured line per request: method, route template (never the raw path or query, so a
+/// secret pasted into a URL is not logged), status, duration. Headers are never logged.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    tracing::info!(
+        method = %method,
+        route = route.as_deref().unwrap_or("(unmatched)"),
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    resp
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let poller = tokio::spawn(poll_version(state.clone()));
+    let closing = state.inner.closing.clone();
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            closing.send_replace(true);
+        })
+        .await;
+    poller.abort();
+    result
+}
+
+/// Picks up versions committed by other processes (the CLI) within half a second.
+async fn poll_version(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Ok(v) = state.db().call(|c| store::version(c)).await {
+            state.published(v);
+        }
+    }
+}
+
+/// A future that completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Parses a JSON body into `T`; errors name the field (`limits.rate.per: invalid type ...`).
+/// An empty body reads as `{}`.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        ApiError::bad(&field, e.into_inner())
+    })?;
+    de.end().map_err(|e| ApiError::bad("body", e))?;
+    Ok(value)
+}

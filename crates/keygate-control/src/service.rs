@@ -1,0 +1,294 @@
+//! What the control plane does, independent of HTTP: every operation is one function over the
+//! connection, one write transaction, one config version bump. Handlers and the CLI call these.
+
+use keygate_core::config::{AccountLimitsDoc, AccountStatus, ConfigDoc, KeyLimitsDoc, Role};
+use keygate_core::secret_format::SecretKind;
+use rusqlite::Connection;
+
+use crate::catalog::Catalog;
+use crate::error::ApiError;
+use crate::model::{self, now, Account, Key, StoredSecret};
+use crate::secret::{self, new_operator_token, new_secret, new_sid, OperatorKind, Secret};
+use crate::store;
+
+/// Default grace of a regenerated key's old secret: 48 hours, as Exotel does.
+pub const DEFAULT_GRACE_SECONDS: u64 = 48 * 3600;
+/// Longest grace a regeneration may ask for (30 days).
+pub const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
+
+#[derive(Debug, Clone, Default)]
+pub struct NewAccount {
+    pub friendly_name: Option<String>,
+    pub region: Option<String>,
+    pub status: Option<AccountStatus>,
+    pub allowed_ips: Option<Vec<String>>,
+    pub limits: Option<AccountLimitsDoc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub friendly_name: Option<String>,
+    pub role: Role,
+    pub apis: Option<Vec<String>>,
+    pub allowed_ips: Option<Vec<String>>,
+    pub limits: Option<KeyLimitsDoc>,
+    pub expires_at: Option<i64>,
+    pub enabled: bool,
+}
+
+impl NewKey {
+    pub fn with_role(role: Role) -> NewKey {
+        NewKey { friendly_name: None, role, apis: None, allowed_ips: None, limits: None, expires_at: None, enabled: true }
+    }
+}
+
+fn secret_kind(role: Role) -> SecretKind {
+    match role {
+        Role::Main | Role::Standard => SecretKind::SecretLive,
+        Role::Publishable => SecretKind::PublishableLive,
+    }
+}
+
+/// Creates an account and its auth token (returned once).
+pub fn create_account(
+    conn: &mut Connection,
+    cat: &Catalog,
+    default_region: &str,
+    new: NewAccount,
+) -> Result<(Account, Secret, u64), ApiError> {
+    if let Some(n) = &new.friendly_name {
+        model::validate_friendly_name("friendly_name", n)?;
+    }
+    let region = new.region.unwrap_or_else(|| default_region.to_owned());
+    model::validate_region("region", &region)?;
+    let t = now();
+    let account = Account {
+        sid: new_sid("AC")?,
+        friendly_name: new.friendly_name,
+        status: new.status.unwrap_or(AccountStatus::Active),
+        region,
+        allowed_ips: new.allowed_ips,
+        limits: new.limits,
+        created_at: t,
+        updated_at: t,
+    };
+    model::validate_account(cat, &account)?;
+    let token = new_secret(SecretKind::AuthToken)?;
+    let tx = store::write_tx(conn)?;
+    store::insert_account(&tx, &account)?;
+    store::insert_secret(&tx, &account.sid, &secret::digest(token.expose().as_bytes()), t)?;
+    let version = store::bump(&tx)?;
+    tx.commit()?;
+    tracing::info!(account_sid = %account.sid, version, "account created");
+    Ok((account, token, version))
+}
+
+/// Applies `patch` to an account, validates the result, stores it.
+pub fn update_account(
+    conn: &mut Connection,
+    cat: &Catalog,
+    sid: &str,
+    patch: impl FnOnce(&mut Account) -> Result<(), ApiError>,
+) -> Result<(Account, u64), ApiError> {
+    let tx = store::write_tx(conn)?;
+    let mut account = store::get_account(&tx, sid)?.ok_or(ApiError::NotFound)?;
+    patch(&mut account)?;
+    if let Some(n) = &account.friendly_name {
+        model::validate_friendly_name("friendly_name", n)?;
+    }
+    model::validate_region("region", &account.region)?;
+    model::validate_account(cat, &account)?;
+    account.updated_at = now();
+    store::update_account(&tx, &account)?;
+    let version = store::bump(&tx)?;
+    tx.commit()?;
+    tracing::info!(account_sid = %sid, status = model::status_str(account.status), version, "account updated");
+    Ok((account, version))
+}
+
+/// Creates a key with a fresh secret (returned once).
+pub fn create_key(conn: &mut Connection, cat: &Catalog, account_sid: &str, new: NewKey) -> Result<(Key, Secret, u64), ApiError> {
+    let t = now();
+    let key = Key {
+        sid: new_sid("SK")?,
+        account_sid: account_sid.to_owned(),
+        friendly_name: new.friendly_name,
+        role: new.role,
+        apis: new.apis,
+        allowed_ips: new.allowed_ips,
+        limits: new.limits,
+        expires_at: new.expires_at,
+        enabled: new.enabled,
+        generation: 0,
+        created_at: t,
+        updated_at: t,
+    };
+    let secret = new_secret(secret_kind(key.role))?;
+    let tx = store::write_tx(conn)?;
+    if store::get_account(&tx, account_sid)?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    model::validate_key(cat, &key)?;
+    store::insert_key(&tx, &key)?;
+    store::insert_secret(&tx, &key.sid, &secret::digest(secret.expose().as_bytes()), t)?;
+    let version = store::bump(&tx)?;
+    tx.commit()?;
+    tracing::info!(account_sid, key_sid = %key.sid, role = key.role.as_str(), version, "key created");
+    Ok((key, secret, version))
+}
+
+/// Applies `patch` to a key, validates the result, stores it (generation-checked).
+pub fn update_key(
+    conn: &mut Connection,
+    cat: &Catalog,
+    account_sid: &str,
+    sid: &str,
+    patch: impl FnOnce(&mut Key) -> Result<(), ApiError>,
+) -> Result<(Key, u64), ApiError> {
+    let tx = store::write_tx(conn)?;
+    let old = store::get_key(&tx, account_sid, sid)?.ok_or(ApiError::NotFound)?;
+    let mut key = old.clone();
+    patch(&mut key)?;
+    if (key.role == Role::Publishable) != (old.role == Role::Publishable) {
+        return Err(ApiError::bad(
+            "role",
+            "cannot change between publishable and secret roles (the secret's prefix shows which); create a new key",
+        ));
+    }
+    if let Some(n) = &key.friendly_name {
+        model::validate_friendly_name("friendly_name", n)?;
+    }
+    model::validate_key(cat, &key)?;
+    key.updated_at = now();
+    if !store::update_key(&tx, &key)? {
+        return Err(ApiError::Conflict("the key was changed by a concurrent request; retry"));
+    }
+    key.generation += 1;
+    let version = store::bump(&tx)?;
+    tx.commit()?;
+    tracing::info!(account_sid, key_sid = sid, version, "key updated");
+    Ok((key, version))
+}
+
+/// Deletes a key and all its secrets: it stops authenticating at the next config version.
+pub fn delete_key(conn: &mut Connection, account_sid: &str, sid: &str) -> Result<u64, ApiError> {
+    let tx = store::write_tx(conn)?;
+    if store::get_key(&tx, account_sid, sid)?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    store::delete_key(&tx, sid)?;
+    let version = store::bump(&tx)?;
+    tx.commit()?;
+    tracing::info!(account_sid, key_sid = sid, version, "key deleted");
+    Ok(version)
+}
+
+/// The outcome of a regeneration.
+#[derive(Debug)]
+pub struct Regenerated {
+    pub key: Key,
+    pub secret: Secret,
+    /// The key's secrets after the change (the new current one first).
+    pub secrets: Vec<StoredSecret>,
+    pub version: u64,
+}
+
+/// Gives a key a new secret. The current one keeps working for `grace` seconds (its `not_after`);
+/// with `grace == 0` every older secret stops working at once. In one IMMEDIATE transaction with
+/// a generation check, so concurrent regenerations serialize: each caller gets a secret that is
+/// stored, and no secret is stored that its caller did not get back.
+pub fn regenerate(conn: &mut Connection, account_sid: &str, sid: &str, grace: u64) -> Result<Regenerated, ApiError> {
+    if grace > MAX_GRACE_SECONDS {
+        return Err(ApiError::bad("grace_seconds", format!("must be at most {MAX_GRACE_SECONDS} (30 days)")));
+    }
+    let tx = store::write_tx(conn)?;
+    let mut key = store::get_key(&tx, account_sid, sid)?.ok_or(ApiError::NotFound)?;
+    let secret = new_secret(secret_kind(key.role))?;
+    let t = now();
+    store::delete_previous(&tx, sid, Some(t))?;
+    if grace == 0 {
+        store::delete_all_secrets(&tx, sid)?;
+    } else {
+        store::retire_current(&tx, sid, t.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX)))?;
+    }
+    store::insert_secret(&tx, sid, &secret::digest(secret.expose().as_bytes()), t)?;
+    key.updated_at = t;
+    if !store::update_key(&tx, &key)? {
+        // Dropping `tx` rolls back: the new secret was never stored, and is not returned.
+        return Err(ApiError::Conflict("the key was regenerated by a concurrent request; retry"));
+    }
+    key.generation += 1;
+    let version = store::bump(&tx)?;
+    let secrets = store::secrets_of(&tx, sid)?;
+    tx.commit()?;
+    tracing::info!(account_sid, key_sid = sid, grace_seconds = grace, version, "key secret regenerated");
+    Ok(Regenerated { key, secret, secrets, version })
+}
+
+/// Revokes a key's rotated secrets before their grace ends. Returns how many were revoked, and
+/// the new config version if any were.
+pub fn revoke_previous(conn: &mut Connection, account_sid: &str, sid: &str) -> Result<(usize, Option<u64>), ApiError> {
+    let tx = store::write_tx(conn)?;
+    if store::get_key(&tx, account_sid, sid)?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let n = store::delete_previous(&tx, sid, None)?;
+    let version = if n > 0 { Some(store::bump(&tx)?) } else { None };
+    tx.commit()?;
+    tracing::info!(account_sid, key_sid = sid, revoked = n, "previous key secrets revoked");
+    Ok((n, version))
+}
+
+/// Creates an operator token (admin or edge); returns its SID and the token (shown once).
+pub fn create_operator_token(conn: &mut Connection, kind: OperatorKind) -> Result<(String, Secret), ApiError> {
+    let sid = new_sid(match kind {
+        OperatorKind::Admin => "OA",
+        OperatorKind::Edge => "OE",
+    })?;
+    let token = new_operator_token(kind)?;
+    let tx = store::write_tx(conn)?;
+    store::insert_operator_token(&tx, &sid, kind, &secret::digest(token.expose().as_bytes()), now())?;
+    tx.commit()?;
+    tracing::info!(sid = %sid, kind = kind.as_str(), "operator token created");
+    Ok((sid, token))
+}
+
+/// What `init` prints once.
+#[derive(Debug)]
+pub struct Initialized {
+    pub admin_token: Secret,
+    pub account: Account,
+    pub auth_token: Secret,
+    pub edge_token: Secret,
+    pub version: u64,
+}
+
+/// Bootstraps an empty database: an admin token, a first account, an edge token.
+pub fn init(conn: &mut Connection, cat: &Catalog, region: &str, account_name: Option<String>) -> Result<Initialized, ApiError> {
+    if store::has_admin(conn)? {
+        return Err(ApiError::Conflict("already initialized (an admin token exists)"));
+    }
+    let (_, admin_token) = create_operator_token(conn, OperatorKind::Admin)?;
+    let (account, auth_token, version) =
+        create_account(conn, cat, region, NewAccount { friendly_name: account_name, ..NewAccount::default() })?;
+    let (_, edge_token) = create_operator_token(conn, OperatorKind::Edge)?;
+    Ok(Initialized { admin_token, account, auth_token, edge_token, version })
+}
+
+/// The complete edge config at the current version, read in one transaction.
+pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiError> {
+    let tx = conn.transaction()?;
+    let version = store::version(&tx)?;
+    let accounts = store::all_accounts(&tx)?;
+    let keys = store::all_keys(&tx)?;
+    let secrets = store::all_secrets(&tx)?;
+    tx.commit()?;
+    let mut by_owner: std::collections::HashMap<&str, Vec<keygate_core::config::SecretDoc>> = std::collections::HashMap::new();
+    for s in &secrets {
+        by_owner.entry(s.owner_sid.as_str()).or_default().push(s.to_doc());
+    }
+    let mut take = |sid: &str| by_owner.remove(sid).unwrap_or_default();
+    let accounts = accounts.iter().map(|a| a.to_doc(take(&a.sid))).collect();
+    let keys = keys.iter().map(|k| k.to_doc(take(&k.sid))).collect();
+    Ok(cat.doc(version, accounts, keys))
+}

@@ -1,0 +1,374 @@
+//! keygate's own API: what Exotel and Telephony.io add to Twilio's keys. JSON in, JSON out,
+//! errors `{"error":{"code","message"}}`, times RFC 3339.
+//!
+//! | method | path | who | |
+//! |---|---|---|---|
+//! | `POST` | `/v1/accounts` | admin | create an account (201, `auth_token` shown once) |
+//! | `GET` | `/v1/accounts/{sid}` | admin, account, main key | fetch |
+//! | `PATCH` | `/v1/accounts/{sid}` | admin (all fields); account, main key (`friendly_name`, `allowed_ips`) | suspend / reactivate, region, allowlist, limits |
+//! | `GET` `POST` | `/v1/accounts/{sid}/keys` | admin, account, main key | list; create (201, `secret` shown once) |
+//! | `GET` `PATCH` `DELETE` | `/v1/accounts/{sid}/keys/{key_sid}` | same | fetch; change role, apis, allowed_ips, limits, expires_at, enabled, friendly_name; delete (204) |
+//! | `POST` | `/v1/accounts/{sid}/keys/{key_sid}/regenerate` | same | new secret (shown once); old one valid for `grace_seconds` (default 172800; 0 = revoke now) |
+//! | `DELETE` | `/v1/accounts/{sid}/keys/{key_sid}/secrets/previous` | same | revoke rotated secrets before their grace ends (204) |
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use keygate_core::config::{AccountLimitsDoc, AccountStatus, KeyLimitsDoc, Role};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::model::{self, rfc3339, Account, Key, StoredSecret};
+use crate::service::{self, NewAccount, NewKey, DEFAULT_GRACE_SECONDS};
+use crate::{parse_json, store, AppState};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/accounts", post(create_account))
+        .route("/v1/accounts/{sid}", get(fetch_account).patch(update_account))
+        .route("/v1/accounts/{sid}/keys", get(list_keys).post(create_key))
+        .route("/v1/accounts/{sid}/keys/{key_sid}", get(fetch_key).patch(update_key).delete(delete_key))
+        .route("/v1/accounts/{sid}/keys/{key_sid}/regenerate", post(regenerate))
+        .route("/v1/accounts/{sid}/keys/{key_sid}/secrets/previous", delete(revoke_previous))
+}
+
+/// `Some(None)` for an explicit `null` (clear the field), `None` when absent (keep it).
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn account_json(a: &Account) -> Value {
+    json!({
+        "sid": a.sid,
+        "friendly_name": a.friendly_name,
+        "status": model::status_str(a.status),
+        "region": a.region,
+        "allowed_ips": a.allowed_ips,
+        "limits": a.limits,
+        "created_at": rfc3339(a.created_at),
+        "updated_at": rfc3339(a.updated_at),
+    })
+}
+
+fn key_json(k: &Key, secrets: &[StoredSecret]) -> Value {
+    json!({
+        "sid": k.sid,
+        "account_sid": k.account_sid,
+        "friendly_name": k.friendly_name,
+        "role": k.role.as_str(),
+        "apis": k.apis,
+        "allowed_ips": k.allowed_ips,
+        "limits": k.limits,
+        "expires_at": k.expires_at.map(rfc3339),
+        "enabled": k.enabled,
+        "created_at": rfc3339(k.created_at),
+        "updated_at": rfc3339(k.updated_at),
+        // Metadata only: never a digest, never a plaintext.
+        "secrets": secrets.iter().map(|s| json!({
+            "current": s.not_after.is_none(),
+            "created_at": rfc3339(s.created_at),
+            "not_after": s.not_after.map(rfc3339),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn managing(state: &AppState, headers: &HeaderMap, account_sid: &str) -> Result<Principal, ApiError> {
+    let p = state.principal(headers).await?;
+    p.may_manage(account_sid)?;
+    Ok(p)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccount {
+    friendly_name: Option<String>,
+    region: Option<String>,
+    status: Option<AccountStatus>,
+    allowed_ips: Option<Vec<String>>,
+    limits: Option<AccountLimitsDoc>,
+}
+
+async fn create_account(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    state.principal(&headers).await?.require_admin()?;
+    let req: CreateAccount = parse_json(&body)?;
+    let new = NewAccount {
+        friendly_name: req.friendly_name,
+        region: req.region,
+        status: req.status,
+        allowed_ips: req.allowed_ips,
+        limits: req.limits,
+    };
+    let (cat, region) = (state.catalog().clone(), state.default_region().to_owned());
+    let (account, token, version) = state.db().call(move |c| service::create_account(c, &cat, &region, new)).await?;
+    state.published(version);
+    let mut body = account_json(&account);
+    body["auth_token"] = json!(token.expose());
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn fetch_account(
+    State(state): State<AppState>,
+    Path(sid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let account = state.db().call(move |c| store::get_account(c, &sid)).await?.ok_or(ApiError::NotFound)?;
+    Ok(Json(account_json(&account)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchAccount {
+    #[serde(default, deserialize_with = "nullable")]
+    friendly_name: Option<Option<String>>,
+    status: Option<AccountStatus>,
+    region: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    allowed_ips: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    limits: Option<Option<AccountLimitsDoc>>,
+}
+
+async fn update_account(
+    State(state): State<AppState>,
+    Path(sid): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let principal = managing(&state, &headers, &sid).await?;
+    let req: PatchAccount = parse_json(&body)?;
+    if principal != Principal::Admin && (req.status.is_some() || req.region.is_some() || req.limits.is_some()) {
+        return Err(ApiError::Forbidden("only the operator (admin token) may change an account's status, region or limits"));
+    }
+    let cat = state.catalog().clone();
+    let (account, version) = state
+        .db()
+        .call(move |c| {
+            service::update_account(c, &cat, &sid, |a| {
+                if let Some(v) = req.friendly_name {
+                    a.friendly_name = v;
+                }
+                if let Some(v) = req.status {
+                    a.status = v;
+                }
+                if let Some(v) = req.region {
+                    a.region = v;
+                }
+                if let Some(v) = req.allowed_ips {
+                    a.allowed_ips = v;
+                }
+                if let Some(v) = req.limits {
+                    a.limits = v;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    state.published(version);
+    Ok(Json(account_json(&account)))
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    Path(sid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let keys = state
+        .db()
+        .call(move |c| {
+            if store::get_account(c, &sid)?.is_none() {
+                return Err(ApiError::NotFound);
+            }
+            store::list_keys(c, &sid, 0, u64::MAX)?
+                .into_iter()
+                .map(|k| {
+                    let s = store::secrets_of(c, &k.sid)?;
+                    Ok(key_json(&k, &s))
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await?;
+    Ok(Json(json!({ "keys": keys })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    friendly_name: Option<String>,
+    role: Option<Role>,
+    apis: Option<Vec<String>>,
+    allowed_ips: Option<Vec<String>>,
+    limits: Option<KeyLimitsDoc>,
+    expires_at: Option<String>,
+    enabled: Option<bool>,
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    Path(sid): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let req: CreateKey = parse_json(&body)?;
+    if let Some(n) = &req.friendly_name {
+        model::validate_friendly_name("friendly_name", n)?;
+    }
+    let new = NewKey {
+        friendly_name: req.friendly_name,
+        role: req.role.unwrap_or(Role::Standard),
+        apis: req.apis,
+        allowed_ips: req.allowed_ips,
+        limits: req.limits,
+        expires_at: req.expires_at.as_deref().map(|t| model::parse_rfc3339("expires_at", t)).transpose()?,
+        enabled: req.enabled.unwrap_or(true),
+    };
+    let cat = state.catalog().clone();
+    let (key, secret, secrets, version) = state
+        .db()
+        .call(move |c| {
+            let (key, secret, version) = service::create_key(c, &cat, &sid, new)?;
+            let secrets = store::secrets_of(c, &key.sid)?;
+            Ok((key, secret, secrets, version))
+        })
+        .await?;
+    state.published(version);
+    let mut body = key_json(&key, &secrets);
+    body["secret"] = json!(secret.expose());
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn fetch_key(
+    State(state): State<AppState>,
+    Path((sid, key_sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let (key, secrets) = state
+        .db()
+        .call(move |c| {
+            let key = store::get_key(c, &sid, &key_sid)?.ok_or(ApiError::NotFound)?;
+            let secrets = store::secrets_of(c, &key.sid)?;
+            Ok((key, secrets))
+        })
+        .await?;
+    Ok(Json(key_json(&key, &secrets)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchKey {
+    #[serde(default, deserialize_with = "nullable")]
+    friendly_name: Option<Option<String>>,
+    role: Option<Role>,
+    #[serde(default, deserialize_with = "nullable")]
+    apis: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    allowed_ips: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    limits: Option<Option<KeyLimitsDoc>>,
+    #[serde(default, deserialize_with = "nullable")]
+    expires_at: Option<Option<String>>,
+    enabled: Option<bool>,
+}
+
+async fn update_key(
+    State(state): State<AppState>,
+    Path((sid, key_sid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let req: PatchKey = parse_json(&body)?;
+    let expires_at = match &req.expires_at {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(t)) => Some(Some(model::parse_rfc3339("expires_at", t)?)),
+    };
+    let cat = state.catalog().clone();
+    let (key, secrets, version) = state
+        .db()
+        .call(move |c| {
+            let (key, version) = service::update_key(c, &cat, &sid, &key_sid, |k| {
+                if let Some(v) = req.friendly_name {
+                    k.friendly_name = v;
+                }
+                if let Some(v) = req.role {
+                    k.role = v;
+                }
+                if let Some(v) = req.apis {
+                    k.apis = v;
+                }
+                if let Some(v) = req.allowed_ips {
+                    k.allowed_ips = v;
+                }
+                if let Some(v) = req.limits {
+                    k.limits = v;
+                }
+                if let Some(v) = expires_at {
+                    k.expires_at = v;
+                }
+                if let Some(v) = req.enabled {
+                    k.enabled = v;
+                }
+                Ok(())
+            })?;
+            let secrets = store::secrets_of(c, &key.sid)?;
+            Ok((key, secrets, version))
+        })
+        .await?;
+    state.published(version);
+    Ok(Json(key_json(&key, &secrets)))
+}
+
+async fn delete_key(
+    State(state): State<AppState>,
+    Path((sid, key_sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let version = state.db().call(move |c| service::delete_key(c, &sid, &key_sid)).await?;
+    state.published(version);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Regenerate {
+    grace_seconds: Option<u64>,
+}
+
+async fn regenerate(
+    State(state): State<AppState>,
+    Path((sid, key_sid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let req: Regenerate = parse_json(&body)?;
+    let grace = req.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
+    let r = state.db().call(move |c| service::regenerate(c, &sid, &key_sid, grace)).await?;
+    state.published(r.version);
+    let mut body = key_json(&r.key, &r.secrets);
+    body["secret"] = json!(r.secret.expose());
+    Ok(Json(body))
+}
+
+async fn revoke_previous(
+    State(state): State<AppState>,
+    Path((sid, key_sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    managing(&state, &headers, &sid).await?;
+    let (_, version) = state.db().call(move |c| service::revoke_previous(c, &sid, &key_sid)).await?;
+    if let Some(v) = version {
+        state.published(v);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
