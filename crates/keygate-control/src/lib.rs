@@ -223,8 +223,17 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
-        ApiError::bad(&field, e.into_inner())
+        ApiError::bad(&field, without_position(e.into_inner()))
     })?;
-    de.end().map_err(|e| ApiError::bad("body", e))?;
+    de.end().map_err(|e| ApiError::bad("body", without_position(e)))?;
     Ok(value)
+}
+
+/// serde_json's message without its " at line 1 column 9" suffix (the field is already named).
+fn without_position(e: serde_json::Error) -> String {
+    let m = e.to_string();
+    match m.rfind(" at line ") {
+        Some(i) => m[..i].to_owned(),
+        None => m,
+    }
 }

@@ -1,0 +1,326 @@
+//! Test harness: a control plane on a real socket (port 0), in-process or as the real binary,
+//! and a client that records every response so tests can scan them for secrets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use keygate_control::{service, store, AppState, Config};
+use serde_json::Value;
+
+/// The credentials `init` prints once.
+#[derive(Debug, Clone)]
+pub struct Creds {
+    pub admin: String,
+    pub account_sid: String,
+    pub auth_token: String,
+    pub edge: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Auth {
+    None,
+    Basic(String, String),
+    Bearer(String),
+    /// A raw `Authorization` header value.
+    Raw(String),
+}
+
+impl Auth {
+    pub fn basic(user: &str, pass: &str) -> Auth {
+        Auth::Basic(user.to_owned(), pass.to_owned())
+    }
+    pub fn bearer(t: &str) -> Auth {
+        Auth::Bearer(t.to_owned())
+    }
+    /// The `Authorization` header value the edge would see.
+    pub fn header(&self) -> Option<String> {
+        match self {
+            Auth::None => None,
+            Auth::Basic(u, p) => {
+                Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
+            }
+            Auth::Bearer(t) => Some(format!("Bearer {t}")),
+            Auth::Raw(v) => Some(v.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+    }
+}
+
+/// An HTTP client that keeps a transcript of every response (status, headers, body).
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    http: reqwest::Client,
+    pub transcript: Arc<Mutex<Vec<String>>>,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.to_owned(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            transcript: Arc::default(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        auth: &Auth,
+        body: Option<(&str, String)>,
+        extra: &[(&str, &str)],
+    ) -> Resp {
+        let mut req = self.http.request(method.parse().unwrap(), format!("{}{}", self.base, path));
+        if let Some(h) = auth.header() {
+            req = req.header("authorization", h);
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        if let Some((ct, b)) = body {
+            req = req.header("content-type", ct).body(b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        self.transcript.lock().unwrap().push(format!("{method} {path} -> {status} {headers:?}\n{text}"));
+        Resp { status, headers, text }
+    }
+
+    pub async fn get(&self, path: &str, auth: &Auth) -> Resp {
+        self.send("GET", path, auth, None, &[]).await
+    }
+    pub async fn delete(&self, path: &str, auth: &Auth) -> Resp {
+        self.send("DELETE", path, auth, None, &[]).await
+    }
+    pub async fn post_form(&self, path: &str, auth: &Auth, fields: &[(&str, &str)]) -> Resp {
+        let body = serde_urlencoded::to_string(fields).unwrap();
+        self.send("POST", path, auth, Some(("application/x-www-form-urlencoded", body)), &[]).await
+    }
+    pub async fn json(&self, method: &str, path: &str, auth: &Auth, body: Value) -> Resp {
+        self.send(method, path, auth, Some(("application/json", body.to_string())), &[]).await
+    }
+
+    /// The edge config document (asserts 200).
+    pub async fn feed(&self, edge: &str) -> Value {
+        let r = self.get("/v1/edge/config", &Auth::bearer(edge)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    }
+
+    pub fn responses(&self) -> Vec<String> {
+        self.transcript.lock().unwrap().clone()
+    }
+}
+
+pub fn keys_path(account: &str) -> String {
+    format!("/2010-04-01/Accounts/{account}/Keys.json")
+}
+
+pub fn key_path(account: &str, sid: &str) -> String {
+    format!("/2010-04-01/Accounts/{account}/Keys/{sid}.json")
+}
+
+/// A control plane served in this process on 127.0.0.1:0.
+pub struct InProc {
+    pub client: Client,
+    pub creds: Creds,
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl InProc {
+    pub async fn start() -> InProc {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let config = Config::with_built_in_catalog().unwrap();
+        let mut conn = store::open(&db).unwrap();
+        let out = service::init(&mut conn, &config.catalog, &config.default_region, None).unwrap();
+        drop(conn);
+        let creds = Creds {
+            admin: out.admin_token.expose().to_owned(),
+            account_sid: out.account.sid.clone(),
+            auth_token: out.auth_token.expose().to_owned(),
+            edge: out.edge_token.expose().to_owned(),
+        };
+        let state = AppState::open(&db, config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(keygate_control::run(listener, state, async move {
+            let _ = rx.await;
+        }));
+        InProc { client: Client::new(&format!("http://{addr}")), creds, dir, db, stop: Some(tx) }
+    }
+
+    pub fn account_auth(&self) -> Auth {
+        Auth::basic(&self.creds.account_sid, &self.creds.auth_token)
+    }
+    pub fn admin(&self) -> Auth {
+        Auth::bearer(&self.creds.admin)
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The real `keygate-control serve` binary on 127.0.0.1:0 (database already initialized by
+/// [`init_with_binary`]), its stderr (the logs) captured.
+pub struct Binary {
+    pub child: Child,
+    pub addr: String,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Binary {
+    pub fn spawn(db: &Path) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-control"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(db)
+            .env_remove("KEYGATE_CATALOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in err.lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "listening" {
+                        let _ = addr_tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                    }
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no listening line; stderr: {}", stderr.lock().unwrap()));
+        Binary { child, addr, stderr }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&format!("http://{}", self.addr))
+    }
+
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `keygate-control init` and parses the credentials it prints.
+pub fn init_with_binary(db: &Path) -> (Creds, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate-control"))
+        .args(["init", "--data"])
+        .arg(db)
+        .env_remove("KEYGATE_CATALOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let get = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} not printed: {stdout}"))
+            .to_owned()
+    };
+    let creds = Creds {
+        admin: get("KEYGATE_ADMIN_TOKEN"),
+        account_sid: get("ACCOUNT_SID"),
+        auth_token: get("AUTH_TOKEN"),
+        edge: get("KEYGATE_EDGE_TOKEN"),
+    };
+    (creds, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// What the edge decides for a request, with the control plane's document compiled by the
+/// edge's own compiler: `Ok(api name)` or `Err(reason code)`.
+pub fn edge_decides(doc: &Value, method: &str, path: &str, auth: &Auth, now: u64) -> Result<String, String> {
+    use keygate_core::headers::{AuthorizationHeader, RequestHead};
+    let cfg = keygate_core::compile::compile(doc.to_string().as_bytes()).expect("the edge compiles the feed");
+    let header = auth.header();
+    let head = RequestHead {
+        method: method.as_bytes(),
+        path: path.as_bytes(),
+        authorization: match &header {
+            Some(h) => AuthorizationHeader::One(h.as_bytes()),
+            None => AuthorizationHeader::Absent,
+        },
+        cors_preflight_headers: false,
+    };
+    match keygate_core::decide(&cfg, &head, now, &mut || Some("127.0.0.1".parse().unwrap())) {
+        keygate_core::Decision::Allow(a) => Ok(a.identity.and_then(|i| i.api).unwrap_or("").to_owned()),
+        keygate_core::Decision::Deny(r) => Err(r.code().to_owned()),
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The bytes of the database file and its WAL / shared-memory files.
+pub fn db_bytes(db: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        if let Ok(b) = std::fs::read(PathBuf::from(p)) {
+            all.extend_from_slice(&b);
+        }
+    }
+    all
+}
+
+pub fn count(haystack: &[u8], needle: &str) -> usize {
+    let n = needle.as_bytes();
+    haystack.windows(n.len()).filter(|w| *w == n).count()
+}
