@@ -292,3 +292,79 @@ pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiEr
     let keys = keys.iter().map(|k| k.to_doc(take(&k.sid))).collect();
     Ok(cat.doc(version, accounts, keys))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn setup() -> (tempfile::TempDir, std::path::PathBuf, Catalog, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let cat = Catalog::built_in().unwrap();
+        let mut conn = store::open(&path).unwrap();
+        let out = init(&mut conn, &cat, "us1", None).unwrap();
+        (dir, path, cat, out.account.sid)
+    }
+
+    /// Two connections (as two processes would have) regenerate the same key at once, many
+    /// times: every stored digest belongs to a secret some caller got back.
+    #[test]
+    fn regenerations_on_separate_connections_serialize() {
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::open(&path).unwrap();
+        let (key, first, _) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Standard)).unwrap();
+        let handed_out = std::sync::Mutex::new(BTreeSet::from([secret::digest(first.expose().as_bytes())]));
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let mut c = store::open(&path).unwrap();
+                    for _ in 0..20 {
+                        match regenerate(&mut c, &ac, &key.sid, 3600) {
+                            Ok(r) => {
+                                handed_out.lock().unwrap().insert(secret::digest(r.secret.expose().as_bytes()));
+                            }
+                            Err(ApiError::Conflict(_)) => {}
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        let stored: BTreeSet<String> = store::secrets_of(&conn, &key.sid).unwrap().into_iter().map(|s| s.digest).collect();
+        let handed_out = handed_out.into_inner().unwrap();
+        assert!(stored.is_subset(&handed_out));
+        assert_eq!(store::secrets_of(&conn, &key.sid).unwrap().iter().filter(|s| s.not_after.is_none()).count(), 1);
+        assert_eq!(store::get_key_by_sid(&conn, &key.sid).unwrap().unwrap().generation as usize, stored.len() - 1);
+    }
+
+    #[test]
+    fn a_stale_generation_writes_nothing() {
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::open(&path).unwrap();
+        let (key, _, _) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
+        regenerate(&mut conn, &ac, &key.sid, 0).unwrap();
+        let tx = store::write_tx(&mut conn).unwrap();
+        assert!(!store::update_key(&tx, &key).unwrap(), "generation 0 is stale after a regeneration");
+    }
+
+    #[test]
+    fn every_change_bumps_the_version_once() {
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::open(&path).unwrap();
+        let v0 = store::version(&conn).unwrap();
+        let (key, _, v1) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
+        let (_, v2) = update_key(&mut conn, &cat, &ac, &key.sid, |k| {
+            k.enabled = false;
+            Ok(())
+        })
+        .unwrap();
+        let v3 = regenerate(&mut conn, &ac, &key.sid, 60).unwrap().version;
+        let (_, v4) = revoke_previous(&mut conn, &ac, &key.sid).unwrap();
+        let v5 = delete_key(&mut conn, &ac, &key.sid).unwrap();
+        assert_eq!([v1, v2, v3, v4.unwrap(), v5], [v0 + 1, v0 + 2, v0 + 3, v0 + 4, v0 + 5]);
+        // A refused change bumps nothing.
+        assert!(update_key(&mut conn, &cat, &ac, "SKnope", |_| Ok(())).is_err());
+        assert_eq!(store::version(&conn).unwrap(), v5);
+    }
+}
