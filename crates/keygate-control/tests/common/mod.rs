@@ -110,6 +110,23 @@ impl Client {
         Resp { status, headers, text }
     }
 
+    /// A form POST that reports transport errors (the server may be killed mid-request).
+    pub async fn try_post_form(&self, path: &str, auth: &Auth, fields: &[(&str, &str)]) -> Result<Resp, reqwest::Error> {
+        let mut req = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(serde_urlencoded::to_string(fields).unwrap());
+        if let Some(h) = auth.header() {
+            req = req.header("authorization", h);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await?;
+        Ok(Resp { status, headers, text })
+    }
+
     pub async fn get(&self, path: &str, auth: &Auth) -> Resp {
         self.send("GET", path, auth, None, &[]).await
     }
