@@ -100,10 +100,13 @@ setup-fuzz: ## install cargo-fuzz (needs the nightly toolchain, which these mach
 	else echo "setup: cargo install cargo-fuzz (takes a few minutes)"; cargo install cargo-fuzz --locked --quiet; fi
 
 fuzz: setup-fuzz ## run every fuzz target for FUZZ_SECONDS each (default 60); new corpus and crashers land in fuzz/
-	@for t in $(FUZZ_TARGETS); do \
+	@mkdir -p target/fuzz-logs; for t in $(FUZZ_TARGETS); do \
 	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
-	  cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | grep -E '^(#[0-9]+ *DONE|Done|stat::number_of_executed_units|==[0-9]+==|SUMMARY)' || true; \
-	  if ls fuzz/artifacts/$$t/crash-* >/dev/null 2>&1; then echo "fuzz: $$t found a crasher in fuzz/artifacts/$$t" >&2; exit 1; fi; \
+	  if cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > target/fuzz-logs/$$t.log 2>&1; then \
+	    grep -E '^Done [0-9]+ runs' target/fuzz-logs/$$t.log || true; \
+	  else \
+	    tail -30 target/fuzz-logs/$$t.log >&2; echo "fuzz: $$t found a crasher (see fuzz/artifacts/$$t)" >&2; exit 1; \
+	  fi; \
 	done
 
 fmt: ## format the workspace

@@ -28,9 +28,10 @@ pub fn parse_header_map(buf: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
         let value_start = name_end.checked_add(1)?;
         let value_end = value_start.checked_add(value_len)?;
         let value = buf.get(value_start..value_end)?;
-        // Both terminators must be inside the buffer.
-        buf.get(name_end)?;
-        buf.get(value_end)?;
+        // Both terminators must be inside the buffer and be NUL bytes.
+        if buf.get(name_end) != Some(&0) || buf.get(value_end) != Some(&0) {
+            return None;
+        }
         pairs.push((name, value));
         data = value_end.checked_add(1)?;
     }
@@ -135,6 +136,10 @@ mod tests {
         let mut lying = serialize_header_map(&[(b"a", b"b")]);
         lying[4] = 200;
         assert_eq!(parse_header_map(&lying), None);
+        // Lengths that do not land on the NUL terminators (found by the header_map fuzz target).
+        let mut misaligned = serialize_header_map(&[(b"ab", b"cd")]);
+        misaligned[4] = 1;
+        assert_eq!(parse_header_map(&misaligned), None);
         assert_eq!(parse_header_map(&[]), Some(vec![]));
     }
 
