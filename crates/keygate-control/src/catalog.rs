@@ -29,7 +29,10 @@ impl Catalog {
     pub fn parse(json: &[u8]) -> Result<Catalog, String> {
         let mut de = serde_json::Deserializer::from_slice(json);
         let cat: Catalog =
-            serde_path_to_error::deserialize(&mut de).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+            serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string().as_str() {
+                ".." | "." => e.inner().to_string(),
+                path => format!("{path}: {}", e.inner()),
+            })?;
         compile_doc(&cat.doc(0, Vec::new(), Vec::new())).map_err(|e| e.to_string())?;
         Ok(cat)
     }

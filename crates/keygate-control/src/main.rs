@@ -14,8 +14,21 @@ use keygate_control::{service, store, AppState, Catalog, Config, DEFAULT_REGION}
 /// Start with `keygate-control serve --data ./keygate.db`: on an empty database it initializes
 /// it first and prints the admin token, the first account's SID and auth token, and an edge
 /// token, once. Secrets are shown once and stored only as SHA-256 digests.
+const ENV_HELP: &str = "\
+Environment variables (each sets the flag of the same meaning; flags win):
+  KEYGATE_DATA            --data            database file (default ./keygate.db)
+  KEYGATE_LISTEN          --listen          serve: listen address (default 127.0.0.1:8088)
+  KEYGATE_CATALOG         --catalog         API catalogue JSON (default: built in)
+  KEYGATE_DEFAULT_REGION  --default-region  region of new accounts (default us1)
+  KEYGATE_LOG_FORMAT      --log-format      json | text (default json)
+  KEYGATE_LOG             --log             log filter (default info)
+  KEYGATE_ACCOUNT_NAME    --account-name    init: first account's name; account create: --name
+  KEYGATE_ACCOUNT_REGION  --region          account create: the account's region
+
+Exit status: 0 on success, 1 with a one-line `keygate-control: error: ...` on stderr.";
+
 #[derive(Debug, Parser)]
-#[command(name = "keygate-control", version, propagate_version = true)]
+#[command(name = "keygate-control", version, propagate_version = true, after_long_help = ENV_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,10 +100,10 @@ enum AccountCommand {
         #[command(flatten)]
         data: DataArgs,
         /// Friendly name (at most 64 characters).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, env = "KEYGATE_ACCOUNT_NAME", value_name = "NAME")]
         name: Option<String>,
         /// Home region (default: --default-region).
-        #[arg(long, value_name = "REGION")]
+        #[arg(long, env = "KEYGATE_ACCOUNT_REGION", value_name = "REGION")]
         region: Option<String>,
     },
 }
@@ -107,7 +120,10 @@ enum EdgeTokenCommand {
 fn init_logs(args: &DataArgs) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
