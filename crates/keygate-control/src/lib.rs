@@ -237,3 +237,29 @@ fn without_position(e: serde_json::Error) -> String {
         None => m,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::config::Role;
+
+    /// A catalogue that no longer has an API some key is limited to would make the feed one the
+    /// edge refuses: the server refuses to start instead, naming the key.
+    #[test]
+    fn serve_refuses_a_catalogue_the_stored_keys_do_not_compile_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let cfg = Config::with_built_in_catalog().unwrap();
+        let mut conn = store::open(&path).unwrap();
+        let out = service::init(&mut conn, &cfg.catalog, "us1", None).unwrap();
+        let mut new = service::NewKey::with_role(Role::Standard);
+        new.apis = Some(vec!["messages".to_owned()]);
+        service::create_key(&mut conn, &cfg.catalog, &out.account.sid, new).unwrap();
+        drop(conn);
+        let mut narrower = cfg.clone();
+        narrower.catalog.apis.retain(|a| a.name != "messages");
+        let err = AppState::open(&path, narrower).err().unwrap();
+        assert!(err.contains("keys[0].apis[0]: unknown API \"messages\""), "{err}");
+        assert!(AppState::open(&path, cfg).is_ok());
+    }
+}
