@@ -25,8 +25,16 @@ pub enum Principal {
     Admin,
     Edge,
     /// Account SID + auth token.
-    Account { account_sid: String, suspended: bool },
-    Key { key_sid: String, account_sid: String, role: Role, suspended: bool },
+    Account {
+        account_sid: String,
+        suspended: bool,
+    },
+    Key {
+        key_sid: String,
+        account_sid: String,
+        role: Role,
+        suspended: bool,
+    },
 }
 
 enum Presented {
@@ -47,12 +55,19 @@ fn presented(headers: &HeaderMap) -> Option<Presented> {
     let sp = value.iter().position(|&b| b == b' ')?;
     let (scheme, rest) = (&value[..sp], value[sp + 1..].trim_ascii());
     if scheme.eq_ignore_ascii_case(b"basic") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
         let colon = decoded.iter().position(|&b| b == b':')?;
         let user = String::from_utf8(decoded[..colon].to_vec()).ok()?;
-        Some(Presented::Basic { user, secret: decoded[colon + 1..].to_vec() })
+        Some(Presented::Basic {
+            user,
+            secret: decoded[colon + 1..].to_vec(),
+        })
     } else if scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty() {
-        Some(Presented::Bearer { token: rest.to_vec() })
+        Some(Presented::Bearer {
+            token: rest.to_vec(),
+        })
     } else {
         None
     }
@@ -79,7 +94,11 @@ fn matches(secrets: &[StoredSecret], digest: &[u8; 32], now: i64) -> bool {
 }
 
 /// Resolves the caller, or 401.
-pub fn authenticate(conn: &Connection, headers: &HeaderMap, now: i64) -> Result<Principal, ApiError> {
+pub fn authenticate(
+    conn: &Connection,
+    headers: &HeaderMap,
+    now: i64,
+) -> Result<Principal, ApiError> {
     match presented(headers).ok_or(ApiError::Unauthorized)? {
         Presented::Basic { user, secret } => {
             let digest = keygate_core::digest::Digester::Sha256.digest(&secret);
@@ -87,9 +106,10 @@ pub fn authenticate(conn: &Connection, headers: &HeaderMap, now: i64) -> Result<
                 let secrets = store::secrets_of(conn, &user)?;
                 let account = store::get_account(conn, &user)?;
                 match account {
-                    Some(a) if matches(&secrets, &digest, now) => {
-                        Ok(Principal::Account { suspended: a.suspended(), account_sid: a.sid })
-                    }
+                    Some(a) if matches(&secrets, &digest, now) => Ok(Principal::Account {
+                        suspended: a.suspended(),
+                        account_sid: a.sid,
+                    }),
                     _ => Err(ApiError::Unauthorized),
                 }
             } else {
@@ -111,7 +131,8 @@ pub fn authenticate(conn: &Connection, headers: &HeaderMap, now: i64) -> Result<
                 if !s.live_at(now) {
                     return Err(ApiError::Unauthorized);
                 }
-                let key = store::get_key_by_sid(conn, &s.owner_sid)?.ok_or(ApiError::Unauthorized)?;
+                let key =
+                    store::get_key_by_sid(conn, &s.owner_sid)?.ok_or(ApiError::Unauthorized)?;
                 return key_principal(conn, key, now);
             }
             match store::find_operator_token(conn, &digest)? {
@@ -128,7 +149,12 @@ fn key_principal(conn: &Connection, k: crate::model::Key, now: i64) -> Result<Pr
         return Err(ApiError::Unauthorized);
     }
     let account = store::get_account(conn, &k.account_sid)?.ok_or(ApiError::Unauthorized)?;
-    Ok(Principal::Key { key_sid: k.sid, account_sid: k.account_sid, role: k.role, suspended: account.suspended() })
+    Ok(Principal::Key {
+        key_sid: k.sid,
+        account_sid: k.account_sid,
+        role: k.role,
+        suspended: account.suspended(),
+    })
 }
 
 impl Principal {
@@ -137,9 +163,21 @@ impl Principal {
     pub fn may_manage(&self, account_sid: &str) -> Result<(), ApiError> {
         let (own, role, suspended) = match self {
             Principal::Admin => return Ok(()),
-            Principal::Edge => return Err(ApiError::Forbidden("edge tokens may only read the edge config")),
-            Principal::Account { account_sid, suspended } => (account_sid, Role::Main, *suspended),
-            Principal::Key { account_sid, role, suspended, .. } => (account_sid, *role, *suspended),
+            Principal::Edge => {
+                return Err(ApiError::Forbidden(
+                    "edge tokens may only read the edge config",
+                ))
+            }
+            Principal::Account {
+                account_sid,
+                suspended,
+            } => (account_sid, Role::Main, *suspended),
+            Principal::Key {
+                account_sid,
+                role,
+                suspended,
+                ..
+            } => (account_sid, *role, *suspended),
         };
         if own != account_sid {
             return Err(ApiError::NotFound);
@@ -158,14 +196,18 @@ impl Principal {
     pub fn require_admin(&self) -> Result<(), ApiError> {
         match self {
             Principal::Admin => Ok(()),
-            _ => Err(ApiError::Forbidden("only the operator (admin token) may do this")),
+            _ => Err(ApiError::Forbidden(
+                "only the operator (admin token) may do this",
+            )),
         }
     }
 
     pub fn may_read_feed(&self) -> Result<(), ApiError> {
         match self {
             Principal::Admin | Principal::Edge => Ok(()),
-            _ => Err(ApiError::Forbidden("only edge tokens (or the admin token) may read the edge config")),
+            _ => Err(ApiError::Forbidden(
+                "only edge tokens (or the admin token) may read the edge config",
+            )),
         }
     }
 }

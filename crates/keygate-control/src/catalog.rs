@@ -28,11 +28,12 @@ impl Catalog {
     /// Parses and validates a catalogue; the error names the place (`apis[2].paths[0]: ...`).
     pub fn parse(json: &[u8]) -> Result<Catalog, String> {
         let mut de = serde_json::Deserializer::from_slice(json);
-        let cat: Catalog =
-            serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string().as_str() {
+        let cat: Catalog = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            match e.path().to_string().as_str() {
                 ".." | "." => e.inner().to_string(),
                 path => format!("{path}: {}", e.inner()),
-            })?;
+            }
+        })?;
         compile_doc(&cat.doc(0, Vec::new(), Vec::new())).map_err(|e| e.to_string())?;
         Ok(cat)
     }
@@ -47,7 +48,10 @@ impl Catalog {
         ConfigDoc {
             schema: SCHEMA_V1.to_owned(),
             version,
-            settings: Settings { check_secret_format: true, ..Settings::default() },
+            settings: Settings {
+                check_secret_format: true,
+                ..Settings::default()
+            },
             apis: self.apis.clone(),
             accounts,
             keys,
@@ -68,7 +72,11 @@ mod tests {
     fn built_in_catalog_compiles_and_has_the_demo_apis() {
         let cat = Catalog::built_in().unwrap();
         let demo: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../envoy/keygate-demo.json")).unwrap(),
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../envoy/keygate-demo.json"
+            ))
+            .unwrap(),
         )
         .unwrap();
         let demo_apis: Vec<ApiDoc> = serde_json::from_value(demo["apis"].clone()).unwrap();
@@ -78,7 +86,8 @@ mod tests {
 
     #[test]
     fn bad_catalog_is_refused_with_its_path() {
-        let err = Catalog::parse(br#"{"apis":[{"name":"x","methods":["get"],"paths":["/x"]}]}"#).unwrap_err();
+        let err = Catalog::parse(br#"{"apis":[{"name":"x","methods":["get"],"paths":["/x"]}]}"#)
+            .unwrap_err();
         assert!(err.starts_with("apis[0].methods[0]: "), "{err}");
         let err = Catalog::parse(br#"{"apis":[],"extra":1}"#).unwrap_err();
         assert!(err.contains("extra"), "{err}");

@@ -31,14 +31,20 @@ fn etag(version: u64) -> String {
 /// Whether `If-None-Match` names `version` (strong or weak form, or `*`).
 fn not_modified(headers: &HeaderMap, version: u64) -> bool {
     let want = etag(version);
-    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == want)
-    })
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == want)
+        })
 }
 
 fn wait_param(query: Option<&str>) -> Result<u64, ApiError> {
-    let fields: Vec<(String, String)> =
-        serde_urlencoded::from_str(query.unwrap_or("")).map_err(|_| ApiError::bad("query", "must be URL-encoded"))?;
+    let fields: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|_| ApiError::bad("query", "must be URL-encoded"))?;
     match fields.iter().rev().find(|(k, _)| k == "wait") {
         None => Ok(0),
         Some((_, v)) => v
@@ -56,7 +62,11 @@ fn not_modified_response(version: u64) -> Response {
     resp
 }
 
-async fn config(State(state): State<AppState>, headers: HeaderMap, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+async fn config(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
     state.principal(&headers).await?.may_read_feed()?;
     let wait = wait_param(query.as_deref())?;
     let mut versions = state.subscribe();
@@ -79,7 +89,10 @@ async fn config(State(state): State<AppState>, headers: HeaderMap, RawQuery(quer
     }
     let mut resp = body.into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&etag(version)) {
         h.insert(header::ETAG, v);
@@ -103,9 +116,16 @@ impl AppState {
             })
             .await?;
         if let Some(doc) = fresh {
-            let json = serde_json::to_vec(&doc).map_err(|e| internal("serialize edge config", e))?;
-            keygate_core::compile::compile(&json).map_err(|e| internal("edge config does not compile", e))?;
-            tracing::info!(version = doc.version, accounts = doc.accounts.len(), keys = doc.keys.len(), "edge config built");
+            let json =
+                serde_json::to_vec(&doc).map_err(|e| internal("serialize edge config", e))?;
+            keygate_core::compile::compile(&json)
+                .map_err(|e| internal("edge config does not compile", e))?;
+            tracing::info!(
+                version = doc.version,
+                accounts = doc.accounts.len(),
+                keys = doc.keys.len(),
+                "edge config built"
+            );
             self.published(doc.version);
             *cache = Some((doc.version, json.into()));
         }

@@ -38,8 +38,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use crate::catalog::Catalog;
 use crate::auth::Principal;
+pub use crate::catalog::Catalog;
 use crate::error::ApiError;
 use crate::store::Db;
 
@@ -53,7 +53,10 @@ pub struct Config {
 
 impl Config {
     pub fn with_built_in_catalog() -> Result<Config, String> {
-        Ok(Config { catalog: Catalog::built_in()?, default_region: DEFAULT_REGION.to_owned() })
+        Ok(Config {
+            catalog: Catalog::built_in()?,
+            default_region: DEFAULT_REGION.to_owned(),
+        })
     }
 }
 
@@ -131,7 +134,9 @@ impl AppState {
         for v in headers.get_all(axum::http::header::AUTHORIZATION) {
             auth.append(axum::http::header::AUTHORIZATION, v.clone());
         }
-        self.db().call(move |c| auth::authenticate(c, &auth, model::now())).await
+        self.db()
+            .call(move |c| auth::authenticate(c, &auth, model::now()))
+            .await
     }
 }
 
@@ -151,7 +156,10 @@ pub fn app(state: AppState) -> Router {
 /// secret pasted into a URL is not logged), status, duration. Headers are never logged.
 async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
     let started = Instant::now();
     let resp = next.run(req).await;
     tracing::info!(
@@ -218,14 +226,19 @@ pub async fn shutdown_signal() {
 /// Parses a JSON body into `T`; errors name the field (`limits.rate.per: invalid type ...`).
 /// An empty body reads as `{}`.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
         ApiError::bad(&field, without_position(e.into_inner()))
     })?;
-    de.end().map_err(|e| ApiError::bad("body", without_position(e)))?;
+    de.end()
+        .map_err(|e| ApiError::bad("body", without_position(e)))?;
     Ok(value)
 }
 
@@ -259,7 +272,10 @@ mod tests {
         let mut narrower = cfg.clone();
         narrower.catalog.apis.retain(|a| a.name != "messages");
         let err = AppState::open(&path, narrower).err().unwrap();
-        assert!(err.contains("keys[0].apis[0]: unknown API \"messages\""), "{err}");
+        assert!(
+            err.contains("keys[0].apis[0]: unknown API \"messages\""),
+            "{err}"
+        );
         assert!(AppState::open(&path, cfg).is_ok());
     }
 }

@@ -52,7 +52,12 @@ enum Command {
 #[derive(Debug, Args)]
 struct DataArgs {
     /// SQLite database file (created if missing; WAL files live next to it).
-    #[arg(long, env = "KEYGATE_DATA", default_value = "./keygate.db", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "KEYGATE_DATA",
+        default_value = "./keygate.db",
+        value_name = "FILE"
+    )]
     data: PathBuf,
     /// API catalogue and limit defaults (JSON `{"apis": [...], "limits": {...}}`, the edge
     /// config's schema). Default: the built-in catalogue (the demo's APIs).
@@ -65,7 +70,12 @@ struct DataArgs {
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
     /// Log filter, in tracing-subscriber's EnvFilter syntax (`info`, `keygate_control=debug`).
-    #[arg(long, env = "KEYGATE_LOG", default_value = "info", value_name = "FILTER")]
+    #[arg(
+        long,
+        env = "KEYGATE_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
     log: String,
 }
 
@@ -80,7 +90,12 @@ struct ServeArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Address to listen on (port 0 picks a free port; the log line "listening" names it).
-    #[arg(long, env = "KEYGATE_LISTEN", default_value = "127.0.0.1:8088", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "KEYGATE_LISTEN",
+        default_value = "127.0.0.1:8088",
+        value_name = "ADDR"
+    )]
     listen: SocketAddr,
 }
 
@@ -134,11 +149,15 @@ fn config(args: &DataArgs) -> Result<Config, String> {
     let catalog = match &args.catalog {
         None => Catalog::built_in()?,
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| format!("cannot read catalogue {}: {e}", path.display()))?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("cannot read catalogue {}: {e}", path.display()))?;
             Catalog::parse(&bytes).map_err(|e| format!("catalogue {}: {e}", path.display()))?
         }
     };
-    Ok(Config { catalog, default_region: args.default_region.clone() })
+    Ok(Config {
+        catalog,
+        default_region: args.default_region.clone(),
+    })
 }
 
 fn open(path: &Path) -> Result<rusqlite::Connection, String> {
@@ -146,7 +165,11 @@ fn open(path: &Path) -> Result<rusqlite::Connection, String> {
 }
 
 fn print_init(out: &service::Initialized, data: &Path) {
-    println!("# keygate-control initialized {} (config version {})", data.display(), out.version);
+    println!(
+        "# keygate-control initialized {} (config version {})",
+        data.display(),
+        out.version
+    );
     println!("# Shown once, stored only as digests. Keep them in a secrets manager.");
     println!("# Operator credential (Bearer) for /v1/accounts and everything else:");
     println!("KEYGATE_ADMIN_TOKEN={}", out.admin_token.expose());
@@ -163,7 +186,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let mut conn = open(&args.data.data)?;
         if !store::has_admin(&conn).map_err(|e| e.message())? {
             tracing::info!(data = %args.data.data.display(), "empty database: initializing (credentials on stdout)");
-            let out = service::init(&mut conn, &cfg.catalog, &cfg.default_region, None).map_err(|e| e.message())?;
+            let out = service::init(&mut conn, &cfg.catalog, &cfg.default_region, None)
+                .map_err(|e| e.message())?;
             print_init(&out, &args.data.data);
         }
     }
@@ -173,7 +197,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(addr = %addr, data = %args.data.data.display(), version = state.current_version(), "listening");
-    keygate_control::run(listener, state, keygate_control::shutdown_signal()).await.map_err(|e| e.to_string())?;
+    keygate_control::run(listener, state, keygate_control::shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -182,15 +208,21 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(args) => {
             init_logs(&args.data);
-            let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
+            let rt =
+                tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
             rt.block_on(serve(args))
         }
         Command::Init(args) => {
             init_logs(&args.data);
             let cfg = config(&args.data)?;
             let mut conn = open(&args.data.data)?;
-            let out = service::init(&mut conn, &cfg.catalog, &cfg.default_region, args.account_name)
-                .map_err(|e| e.message())?;
+            let out = service::init(
+                &mut conn,
+                &cfg.catalog,
+                &cfg.default_region,
+                args.account_name,
+            )
+            .map_err(|e| e.message())?;
             print_init(&out, &args.data.data);
             Ok(())
         }
@@ -198,9 +230,14 @@ fn run(cli: Cli) -> Result<(), String> {
             init_logs(&data);
             let cfg = config(&data)?;
             let mut conn = open(&data.data)?;
-            let new = service::NewAccount { friendly_name: name, region, ..Default::default() };
+            let new = service::NewAccount {
+                friendly_name: name,
+                region,
+                ..Default::default()
+            };
             let (account, token, version) =
-                service::create_account(&mut conn, &cfg.catalog, &cfg.default_region, new).map_err(|e| e.message())?;
+                service::create_account(&mut conn, &cfg.catalog, &cfg.default_region, new)
+                    .map_err(|e| e.message())?;
             println!("# Account created (config version {version}); the auth token is shown once.");
             println!("ACCOUNT_SID={}", account.sid);
             println!("AUTH_TOKEN={}", token.expose());
@@ -209,7 +246,8 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::EdgeToken(EdgeTokenCommand::Create { data }) => {
             init_logs(&data);
             let mut conn = open(&data.data)?;
-            let (sid, token) = service::create_operator_token(&mut conn, OperatorKind::Edge).map_err(|e| e.message())?;
+            let (sid, token) = service::create_operator_token(&mut conn, OperatorKind::Edge)
+                .map_err(|e| e.message())?;
             println!("# Edge token {sid} created; shown once.");
             println!("KEYGATE_EDGE_TOKEN={}", token.expose());
             Ok(())

@@ -60,7 +60,10 @@ impl StoredSecret {
     }
 
     pub fn to_doc(&self) -> SecretDoc {
-        SecretDoc { digest: self.digest.clone(), not_after: self.not_after.map(rfc3339) }
+        SecretDoc {
+            digest: self.digest.clone(),
+            not_after: self.not_after.map(rfc3339),
+        }
     }
 }
 
@@ -129,7 +132,10 @@ pub const MAX_FRIENDLY_NAME: usize = 64;
 
 pub fn validate_friendly_name(field: &str, name: &str) -> Result<(), ApiError> {
     if name.chars().count() > MAX_FRIENDLY_NAME {
-        return Err(ApiError::bad(field, format!("must be at most {MAX_FRIENDLY_NAME} characters")));
+        return Err(ApiError::bad(
+            field,
+            format!("must be at most {MAX_FRIENDLY_NAME} characters"),
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err(ApiError::bad(field, "must not contain control characters"));
@@ -139,9 +145,14 @@ pub fn validate_friendly_name(field: &str, name: &str) -> Result<(), ApiError> {
 
 pub fn validate_region(field: &str, region: &str) -> Result<(), ApiError> {
     let ok = (1..=32).contains(&region.len())
-        && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        return Err(ApiError::bad(field, "must be 1 to 32 lowercase letters, digits or '-'"));
+        return Err(ApiError::bad(
+            field,
+            "must be 1 to 32 lowercase letters, digits or '-'",
+        ));
     }
     Ok(())
 }
@@ -167,15 +178,22 @@ pub fn validate_key(cat: &Catalog, key: &Key) -> Result<(), ApiError> {
     let doc = cat.doc(
         0,
         vec![account],
-        vec![key.to_doc(vec![SecretDoc { digest: PLACEHOLDER_DIGEST.to_owned(), not_after: None }])],
+        vec![key.to_doc(vec![SecretDoc {
+            digest: PLACEHOLDER_DIGEST.to_owned(),
+            not_after: None,
+        }])],
     );
-    compile_doc(&doc).map(|_| ()).map_err(|e| ApiError::bad(&strip(&e.path, "keys[0]"), e.message))
+    compile_doc(&doc)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad(&strip(&e.path, "keys[0]"), e.message))
 }
 
 /// Checks an account exactly as the edge will.
 pub fn validate_account(cat: &Catalog, account: &Account) -> Result<(), ApiError> {
     let doc = cat.doc(0, vec![account.to_doc(Vec::new())], Vec::new());
-    compile_doc(&doc).map(|_| ()).map_err(|e| ApiError::bad(&strip(&e.path, "accounts[0]"), e.message))
+    compile_doc(&doc)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad(&strip(&e.path, "accounts[0]"), e.message))
 }
 
 pub fn now() -> i64 {
@@ -188,7 +206,9 @@ fn datetime(secs: i64) -> DateTime<Utc> {
 
 /// `Mon, 22 Nov 2026 06:13:27 +0000`: RFC 2822 in GMT, as Twilio writes `date_created`.
 pub fn rfc2822(secs: i64) -> String {
-    datetime(secs).format("%a, %d %b %Y %H:%M:%S +0000").to_string()
+    datetime(secs)
+        .format("%a, %d %b %Y %H:%M:%S +0000")
+        .to_string()
 }
 
 /// `2026-11-22T06:13:27Z`: RFC 3339 UTC, as the edge config and keygate's paths write times.
@@ -199,8 +219,19 @@ pub fn rfc3339(secs: i64) -> String {
 pub fn parse_rfc3339(field: &str, s: &str) -> Result<i64, ApiError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp())
-        .map_err(|_| ApiError::bad(field, format!("invalid RFC 3339 time {s:?} (expected like \"2026-11-24T10:00:00Z\")")))
-        .and_then(|t| if t < 0 { Err(ApiError::bad(field, "must be after 1970")) } else { Ok(t) })
+        .map_err(|_| {
+            ApiError::bad(
+                field,
+                format!("invalid RFC 3339 time {s:?} (expected like \"2026-11-24T10:00:00Z\")"),
+            )
+        })
+        .and_then(|t| {
+            if t < 0 {
+                Err(ApiError::bad(field, "must be after 1970"))
+            } else {
+                Ok(t)
+            }
+        })
 }
 
 #[cfg(test)]
@@ -211,8 +242,14 @@ mod tests {
     fn dates_in_twilio_and_edge_formats() {
         assert_eq!(rfc2822(1_795_328_007), "Sun, 22 Nov 2026 06:13:27 +0000");
         assert_eq!(rfc3339(1_795_328_007), "2026-11-22T06:13:27Z");
-        assert_eq!(parse_rfc3339("x", "2026-11-22T07:13:27+01:00").unwrap(), 1_795_328_007);
-        assert!(parse_rfc3339("expires_at", "tomorrow").unwrap_err().message().starts_with("expires_at: "));
+        assert_eq!(
+            parse_rfc3339("x", "2026-11-22T07:13:27+01:00").unwrap(),
+            1_795_328_007
+        );
+        assert!(parse_rfc3339("expires_at", "tomorrow")
+            .unwrap_err()
+            .message()
+            .starts_with("expires_at: "));
     }
 
     #[test]

@@ -89,7 +89,11 @@ impl OperatorKind {
 
 /// An operator token: recognisable prefix and 256 random bits in hex.
 pub fn new_operator_token(kind: OperatorKind) -> Result<Secret, ApiError> {
-    Ok(Secret(format!("{}{}", kind.prefix(), hex::encode(random::<32>()?))))
+    Ok(Secret(format!(
+        "{}{}",
+        kind.prefix(),
+        hex::encode(random::<32>()?)
+    )))
 }
 
 /// The stored form of a secret: lowercase hex SHA-256, as the edge config carries it.
@@ -115,6 +119,8 @@ mod tests {
     fn sids_have_prefix_and_32_hex() {
         let s = new_sid("SK").unwrap();
         assert_eq!(s.len(), 34);
-        assert!(s[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(s[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     }
 }

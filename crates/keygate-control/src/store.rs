@@ -74,7 +74,8 @@ CREATE INDEX secrets_by_owner ON secrets (owner_sid);
 
 /// Opens (creating if needed) and migrates the database file.
 pub fn open(path: &Path) -> Result<Connection, String> {
-    let mut conn = Connection::open(path).map_err(|e| format!("cannot open database {}: {e}", path.display()))?;
+    let mut conn = Connection::open(path)
+        .map_err(|e| format!("cannot open database {}: {e}", path.display()))?;
     let setup = || -> rusqlite::Result<()> {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -107,7 +108,9 @@ pub struct Db {
 
 impl Db {
     pub fn new(conn: Connection) -> Db {
-        Db { conn: Arc::new(Mutex::new(conn)) }
+        Db {
+            conn: Arc::new(Mutex::new(conn)),
+        }
     }
 
     /// Runs `f` on the connection on the blocking pool.
@@ -134,25 +137,35 @@ pub fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, ApiError> {
 }
 
 pub fn version(conn: &Connection) -> Result<u64, ApiError> {
-    let v: i64 = conn.query_row("SELECT version FROM config_version WHERE id = 1", [], |r| r.get(0))?;
+    let v: i64 = conn.query_row("SELECT version FROM config_version WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
 /// Increments the config version inside the caller's transaction.
 pub fn bump(tx: &Transaction<'_>) -> Result<u64, ApiError> {
-    let v: i64 =
-        tx.query_row("UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version", [], |r| r.get(0))?;
+    let v: i64 = tx.query_row(
+        "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
+        [],
+        |r| r.get(0),
+    )?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
 fn json_col<T: DeserializeOwned>(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<T>> {
     let s: Option<String> = r.get(idx)?;
-    s.map(|s| serde_json::from_str(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e))))
-        .transpose()
+    s.map(|s| {
+        serde_json::from_str(&s)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+    })
+    .transpose()
 }
 
 fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, ApiError> {
-    v.as_ref().map(|v| serde_json::to_string(v).map_err(|e| internal("serialize column", e))).transpose()
+    v.as_ref()
+        .map(|v| serde_json::to_string(v).map_err(|e| internal("serialize column", e)))
+        .transpose()
 }
 
 fn bad_col(idx: usize, what: &str) -> rusqlite::Error {
@@ -161,7 +174,13 @@ fn bad_col(idx: usize, what: &str) -> rusqlite::Error {
 
 // ---- operator tokens ----
 
-pub fn insert_operator_token(tx: &Transaction<'_>, sid: &str, kind: OperatorKind, digest: &str, now: i64) -> Result<(), ApiError> {
+pub fn insert_operator_token(
+    tx: &Transaction<'_>,
+    sid: &str,
+    kind: OperatorKind,
+    digest: &str,
+    now: i64,
+) -> Result<(), ApiError> {
     tx.execute(
         "INSERT INTO operator_tokens (sid, kind, digest, created_at) VALUES (?1, ?2, ?3, ?4)",
         params![sid, kind.as_str(), digest, now],
@@ -169,20 +188,32 @@ pub fn insert_operator_token(tx: &Transaction<'_>, sid: &str, kind: OperatorKind
     Ok(())
 }
 
-pub fn find_operator_token(conn: &Connection, digest: &str) -> Result<Option<OperatorKind>, ApiError> {
+pub fn find_operator_token(
+    conn: &Connection,
+    digest: &str,
+) -> Result<Option<OperatorKind>, ApiError> {
     let kind: Option<String> = conn
-        .query_row("SELECT kind FROM operator_tokens WHERE digest = ?1", [digest], |r| r.get(0))
+        .query_row(
+            "SELECT kind FROM operator_tokens WHERE digest = ?1",
+            [digest],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(kind.as_deref().and_then(OperatorKind::parse))
 }
 
 pub fn has_admin(conn: &Connection) -> Result<bool, ApiError> {
-    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM operator_tokens WHERE kind = 'admin')", [], |r| r.get(0))?)
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM operator_tokens WHERE kind = 'admin')",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 // ---- accounts ----
 
-const ACCOUNT_COLS: &str = "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at";
+const ACCOUNT_COLS: &str =
+    "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at";
 
 fn account_row(r: &Row<'_>) -> rusqlite::Result<Account> {
     let status: String = r.get(2)?;
@@ -226,13 +257,19 @@ pub fn update_account(tx: &Transaction<'_>, a: &Account) -> Result<(), ApiError>
 
 pub fn get_account(conn: &Connection, sid: &str) -> Result<Option<Account>, ApiError> {
     Ok(conn
-        .query_row(&format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE sid = ?1"), [sid], account_row)
+        .query_row(
+            &format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE sid = ?1"),
+            [sid],
+            account_row,
+        )
         .optional()?)
 }
 
 pub fn all_accounts(conn: &Connection) -> Result<Vec<Account>, ApiError> {
     let mut st = conn.prepare(&format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY sid"))?;
-    let rows = st.query_map([], account_row)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st
+        .query_map([], account_row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
@@ -315,22 +352,37 @@ pub fn get_key(conn: &Connection, account_sid: &str, sid: &str) -> Result<Option
 }
 
 pub fn get_key_by_sid(conn: &Connection, sid: &str) -> Result<Option<Key>, ApiError> {
-    Ok(conn.query_row(&format!("SELECT {KEY_COLS} FROM keys WHERE sid = ?1"), [sid], key_row).optional()?)
+    Ok(conn
+        .query_row(
+            &format!("SELECT {KEY_COLS} FROM keys WHERE sid = ?1"),
+            [sid],
+            key_row,
+        )
+        .optional()?)
 }
 
 /// An account's keys sorted by date updated (then SID), `limit` from `offset`.
-pub fn list_keys(conn: &Connection, account_sid: &str, offset: u64, limit: u64) -> Result<Vec<Key>, ApiError> {
+pub fn list_keys(
+    conn: &Connection,
+    account_sid: &str,
+    offset: u64,
+    limit: u64,
+) -> Result<Vec<Key>, ApiError> {
     let mut st = conn.prepare(&format!(
         "SELECT {KEY_COLS} FROM keys WHERE account_sid = ?1 ORDER BY updated_at, sid LIMIT ?2 OFFSET ?3"
     ))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let offset = i64::try_from(offset).unwrap_or(i64::MAX);
-    let rows = st.query_map(params![account_sid, limit, offset], key_row)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st
+        .query_map(params![account_sid, limit, offset], key_row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
 pub fn all_keys(conn: &Connection) -> Result<Vec<Key>, ApiError> {
-    let mut st = conn.prepare(&format!("SELECT {KEY_COLS} FROM keys ORDER BY account_sid, sid"))?;
+    let mut st = conn.prepare(&format!(
+        "SELECT {KEY_COLS} FROM keys ORDER BY account_sid, sid"
+    ))?;
     let rows = st.query_map([], key_row)?.collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
@@ -343,10 +395,20 @@ pub fn delete_key(tx: &Transaction<'_>, sid: &str) -> Result<bool, ApiError> {
 // ---- secrets ----
 
 fn secret_row(r: &Row<'_>) -> rusqlite::Result<StoredSecret> {
-    Ok(StoredSecret { digest: r.get(0)?, owner_sid: r.get(1)?, not_after: r.get(2)?, created_at: r.get(3)? })
+    Ok(StoredSecret {
+        digest: r.get(0)?,
+        owner_sid: r.get(1)?,
+        not_after: r.get(2)?,
+        created_at: r.get(3)?,
+    })
 }
 
-pub fn insert_secret(tx: &Transaction<'_>, owner_sid: &str, digest: &str, now: i64) -> Result<(), ApiError> {
+pub fn insert_secret(
+    tx: &Transaction<'_>,
+    owner_sid: &str,
+    digest: &str,
+    now: i64,
+) -> Result<(), ApiError> {
     tx.execute(
         "INSERT INTO secrets (digest, owner_sid, not_after, created_at) VALUES (?1, ?2, NULL, ?3)",
         params![digest, owner_sid, now],
@@ -360,7 +422,9 @@ pub fn secrets_of(conn: &Connection, owner_sid: &str) -> Result<Vec<StoredSecret
         "SELECT digest, owner_sid, not_after, created_at FROM secrets WHERE owner_sid = ?1
          ORDER BY not_after IS NOT NULL, not_after DESC, created_at DESC",
     )?;
-    let rows = st.query_map([owner_sid], secret_row)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st
+        .query_map([owner_sid], secret_row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
@@ -369,25 +433,45 @@ pub fn all_secrets(conn: &Connection) -> Result<Vec<StoredSecret>, ApiError> {
         "SELECT digest, owner_sid, not_after, created_at FROM secrets
          ORDER BY owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC",
     )?;
-    let rows = st.query_map([], secret_row)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st
+        .query_map([], secret_row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
 pub fn find_secret(conn: &Connection, digest: &str) -> Result<Option<StoredSecret>, ApiError> {
     Ok(conn
-        .query_row("SELECT digest, owner_sid, not_after, created_at FROM secrets WHERE digest = ?1", [digest], secret_row)
+        .query_row(
+            "SELECT digest, owner_sid, not_after, created_at FROM secrets WHERE digest = ?1",
+            [digest],
+            secret_row,
+        )
         .optional()?)
 }
 
 /// Ends the grace of the owner's current secret at `not_after`; returns how many were changed.
-pub fn retire_current(tx: &Transaction<'_>, owner_sid: &str, not_after: i64) -> Result<usize, ApiError> {
-    Ok(tx.execute("UPDATE secrets SET not_after = ?2 WHERE owner_sid = ?1 AND not_after IS NULL", params![owner_sid, not_after])?)
+pub fn retire_current(
+    tx: &Transaction<'_>,
+    owner_sid: &str,
+    not_after: i64,
+) -> Result<usize, ApiError> {
+    Ok(tx.execute(
+        "UPDATE secrets SET not_after = ?2 WHERE owner_sid = ?1 AND not_after IS NULL",
+        params![owner_sid, not_after],
+    )?)
 }
 
 /// Deletes the owner's rotated secrets (all of them, or only those whose grace ended before `now`).
-pub fn delete_previous(tx: &Transaction<'_>, owner_sid: &str, expired_before: Option<i64>) -> Result<usize, ApiError> {
+pub fn delete_previous(
+    tx: &Transaction<'_>,
+    owner_sid: &str,
+    expired_before: Option<i64>,
+) -> Result<usize, ApiError> {
     Ok(match expired_before {
-        None => tx.execute("DELETE FROM secrets WHERE owner_sid = ?1 AND not_after IS NOT NULL", [owner_sid])?,
+        None => tx.execute(
+            "DELETE FROM secrets WHERE owner_sid = ?1 AND not_after IS NOT NULL",
+            [owner_sid],
+        )?,
         Some(now) => tx.execute(
             "DELETE FROM secrets WHERE owner_sid = ?1 AND not_after IS NOT NULL AND not_after < ?2",
             params![owner_sid, now],

@@ -29,8 +29,14 @@ use crate::{store, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/2010-04-01/Accounts/{account_sid}/Keys.json", get(list).post(create))
-        .route("/2010-04-01/Accounts/{account_sid}/Keys/{key_file}", get(fetch).post(update).delete(delete))
+        .route(
+            "/2010-04-01/Accounts/{account_sid}/Keys.json",
+            get(list).post(create),
+        )
+        .route(
+            "/2010-04-01/Accounts/{account_sid}/Keys/{key_file}",
+            get(fetch).post(update).delete(delete),
+        )
 }
 
 const DEFAULT_PAGE_SIZE: u64 = 50;
@@ -53,14 +59,25 @@ fn form(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
 }
 
 fn field<'f>(fields: &'f [(String, String)], name: &str) -> Option<&'f str> {
-    fields.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    fields
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn key_sid(key_file: &str) -> Result<String, ApiError> {
-    key_file.strip_suffix(".json").map(str::to_owned).ok_or(ApiError::NotFound)
+    key_file
+        .strip_suffix(".json")
+        .map(str::to_owned)
+        .ok_or(ApiError::NotFound)
 }
 
-async fn authorize(state: &AppState, headers: &HeaderMap, account_sid: &str) -> Result<(), ApiError> {
+async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    account_sid: &str,
+) -> Result<(), ApiError> {
     state.principal(headers).await?.may_manage(account_sid)
 }
 
@@ -74,7 +91,8 @@ async fn create(
     let fields = form(&body)?;
     let role = match field(&fields, "KeyType") {
         None => Role::Standard,
-        Some(t) => model::parse_role(t).ok_or_else(|| ApiError::bad("KeyType", "must be main, standard or publishable"))?,
+        Some(t) => model::parse_role(t)
+            .ok_or_else(|| ApiError::bad("KeyType", "must be main, standard or publishable"))?,
     };
     let mut new = NewKey::with_role(role);
     if let Some(name) = field(&fields, "FriendlyName") {
@@ -82,7 +100,10 @@ async fn create(
         new.friendly_name = Some(name.to_owned());
     }
     let cat = state.catalog().clone();
-    let (key, secret, version) = state.db().call(move |c| service::create_key(c, &cat, &account_sid, new)).await?;
+    let (key, secret, version) = state
+        .db()
+        .call(move |c| service::create_key(c, &cat, &account_sid, new))
+        .await?;
     state.published(version);
     let mut body = key_json(&key);
     body.insert("secret".into(), json!(secret.expose()));
@@ -96,7 +117,11 @@ async fn fetch(
 ) -> Result<Json<Value>, TwilioError> {
     authorize(&state, &headers, &account_sid).await?;
     let sid = key_sid(&key_file)?;
-    let key = state.db().call(move |c| store::get_key(c, &account_sid, &sid)).await?.ok_or(ApiError::NotFound)?;
+    let key = state
+        .db()
+        .call(move |c| store::get_key(c, &account_sid, &sid))
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(Value::Object(key_json(&key))))
 }
 
@@ -136,12 +161,21 @@ async fn delete(
 ) -> Result<StatusCode, TwilioError> {
     authorize(&state, &headers, &account_sid).await?;
     let sid = key_sid(&key_file)?;
-    let version = state.db().call(move |c| service::delete_key(c, &account_sid, &sid)).await?;
+    let version = state
+        .db()
+        .call(move |c| service::delete_key(c, &account_sid, &sid))
+        .await?;
     state.published(version);
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn page_param(fields: &[(String, String)], name: &str, min: u64, max: u64, default: u64) -> Result<u64, ApiError> {
+fn page_param(
+    fields: &[(String, String)],
+    name: &str,
+    min: u64,
+    max: u64,
+    default: u64,
+) -> Result<u64, ApiError> {
     match field(fields, name) {
         None => Ok(default),
         Some(v) => v
@@ -168,7 +202,12 @@ async fn list(
     let acc = account_sid.clone();
     let (account_known, mut keys) = state
         .db()
-        .call(move |c| Ok((store::get_account(c, &acc)?.is_some(), store::list_keys(c, &acc, start, page_size + 1)?)))
+        .call(move |c| {
+            Ok((
+                store::get_account(c, &acc)?.is_some(),
+                store::list_keys(c, &acc, start, page_size + 1)?,
+            ))
+        })
         .await?;
     if !account_known {
         return Err(ApiError::NotFound.into());
@@ -181,7 +220,11 @@ async fn list(
         Some(last) if more => json!(format!("{}&PageToken=PA{}", uri(page + 1), last.sid)),
         _ => Value::Null,
     };
-    let previous = if page > 0 { json!(uri(page - 1)) } else { Value::Null };
+    let previous = if page > 0 {
+        json!(uri(page - 1))
+    } else {
+        Value::Null
+    };
     let count = keys.len() as u64;
     Ok(Json(json!({
         "keys": keys.iter().map(|k| Value::Object(key_json(k))).collect::<Vec<_>>(),

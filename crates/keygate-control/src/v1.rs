@@ -30,15 +30,29 @@ use crate::{parse_json, store, AppState};
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/accounts", post(create_account))
-        .route("/v1/accounts/{sid}", get(fetch_account).patch(update_account))
+        .route(
+            "/v1/accounts/{sid}",
+            get(fetch_account).patch(update_account),
+        )
         .route("/v1/accounts/{sid}/keys", get(list_keys).post(create_key))
-        .route("/v1/accounts/{sid}/keys/{key_sid}", get(fetch_key).patch(update_key).delete(delete_key))
-        .route("/v1/accounts/{sid}/keys/{key_sid}/regenerate", post(regenerate))
-        .route("/v1/accounts/{sid}/keys/{key_sid}/secrets/previous", delete(revoke_previous))
+        .route(
+            "/v1/accounts/{sid}/keys/{key_sid}",
+            get(fetch_key).patch(update_key).delete(delete_key),
+        )
+        .route(
+            "/v1/accounts/{sid}/keys/{key_sid}/regenerate",
+            post(regenerate),
+        )
+        .route(
+            "/v1/accounts/{sid}/keys/{key_sid}/secrets/previous",
+            delete(revoke_previous),
+        )
 }
 
 /// `Some(None)` for an explicit `null` (clear the field), `None` when absent (keep it).
-fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -77,7 +91,11 @@ fn key_json(k: &Key, secrets: &[StoredSecret]) -> Value {
     })
 }
 
-async fn managing(state: &AppState, headers: &HeaderMap, account_sid: &str) -> Result<Principal, ApiError> {
+async fn managing(
+    state: &AppState,
+    headers: &HeaderMap,
+    account_sid: &str,
+) -> Result<Principal, ApiError> {
     let p = state.principal(headers).await?;
     p.may_manage(account_sid)?;
     Ok(p)
@@ -93,7 +111,11 @@ struct CreateAccount {
     limits: Option<AccountLimitsDoc>,
 }
 
-async fn create_account(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create_account(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     state.principal(&headers).await?.require_admin()?;
     let req: CreateAccount = parse_json(&body)?;
     let new = NewAccount {
@@ -104,7 +126,10 @@ async fn create_account(State(state): State<AppState>, headers: HeaderMap, body:
         limits: req.limits,
     };
     let (cat, region) = (state.catalog().clone(), state.default_region().to_owned());
-    let (account, token, version) = state.db().call(move |c| service::create_account(c, &cat, &region, new)).await?;
+    let (account, token, version) = state
+        .db()
+        .call(move |c| service::create_account(c, &cat, &region, new))
+        .await?;
     state.published(version);
     let mut body = account_json(&account);
     body["auth_token"] = json!(token.expose());
@@ -117,7 +142,11 @@ async fn fetch_account(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     managing(&state, &headers, &sid).await?;
-    let account = state.db().call(move |c| store::get_account(c, &sid)).await?.ok_or(ApiError::NotFound)?;
+    let account = state
+        .db()
+        .call(move |c| store::get_account(c, &sid))
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(account_json(&account)))
 }
 
@@ -142,8 +171,12 @@ async fn update_account(
 ) -> Result<Json<Value>, ApiError> {
     let principal = managing(&state, &headers, &sid).await?;
     let req: PatchAccount = parse_json(&body)?;
-    if principal != Principal::Admin && (req.status.is_some() || req.region.is_some() || req.limits.is_some()) {
-        return Err(ApiError::Forbidden("only the operator (admin token) may change an account's status, region or limits"));
+    if principal != Principal::Admin
+        && (req.status.is_some() || req.region.is_some() || req.limits.is_some())
+    {
+        return Err(ApiError::Forbidden(
+            "only the operator (admin token) may change an account's status, region or limits",
+        ));
     }
     let cat = state.catalog().clone();
     let (account, version) = state
@@ -226,7 +259,11 @@ async fn create_key(
         apis: req.apis,
         allowed_ips: req.allowed_ips,
         limits: req.limits,
-        expires_at: req.expires_at.as_deref().map(|t| model::parse_rfc3339("expires_at", t)).transpose()?,
+        expires_at: req
+            .expires_at
+            .as_deref()
+            .map(|t| model::parse_rfc3339("expires_at", t))
+            .transpose()?,
         enabled: req.enabled.unwrap_or(true),
     };
     let cat = state.catalog().clone();
@@ -333,7 +370,10 @@ async fn delete_key(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     managing(&state, &headers, &sid).await?;
-    let version = state.db().call(move |c| service::delete_key(c, &sid, &key_sid)).await?;
+    let version = state
+        .db()
+        .call(move |c| service::delete_key(c, &sid, &key_sid))
+        .await?;
     state.published(version);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -353,7 +393,10 @@ async fn regenerate(
     managing(&state, &headers, &sid).await?;
     let req: Regenerate = parse_json(&body)?;
     let grace = req.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
-    let r = state.db().call(move |c| service::regenerate(c, &sid, &key_sid, grace)).await?;
+    let r = state
+        .db()
+        .call(move |c| service::regenerate(c, &sid, &key_sid, grace))
+        .await?;
     state.published(r.version);
     let mut body = key_json(&r.key, &r.secrets);
     body["secret"] = json!(r.secret.expose());
@@ -366,7 +409,10 @@ async fn revoke_previous(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     managing(&state, &headers, &sid).await?;
-    let (_, version) = state.db().call(move |c| service::revoke_previous(c, &sid, &key_sid)).await?;
+    let (_, version) = state
+        .db()
+        .call(move |c| service::revoke_previous(c, &sid, &key_sid))
+        .await?;
     if let Some(v) = version {
         state.published(v);
     }

@@ -29,14 +29,26 @@ async fn kill_9_during_a_burst_of_creates_loses_no_acknowledged_key() {
         let failed = Arc::new(AtomicUsize::new(0));
         let workers: Vec<_> = (0..8)
             .map(|w| {
-                let (c, a, acked, failed, ac) = (client.clone(), account.clone(), acked.clone(), failed.clone(), ac.clone());
+                let (c, a, acked, failed, ac) = (
+                    client.clone(),
+                    account.clone(),
+                    acked.clone(),
+                    failed.clone(),
+                    ac.clone(),
+                );
                 tokio::spawn(async move {
                     for i in 0.. {
                         let name = format!("round {round} worker {w} #{i}");
-                        match c.try_post_form(&keys_path(&ac), &a, &[("FriendlyName", name.as_str())]).await {
+                        match c
+                            .try_post_form(&keys_path(&ac), &a, &[("FriendlyName", name.as_str())])
+                            .await
+                        {
                             Ok(r) if r.status == 201 => {
                                 let v = r.json();
-                                let pair = (v["sid"].as_str().unwrap().to_owned(), v["secret"].as_str().unwrap().to_owned());
+                                let pair = (
+                                    v["sid"].as_str().unwrap().to_owned(),
+                                    v["secret"].as_str().unwrap().to_owned(),
+                                );
                                 acked.lock().unwrap().push(pair);
                             }
                             Ok(r) => panic!("unexpected {}: {}", r.status, r.text),
@@ -58,27 +70,51 @@ async fn kill_9_during_a_burst_of_creates_loses_no_acknowledged_key() {
         }
         cut_off += failed.load(Ordering::Relaxed);
     }
-    assert!(cut_off > 0, "some requests were in flight when the process was killed");
+    assert!(
+        cut_off > 0,
+        "some requests were in flight when the process was killed"
+    );
 
     let server = Binary::spawn(&db);
     let c = server.client();
     let acked = acked.lock().unwrap().clone();
-    let listed = c.get(&format!("{}?PageSize=1000", keys_path(&ac)), &account).await.json();
-    let listed: std::collections::HashSet<String> =
-        listed["keys"].as_array().unwrap().iter().map(|k| k["sid"].as_str().unwrap().to_owned()).collect();
+    let listed = c
+        .get(&format!("{}?PageSize=1000", keys_path(&ac)), &account)
+        .await
+        .json();
+    let listed: std::collections::HashSet<String> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["sid"].as_str().unwrap().to_owned())
+        .collect();
     let doc = c.feed(&creds.edge).await;
     let calls = format!("/v2/accounts/{ac}/calls");
     let now = now_unix();
     for (sid, secret) in &acked {
         assert!(listed.contains(sid), "acknowledged key {sid} lost");
-        assert_eq!(edge_decides(&doc, "GET", &calls, &Auth::basic(sid, secret), now), Ok("calls".into()), "{sid}");
+        assert_eq!(
+            edge_decides(&doc, "GET", &calls, &Auth::basic(sid, secret), now),
+            Ok("calls".into()),
+            "{sid}"
+        );
     }
     // Authenticated at the control plane too: a standard key is refused key management (403),
     // not unknown (401).
     let (sid, secret) = &acked[acked.len() - 1];
-    assert_eq!(c.get(&keys_path(&ac), &Auth::basic(sid, secret)).await.status, 403);
+    assert_eq!(
+        c.get(&keys_path(&ac), &Auth::basic(sid, secret))
+            .await
+            .status,
+        403
+    );
     let conn = rusqlite::Connection::open(&db).unwrap();
-    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(check, "ok");
-    eprintln!("{} acknowledged creates survived 3 kills ({cut_off} requests cut off)", acked.len());
+    eprintln!(
+        "{} acknowledged creates survived 3 kills ({cut_off} requests cut off)",
+        acked.len()
+    );
 }

@@ -42,9 +42,10 @@ impl Auth {
     pub fn header(&self) -> Option<String> {
         match self {
             Auth::None => None,
-            Auth::Basic(u, p) => {
-                Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
-            }
+            Auth::Basic(u, p) => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )),
             Auth::Bearer(t) => Some(format!("Bearer {t}")),
             Auth::Raw(v) => Some(v.clone()),
         }
@@ -60,10 +61,13 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
     }
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
     }
 }
 
@@ -92,7 +96,9 @@ impl Client {
         body: Option<(&str, String)>,
         extra: &[(&str, &str)],
     ) -> Resp {
-        let mut req = self.http.request(method.parse().unwrap(), format!("{}{}", self.base, path));
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{}", self.base, path));
         if let Some(h) = auth.header() {
             req = req.header("authorization", h);
         }
@@ -106,12 +112,24 @@ impl Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
-        self.transcript.lock().unwrap().push(format!("{method} {path} -> {status} {headers:?}\n{text}"));
-        Resp { status, headers, text }
+        self.transcript
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path} -> {status} {headers:?}\n{text}"));
+        Resp {
+            status,
+            headers,
+            text,
+        }
     }
 
     /// A form POST that reports transport errors (the server may be killed mid-request).
-    pub async fn try_post_form(&self, path: &str, auth: &Auth, fields: &[(&str, &str)]) -> Result<Resp, reqwest::Error> {
+    pub async fn try_post_form(
+        &self,
+        path: &str,
+        auth: &Auth,
+        fields: &[(&str, &str)],
+    ) -> Result<Resp, reqwest::Error> {
         let mut req = self
             .http
             .post(format!("{}{}", self.base, path))
@@ -124,7 +142,11 @@ impl Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await?;
-        Ok(Resp { status, headers, text })
+        Ok(Resp {
+            status,
+            headers,
+            text,
+        })
     }
 
     pub async fn get(&self, path: &str, auth: &Auth) -> Resp {
@@ -135,10 +157,24 @@ impl Client {
     }
     pub async fn post_form(&self, path: &str, auth: &Auth, fields: &[(&str, &str)]) -> Resp {
         let body = serde_urlencoded::to_string(fields).unwrap();
-        self.send("POST", path, auth, Some(("application/x-www-form-urlencoded", body)), &[]).await
+        self.send(
+            "POST",
+            path,
+            auth,
+            Some(("application/x-www-form-urlencoded", body)),
+            &[],
+        )
+        .await
     }
     pub async fn json(&self, method: &str, path: &str, auth: &Auth, body: Value) -> Resp {
-        self.send(method, path, auth, Some(("application/json", body.to_string())), &[]).await
+        self.send(
+            method,
+            path,
+            auth,
+            Some(("application/json", body.to_string())),
+            &[],
+        )
+        .await
     }
 
     /// The edge config document (asserts 200).
@@ -191,7 +227,13 @@ impl InProc {
         tokio::spawn(keygate_control::run(listener, state, async move {
             let _ = rx.await;
         }));
-        InProc { client: Client::new(&format!("http://{addr}")), creds, dir, db, stop: Some(tx) }
+        InProc {
+            client: Client::new(&format!("http://{addr}")),
+            creds,
+            dir,
+            db,
+            stop: Some(tx),
+        }
     }
 
     pub fn account_auth(&self) -> Auth {
@@ -248,7 +290,11 @@ impl Binary {
         let addr = addr_rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("no listening line; stderr: {}", stderr.lock().unwrap()));
-        Binary { child, addr, stderr }
+        Binary {
+            child,
+            addr,
+            stderr,
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -281,7 +327,11 @@ pub fn init_with_binary(db: &Path) -> (Creds, String) {
         .env_remove("KEYGATE_CATALOG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let get = |name: &str| {
         stdout
@@ -301,9 +351,16 @@ pub fn init_with_binary(db: &Path) -> (Creds, String) {
 
 /// What the edge decides for a request, with the control plane's document compiled by the
 /// edge's own compiler: `Ok(api name)` or `Err(reason code)`.
-pub fn edge_decides(doc: &Value, method: &str, path: &str, auth: &Auth, now: u64) -> Result<String, String> {
+pub fn edge_decides(
+    doc: &Value,
+    method: &str,
+    path: &str,
+    auth: &Auth,
+    now: u64,
+) -> Result<String, String> {
     use keygate_core::headers::{AuthorizationHeader, RequestHead};
-    let cfg = keygate_core::compile::compile(doc.to_string().as_bytes()).expect("the edge compiles the feed");
+    let cfg = keygate_core::compile::compile(doc.to_string().as_bytes())
+        .expect("the edge compiles the feed");
     let header = auth.header();
     let head = RequestHead {
         method: method.as_bytes(),
@@ -315,13 +372,18 @@ pub fn edge_decides(doc: &Value, method: &str, path: &str, auth: &Auth, now: u64
         cors_preflight_headers: false,
     };
     match keygate_core::decide(&cfg, &head, now, &mut || Some("127.0.0.1".parse().unwrap())) {
-        keygate_core::Decision::Allow(a) => Ok(a.identity.and_then(|i| i.api).unwrap_or("").to_owned()),
+        keygate_core::Decision::Allow(a) => {
+            Ok(a.identity.and_then(|i| i.api).unwrap_or("").to_owned())
+        }
         keygate_core::Decision::Deny(r) => Err(r.code().to_owned()),
     }
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// The bytes of the database file and its WAL / shared-memory files.
