@@ -24,7 +24,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide
 
 .PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run validate \
-        test test-core test-core-wasm test-filter test-e2e lint fmt clean
+        test test-core test-control test-core-wasm test-filter test-e2e lint fmt clean
 
 help: ## list targets
 	@echo "keygate make targets:"
@@ -71,11 +71,15 @@ validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)
-	@$(MAKE) -k test-core test-core-wasm test-filter test-e2e
+	@$(MAKE) -k test-core test-core-wasm test-filter test-control test-e2e
 
 test-core: ## tier 1: keygate-core unit tests, native
 	@echo "== tier 1: keygate-core, native"
 	cargo test -p keygate-core
+
+test-control: ## tier 3b: the control plane (API over real sockets, rotation, feed, kill -9 crash test)
+	@echo "== tier 3b: keygate-control"
+	cargo test -p keygate-control
 
 test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on wasm32-unknown-unknown (wasm-bindgen-test-runner, node)
 	@echo "== tier 2: keygate-core on wasm32-unknown-unknown under wasm-bindgen-test-runner (node)"

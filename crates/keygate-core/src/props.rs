@@ -13,10 +13,12 @@ use std::net::IpAddr;
 use base64::Engine as _;
 
 use crate::compile::compile;
-use crate::digest::Digester;
-use crate::config::{AccountDoc, AccountStatus, ApiDoc, ConfigDoc, KeyDoc, Role, SecretDoc, Settings, SCHEMA_V1};
+use crate::config::{
+    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, KeyDoc, Role, SecretDoc, Settings, SCHEMA_V1,
+};
 use crate::credential::{parse_authorization, Credential, EnabledSchemes};
 use crate::decision::{decide, Decision};
+use crate::digest::Digester;
 use crate::headers::{parse_header_map, serialize_header_map, AuthorizationHeader, RequestHead};
 use crate::ip::{parse_cidr, parse_client_address, IpAllowlist};
 use crate::path::{canonicalize, Template, TemplateMatch};
@@ -25,20 +27,34 @@ use crate::path::{canonicalize, Template, TemplateMatch};
 /// (padded base64, `Basic` spelled canonically) yields the same credential: two encodings of one
 /// credential are one rate-limit subject.
 pub fn authorization(data: &[u8]) {
-    let Ok(cred) = parse_authorization(data, EnabledSchemes::ALL) else { return };
+    let Ok(cred) = parse_authorization(data, EnabledSchemes::ALL) else {
+        return;
+    };
     match &cred {
         Credential::Basic { user, secret } => {
-            assert!(!user.is_empty() && !user.contains(&b':'), "user must be non-empty, colon-free");
+            assert!(
+                !user.is_empty() && !user.contains(&b':'),
+                "user must be non-empty, colon-free"
+            );
             let mut joined = user.clone();
             joined.push(b':');
             joined.extend_from_slice(secret);
-            let canonical = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(&joined));
-            assert_eq!(parse_authorization(canonical.as_bytes(), EnabledSchemes::ALL).ok(), Some(cred));
+            let canonical = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(&joined)
+            );
+            assert_eq!(
+                parse_authorization(canonical.as_bytes(), EnabledSchemes::ALL).ok(),
+                Some(cred)
+            );
         }
         Credential::Bearer { token } => {
             assert!(!token.is_empty() && !token.contains(&b' ') && !token.contains(&b','));
             let canonical = [b"Bearer ".as_slice(), token].concat();
-            assert_eq!(parse_authorization(&canonical, EnabledSchemes::ALL).ok(), Some(cred));
+            assert_eq!(
+                parse_authorization(&canonical, EnabledSchemes::ALL).ok(),
+                Some(cred)
+            );
         }
     }
 }
@@ -48,9 +64,19 @@ pub fn authorization(data: &[u8]) {
 pub fn path(data: &[u8]) {
     let Some(c) = canonicalize(data) else { return };
     let s = c.as_str();
-    assert_eq!(canonicalize(s.as_bytes()).as_ref(), Some(&c), "not a fixed point: {s:?}");
+    assert_eq!(
+        canonicalize(s.as_bytes()).as_ref(),
+        Some(&c),
+        "not a fixed point: {s:?}"
+    );
     assert!(s.starts_with('/') && s.is_ascii());
-    assert!(!s.contains("//") && !s.contains('\\') && !s.contains(';') && !s.contains('?') && !s.contains('#'));
+    assert!(
+        !s.contains("//")
+            && !s.contains('\\')
+            && !s.contains(';')
+            && !s.contains('?')
+            && !s.contains('#')
+    );
     for seg in c.segments() {
         assert!(seg != "." && seg != "..", "dot segment in {s:?}");
     }
@@ -65,9 +91,16 @@ pub fn path(data: &[u8]) {
 pub fn template(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let (t, p) = text.split_once('\n').unwrap_or((&text, "/"));
-    let Ok(template) = Template::parse(t) else { return };
-    let Some(path) = canonicalize(p.as_bytes()) else { return };
-    if let TemplateMatch::Yes { account_sid: Some(a) } = template.matches(&path) {
+    let Ok(template) = Template::parse(t) else {
+        return;
+    };
+    let Some(path) = canonicalize(p.as_bytes()) else {
+        return;
+    };
+    if let TemplateMatch::Yes {
+        account_sid: Some(a),
+    } = template.matches(&path)
+    {
         assert!(!a.is_empty() && path.segments().any(|s| s.contains(a)));
     }
 }
@@ -84,7 +117,10 @@ pub fn cidr(data: &[u8]) {
         panic!("parse_cidr accepted {entry:?} but the allowlist refused it");
     };
     if let Ok(IpAddr::V4(v4)) = probe.parse::<IpAddr>() {
-        assert_eq!(list.contains(IpAddr::V4(v4)), list.contains(IpAddr::V6(v4.to_ipv6_mapped())));
+        assert_eq!(
+            list.contains(IpAddr::V4(v4)),
+            list.contains(IpAddr::V6(v4.to_ipv6_mapped()))
+        );
     }
 }
 
@@ -93,7 +129,10 @@ pub fn cidr(data: &[u8]) {
 pub fn config(data: &[u8]) {
     let Ok(a) = compile(data) else { return };
     let b = compile(data).ok();
-    assert_eq!(Some((a.version(), a.counts())), b.map(|b| (b.version(), b.counts())));
+    assert_eq!(
+        Some((a.version(), a.counts())),
+        b.map(|b| (b.version(), b.counts()))
+    );
     let head = RequestHead {
         method: b"GET",
         path: b"/v2/accounts/AC1/calls",
@@ -105,7 +144,9 @@ pub fn config(data: &[u8]) {
 
 /// proxy-wasm header maps: never panic; what parses re-serialises to a prefix of the input.
 pub fn header_map(data: &[u8]) {
-    let Some(pairs) = parse_header_map(data) else { return };
+    let Some(pairs) = parse_header_map(data) else {
+        return;
+    };
     let again = serialize_header_map(&pairs);
     assert!(data.starts_with(&again) || (pairs.is_empty() && data.is_empty()));
     let _ = RequestHead::from_pairs(&pairs);
@@ -114,7 +155,10 @@ pub fn header_map(data: &[u8]) {
 /// The fixed config the `decide` target judges against (plaintexts: `SK1`/`s3cret-one`,
 /// `SK2`/`s3cret-two`, account `AC1` token `tok-ac1`).
 pub fn decide_fixture() -> ConfigDoc {
-    let d = |s: &str| SecretDoc { digest: Digester::Sha256.digest_hex(s.as_bytes()), not_after: None };
+    let d = |s: &str| SecretDoc {
+        digest: Digester::Sha256.digest_hex(s.as_bytes()),
+        not_after: None,
+    };
     let api = |name: &str, paths: &[&str], publishable: bool, management: bool| ApiDoc {
         name: name.into(),
         methods: vec!["GET".into(), "POST".into()],
@@ -139,8 +183,18 @@ pub fn decide_fixture() -> ConfigDoc {
         version: 1,
         settings: Settings::default(),
         apis: vec![
-            api("calls", &["/v2/accounts/{account_sid}/calls/**"], false, false),
-            api("keys", &["/2010-04-01/Accounts/{account_sid}/Keys/{sid}.json"], false, true),
+            api(
+                "calls",
+                &["/v2/accounts/{account_sid}/calls/**"],
+                false,
+                false,
+            ),
+            api(
+                "keys",
+                &["/2010-04-01/Accounts/{account_sid}/Keys/{sid}.json"],
+                false,
+                true,
+            ),
             api("balance", &["/api/balance"], true, false),
         ],
         accounts: vec![AccountDoc {
@@ -152,7 +206,12 @@ pub fn decide_fixture() -> ConfigDoc {
         }],
         keys: vec![
             key("SK1", Role::Main, "s3cret-one", None),
-            key("SK2", Role::Publishable, "s3cret-two", Some(vec!["balance".into()])),
+            key(
+                "SK2",
+                Role::Publishable,
+                "s3cret-two",
+                Some(vec!["balance".into()]),
+            ),
         ],
         limits: Default::default(),
     }
@@ -178,9 +237,15 @@ pub fn decide_request(data: &[u8]) {
         cors_preflight_headers: false,
     };
     CFG.with(|cfg| {
-        let Some(cfg) = cfg else { panic!("the fixture must compile") };
-        let Decision::Allow(allow) = decide(cfg, &head, 1_800_000_000, &mut || None) else { return };
-        let Some(id) = allow.identity else { panic!("preflight is disabled in the fixture") };
+        let Some(cfg) = cfg else {
+            panic!("the fixture must compile")
+        };
+        let Decision::Allow(allow) = decide(cfg, &head, 1_800_000_000, &mut || None) else {
+            return;
+        };
+        let Some(id) = allow.identity else {
+            panic!("preflight is disabled in the fixture")
+        };
         assert!(canonicalize(path).is_some());
         let cred = auth.and_then(|a| parse_authorization(a, EnabledSchemes::ALL).ok());
         let secret = match &cred {
@@ -191,10 +256,18 @@ pub fn decide_request(data: &[u8]) {
         let digest = Digester::Sha256.digest_hex(secret);
         let doc = decide_fixture();
         let known = match id.key_sid {
-            Some(k) => doc.keys.iter().any(|key| key.sid == k && key.secrets.iter().any(|s| s.digest == digest)),
-            None => doc.accounts.iter().any(|a| a.sid == id.account_sid && a.auth_tokens.iter().any(|s| s.digest == digest)),
+            Some(k) => doc
+                .keys
+                .iter()
+                .any(|key| key.sid == k && key.secrets.iter().any(|s| s.digest == digest)),
+            None => doc.accounts.iter().any(|a| {
+                a.sid == id.account_sid && a.auth_tokens.iter().any(|s| s.digest == digest)
+            }),
         };
-        assert!(known, "allowed {id:?} with a secret whose digest is not in the config");
+        assert!(
+            known,
+            "allowed {id:?} with a secret whose digest is not in the config"
+        );
     });
 }
 
@@ -214,4 +287,12 @@ pub fn run(target: &str, data: &[u8]) -> bool {
 }
 
 /// Every fuzz target name.
-pub const TARGETS: [&str; 7] = ["authorization", "path", "template", "cidr", "config", "header_map", "decide"];
+pub const TARGETS: [&str; 7] = [
+    "authorization",
+    "path",
+    "template",
+    "cidr",
+    "config",
+    "header_map",
+    "decide",
+];

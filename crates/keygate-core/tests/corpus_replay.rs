@@ -15,20 +15,33 @@ fn every_corpus_input_and_crasher_still_satisfies_its_property() {
     let mut replayed = std::collections::BTreeMap::new();
     for dir in ["corpus", "artifacts"] {
         for target in props::TARGETS {
-            let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else { continue };
+            let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else {
+                continue;
+            };
             for entry in entries {
                 let path = entry.unwrap().path();
-                if path.is_file() && path.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.')) {
+                if path.is_file()
+                    && path
+                        .file_name()
+                        .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+                {
                     let data = std::fs::read(&path).unwrap();
                     let result = std::panic::catch_unwind(|| props::run(target, &data));
-                    assert!(matches!(result, Ok(true)), "{} fails its property", path.display());
+                    assert!(
+                        matches!(result, Ok(true)),
+                        "{} fails its property",
+                        path.display()
+                    );
                     *replayed.entry(target).or_insert(0) += 1;
                 }
             }
         }
     }
     for target in props::TARGETS {
-        assert!(replayed.get(target).copied().unwrap_or(0) > 0, "no corpus for fuzz target {target}: {replayed:?}");
+        assert!(
+            replayed.get(target).copied().unwrap_or(0) > 0,
+            "no corpus for fuzz target {target}: {replayed:?}"
+        );
     }
     eprintln!("replayed: {replayed:?}");
 }
