@@ -489,11 +489,11 @@ impl HttpContext for KeygateHttp {
         match verdict {
             Verdict::Deny(denial) => self.deny(&denial, cfg.www_authenticate()),
             Verdict::Allow {
-                identity,
+                allow,
                 quota,
                 inflight,
             } => {
-                self.forward(&cfg, &pairs, identity);
+                self.forward(&cfg, &pairs, allow.identity());
                 if let Some(ticket) = inflight {
                     *self
                         .vm

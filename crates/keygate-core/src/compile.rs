@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::config::{
@@ -45,16 +46,27 @@ fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, Conf
 }
 
 /// Who a credential identifies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Principal {
-    Key(u32),
-    Account(u32),
+#[derive(Debug, Clone, PartialEq)]
+pub enum Principal {
+    Key(Arc<Key>),
+    Account(Arc<Account>),
+}
+
+/// Where principals are looked up: the compiled tables of a static config
+/// ([`StaticDirectory`]), or the filter's view of config published in Envoy shared data.
+pub trait Directory {
+    /// A key or an account by its SID (the Basic user-id).
+    fn by_sid(&self, sid: &[u8]) -> Option<Principal>;
+    /// A key by the digest of one of its secrets (Bearer).
+    fn by_token(&self, digest: &Digest32) -> Option<Arc<Key>>;
+    /// An account by SID.
+    fn account(&self, sid: &str) -> Option<Arc<Account>>;
 }
 
 /// A compiled API catalogue entry.
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
-    pub(crate) name: Box<str>,
+    pub(crate) name: Arc<str>,
     pub(crate) methods: Vec<Box<[u8]>>,
     pub(crate) templates: Vec<Template>,
     pub(crate) publishable: bool,
@@ -88,15 +100,16 @@ pub(crate) struct Limits {
 }
 
 /// A secret digest with its optional end of validity (unix seconds, inclusive).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Secret {
     pub(crate) digest: Digest32,
     pub(crate) not_after: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Account {
-    pub(crate) sid: Box<str>,
+/// A compiled account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub(crate) sid: Arc<str>,
     pub(crate) suspended: bool,
     pub(crate) auth_tokens: Vec<Secret>,
     pub(crate) allowed_ips: Option<IpAllowlist>,
@@ -104,10 +117,11 @@ pub(crate) struct Account {
     pub(crate) concurrency: Option<u32>,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Key {
-    pub(crate) sid: Box<str>,
-    pub(crate) account: u32,
+/// A compiled key. API indices refer to the [`Catalog`] it was compiled against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Key {
+    pub(crate) sid: Arc<str>,
+    pub(crate) account_sid: Arc<str>,
     pub(crate) role: Role,
     pub(crate) secrets: Vec<Secret>,
     pub(crate) expires_at: Option<u64>,
@@ -132,9 +146,9 @@ impl Key {
     }
 }
 
-/// A validated config, ready for [`crate::decide`].
+/// Everything of a config except its accounts and keys: settings, API catalogue, limits.
 #[derive(Debug)]
-pub struct CompiledConfig {
+pub struct Catalog {
     version: u64,
     pub(crate) digester: Digester,
     pub(crate) schemes: EnabledSchemes,
@@ -144,15 +158,15 @@ pub struct CompiledConfig {
     pub(crate) unknown_routes: UnknownRoutes,
     pub(crate) cors_preflight: CorsPreflight,
     pub(crate) apis: Vec<Api>,
-    pub(crate) accounts: Vec<Account>,
-    pub(crate) keys: Vec<Key>,
-    pub(crate) by_sid: HashMap<Box<[u8]>, Principal>,
-    pub(crate) by_token: HashMap<Digest32, u32>,
     pub(crate) limits: Limits,
+    /// Default per-key rates by role: main, standard, publishable.
+    key_rates: [Option<LimitRate>; 3],
+    account_rate: Option<LimitRate>,
+    account_concurrency: Option<u32>,
     www_authenticate: [String; 2],
 }
 
-impl CompiledConfig {
+impl Catalog {
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -175,9 +189,82 @@ impl CompiledConfig {
         &self.www_authenticate[first..first + n]
     }
 
+    /// CAS retries per subject (for releasing and refreshing concurrency slots).
+    pub fn max_cas_retries(&self) -> u32 {
+        self.limits.max_cas_retries
+    }
+
+    pub fn api_count(&self) -> usize {
+        self.apis.len()
+    }
+}
+
+/// The accounts and keys of a static config, in hash maps.
+#[derive(Debug, Default)]
+pub struct StaticDirectory {
+    by_sid: HashMap<Box<[u8]>, Principal>,
+    by_token: HashMap<Digest32, Arc<Key>>,
+    accounts: HashMap<Arc<str>, Arc<Account>>,
+    keys: usize,
+}
+
+impl Directory for StaticDirectory {
+    fn by_sid(&self, sid: &[u8]) -> Option<Principal> {
+        self.by_sid.get(sid).cloned()
+    }
+
+    fn by_token(&self, digest: &Digest32) -> Option<Arc<Key>> {
+        self.by_token.get(digest).cloned()
+    }
+
+    fn account(&self, sid: &str) -> Option<Arc<Account>> {
+        self.accounts.get(sid).cloned()
+    }
+}
+
+/// A validated config, ready for [`crate::decide`].
+#[derive(Debug)]
+pub struct CompiledConfig {
+    pub catalog: Catalog,
+    pub directory: StaticDirectory,
+}
+
+impl CompiledConfig {
+    pub fn version(&self) -> u64 {
+        self.catalog.version
+    }
+
+    pub fn forward_authorization(&self) -> bool {
+        self.catalog.forward_authorization
+    }
+
+    pub fn identity_headers(&self) -> &[Box<str>; 4] {
+        self.catalog.identity_headers()
+    }
+
+    pub fn www_authenticate(&self) -> &[String] {
+        self.catalog.www_authenticate()
+    }
+
     /// Counts for logs: (accounts, keys, apis).
     pub fn counts(&self) -> (usize, usize, usize) {
-        (self.accounts.len(), self.keys.len(), self.apis.len())
+        (
+            self.directory.accounts.len(),
+            self.directory.keys,
+            self.catalog.apis.len(),
+        )
+    }
+
+    pub fn max_cas_retries(&self) -> u32 {
+        self.catalog.max_cas_retries()
+    }
+
+    /// Whether any account has an in-flight limit (the filter then runs a heartbeat timer).
+    pub fn uses_concurrency_limits(&self) -> bool {
+        self.directory
+            .accounts
+            .values()
+            .any(|a| a.concurrency.is_some())
     }
 }
 
@@ -368,20 +455,18 @@ fn compile_api(i: usize, a: &ApiDoc) -> Result<Api, ConfigError> {
 }
 
 fn compile_account(
-    i: usize,
+    p: &str,
     a: &AccountDoc,
     seen: &mut SecretSeen,
-    defaults: &LimitsDoc,
+    cat: &Catalog,
 ) -> Result<Account, ConfigError> {
-    let p = format!("accounts[{i}]");
     check_sid(&format!("{p}.sid"), &a.sid)?;
     let own = a.limits.clone().unwrap_or_default();
-    let rate = match (&own.rate, &defaults.account) {
-        (Some(r), _) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
-        (None, Some(r)) => Some(compile_rate("limits.account", r)?),
-        (None, None) => None,
+    let rate = match &own.rate {
+        Some(r) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
+        None => cat.account_rate,
     };
-    let concurrency = match (own.concurrency, defaults.account_concurrency) {
+    let concurrency = match (own.concurrency, cat.account_concurrency) {
         (Some(0), _) => return err(format!("{p}.limits.concurrency"), "must be at least 1"),
         (Some(n), _) => Some(n),
         (None, d) => d,
@@ -397,21 +482,14 @@ fn compile_account(
 }
 
 fn compile_key(
-    i: usize,
+    p: &str,
     k: &KeyDoc,
-    accounts: &HashMap<&str, u32>,
-    apis: &[Api],
+    cat: &Catalog,
     seen: &mut SecretSeen,
-    defaults: &LimitsDoc,
 ) -> Result<Key, ConfigError> {
-    let p = format!("keys[{i}]");
+    let apis = &cat.apis;
     check_sid(&format!("{p}.sid"), &k.sid)?;
-    let Some(&account) = accounts.get(k.account_sid.as_str()) else {
-        return err(
-            format!("{p}.account_sid"),
-            format!("unknown account {:?}", k.account_sid),
-        );
-    };
+    check_sid(&format!("{p}.account_sid"), &k.account_sid)?;
     let secrets = seen.compile(&format!("{p}.secrets"), &k.secrets, true)?;
     let expires_at = k
         .expires_at
@@ -451,14 +529,13 @@ fn compile_key(
     };
     let own = k.limits.clone().unwrap_or_default();
     let role_default = match k.role {
-        Role::Main => (&defaults.key.main, "limits.key.main"),
-        Role::Standard => (&defaults.key.standard, "limits.key.standard"),
-        Role::Publishable => (&defaults.key.publishable, "limits.key.publishable"),
+        Role::Main => cat.key_rates[0],
+        Role::Standard => cat.key_rates[1],
+        Role::Publishable => cat.key_rates[2],
     };
-    let rate = match (&own.rate, role_default) {
-        (Some(r), _) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
-        (None, (Some(r), path)) => Some(compile_rate(path, r)?),
-        (None, (None, _)) => None,
+    let rate = match &own.rate {
+        Some(r) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
+        None => role_default,
     };
     let mut api_rates = Vec::with_capacity(own.apis.len());
     for (name, r) in &own.apis {
@@ -472,7 +549,7 @@ fn compile_key(
         rate,
         api_rates,
         sid: k.sid.as_str().into(),
-        account,
+        account_sid: k.account_sid.as_str().into(),
         role: k.role,
         secrets,
         expires_at,
@@ -503,6 +580,85 @@ pub(crate) fn role_allows(role: Role, api: &Api) -> bool {
 
 /// Validates wire types and builds the lookup tables.
 pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
+    let catalog = compile_catalog(doc)?;
+    let mut seen = SecretSeen {
+        by_digest: HashMap::new(),
+    };
+    let mut dir = StaticDirectory {
+        keys: doc.keys.len(),
+        ..StaticDirectory::default()
+    };
+    dir.by_sid.reserve(doc.accounts.len() + doc.keys.len());
+    let mut sid_owner: HashMap<&str, String> =
+        HashMap::with_capacity(doc.accounts.len() + doc.keys.len());
+    fn claim<'d>(
+        owners: &mut HashMap<&'d str, String>,
+        sid: &'d str,
+        path: String,
+    ) -> Result<(), ConfigError> {
+        if let Some(other) = owners.get(sid) {
+            return err(
+                format!("{path}.sid"),
+                format!("duplicate SID {sid:?} (also {other})"),
+            );
+        }
+        owners.insert(sid, path);
+        Ok(())
+    }
+
+    for (i, a) in doc.accounts.iter().enumerate() {
+        let p = format!("accounts[{i}]");
+        let acc = Arc::new(compile_account(&p, a, &mut seen, &catalog)?);
+        claim(&mut sid_owner, &a.sid, p)?;
+        dir.by_sid
+            .insert(a.sid.as_bytes().into(), Principal::Account(acc.clone()));
+        dir.accounts.insert(acc.sid.clone(), acc);
+    }
+
+    for (i, k) in doc.keys.iter().enumerate() {
+        let p = format!("keys[{i}]");
+        if !dir.accounts.contains_key(k.account_sid.as_str()) {
+            return err(
+                format!("{p}.account_sid"),
+                format!("unknown account {:?}", k.account_sid),
+            );
+        }
+        let key = Arc::new(compile_key(&p, k, &catalog, &mut seen)?);
+        claim(&mut sid_owner, &k.sid, p)?;
+        dir.by_sid
+            .insert(k.sid.as_bytes().into(), Principal::Key(key.clone()));
+        if catalog.schemes.bearer {
+            for s in &key.secrets {
+                dir.by_token.insert(s.digest, key.clone());
+            }
+        }
+    }
+    Ok(CompiledConfig {
+        catalog,
+        directory: dir,
+    })
+}
+
+/// Compiles one key on its own against a catalogue (for configs published record by record; the
+/// whole document was validated by [`compile_doc`] before it was published).
+pub fn compile_key_record(cat: &Catalog, k: &KeyDoc) -> Result<Key, ConfigError> {
+    let mut seen = SecretSeen {
+        by_digest: HashMap::new(),
+    };
+    compile_key("key", k, cat, &mut seen)
+}
+
+/// Compiles one account on its own against a catalogue.
+pub fn compile_account_record(cat: &Catalog, a: &AccountDoc) -> Result<Account, ConfigError> {
+    let mut seen = SecretSeen {
+        by_digest: HashMap::new(),
+    };
+    compile_account("account", a, &mut seen, cat)
+}
+
+/// Validates and compiles the settings, API catalogue and limits of a document (its accounts and
+/// keys are ignored).
+pub fn compile_catalog(doc: &ConfigDoc) -> Result<Catalog, ConfigError> {
     if doc.schema != SCHEMA_V1 {
         return err(
             "schema",
@@ -574,56 +730,18 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
         apis.push(compile_api(i, a)?);
     }
 
-    let mut seen = SecretSeen {
-        by_digest: HashMap::new(),
-    };
-    let mut by_sid: HashMap<Box<[u8]>, Principal> =
-        HashMap::with_capacity(doc.accounts.len() + doc.keys.len());
-    let mut sid_owner: HashMap<&str, String> = HashMap::with_capacity(by_sid.capacity());
-    fn claim<'d>(
-        owners: &mut HashMap<&'d str, String>,
-        sid: &'d str,
-        path: String,
-    ) -> Result<(), ConfigError> {
-        if let Some(other) = owners.get(sid) {
-            return err(
-                format!("{path}.sid"),
-                format!("duplicate SID {sid:?} (also {other})"),
-            );
-        }
-        owners.insert(sid, path);
-        Ok(())
-    }
-
-    let mut accounts = Vec::with_capacity(doc.accounts.len());
-    let mut account_idx: HashMap<&str, u32> = HashMap::with_capacity(doc.accounts.len());
-    for (i, a) in doc.accounts.iter().enumerate() {
-        let acc = compile_account(i, a, &mut seen, &doc.limits)?;
-        claim(&mut sid_owner, &a.sid, format!("accounts[{i}]"))?;
-        let idx = index_u32(i)?;
-        account_idx.insert(&a.sid, idx);
-        by_sid.insert(a.sid.as_bytes().into(), Principal::Account(idx));
-        accounts.push(acc);
-    }
-
-    let mut keys = Vec::with_capacity(doc.keys.len());
-    let mut by_token = HashMap::with_capacity(doc.keys.len());
-    for (i, k) in doc.keys.iter().enumerate() {
-        let key = compile_key(i, k, &account_idx, &apis, &mut seen, &doc.limits)?;
-        claim(&mut sid_owner, &k.sid, format!("keys[{i}]"))?;
-        let idx = index_u32(i)?;
-        by_sid.insert(k.sid.as_bytes().into(), Principal::Key(idx));
-        if schemes.bearer {
-            for s in &key.secrets {
-                by_token.insert(s.digest, idx);
-            }
-        }
-        keys.push(key);
-    }
-
     let limits = compile_limits(&doc.limits)?;
     let realm = &s.realm;
-    Ok(CompiledConfig {
+    let rate =
+        |path: &str, r: &Option<RateDoc>| r.as_ref().map(|r| compile_rate(path, r)).transpose();
+    Ok(Catalog {
+        key_rates: [
+            rate("limits.key.main", &doc.limits.key.main)?,
+            rate("limits.key.standard", &doc.limits.key.standard)?,
+            rate("limits.key.publishable", &doc.limits.key.publishable)?,
+        ],
+        account_rate: rate("limits.account", &doc.limits.account)?,
+        account_concurrency: doc.limits.account_concurrency,
         limits,
         version: doc.version,
         digester,
@@ -639,10 +757,6 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
         unknown_routes: s.unknown_routes,
         cors_preflight: s.cors_preflight,
         apis,
-        accounts,
-        keys,
-        by_sid,
-        by_token,
         www_authenticate: [
             format!("Basic realm=\"{realm}\", charset=\"UTF-8\""),
             format!("Bearer realm=\"{realm}\""),
@@ -746,16 +860,4 @@ fn compile_limits(l: &LimitsDoc) -> Result<Limits, ConfigError> {
         max_cas_retries,
         quota_headers: l.quota_headers,
     })
-}
-
-impl CompiledConfig {
-    /// CAS retries per subject (for releasing and refreshing concurrency slots).
-    pub fn max_cas_retries(&self) -> u32 {
-        self.limits.max_cas_retries
-    }
-
-    /// Whether any account has an in-flight limit (the filter then runs a heartbeat timer).
-    pub fn uses_concurrency_limits(&self) -> bool {
-        self.accounts.iter().any(|a| a.concurrency.is_some())
-    }
 }

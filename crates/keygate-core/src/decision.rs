@@ -14,10 +14,13 @@
 //! 8. the role and the key's API list permit that API (403).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use subtle::{Choice, ConstantTimeEq};
 
-use crate::compile::{role_allows, CompiledConfig, Principal, Secret};
+use crate::compile::{
+    role_allows, Account, Catalog, CompiledConfig, Directory, Key, Principal, Secret,
+};
 use crate::config::{CorsPreflight, Role, UnknownRoutes};
 use crate::credential::{parse_authorization, Credential};
 use crate::digest::Digest32;
@@ -37,96 +40,119 @@ pub enum PrincipalKind {
 
 /// Who made an allowed request; the filter turns this into identity headers and filter state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity<'c> {
-    pub account_sid: &'c str,
-    pub key_sid: Option<&'c str>,
+pub struct Identity<'a> {
+    pub account_sid: &'a str,
+    pub key_sid: Option<&'a str>,
     pub kind: PrincipalKind,
     /// `main`, `standard`, `publishable`, or `account` for account credentials.
     pub role: &'static str,
     /// The matched API's name; `None` for an unknown route let through by `unknown_routes: allow`.
-    pub api: Option<&'c str>,
+    pub api: Option<&'a str>,
+}
+
+/// An authenticated principal and the API it may call.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Admitted {
+    pub(crate) key: Option<Arc<Key>>,
+    pub(crate) account: Arc<Account>,
+    /// Index into the catalogue's APIs, and the API's name.
+    pub(crate) api: Option<(u32, Arc<str>)>,
 }
 
 /// An admitted request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Allow<'c> {
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allow {
     /// `None` for a CORS preflight passed without credentials.
-    pub identity: Option<Identity<'c>>,
-    /// Indices into the config, for the limits (`None` with `identity`).
-    pub(crate) refs: Option<Refs>,
+    pub(crate) admitted: Option<Admitted>,
 }
 
-/// Where the principal and the API sit in the compiled config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Refs {
-    pub(crate) key: Option<u32>,
-    pub(crate) account: u32,
-    pub(crate) api: Option<u32>,
+impl Allow {
+    /// Who was admitted; `None` for a CORS preflight.
+    pub fn identity(&self) -> Option<Identity<'_>> {
+        self.admitted.as_ref().map(|a| Identity {
+            account_sid: &a.account.sid,
+            key_sid: a.key.as_ref().map(|k| &*k.sid),
+            kind: if a.key.is_some() {
+                PrincipalKind::Key
+            } else {
+                PrincipalKind::Account
+            },
+            role: a.key.as_ref().map_or("account", |k| k.role.as_str()),
+            api: a.api.as_ref().map(|(_, name)| &**name),
+        })
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision<'c> {
-    Allow(Allow<'c>),
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allow(Allow),
     Deny(Reason),
 }
 
 /// Compared against when the SID is unknown, so that path costs what a wrong secret costs.
 const DUMMY_DIGEST: Digest32 = [0u8; 32];
 
-/// Decides one request. `client_ip` is called at most once, and only when an allowlist applies
-/// (reading it is a host call the common case should not pay).
-pub fn decide<'c>(
-    cfg: &'c CompiledConfig,
+/// Decides one request against a static config. `client_ip` is called at most once, and only
+/// when an allowlist applies (reading it is a host call the common case should not pay).
+pub fn decide(
+    cfg: &CompiledConfig,
     req: &RequestHead<'_>,
     now_unix: u64,
     client_ip: &mut dyn FnMut() -> Option<IpAddr>,
-) -> Decision<'c> {
-    match decide_inner(cfg, req, now_unix, client_ip) {
+) -> Decision {
+    decide_in(&cfg.catalog, &cfg.directory, req, now_unix, client_ip)
+}
+
+/// Decides one request with principals looked up in `dir`.
+pub fn decide_in(
+    cat: &Catalog,
+    dir: &dyn Directory,
+    req: &RequestHead<'_>,
+    now_unix: u64,
+    client_ip: &mut dyn FnMut() -> Option<IpAddr>,
+) -> Decision {
+    match decide_inner(cat, dir, req, now_unix, client_ip) {
         Ok(allow) => Decision::Allow(allow),
         Err(reason) => Decision::Deny(reason),
     }
 }
 
-fn decide_inner<'c>(
-    cfg: &'c CompiledConfig,
+fn decide_inner(
+    cat: &Catalog,
+    dir: &dyn Directory,
     req: &RequestHead<'_>,
     now: u64,
     client_ip: &mut dyn FnMut() -> Option<IpAddr>,
-) -> Result<Allow<'c>, Reason> {
-    if cfg.cors_preflight == CorsPreflight::Allow
+) -> Result<Allow, Reason> {
+    if cat.cors_preflight == CorsPreflight::Allow
         && req.method == b"OPTIONS"
         && req.cors_preflight_headers
     {
-        return Ok(Allow {
-            identity: None,
-            refs: None,
-        });
+        return Ok(Allow { admitted: None });
     }
     let value = match req.authorization {
         AuthorizationHeader::Absent => return Err(Reason::MissingCredentials),
         AuthorizationHeader::Many => return Err(Reason::MultipleCredentials),
         AuthorizationHeader::One(v) => v,
     };
-    let credential = parse_authorization(value, cfg.schemes)?;
+    let credential = parse_authorization(value, cat.schemes)?;
     let path = canonicalize(req.path).ok_or(Reason::MalformedPath)?;
-    let principal = authenticate(cfg, &credential, now).ok_or(Reason::InvalidCredentials)?;
+    let principal = authenticate(cat, dir, &credential, now).ok_or(Reason::InvalidCredentials)?;
 
-    let (account_idx, key, key_idx) = match principal {
-        Principal::Key(k) => {
-            let key = cfg.keys.get(k as usize).ok_or(Reason::InvalidCredentials)?;
-            (key.account, Some(key), Some(k))
+    let (account, key) = match principal {
+        Principal::Key(key) => {
+            let account = dir
+                .account(&key.account_sid)
+                .ok_or(Reason::InvalidCredentials)?;
+            (account, Some(key))
         }
-        Principal::Account(a) => (a, None, None),
+        Principal::Account(account) => (account, None),
     };
-    let account = cfg
-        .accounts
-        .get(account_idx as usize)
-        .ok_or(Reason::InvalidCredentials)?;
     if account.suspended {
         return Err(Reason::AccountSuspended);
     }
 
-    let key_list = key.and_then(|k| k.allowed_ips.as_ref());
+    let key_list = key.as_ref().and_then(|k| k.allowed_ips.as_ref());
     if key_list.is_some() || account.allowed_ips.is_some() {
         let ip = client_ip().ok_or(Reason::IpNotAllowed)?;
         let admitted = key_list.is_none_or(|l| l.contains(ip))
@@ -136,10 +162,10 @@ fn decide_inner<'c>(
         }
     }
 
-    let role = key.map_or(Role::Main, |k| k.role);
+    let role = key.as_ref().map_or(Role::Main, |k| k.role);
     let mut wrong_account = false;
     let mut matched = None;
-    'apis: for (i, api) in cfg.apis.iter().enumerate() {
+    'apis: for (i, api) in cat.apis.iter().enumerate() {
         if !api.methods.iter().any(|m| **m == *req.method) {
             continue;
         }
@@ -159,19 +185,18 @@ fn decide_inner<'c>(
 
     let api = match matched {
         Some(i) => {
-            let api = &cfg.apis[i];
-            if !role_allows(role, api) || !key.is_none_or(|k| k.may_call(i)) {
+            let api = &cat.apis[i];
+            if !role_allows(role, api) || !key.as_ref().is_none_or(|k| k.may_call(i)) {
                 return Err(Reason::PermissionDenied);
             }
-            Some((
-                &*api.name,
-                u32::try_from(i).map_err(|_| Reason::UnknownRoute)?,
-            ))
+            let idx = u32::try_from(i).map_err(|_| Reason::UnknownRoute)?;
+            Some((idx, api.name.clone()))
         }
         None if wrong_account => return Err(Reason::AccountMismatch),
-        None if cfg.unknown_routes == UnknownRoutes::Deny => return Err(Reason::UnknownRoute),
+        None if cat.unknown_routes == UnknownRoutes::Deny => return Err(Reason::UnknownRoute),
         None => {
-            let unrestricted = role != Role::Publishable && key.is_none_or(|k| k.apis.is_none());
+            let unrestricted =
+                role != Role::Publishable && key.as_ref().is_none_or(|k| k.apis.is_none());
             if !unrestricted {
                 return Err(Reason::PermissionDenied);
             }
@@ -180,22 +205,7 @@ fn decide_inner<'c>(
     };
 
     Ok(Allow {
-        identity: Some(Identity {
-            account_sid: &account.sid,
-            key_sid: key.map(|k| &*k.sid),
-            kind: if key.is_some() {
-                PrincipalKind::Key
-            } else {
-                PrincipalKind::Account
-            },
-            role: key.map_or("account", |k| k.role.as_str()),
-            api: api.map(|(name, _)| name),
-        }),
-        refs: Some(Refs {
-            key: key_idx,
-            account: account_idx,
-            api: api.map(|(_, i)| i),
-        }),
+        admitted: Some(Admitted { key, account, api }),
     })
 }
 
@@ -210,8 +220,13 @@ fn secret_matches(secrets: &[Secret], digest: &Digest32, now: u64) -> bool {
     bool::from(ok)
 }
 
-fn authenticate(cfg: &CompiledConfig, credential: &Credential<'_>, now: u64) -> Option<Principal> {
-    if cfg.check_secret_format {
+fn authenticate(
+    cat: &Catalog,
+    dir: &dyn Directory,
+    credential: &Credential<'_>,
+    now: u64,
+) -> Option<Principal> {
+    if cat.check_secret_format {
         let secret = match credential {
             Credential::Basic { secret, .. } => secret.as_slice(),
             Credential::Bearer { token } => token,
@@ -223,18 +238,16 @@ fn authenticate(cfg: &CompiledConfig, credential: &Credential<'_>, now: u64) -> 
     }
     match credential {
         Credential::Basic { user, secret } => {
-            let digest = cfg.digester.digest(secret);
-            match cfg.by_sid.get(user.as_slice()) {
-                Some(&Principal::Key(k)) => {
-                    let key = cfg.keys.get(k as usize)?;
+            let digest = cat.digester.digest(secret);
+            match dir.by_sid(user) {
+                Some(Principal::Key(key)) => {
                     let ok = secret_matches(&key.secrets, &digest, now)
                         & key_usable(key.enabled, key.expires_at, now);
-                    ok.then_some(Principal::Key(k))
+                    ok.then_some(Principal::Key(key))
                 }
-                Some(&Principal::Account(a)) => {
-                    let account = cfg.accounts.get(a as usize)?;
+                Some(Principal::Account(account)) => {
                     secret_matches(&account.auth_tokens, &digest, now)
-                        .then_some(Principal::Account(a))
+                        .then_some(Principal::Account(account))
                 }
                 None => {
                     // Same work as a wrong secret, then fail.
@@ -244,12 +257,11 @@ fn authenticate(cfg: &CompiledConfig, credential: &Credential<'_>, now: u64) -> 
             }
         }
         Credential::Bearer { token } => {
-            let digest = cfg.digester.digest(token);
-            let &k = cfg.by_token.get(&digest)?;
-            let key = cfg.keys.get(k as usize)?;
+            let digest = cat.digester.digest(token);
+            let key = dir.by_token(&digest)?;
             let ok = secret_matches(&key.secrets, &digest, now)
                 & key_usable(key.enabled, key.expires_at, now);
-            ok.then_some(Principal::Key(k))
+            ok.then_some(Principal::Key(key))
         }
     }
 }

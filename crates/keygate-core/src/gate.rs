@@ -15,9 +15,9 @@
 
 use std::net::IpAddr;
 
-use crate::compile::{CompiledConfig, LimitRate};
+use crate::compile::{Catalog, CompiledConfig, Directory, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
-use crate::decision::{decide, Decision, Identity};
+use crate::decision::{decide_in, Allow, Decision};
 use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::ratelimit::{
     Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SharedStore,
@@ -65,10 +65,11 @@ impl Denial {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict<'c> {
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
     Allow {
-        identity: Option<Identity<'c>>,
+        /// Who was admitted (`allow.identity()`); `None` inside for a CORS preflight.
+        allow: Allow,
         /// The tightest enforced limit after this request, when quota headers are on.
         quota: Option<Quota>,
         inflight: Option<InflightTicket>,
@@ -101,8 +102,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn failed_auth_check(cfg: &CompiledConfig, ip: IpAddr) -> Option<Check> {
-    let fa = cfg.limits.failed_auth?;
+fn failed_auth_check(cat: &Catalog, ip: IpAddr) -> Option<Check> {
+    let fa = cat.limits.failed_auth?;
     let h = match ip.to_canonical() {
         IpAddr::V4(v4) => fnv1a(&v4.octets()),
         IpAddr::V6(v6) => {
@@ -134,24 +135,35 @@ fn check(store_key: String, limit: LimitRate, kind: LimitKind) -> Check {
     }
 }
 
-/// Runs the whole gate for one request.
-pub fn evaluate<'c>(
-    cfg: &'c CompiledConfig,
+/// Runs the whole gate for one request against a static config.
+pub fn evaluate(
+    cfg: &CompiledConfig,
     head: &RequestHead<'_>,
     host: &dyn Host,
     stats: &mut GateStats,
-) -> Verdict<'c> {
+) -> Verdict {
+    evaluate_in(&cfg.catalog, &cfg.directory, head, host, stats)
+}
+
+/// Runs the whole gate for one request, looking principals up in `dir`.
+pub fn evaluate_in(
+    cat: &Catalog,
+    dir: &dyn Directory,
+    head: &RequestHead<'_>,
+    host: &dyn Host,
+    stats: &mut GateStats,
+) -> Verdict {
     let now_us = host.now_us();
     let limiter = Limiter {
         store: host.store(),
-        max_retries: cfg.limits.max_cas_retries,
-        on_store_error: cfg.limits.on_store_error,
+        max_retries: cat.limits.max_cas_retries,
+        on_store_error: cat.limits.on_store_error,
     };
 
     // 1. Failed-auth gate, only for requests that present credentials.
-    let fa_check = match (cfg.limits.failed_auth, head.authorization) {
+    let fa_check = match (cat.limits.failed_auth, head.authorization) {
         (Some(_), AuthorizationHeader::One(_) | AuthorizationHeader::Many) => {
-            host.client_ip().and_then(|ip| failed_auth_check(cfg, ip))
+            host.client_ip().and_then(|ip| failed_auth_check(cat, ip))
         }
         _ => None,
     };
@@ -175,7 +187,7 @@ pub fn evaluate<'c>(
     }
 
     // 2. Authentication and authorization.
-    let decision = decide(cfg, head, now_us / 1_000_000, &mut || host.client_ip());
+    let decision = decide_in(cat, dir, head, now_us / 1_000_000, &mut || host.client_ip());
     let allow = match decision {
         Decision::Deny(reason) => {
             if reason == Reason::InvalidCredentials {
@@ -187,25 +199,26 @@ pub fn evaluate<'c>(
         }
         Decision::Allow(a) => a,
     };
-    let Some(refs) = allow.refs else {
+    let Some(admitted) = &allow.admitted else {
         return Verdict::Allow {
-            identity: allow.identity,
+            allow,
             quota: None,
             inflight: None,
         };
     };
 
     // 3. Rates: key × API, key, account.
-    let account = &cfg.accounts[refs.account as usize];
-    let key = refs.key.map(|k| &cfg.keys[k as usize]);
+    let account = &admitted.account;
+    let key = admitted.key.as_deref();
     let mut checks = Vec::with_capacity(3);
-    if let (Some(key), Some(api_idx)) = (key, refs.api) {
+    if let (Some(key), Some((api_idx, _))) = (key, &admitted.api) {
+        let api_idx = *api_idx;
         let own = key
             .api_rates
             .iter()
             .find(|(i, _)| *i == api_idx)
             .map(|(_, r)| *r);
-        let api = &cfg.apis[api_idx as usize];
+        let api = &cat.apis[api_idx as usize];
         if let Some(limit) = own.or(api.limit) {
             checks.push(check(
                 format!("kg:rl:1:ka:{}:{}", key.sid, api.name),
@@ -259,7 +272,7 @@ pub fn evaluate<'c>(
             }
         }
     };
-    if cfg.limits.on_store_error == OnStoreError::Allow
+    if cat.limits.on_store_error == OnStoreError::Allow
         && stats.counters.retries_exhausted
             + stats.counters.garbage_values
             + stats.counters.store_errors
@@ -274,7 +287,7 @@ pub fn evaluate<'c>(
         let store_key = format!("kg:cc:1:a:{}", account.sid);
         let slots = Inflight {
             store: host.store(),
-            max_retries: cfg.limits.max_cas_retries,
+            max_retries: cat.limits.max_cas_retries,
             lease_s: INFLIGHT_LEASE_S,
             vm_id: host.vm_id(),
         };
@@ -288,7 +301,7 @@ pub fn evaluate<'c>(
                     quota: None,
                 });
             }
-            Acquire::Failed if cfg.limits.on_store_error == OnStoreError::Deny => {
+            Acquire::Failed if cat.limits.on_store_error == OnStoreError::Deny => {
                 limiter.give_back(&checks, &taken, now_us, &mut stats.counters);
                 return Verdict::Deny(Denial {
                     reason: Reason::LimiterUnavailable,
@@ -301,8 +314,8 @@ pub fn evaluate<'c>(
     }
 
     Verdict::Allow {
-        identity: allow.identity,
-        quota: quota.filter(|_| cfg.limits.quota_headers),
+        allow,
+        quota: quota.filter(|_| cat.limits.quota_headers),
         inflight,
     }
 }

@@ -25,7 +25,7 @@ pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;
 
-pub use compile::{compile, CompiledConfig, ConfigError};
-pub use decision::{decide, Allow, Decision, Identity, PrincipalKind};
+pub use compile::{compile, Catalog, CompiledConfig, ConfigError, Directory};
+pub use decision::{decide, decide_in, Allow, Decision, Identity, PrincipalKind};
 pub use headers::RequestHead;
 pub use reason::Reason;

@@ -243,7 +243,7 @@ pub fn decide_request(data: &[u8]) {
         let Decision::Allow(allow) = decide(cfg, &head, 1_800_000_000, &mut || None) else {
             return;
         };
-        let Some(id) = allow.identity else {
+        let Some(id) = allow.identity() else {
             panic!("preflight is disabled in the fixture")
         };
         assert!(canonicalize(path).is_some());

@@ -57,7 +57,7 @@ struct Case<'a> {
     want: Result<Expect<'a>, Reason>,
 }
 
-fn run<'c>(cfg: &'c CompiledConfig, c: &Case<'_>) -> Decision<'c> {
+fn run(cfg: &CompiledConfig, c: &Case<'_>) -> Decision {
     let head = RequestHead {
         method: c.method.as_bytes(),
         path: c.path.as_bytes(),
@@ -453,7 +453,7 @@ fn decision_table() {
     for c in &cases {
         let got = match run(&cfg, c) {
             Decision::Allow(a) => {
-                let id: Identity<'_> = a.identity.expect("identity");
+                let id: Identity<'_> = a.identity().expect("identity");
                 assert_eq!(
                     id.kind == PrincipalKind::Key,
                     id.key_sid.is_some(),
@@ -553,7 +553,7 @@ fn cors_preflight_passes_only_when_enabled() {
     doc.settings.cors_preflight = CorsPreflight::Allow;
     let allow = compile_doc(&doc).unwrap();
     assert!(
-        matches!(decide(&allow, &h, T0, &mut || None), Decision::Allow(a) if a.identity.is_none())
+        matches!(decide(&allow, &h, T0, &mut || None), Decision::Allow(a) if a.identity().is_none())
     );
     // An OPTIONS without both CORS headers is an ordinary request.
     let plain = head(
@@ -581,7 +581,7 @@ fn unknown_routes_allow_admits_only_unrestricted_secret_keys() {
         false,
     );
     assert!(
-        matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(a) if a.identity.is_some_and(|i| i.api.is_none()))
+        matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(a) if a.identity().is_some_and(|i| i.api.is_none()))
     );
     let restricted = basic("SKstd", "sk_live_std");
     let h = head(
@@ -652,7 +652,7 @@ fn padded_and_unpadded_basic_reach_the_same_principal() {
             false,
         );
         assert!(
-            matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(a) if a.identity.and_then(|i| i.key_sid) == Some("SKmain"))
+            matches!(decide(&cfg, &h, T0, &mut || None), Decision::Allow(a) if a.identity().and_then(|i| i.key_sid) == Some("SKmain"))
         );
     }
 }

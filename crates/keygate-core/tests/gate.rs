@@ -68,12 +68,7 @@ fn basic(user: &str, secret: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn run<'c>(
-    cfg: &'c CompiledConfig,
-    host: &FakeHost,
-    auth: &[u8],
-    path: &str,
-) -> (Verdict<'c>, GateStats) {
+fn run(cfg: &CompiledConfig, host: &FakeHost, auth: &[u8], path: &str) -> (Verdict, GateStats) {
     let head = RequestHead {
         method: b"GET",
         path: path.as_bytes(),
@@ -85,7 +80,7 @@ fn run<'c>(
     (v, stats)
 }
 
-fn outcome(v: &Verdict<'_>) -> Result<(), Reason> {
+fn outcome(v: &Verdict) -> Result<(), Reason> {
     match v {
         Verdict::Allow { .. } => Ok(()),
         Verdict::Deny(d) => Err(d.reason),

@@ -373,7 +373,7 @@ pub fn edge_decides(
     };
     match keygate_core::decide(&cfg, &head, now, &mut || Some("127.0.0.1".parse().unwrap())) {
         keygate_core::Decision::Allow(a) => {
-            Ok(a.identity.and_then(|i| i.api).unwrap_or("").to_owned())
+            Ok(a.identity().and_then(|i| i.api).unwrap_or("").to_owned())
         }
         keygate_core::Decision::Deny(r) => Err(r.code().to_owned()),
     }
