@@ -1,0 +1,618 @@
+"""`make bench`: keygate against bare Envoy, native auth filters and a minimal wasm filter.
+
+What it does (see README "Performance" for the reading of the results):
+1. writes an Envoy bootstrap per configuration (bench/gen.py) and `envoy --mode validate`s each;
+2. starts one Envoy per configuration, one after another, `--concurrency 1` pinned to CPU 1
+   (time to LIVE and RSS recorded: for keygate that is the config compile time and memory);
+3. BENCH_REPEATS rounds; each round runs every configuration once (order reversed on odd rounds,
+   so linear drift cancels), `wrk -t1 -c32 --latency` pinned to CPU 0, keep-alive HTTP/1.1 with
+   valid credentials, BENCH_WARMUP s of warm-up then BENCH_SECONDS s measured; Envoy CPU per
+   request from /proc/<pid>/stat; ratios are taken within a round, then the median over rounds;
+4. RSS after the load at --concurrency 1, then a second instance per configuration at
+   --concurrency 4 (just for time to LIVE and RSS);
+5. time for a keygate config change to take effect (file-based LDS, atomic rename, until a key
+   that only the new config has gets 200);
+6. writes bench/results/<timestamp>.json, bench/results/latest.md (also printed) and a PNG.
+
+Environment: BENCH_REPEATS (3), BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (32),
+BENCH_SIZES (1000,100000,1000000), BENCH_RELOAD_SIZES (same as BENCH_SIZES),
+BENCH_ONLY (comma-separated configuration names, for smoke tests), BENCH_START_TIMEOUT (600),
+BENCH_BREAKDOWN (1: add keygate with parts of the pipeline only, for the cost breakdown).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gen  # noqa: E402
+
+ROOT = gen.ROOT
+ENVOY = ROOT / ".venv/bin/envoy"
+OUT = ROOT / "target/bench"
+RESULTS = ROOT / "bench/results"
+REPORT_LUA = ROOT / "bench/report.lua"
+ENVOY_CPU = "1"
+WRK_CPU = "0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+REPEATS = env_int("BENCH_REPEATS", 3)
+SECONDS = env_int("BENCH_SECONDS", 10)
+WARMUP = env_int("BENCH_WARMUP", 2)
+CONNECTIONS = env_int("BENCH_CONNECTIONS", 32)
+START_TIMEOUT = env_int("BENCH_START_TIMEOUT", 600)
+SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000,100000,1000000").split(",") if s]
+RELOAD_SIZES = [
+    int(s) for s in os.environ.get("BENCH_RELOAD_SIZES", ",".join(map(str, SIZES))).split(",") if s
+]
+ONLY = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+RUNNING: list["Envoy"] = []
+
+
+class Envoy:
+    def __init__(self, name: str, bootstrap: Path, concurrency: int, cpus: str | None):
+        self.name = name
+        self.bootstrap = bootstrap
+        self.concurrency = concurrency
+        self.cpus = cpus
+        tag = f"{name}-c{concurrency}"
+        self.admin_path = OUT / "run" / f"{tag}.admin"
+        self.log_path = OUT / "run" / f"{tag}.log"
+        self.proc: subprocess.Popen | None = None
+        self.admin = ""
+        self.port = 0
+        self.ready_s = 0.0
+
+    def start(self) -> None:
+        self.admin_path.parent.mkdir(parents=True, exist_ok=True)
+        self.admin_path.unlink(missing_ok=True)
+        cmd = [
+            str(ENVOY),
+            "-c", str(self.bootstrap),
+            "--concurrency", str(self.concurrency),
+            "--disable-hot-restart",
+            "-l", "warning",
+            "--admin-address-path", str(self.admin_path),
+            "--log-path", str(self.log_path),
+        ]
+        if self.cpus is not None:
+            cmd = ["taskset", "-c", self.cpus] + cmd
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        RUNNING.append(self)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT, listener: bool = True) -> float:
+        deadline = self.t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
+                raise RuntimeError(f"envoy {self.name} exited with {self.proc.returncode}:\n{tail}")
+            if not self.admin and self.admin_path.exists():
+                self.admin = self.admin_path.read_text().strip()
+            if self.admin:
+                try:
+                    if self.get_admin("/ready").strip() == "LIVE":
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        else:
+            raise TimeoutError(f"envoy {self.name} not LIVE after {timeout}s")
+        self.ready_s = time.monotonic() - self.t0
+        if listener:
+            self.port = self.listener_port()
+        return self.ready_s
+
+    def get_admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=30) as r:
+            return r.read().decode()
+
+    def listener_port(self) -> int:
+        doc = json.loads(self.get_admin("/listeners?format=json"))
+        for st in doc.get("listener_statuses", []):
+            return int(st["local_address"]["socket_address"]["port_value"])
+        raise RuntimeError(f"envoy {self.name}: no listener")
+
+    def counter(self, name: str) -> int:
+        text = self.get_admin(f"/stats?filter=^{re.escape(name)}$")
+        m = re.search(r": (\d+)", text)
+        return int(m.group(1)) if m else 0
+
+    def cpu_ticks(self) -> int:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+    def status_kib(self, field: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self in RUNNING:
+            RUNNING.remove(self)
+
+
+def stop_all() -> None:
+    for e in list(RUNNING):
+        e.stop()
+
+
+def request(port: int, path: str, auth: str | None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": auth} if auth else {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def cpu_stat() -> dict[str, list[int]]:
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if re.match(r"cpu\d+ ", line):
+            parts = line.split()
+            out[parts[0]] = [int(x) for x in parts[1:]]
+    return out
+
+
+def busy_ticks(before: list[int], after: list[int]) -> tuple[int, int]:
+    d = [a - b for a, b in zip(after, before)]
+    idle = d[3] + d[4]  # idle + iowait
+    return sum(d[:8]) - idle, sum(d[:8])
+
+
+def wrk(port: int, auth: str | None, seconds: int) -> dict:
+    cmd = [
+        "taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
+        "-s", str(REPORT_LUA),
+    ]
+    if auth:
+        cmd += ["-H", f"Authorization: {auth}"]
+    cmd.append(f"http://127.0.0.1:{port}{gen.bench_path()}")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^WRKJSON (.*)$", out, re.M)
+    if not m:
+        raise RuntimeError(f"no WRKJSON in wrk output:\n{out}")
+    return json.loads(m.group(1))
+
+
+def measure(env: Envoy, auth: str | None, keygate: bool) -> dict:
+    """Warm-up, then one measured wrk run against `env`."""
+    if WARMUP > 0:
+        wrk(env.port, auth, WARMUP)
+    rq0 = env.counter("http.bench.downstream_rq_2xx")
+    allowed0 = env.counter("wasmcustom.keygate.allowed") if keygate else 0
+    ticks0, stat0 = env.cpu_ticks(), cpu_stat()
+    w = wrk(env.port, auth, SECONDS)
+    ticks1, stat1 = env.cpu_ticks(), cpu_stat()
+    rq = env.counter("http.bench.downstream_rq_2xx") - rq0
+    allowed = env.counter("wasmcustom.keygate.allowed") - allowed0 if keygate else None
+    envoy_busy = ticks1 - ticks0
+    core_busy, core_total = busy_ticks(stat0[f"cpu{ENVOY_CPU}"], stat1[f"cpu{ENVOY_CPU}"])
+    wrk_busy, wrk_total = busy_ticks(stat0[f"cpu{WRK_CPU}"], stat1[f"cpu{WRK_CPU}"])
+    rps = w["requests"] / (w["duration_us"] / 1e6)
+    errors = sum(w[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    return {
+        "rps": rps,
+        "requests": w["requests"],
+        "p50_us": w["p50_us"],
+        "p90_us": w["p90_us"],
+        "p99_us": w["p99_us"],
+        "p999_us": w["p999_us"],
+        "max_us": w["max_us"],
+        "errors": errors,
+        "envoy_2xx": rq,
+        "keygate_allowed": allowed,
+        "cpu_us_per_req": envoy_busy * 1e6 / CLK_TCK / max(w["requests"], 1),
+        # Share of Envoy's core used by anything but Envoy during the run (noise indicator).
+        "foreign_load_envoy_cpu": max(core_busy - envoy_busy, 0) / max(core_total, 1),
+        "wrk_core_busy": wrk_busy / max(wrk_total, 1),
+    }
+
+
+# ---- phases -------------------------------------------------------------------------------------
+
+
+def write_bootstraps(confs: list[dict]) -> dict[str, Path]:
+    d = OUT / "bootstraps"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for c in confs:
+        p = d / f"{c['name']}.json"
+        t = time.monotonic()
+        gen.write_json(p, gen.static_bootstrap(c["filters"]()))
+        paths[c["name"]] = p
+        log(f"bootstrap {p.relative_to(ROOT)} ({p.stat().st_size / 1e6:.1f} MB, {time.monotonic() - t:.1f}s)")
+    return paths
+
+
+def validate(paths: dict[str, Path]) -> dict[str, float]:
+    times = {}
+    for name, p in paths.items():
+        t = time.monotonic()
+        r = subprocess.run(
+            [str(ENVOY), "--mode", "validate", "--disable-hot-restart", "-l", "warning", "-c", str(p)],
+            capture_output=True, text=True,
+        )
+        times[name] = time.monotonic() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"envoy --mode validate {p}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        log(f"validate {name}: OK ({times[name]:.1f}s)")
+    return times
+
+
+def check_one(env: Envoy, conf: dict) -> None:
+    status = request(env.port, gen.bench_path(), conf["auth"])
+    if status != 200:
+        raise RuntimeError(f"{conf['name']}: valid credentials got {status}")
+    if conf["auth"]:
+        bad = request(env.port, gen.bench_path(), conf["auth"][:-2] + "xx")
+        if conf["name"] not in ("wasm_floor",) and bad not in (401, 403):
+            raise RuntimeError(f"{conf['name']}: a wrong credential got {bad}, not a denial")
+
+
+def measure_reload(n: int) -> dict:
+    """Seconds from an atomic rename of the LDS file to the first 200 for a key only the new
+    config has (version 1 has keys 0..n-1, version 2 adds key n)."""
+    d = OUT / f"reload-{gen.size_name(n)}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    lds = d / "lds.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gen.write_json(lds, gen.lds_resources([gen.wasm_filter("keygate", gen.WASM, gen.keygate_config(n, 1))], port))
+    boot = d / "bootstrap.json"
+    gen.write_json(boot, gen.lds_bootstrap(lds))
+    env = Envoy(f"reload-{gen.size_name(n)}", boot, 1, ENVOY_CPU)
+    env.start()
+    try:
+        env.wait_ready(listener=False)
+        env.port = port
+        new_auth = gen.basic_header(n)
+        if request(port, gen.bench_path(), gen.basic_header(0)) != 200:
+            raise RuntimeError("reload: key 0 not admitted by version 1")
+        if request(port, gen.bench_path(), new_auth) != 401:
+            raise RuntimeError("reload: key n admitted before the change")
+        tmp = d / "lds.json.next"
+        # Build the new file completely before the clock starts.
+        with open(tmp, "w") as f:
+            json.dump(
+                gen.lds_resources([gen.wasm_filter("keygate", gen.WASM, gen.keygate_config(n, 2, extra_key=n))], port),
+                f, separators=(",", ":"),
+            )
+        t0 = time.monotonic()
+        os.replace(tmp, lds)
+        deadline = t0 + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if request(port, gen.bench_path(), new_auth) == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.005)
+        else:
+            raise TimeoutError(f"reload {n}: new key not admitted after {START_TIMEOUT}s")
+        took = time.monotonic() - t0
+        return {
+            "seconds": took,
+            "start_s": env.ready_s,
+            "rss_after_kib": env.status_kib("VmRSS"),
+            "hwm_kib": env.status_kib("VmHWM"),
+            "lds_bytes": lds.stat().st_size,
+        }
+    finally:
+        env.stop()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine() -> dict:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+
+    def version(cmd: list[str]) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "envoy": version([str(ENVOY), "--version"]).split("version:")[-1].strip(),
+        "wrk": version(["wrk", "-v"]).split("[")[0].strip(),
+        "rustc": version(["rustc", "--version"]),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for tool in ("wrk", "taskset"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} not found (make bench installs it)")
+    for f in (ENVOY, gen.WASM, gen.FLOOR_WASM):
+        if not f.exists():
+            raise SystemExit(f"bench: {f} missing (make bench builds it)")
+
+    started = datetime.now(timezone.utc)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    confs = gen.configurations(SIZES)
+    if os.environ.get("BENCH_BREAKDOWN") == "1":
+        confs += gen.breakdown_configurations(SIZES[0])
+    if ONLY:
+        confs = [c for c in confs if c["name"] in ONLY or c["name"] == "bare"]
+    names = [c["name"] for c in confs]
+    result: dict = {
+        "started": started.isoformat(),
+        "machine": machine(),
+        "params": {
+            "repeats": REPEATS, "seconds": SECONDS, "warmup": WARMUP, "connections": CONNECTIONS,
+            "sizes": SIZES, "reload_sizes": RELOAD_SIZES, "envoy_cpu": ENVOY_CPU, "wrk_cpu": WRK_CPU,
+        },
+        "wasm_bytes": {"keygate": gen.WASM.stat().st_size, "floor": gen.FLOOR_WASM.stat().st_size},
+        "configs": {c["name"]: {"label": c["label"], "keys": c.get("keys"), "runs": []} for c in confs},
+    }
+    log(f"machine: {result['machine']}")
+    log(f"configurations: {', '.join(names)}")
+
+    paths = write_bootstraps(confs)
+    gen._CONFIG_CACHE.clear()  # the 1M string is large; the files hold it now
+    val = validate(paths)
+    for name, t in val.items():
+        result["configs"][name]["validate_s"] = t
+
+    # Start every instance, one after another (time to LIVE is the config compile time).
+    envs: dict[str, Envoy] = {}
+    for c in confs:
+        e = Envoy(c["name"], paths[c["name"]], 1, ENVOY_CPU)
+        e.start()
+        e.wait_ready()
+        check_one(e, c)
+        envs[c["name"]] = e
+        r = result["configs"][c["name"]]
+        r["start_s"] = e.ready_s
+        r["rss_ready_kib"] = e.status_kib("VmRSS")
+        log(f"started {c['name']}: LIVE in {e.ready_s:.2f}s, RSS {r['rss_ready_kib'] / 1024:.0f} MiB, port {e.port}")
+
+    # Alternating rounds.
+    for rnd in range(REPEATS):
+        order = confs if rnd % 2 == 0 else list(reversed(confs))
+        for c in order:
+            m = measure(envs[c["name"]], c["auth"], c["name"].startswith(("keygate", "kg_")))
+            m["round"] = rnd
+            result["configs"][c["name"]]["runs"].append(m)
+            flag = "" if m["errors"] == 0 else f"  ERRORS {m['errors']}"
+            log(
+                f"round {rnd + 1}/{REPEATS} {c['name']:<22} {m['rps']:>8.0f} req/s  p50 {m['p50_us']:>5} us  "
+                f"p99 {m['p99_us']:>5} us  cpu {m['cpu_us_per_req']:.1f} us/req  "
+                f"foreign load {m['foreign_load_envoy_cpu'] * 100:.0f}%{flag}"
+            )
+
+    for c in confs:
+        e = envs[c["name"]]
+        r = result["configs"][c["name"]]
+        r["rss_after_kib"] = e.status_kib("VmRSS")
+        r["hwm_kib"] = e.status_kib("VmHWM")
+        if c["name"].startswith(("keygate", "kg_")):
+            r["wasm_stats"] = [
+                line for line in e.get_admin("/stats?filter=wasm").splitlines() if not line.endswith(": 0")
+            ]
+    stop_all()
+
+    # --concurrency 4, one at a time, just for start time and RSS.
+    for c in confs:
+        e = Envoy(c["name"], paths[c["name"]], 4, None)
+        e.start()
+        try:
+            e.wait_ready()
+            for _ in range(16):
+                request(e.port, gen.bench_path(), c["auth"])
+            r = result["configs"][c["name"]]
+            r["start_c4_s"] = e.ready_s
+            r["rss_c4_kib"] = e.status_kib("VmRSS")
+            log(f"--concurrency 4 {c['name']}: LIVE in {e.ready_s:.2f}s, RSS {r['rss_c4_kib'] / 1024:.0f} MiB")
+        finally:
+            e.stop()
+
+    # Config change to effect.
+    result["reload"] = {}
+    for n in RELOAD_SIZES:
+        rl = measure_reload(n)
+        result["reload"][gen.size_name(n)] = rl
+        log(f"config change, {gen.size_name(n)} keys: in effect after {rl['seconds']:.2f}s")
+
+    summarize(result, names)
+    result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    result["finished"] = datetime.now(timezone.utc).isoformat()
+    json_path = RESULTS / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result, names)
+    (RESULTS / "latest.md").write_text(md)
+    print(md)
+    plot(result, names, RESULTS / "latest.png")
+    log(f"wrote {json_path.relative_to(ROOT)}, bench/results/latest.md")
+    # A missed target is a finding to report, not a harness failure.
+    return 0
+
+
+def summarize(result: dict, names: list[str]) -> None:
+    cfgs = result["configs"]
+    bare_runs = {r["round"]: r for r in cfgs["bare"]["runs"]}
+    native_runs = {r["round"]: r for r in cfgs.get("native_composed", {}).get("runs", [])}
+    for name in names:
+        c = cfgs[name]
+        runs = c["runs"]
+        med = {k: median([r[k] for r in runs]) for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req", "foreign_load_envoy_cpu")}
+        med["errors"] = sum(r["errors"] for r in runs)
+        med["ratio_bare"] = median([r["rps"] / bare_runs[r["round"]]["rps"] for r in runs])
+        med["added_p99_us"] = median([r["p99_us"] - bare_runs[r["round"]]["p99_us"] for r in runs])
+        med["added_cpu_us"] = median([r["cpu_us_per_req"] - bare_runs[r["round"]]["cpu_us_per_req"] for r in runs])
+        if native_runs:
+            med["ratio_native"] = median([r["rps"] / native_runs[r["round"]]["rps"] for r in runs])
+        c["median"] = med
+
+    targets = []
+    kg1k = f"keygate_{gen.size_name(SIZES[0])}_basic"
+    if kg1k in cfgs:
+        m = cfgs[kg1k]["median"]
+        if "ratio_native" in m:
+            targets.append({"target": "keygate 1k throughput >= native composition (3), same run",
+                            "value": f"{m['ratio_native']:.2f} x (3)", "met": m["ratio_native"] >= 1.0})
+        targets.append({"target": "keygate 1k throughput >= 0.70 x bare Envoy (1)",
+                        "value": f"{m['ratio_bare']:.2f} x (1)", "met": m["ratio_bare"] >= 0.70})
+        targets.append({"target": f"added p99 over bare < 500 us at {CONNECTIONS} connections",
+                        "value": f"{m['added_p99_us']:+.0f} us", "met": m["added_p99_us"] < 500})
+        big = f"keygate_{gen.size_name(SIZES[-1])}_basic"
+        if big != kg1k and big in cfgs:
+            # Per-request cost: Envoy CPU per request, and throughput, both within 10%.
+            small_runs = {r["round"]: r for r in cfgs[kg1k]["runs"]}
+            cpu_ratio = median([r["cpu_us_per_req"] / small_runs[r["round"]]["cpu_us_per_req"] for r in cfgs[big]["runs"]])
+            rps_ratio = median([r["rps"] / small_runs[r["round"]]["rps"] for r in cfgs[big]["runs"]])
+            result["flatness"] = {"cpu_ratio": cpu_ratio, "rps_ratio": rps_ratio}
+            targets.append({
+                "target": f"per-request cost flat: {gen.size_name(SIZES[-1])} keys within 10% of {gen.size_name(SIZES[0])}",
+                "value": f"CPU/req x{cpu_ratio:.3f}, req/s x{rps_ratio:.3f}",
+                "met": abs(cpu_ratio - 1) <= 0.10 and abs(rps_ratio - 1) <= 0.10,
+            })
+    size = result["wasm_bytes"]["keygate"]
+    targets.append({"target": ".wasm under 1 MiB", "value": f"{size / 1024:.0f} KiB", "met": size < 1 << 20})
+    result["targets"] = targets
+
+
+def fmt_mib(kib) -> str:
+    return f"{kib / 1024:.0f}" if kib else "–"
+
+
+def markdown(result: dict, names: list[str]) -> str:
+    p, m = result["params"], result["machine"]
+    lines = [
+        f"Run {result['started'][:19]}Z: {p['repeats']} alternating rounds x {p['seconds']} s "
+        f"(+{p['warmup']} s warm-up), wrk -t1 -c{p['connections']} on CPU {p['wrk_cpu']}, Envoy "
+        f"--concurrency 1 on CPU {p['envoy_cpu']}; {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']}, Envoy {m['envoy']}, {m['wrk']}; load average {' '.join(m['loadavg_start'])} "
+        f"at start, {' '.join(m.get('loadavg_end', ['?']))} at end. Medians over rounds; ratios are taken "
+        "within a round, then the median.",
+        "",
+        "| configuration | req/s | x (1) | x (3) | p50 µs | p99 µs | p99 over (1) µs | Envoy CPU µs/req | over (1) | RSS c1 MiB | RSS c4 MiB | LIVE c1 s | LIVE c4 s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        c = result["configs"][name]
+        md = c["median"]
+        err = f" ⚠ {md['errors']} errors" if md["errors"] else ""
+        lines.append(
+            f"| {c['label']}{err} | {md['rps']:,.0f} | {md['ratio_bare']:.2f} | "
+            f"{md.get('ratio_native', float('nan')):.2f} | {md['p50_us']:.0f} | {md['p99_us']:.0f} | "
+            f"{md['added_p99_us']:+.0f} | {md['cpu_us_per_req']:.1f} | {md['added_cpu_us']:+.1f} | "
+            f"{fmt_mib(c.get('rss_after_kib'))} | {fmt_mib(c.get('rss_c4_kib'))} | "
+            f"{c.get('start_s', 0):.2f} | {c.get('start_c4_s', 0):.2f} |"
+        )
+    foreign = [r["foreign_load_envoy_cpu"] for n in names for r in result["configs"][n]["runs"]]
+    if foreign:
+        lines += ["", f"Noise: other processes used a median {median(foreign) * 100:.0f}% "
+                      f"(max {max(foreign) * 100:.0f}%) of Envoy's core during the measured runs."]
+    lines += ["", "Config compile (time to LIVE over bare Envoy's, and RSS over bare's) and config change:", "",
+              "| keys | LIVE c1 s | over bare s | RSS c1 MiB | over bare MiB | LIVE c4 s | RSS c4 MiB | over bare MiB | config change in effect s |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    bare = result["configs"]["bare"]
+    for name in names:
+        c = result["configs"][name]
+        if not (name.startswith("keygate") and name.endswith("_basic")):
+            continue
+        sz = gen.size_name(c["keys"])
+        rl = result.get("reload", {}).get(sz, {})
+        lines.append(
+            f"| {sz} | {c['start_s']:.2f} | {c['start_s'] - bare['start_s']:+.2f} | "
+            f"{fmt_mib(c['rss_ready_kib'])} | {(c['rss_ready_kib'] - bare['rss_ready_kib']) / 1024:+.0f} | "
+            f"{c.get('start_c4_s', 0):.2f} | {fmt_mib(c.get('rss_c4_kib'))} | "
+            f"{(c.get('rss_c4_kib', 0) - bare.get('rss_c4_kib', 0)) / 1024:+.0f} | "
+            f"{rl.get('seconds', float('nan')):.2f} |"
+        )
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, names: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not available: no plot")
+        return
+    labels = [result["configs"][n]["label"] for n in names]
+    rps = [result["configs"][n]["median"]["rps"] for n in names]
+    p99 = [result["configs"][n]["median"]["p99_us"] for n in names]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 0.55 * len(names) + 1.8))
+    y = range(len(names))
+    a.barh(y, rps, color="#4477aa")
+    a.set_yticks(list(y), labels)
+    a.invert_yaxis()
+    a.set_xlabel("requests/s (median)")
+    b.barh(y, p99, color="#cc6677")
+    b.set_yticks(list(y), [""] * len(names))
+    b.invert_yaxis()
+    b.set_xlabel(f"p99 latency µs at {result['params']['connections']} connections (median)")
+    fig.suptitle(f"keygate bench {result['started'][:16]}Z, Envoy --concurrency 1, wrk -c{result['params']['connections']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    log(f"plot {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        stop_all()
