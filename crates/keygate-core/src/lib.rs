@@ -19,8 +19,10 @@ pub mod gate;
 pub mod headers;
 pub mod ip;
 pub mod path;
+pub mod plugin;
 #[doc(hidden)]
 pub mod props;
+pub mod published;
 pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;

@@ -42,11 +42,13 @@ pub enum Reason {
     TooManyFailedAuth,
     /// The limit counters could not be read or updated and the configured outcome is deny.
     LimiterUnavailable,
+    /// The control plane has not been heard from for longer than allowed (`on_stale: deny`).
+    ConfigStale,
 }
 
 impl Reason {
     /// Every reason, for docs, stats and tests.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::NoConfig,
         Reason::MissingCredentials,
         Reason::MultipleCredentials,
@@ -65,6 +67,7 @@ impl Reason {
         Reason::ConcurrencyLimited,
         Reason::TooManyFailedAuth,
         Reason::LimiterUnavailable,
+        Reason::ConfigStale,
     ];
 
     /// Stable reason code, used in the JSON body and in stat names.
@@ -88,12 +91,13 @@ impl Reason {
             Reason::ConcurrencyLimited => "concurrency_limited",
             Reason::TooManyFailedAuth => "too_many_failed_auth",
             Reason::LimiterUnavailable => "limiter_unavailable",
+            Reason::ConfigStale => "config_stale",
         }
     }
 
     pub fn status(self) -> u32 {
         match self {
-            Reason::NoConfig | Reason::LimiterUnavailable => 503,
+            Reason::NoConfig | Reason::LimiterUnavailable | Reason::ConfigStale => 503,
             Reason::RateLimitedKey
             | Reason::RateLimitedAccount
             | Reason::RateLimitedApi
@@ -130,6 +134,7 @@ impl Reason {
             Reason::ConcurrencyLimited => "Too many concurrent requests for this account",
             Reason::TooManyFailedAuth => "Too many failed authentication attempts; retry later",
             Reason::LimiterUnavailable => "Rate limiting is temporarily unavailable; retry shortly",
+            Reason::ConfigStale => "The gateway's key configuration is out of date; retry shortly",
         }
     }
 

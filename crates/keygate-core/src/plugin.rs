@@ -1,0 +1,196 @@
+//! The filter's plugin configuration: either a whole config document (static mode, for
+//! deployments with no control plane) or where to fetch it from (control-plane mode).
+
+use serde::Deserialize;
+
+use crate::compile::{compile, CompiledConfig, ConfigError};
+
+/// What to do when the control plane has not been heard from for longer than `max_staleness_s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    /// Keep judging with the last good config (default): revocations made meanwhile are not
+    /// seen, but secrets and keys with an absolute `not_after` / `expires_at` still stop on time.
+    #[default]
+    Serve,
+    /// Answer 503 `config_stale`.
+    Deny,
+}
+
+/// The control-plane source, as written in the plugin configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneDoc {
+    /// Envoy cluster of the control plane.
+    pub cluster: String,
+    /// `:authority` sent to it.
+    pub authority: String,
+    /// Feed path (default `/v1/edge/config`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The edge's own credential (sent as `Authorization: Bearer`); never logged.
+    pub token: String,
+    /// Long-poll wait the feed is asked for (default 20 s, at most 60).
+    #[serde(default)]
+    pub wait_s: Option<u32>,
+    /// Past this many seconds without hearing from the control plane, `on_stale` applies
+    /// (default: never).
+    #[serde(default)]
+    pub max_staleness_s: Option<u64>,
+    #[serde(default)]
+    pub on_stale: OnStale,
+    /// Add `x-keygate-config-version` to responses (which version judged the request).
+    #[serde(default)]
+    pub debug_version_header: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlPlaneWrapper {
+    control_plane: ControlPlaneDoc,
+}
+
+/// A validated control-plane source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub token: String,
+    pub wait_s: u32,
+    pub timeout_ms: u64,
+    pub max_staleness_s: Option<u64>,
+    pub on_stale: OnStale,
+    pub debug_version_header: bool,
+}
+
+/// The parsed plugin configuration.
+#[derive(Debug)]
+pub enum PluginConfig {
+    Static(Box<CompiledConfig>),
+    ControlPlane(ControlPlane),
+}
+
+fn cp_err(path: &str, message: &str) -> ConfigError {
+    ConfigError {
+        path: format!("control_plane.{path}"),
+        message: message.to_owned(),
+    }
+}
+
+/// Parses the plugin configuration: a document with `"control_plane"` selects control-plane
+/// mode; anything else must be a whole `keygate.config/v1` document.
+pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let probe: serde_json::Value = serde_json::from_slice(json).map_err(|e| ConfigError {
+        path: String::new(),
+        message: e.to_string(),
+    })?;
+    if probe.get("control_plane").is_none() {
+        return compile(json).map(|c| PluginConfig::Static(Box::new(c)));
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let w: ControlPlaneWrapper =
+        serde_path_to_error::deserialize(&mut de).map_err(|e| ConfigError {
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+    let d = w.control_plane;
+    if d.cluster.is_empty() {
+        return Err(cp_err("cluster", "must name an Envoy cluster"));
+    }
+    if d.authority.is_empty()
+        || d.authority
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(cp_err("authority", "must be a host name"));
+    }
+    let path = d.path.unwrap_or_else(|| "/v1/edge/config".to_owned());
+    if !path.starts_with('/') || path.contains('?') || path.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(cp_err("path", "must be an absolute path without a query"));
+    }
+    if d.token.is_empty() || d.token.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(cp_err("token", "must be a non-empty printable token"));
+    }
+    let wait_s = d.wait_s.unwrap_or(20);
+    if !(1..=60).contains(&wait_s) {
+        return Err(cp_err("wait_s", "must be between 1 and 60"));
+    }
+    if d.max_staleness_s == Some(0) {
+        return Err(cp_err(
+            "max_staleness_s",
+            "must be at least 1 (omit it to never go stale)",
+        ));
+    }
+    Ok(PluginConfig::ControlPlane(ControlPlane {
+        cluster: d.cluster,
+        authority: d.authority,
+        path,
+        token: d.token,
+        wait_s,
+        timeout_ms: u64::from(wait_s) * 1000 + 10_000,
+        max_staleness_s: d.max_staleness_s,
+        on_stale: d.on_stale,
+        debug_version_header: d.debug_version_header,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn control_plane_mode_with_defaults() {
+        let c = parse_plugin_config(
+            br#"{"control_plane":{"cluster":"kc","authority":"control","token":"kg_edge_x"}}"#,
+        )
+        .unwrap();
+        match c {
+            PluginConfig::ControlPlane(cp) => {
+                assert_eq!(cp.path, "/v1/edge/config");
+                assert_eq!(
+                    (cp.wait_s, cp.timeout_ms, cp.on_stale),
+                    (20, 30_000, OnStale::Serve)
+                );
+            }
+            PluginConfig::Static(_) => panic!("static"),
+        }
+    }
+
+    #[test]
+    fn control_plane_errors_name_the_field() {
+        let cases: [(&[u8], &str); 4] = [
+            (
+                br#"{"control_plane":{"cluster":"","authority":"a","token":"t"}}"#,
+                "control_plane.cluster: must name an Envoy cluster",
+            ),
+            (
+                br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","wait_s":90}}"#,
+                "control_plane.wait_s: must be between 1 and 60",
+            ),
+            (
+                br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","path":"x"}}"#,
+                "control_plane.path: must be an absolute path without a query",
+            ),
+            (
+                br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","tokn":"t"}}"#,
+                "control_plane.tokn: unknown field `tokn`",
+            ),
+        ];
+        for (json, want) in cases {
+            let got = parse_plugin_config(json).unwrap_err().to_string();
+            assert!(got.starts_with(want), "{got}");
+        }
+    }
+
+    #[test]
+    fn anything_else_is_a_static_document() {
+        assert!(matches!(
+            parse_plugin_config(br#"{"schema":"keygate.config/v1","version":1}"#),
+            Ok(PluginConfig::Static(_))
+        ));
+        assert!(parse_plugin_config(br#"{"schema":"nope","version":1}"#).is_err());
+    }
+}
