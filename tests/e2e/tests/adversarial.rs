@@ -620,7 +620,7 @@ fn credential_cases() -> Vec<Case> {
             "space after the SID",
             auth(format!(
                 "Basic {}",
-                b64(&format!("{} ", STD.sid), STD.secret.as_bytes())
+                b64(format!("{} ", STD.sid), STD.secret.as_bytes())
             )),
             invalid(),
         ),
@@ -672,17 +672,17 @@ fn credential_cases() -> Vec<Case> {
         ),
         case(
             "raw \\x01 in the header value",
-            auth(b"Bearer abc\x01def".to_vec()),
+            auth(b"Bearer abc\x01def"),
             Expect::Envoy(400),
         ),
         case(
             "raw \\x7f in the header value",
-            auth(b"Bearer abc\x7fdef".to_vec()),
+            auth(b"Bearer abc\x7fdef"),
             Expect::Envoy(400),
         ),
         case(
             "raw NUL in the header value",
-            auth(b"Bearer abc\x00def".to_vec()),
+            auth(b"Bearer abc\x00def"),
             Expect::Envoy(400),
         ),
         // Envoy's codec unfolds obs-fold into one line (RFC 9112 §5.2 lets a proxy replace it with
@@ -694,12 +694,12 @@ fn credential_cases() -> Vec<Case> {
         ),
         case(
             "non-UTF-8 bytes in the raw value",
-            auth(b"Basic \xff\xfe\xfd".to_vec()),
+            auth(b"Basic \xff\xfe\xfd"),
             malformed(),
         ),
         case(
             "non-UTF-8 Bearer token",
-            auth(b"Bearer sk_live_\xc3\x28".to_vec()),
+            auth(b"Bearer sk_live_\xc3\x28"),
             malformed(),
         ),
         case(
@@ -717,7 +717,7 @@ fn credential_cases() -> Vec<Case> {
         ),
         case(
             "non-UTF-8 in an unrelated header is forwarded untouched",
-            auth(format!("Basic {padded}")).header("x-odd", b"\xff\xfe\x80latin\xe9".to_vec()),
+            auth(format!("Basic {padded}")).header("x-odd", b"\xff\xfe\x80latin\xe9"),
             ok(),
         )
         .with_check(|s| assert_eq!(s.header("x-odd"), Some(&b"\xff\xfe\x80latin\xe9"[..]))),
@@ -1175,7 +1175,7 @@ fn path_cases(normalize: bool) -> Vec<Case> {
         ),
         path_row(
             "raw non-ASCII",
-            std_get(b"/v2/accounts/ACdemo0001/calls/\xc3\xa9".to_vec()),
+            std_get(b"/v2/accounts/ACdemo0001/calls/\xc3\xa9"),
             Expect::Envoy(400),
             Expect::Envoy(400),
             n,
@@ -1532,7 +1532,10 @@ fn principals() -> Vec<(&'static str, Req, Expect)> {
 }
 
 /// Ways to send the identity headers: each returns the request with its spoofs added.
-fn spoof_variants() -> Vec<(&'static str, fn(Req) -> Req)> {
+/// Adds spoofed headers to a request.
+type Spoof = fn(Req) -> Req;
+
+fn spoof_variants() -> Vec<(&'static str, Spoof)> {
     fn each(mut req: Req, name: fn(&str) -> String, values: [&str; 4], times: usize) -> Req {
         for _ in 0..times {
             for (h, v) in IDENTITY_HEADERS.iter().zip(values) {
@@ -1860,8 +1863,11 @@ fn a_denied_request_is_never_attributed_to_a_key_the_client_named() {
 // 5. Indistinguishable failures
 // ---------------------------------------------------------------------------------------------
 
+/// Status, headers in wire order, body.
+type ReplyBytes = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
+
 /// The reply minus `date`, which changes from second to second.
-fn reply_bytes(r: &Response) -> (u16, Vec<(String, Vec<u8>)>, Vec<u8>) {
+fn reply_bytes(r: &Response) -> ReplyBytes {
     let headers = r
         .headers
         .iter()
