@@ -12,6 +12,9 @@
 //! - secrets are never logged (only SIDs, counts and versions are).
 
 mod glue;
+mod host;
+mod metrics;
+mod poller;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

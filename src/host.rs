@@ -1,0 +1,160 @@
+//! The host as keygate-core sees it: Envoy shared data as a [`SharedStore`], the request's view
+//! ([`Host`]), and the byte-level reads the request path needs.
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::UNIX_EPOCH;
+
+use keygate_core::gate::Host;
+use keygate_core::ip::parse_client_address;
+use keygate_core::ratelimit::{SetError, SharedStore, StoreError};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{MapType, Status};
+
+/// Shared-data key written at VM start; its CAS serves as the "absent CAS" (see
+/// `keygate_core::ratelimit`).
+const ANCHOR_KEY: &str = "kg:anchor";
+/// Shared-data counter handing out VM identities for concurrency leases.
+const VM_SEQ_KEY: &str = "kg:vmseq";
+
+/// Per-VM state shared by the root context and every HTTP context of this VM.
+pub struct VmState {
+    anchor_cas: Cell<u32>,
+    pub vm_id: Cell<u64>,
+    /// Requests of each account (by concurrency store key) in flight on this VM.
+    pub inflight: RefCell<HashMap<String, u32>>,
+}
+
+/// Envoy shared data as keygate-core's [`SharedStore`]; the anchor CAS lives in the VM state.
+impl SharedStore for VmState {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(v), Some(cas))) => Ok(Some((v, cas))),
+            Ok((Some(v), None)) => Ok(Some((v, 0))),
+            Ok((None, _)) => Ok(None),
+            Err(_) => Err(StoreError),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(_) => Err(SetError::Other),
+        }
+    }
+
+    fn absent_cas(&self) -> u32 {
+        self.anchor_cas.get()
+    }
+}
+
+impl VmState {
+    pub fn start() -> VmState {
+        let state = VmState {
+            anchor_cas: Cell::new(0),
+            vm_id: Cell::new(0),
+            inflight: RefCell::new(HashMap::new()),
+        };
+        let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
+        if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {
+            state.anchor_cas.set(cas);
+        }
+        // Take the next VM identity with a CAS loop (insert-if-absent through the anchor CAS).
+        let store = &state;
+        for _ in 0..64 {
+            let (next, cas) = match store.get(VM_SEQ_KEY) {
+                Ok(Some((v, cas))) => {
+                    let prev = <[u8; 8]>::try_from(v.as_slice())
+                        .map(u64::from_le_bytes)
+                        .unwrap_or(0);
+                    (prev.wrapping_add(1), cas)
+                }
+                Ok(None) => (1, store.absent_cas()),
+                Err(_) => break,
+            };
+            if store.set(VM_SEQ_KEY, &next.to_le_bytes(), cas).is_ok() {
+                state.vm_id.set(next);
+                break;
+            }
+        }
+        state
+    }
+}
+
+/// The gate's view of the host for one request.
+pub struct RequestHost<'a> {
+    pub vm: &'a VmState,
+    pub now_us: u64,
+    pub client_ip: OnceCell<Option<IpAddr>>,
+}
+
+impl Host for RequestHost<'_> {
+    fn now_us(&self) -> u64 {
+        self.now_us
+    }
+
+    fn client_ip(&self) -> Option<IpAddr> {
+        *self.client_ip.get_or_init(client_ip)
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        self.vm
+    }
+
+    fn vm_id(&self) -> u64 {
+        self.vm.vm_id.get()
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+/// All request headers in proxy-wasm's serialized form, as bytes. The SDK's own getter decodes
+/// names with `unwrap`; this one leaves every byte to the panic-free parser in keygate-core.
+pub fn request_header_map() -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer to a buffer it allocated through this module's exported
+    // allocator (proxy_on_memory_allocate) and its size; we take ownership of exactly that.
+    unsafe {
+        match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+            _ => Vec::new(),
+        }
+    }
+}
+
+pub fn now_us() -> u64 {
+    // Without a clock every time-limited secret must fail closed: pretend it is the far future.
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(u64::MAX, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+        })
+}
+
+pub fn client_ip() -> Option<IpAddr> {
+    let bytes = hostcalls::get_property(vec!["source", "address"])
+        .ok()
+        .flatten()?;
+    parse_client_address(&bytes)
+}
+
+impl<'a> RequestHost<'a> {
+    pub fn new(vm: &'a VmState) -> RequestHost<'a> {
+        RequestHost {
+            vm,
+            now_us: now_us(),
+            client_ip: OnceCell::new(),
+        }
+    }
+}

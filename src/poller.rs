@@ -1,0 +1,195 @@
+//! Control-plane mode: exactly one VM per Envoy process long-polls the control plane's edge feed
+//! and publishes each new version into shared data for every worker.
+//!
+//! Election: `kg:cfg:poller` holds `(vm_id, heartbeat_s)`. Every VM's root context ticks each
+//! second; a VM claims the role (compare-and-swap) when the slot is empty or its heartbeat is
+//! older than [`POLLER_LEASE_S`], and the holder refreshes it each tick. If the poller's VM goes
+//! away (worker VM replaced, crash), another VM takes over within a few seconds. This works the
+//! same in plain Envoy and under Istio's `WasmPlugin`, which has no bootstrap singleton.
+//!
+//! Fetch: `GET <path>?wait=<s>` with `If-None-Match: "<version in force>"` and the edge token as
+//! Bearer, over `dispatch_http_call` to the configured cluster. 200 → validate completely and
+//! publish (an invalid, older or replayed document is rejected and counted; the version in force
+//! stays); 304 → record contact; anything else → retry with exponential backoff and jitter.
+
+use std::time::Duration;
+
+use keygate_core::plugin::ControlPlane;
+use keygate_core::published::{self, read_head, Rejection};
+use keygate_core::ratelimit::SharedStore;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType};
+
+use crate::host::{now_us, VmState};
+use crate::metrics::Metrics;
+
+const POLLER_KEY: &str = "kg:cfg:poller";
+/// A poller whose heartbeat is older than this is replaced.
+pub const POLLER_LEASE_S: u64 = 3;
+/// Longest backoff between failed fetches.
+const MAX_BACKOFF_S: u64 = 30;
+
+fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, msg);
+}
+
+/// Per-VM poller state (only the elected VM uses it).
+#[derive(Default)]
+pub struct Poller {
+    in_flight: Option<u32>,
+    failures: u32,
+    next_attempt_s: u64,
+}
+
+fn decode_claim(b: &[u8]) -> Option<(u64, u64)> {
+    let id = <[u8; 8]>::try_from(b.get(..8)?)
+        .ok()
+        .map(u64::from_le_bytes)?;
+    let hb = <[u8; 8]>::try_from(b.get(8..16)?)
+        .ok()
+        .map(u64::from_le_bytes)?;
+    Some((id, hb))
+}
+
+/// Claims or refreshes the poller role; true if this VM holds it.
+fn elect(vm: &VmState, now_s: u64) -> bool {
+    let me = vm.vm_id.get();
+    let (cas, holder) = match vm.get(POLLER_KEY) {
+        Ok(Some((bytes, cas))) => (cas, decode_claim(&bytes)),
+        Ok(None) => (vm.absent_cas(), None),
+        Err(_) => return false,
+    };
+    let free = match holder {
+        Some((id, hb)) => id == me || hb.saturating_add(POLLER_LEASE_S) < now_s,
+        None => true,
+    };
+    if !free {
+        return false;
+    }
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&me.to_le_bytes());
+    value[8..].copy_from_slice(&now_s.to_le_bytes());
+    vm.set(POLLER_KEY, &value, cas).is_ok()
+}
+
+impl Poller {
+    /// Called every tick on every VM.
+    pub fn tick(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
+        let now_s = now_us() / 1_000_000;
+        if let Some(head) = read_head(vm) {
+            Metrics::set(
+                metrics.config_age,
+                now_s.saturating_sub(head.contacted_at_s),
+            );
+        }
+        if !elect(vm, now_s) || self.in_flight.is_some() || now_s < self.next_attempt_s {
+            return;
+        }
+        let path = format!("{}?wait={}", cp.path, cp.wait_s);
+        let bearer = format!("Bearer {}", cp.token);
+        let etag = read_head(vm).map(|h| format!("\"{}\"", h.version));
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":path", &path),
+            (":authority", &cp.authority),
+            ("authorization", &bearer),
+            ("accept", "application/json"),
+        ];
+        if let Some(e) = &etag {
+            headers.push(("if-none-match", e));
+        }
+        Metrics::bump(metrics.config_fetches);
+        match hostcalls::dispatch_http_call(
+            &cp.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(cp.timeout_ms),
+        ) {
+            Ok(token) => self.in_flight = Some(token),
+            Err(status) => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "control plane fetch not sent (cluster {:?}): {status:?}",
+                        cp.cluster
+                    ),
+                );
+                self.failed(vm, now_s, metrics);
+            }
+        }
+    }
+
+    /// The response to our fetch (or its timeout / reset: no `:status`).
+    pub fn response(&mut self, vm: &VmState, token: u32, body_size: usize, metrics: &Metrics) {
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        let now_s = now_us() / 1_000_000;
+        let status = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
+            .ok()
+            .and_then(|h| h.into_iter().find(|(n, _)| n == ":status").map(|(_, v)| v))
+            .unwrap_or_default();
+        match status.as_slice() {
+            b"200" => {
+                let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                match published::publish(vm, &body, now_s) {
+                    Ok(v) => {
+                        log(
+                            LogLevel::Info,
+                            &format!("config version {v} published from the control plane"),
+                        );
+                        Metrics::bump(metrics.config_published);
+                        Metrics::set(metrics.config_version, v);
+                        self.failures = 0;
+                        self.next_attempt_s = now_s;
+                    }
+                    Err(Rejection::NotNewer { offered, in_force }) => {
+                        log(LogLevel::Warn, &format!("config version {offered} rejected: not newer than {in_force} in force"));
+                        Metrics::bump(metrics.config_rejected);
+                        self.failed(vm, now_s, metrics);
+                    }
+                    Err(Rejection::Invalid(e)) => {
+                        log(LogLevel::Warn, &format!("config from the control plane rejected: {e}; the version in force stays"));
+                        Metrics::bump(metrics.config_rejected);
+                        self.failed(vm, now_s, metrics);
+                    }
+                    Err(Rejection::Store) => {
+                        log(LogLevel::Error, "config could not be written to shared data; the version in force stays");
+                        self.failed(vm, now_s, metrics);
+                    }
+                }
+            }
+            b"304" => {
+                published::touch(vm, now_s);
+                Metrics::bump(metrics.config_not_modified);
+                self.failures = 0;
+                self.next_attempt_s = now_s;
+            }
+            other => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "control plane fetch failed: status {:?}",
+                        String::from_utf8_lossy(other)
+                    ),
+                );
+                self.failed(vm, now_s, metrics);
+            }
+        }
+    }
+
+    fn failed(&mut self, vm: &VmState, now_s: u64, metrics: &Metrics) {
+        Metrics::bump(metrics.config_fetch_errors);
+        self.failures = self.failures.saturating_add(1);
+        let base = (1u64 << self.failures.min(5)).min(MAX_BACKOFF_S);
+        // Jitter in [base/2, base*3/2), from this VM's id and the clock.
+        let seed = vm.vm_id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_us();
+        let jitter = seed % base.max(1);
+        self.next_attempt_s = now_s + base / 2 + jitter;
+    }
+}
