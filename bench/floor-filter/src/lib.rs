@@ -31,7 +31,9 @@ impl Context for Floor {}
 impl HttpContext for Floor {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // Read the header (bytes, so no UTF-8 unwrap) and keep the result observable.
-        let seen = self.get_http_request_header_bytes("authorization").is_some();
+        let seen = self
+            .get_http_request_header_bytes("authorization")
+            .is_some();
         std::hint::black_box(seen);
         Action::Continue
     }

@@ -180,7 +180,7 @@ fn bench_decide(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new("bearer_allow", n), &head, |b, head| {
                 b.iter(|| decide(&cfg, black_box(head), now, &mut || Some(LOOPBACK)))
             });
-            let wrong = basic(0, "sk_live_00000000000000000000000000000000");
+            let wrong = basic(0, "sk_live_ffffffffffffffffffffffffffffffff");
             let p = pairs(&path, &wrong);
             let head = RequestHead::from_pairs(&p);
             assert!(matches!(
