@@ -336,6 +336,7 @@ impl KeygateHttp {
                 None => {}
             }
         }
+        strip_lookalikes(cat, pairs);
         if !cat.forward_authorization() && has_header(pairs, b"authorization") {
             let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
         }
@@ -364,7 +365,12 @@ impl KeygateHttp {
         self.metrics.gate(&stats);
         self.max_cas_retries = cat.max_cas_retries();
         match verdict {
-            Verdict::Deny(denial) => self.deny(&denial, cat.www_authenticate()),
+            Verdict::Deny(denial) => {
+                // The request stops here, but access logs and later filters still see its
+                // headers: never leave a client-chosen identity on it.
+                strip_client_identity(cat, pairs);
+                self.deny(&denial, cat.www_authenticate())
+            }
             Verdict::Allow {
                 allow,
                 quota,
@@ -390,6 +396,45 @@ impl KeygateHttp {
 
 fn has_header(pairs: &[(&[u8], &[u8])], name: &[u8]) -> bool {
     pairs.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+}
+
+/// Removes client-sent copies of every identity header (on denials).
+fn strip_client_identity(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
+    for name in cat.identity_headers() {
+        if has_header(pairs, name.as_bytes()) {
+            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        }
+    }
+    strip_lookalikes(cat, pairs);
+}
+
+/// Removes headers that spell an identity header with `_` for `-` (`x_keygate_key_sid`):
+/// upstreams that fold `_` into `-` (CGI, WSGI, Rack, PHP) would read them as the identity.
+fn strip_lookalikes(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
+    for (name, _) in pairs {
+        if !name.contains(&b'_') {
+            continue;
+        }
+        let folded: Vec<u8> = name
+            .iter()
+            .map(|&b| {
+                if b == b'_' {
+                    b'-'
+                } else {
+                    b.to_ascii_lowercase()
+                }
+            })
+            .collect();
+        if cat
+            .identity_headers()
+            .iter()
+            .any(|h| h.as_bytes() == folded.as_slice())
+        {
+            if let Ok(n) = std::str::from_utf8(name) {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, n);
+            }
+        }
+    }
 }
 
 impl HttpContext for KeygateHttp {

@@ -1806,10 +1806,9 @@ fn identity_lookalikes_with_underscores_are_dropped_by_envoys_underscore_policy(
     bench.finish();
 }
 
-/// FINDING (hardening): without Envoy's underscore policy the look-alikes reach the upstream, next
-/// to keygate's own headers. Ignored so the suite stays green; run with `--ignored` to see it fail.
+/// Found by this suite: without Envoy's underscore policy the look-alikes reached the upstream
+/// next to keygate's own headers. keygate now removes them itself.
 #[test]
-#[ignore = "FINDING: x_keygate_* look-alikes are forwarded; keygate strips only exact names (see report)"]
 fn identity_lookalikes_with_underscores_never_reach_the_upstream() {
     let mut bench = Bench::start(EnvoyBuilder::new());
     let cases: Vec<Case> = principals()
@@ -1827,14 +1826,11 @@ fn identity_lookalikes_with_underscores_never_reach_the_upstream() {
     bench.finish();
 }
 
-/// FINDING (audit integrity): on a denied request keygate leaves client-sent identity headers in
-/// place, and an access log that reads them (`key=%REQ(X-KEYGATE-KEY-SID)%`, as in the harness
-/// default and envoy/envoy.yaml) attributes the denial to whatever key the client named. The
-/// README says client copies are removed "from every request"; ARCHITECTURE.md says "on every
-/// request that reaches the upstream". `account=` (filter state) is not spoofable. Ignored so the
-/// suite stays green; run with `--ignored` to see it fail.
+/// Found by this suite: on a denied request keygate used to leave client-sent identity headers in
+/// place, so an access log reading them (`key=%REQ(X-KEYGATE-KEY-SID)%`, as in the harness default
+/// and envoy/envoy.yaml) attributed the denial to whatever key the client named. keygate now
+/// removes them on denials too.
 #[test]
-#[ignore = "FINDING: denied requests keep client x-keygate-* headers, so %REQ(X-KEYGATE-KEY-SID)% logs a spoofed key (see report)"]
 fn a_denied_request_is_never_attributed_to_a_key_the_client_named() {
     let bench = Bench::start(EnvoyBuilder::new());
     let p = bench.port();
