@@ -92,7 +92,8 @@ test-filter: ## tier 3: keygate-filter native unit tests (the host glue)
 
 test-e2e: setup-envoy build ## tier 4: end-to-end tests against a real Envoy running the built filter
 	@echo "== tier 4: end-to-end with Envoy $$("$(ENVOY)" --version | grep -o '1\.[0-9.]*' | head -1)"
-	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" cargo test -p keygate-e2e
+	cargo build -p keygate-control
+	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" cargo test -p keygate-e2e
 
 lint: setup-rust ## cargo fmt --check and clippy -D warnings (workspace native + filter on wasm32-wasip1)
 	cargo fmt --all -- --check
@@ -118,3 +119,20 @@ fmt: ## format the workspace
 
 clean: ## remove build output (keeps .venv and installed tools)
 	cargo clean
+
+# ---- benchmark (not part of `make test`) ---------------------------------------------------------
+# `make bench` installs what it needs (wrk and taskset from Debian, matplotlib into .venv), builds
+# keygate and the floor filter, then runs bench/run.py. BENCH_REPEATS, BENCH_SECONDS, BENCH_WARMUP,
+# BENCH_SIZES, BENCH_RELOAD_SIZES, BENCH_ONLY, BENCH_BREAKDOWN: see bench/run.py.
+BENCH_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: bench
+bench: setup-envoy build ## benchmark Envoy + keygate against bare Envoy and native filters; results in bench/results/
+	@if ! command -v wrk >/dev/null || ! command -v taskset >/dev/null; then \
+	  echo "bench: installing wrk and util-linux (taskset) from Debian"; \
+	  $(BENCH_SUDO) apt-get update -qq && $(BENCH_SUDO) apt-get install -y -qq wrk util-linux; \
+	fi
+	@"$(VENV)/bin/python" -c 'import matplotlib' 2>/dev/null || { echo "bench: pip install matplotlib into .venv (for the plot)"; \
+	  "$(VENV)/bin/pip" install --quiet --disable-pip-version-check matplotlib || echo "bench: no matplotlib, no plot"; }
+	CARGO_TARGET_DIR="$(ROOT)/target/bench-floor" cargo build --release --target $(WASM_TARGET) \
+	  --manifest-path bench/floor-filter/Cargo.toml
+	"$(VENV)/bin/python" bench/run.py

@@ -112,6 +112,11 @@ impl Context for KeygateRoot {
             return;
         };
         self.poller.response(&vm, token_id, body_size, &metrics);
+        // Long-poll again right away (tick() does nothing while backing off).
+        if let Source::ControlPlane(p) = &self.source {
+            let source = p.source.clone();
+            self.poller.tick(&vm, &source, &metrics);
+        }
     }
 }
 

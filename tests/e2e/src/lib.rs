@@ -16,6 +16,7 @@
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
 pub mod client;
+pub mod control;
 pub mod demo;
 pub mod echo;
 pub mod envoy;
@@ -24,5 +25,6 @@ pub mod paths;
 mod wire;
 
 pub use client::{Conn, Req, Response};
+pub use control::ControlPlane;
 pub use echo::{CapturedRequest, Echo};
 pub use envoy::{Envoy, EnvoyBuilder, StartError};

@@ -1,0 +1,185 @@
+//! A real keygate control plane (the `keygate-control` binary) for end-to-end tests: started on a
+//! temporary database and a free loopback port, killed on drop, restartable on the same data.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::paths;
+use crate::{Req, Response};
+
+/// The control-plane binary: `KEYGATE_CONTROL`, else `target/{release,debug}/keygate-control`.
+pub fn control_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEYGATE_CONTROL") {
+        return PathBuf::from(p);
+    }
+    let root = paths::workspace_root();
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("keygate-control");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("keygate-control not built: run `cargo build -p keygate-control` (make test-e2e does)");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+    /// `NAME=value` credentials printed once at initialization.
+    pub creds: HashMap<String, String>,
+}
+
+impl ControlPlane {
+    /// Starts a control plane on a new database and waits until it answers.
+    pub fn start() -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cp = ControlPlane {
+            dir,
+            port: free_port(),
+            child: None,
+            creds: HashMap::new(),
+        };
+        let stdout = cp.spawn();
+        for line in stdout.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                if !k.starts_with('#') {
+                    cp.creds.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+            }
+        }
+        assert!(
+            cp.creds.contains_key("KEYGATE_EDGE_TOKEN"),
+            "no credentials printed: {stdout}"
+        );
+        cp
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("keygate.db")
+    }
+
+    /// Spawns `serve`; returns what it printed on stdout before it answered.
+    fn spawn(&mut self) -> String {
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let out = self.dir.path().join(format!(
+            "stdout-{}.txt",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&out).expect("stdout file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("control.log"))
+            .expect("log");
+        let child = Command::new(control_bin())
+            .args(["serve", "--data"])
+            .arg(self.db())
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn keygate-control");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if Req::get("/v1/edge/config").try_send(self.port).is_ok() {
+                let mut s = String::new();
+                let _ = std::fs::File::open(&out).and_then(|mut f| f.read_to_string(&mut s));
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("keygate-control did not start; log:\n{}", self.logs());
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn cred(&self, name: &str) -> &str {
+        self.creds
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no credential {name}"))
+    }
+
+    pub fn account_sid(&self) -> &str {
+        self.cred("ACCOUNT_SID")
+    }
+
+    /// Basic with the first account's SID and auth token.
+    pub fn as_account(&self, req: Req) -> Req {
+        req.basic(self.cred("ACCOUNT_SID"), self.cred("AUTH_TOKEN"))
+    }
+
+    pub fn send(&self, req: &Req) -> Response {
+        req.send(self.port)
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same database and port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = self.spawn();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("control.log")).unwrap_or_default()
+    }
+
+    /// Every file of its database (for secret scans).
+    pub fn database_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.db().into_os_string();
+            p.push(suffix);
+            if let Ok(b) = std::fs::read(PathBuf::from(p)) {
+                all.extend(b);
+            }
+        }
+        all
+    }
+
+    /// The plugin configuration for an Envoy whose cluster `keygate_control` points here.
+    pub fn plugin_config(&self, extra: serde_json::Value) -> serde_json::Value {
+        let mut cp = serde_json::json!({
+            "cluster": "keygate_control",
+            "authority": "keygate-control",
+            "token": self.cred("KEYGATE_EDGE_TOKEN"),
+            "wait_s": 10,
+        });
+        if let (Some(obj), Some(more)) = (cp.as_object_mut(), extra.as_object()) {
+            for (k, v) in more {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::json!({ "control_plane": cp })
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
