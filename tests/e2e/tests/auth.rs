@@ -16,7 +16,10 @@ const KEYS: &str = "/2010-04-01/Accounts/ACdemo0001/Keys.json";
 const BALANCE: &str = "/api/account/balance";
 
 fn code(r: &Response) -> String {
-    r.body_json()["error"]["code"].as_str().unwrap_or("<none>").to_owned()
+    r.body_json()["error"]["code"]
+        .as_str()
+        .unwrap_or("<none>")
+        .to_owned()
 }
 
 fn start() -> (Echo, Envoy) {
@@ -38,35 +41,154 @@ fn every_denial_class_has_its_status_code_and_never_reaches_the_upstream() {
     let (echo, envoy) = start();
     let m = demo::MAIN;
     let cases = vec![
-        Denied { name: "no credentials", req: Req::get(CALLS), status: 401, code: "missing_credentials" },
-        Denied { name: "unknown key", req: Req::get(CALLS).basic("SKnope", m.secret), status: 401, code: "invalid_credentials" },
-        Denied { name: "wrong secret", req: Req::get(CALLS).basic(m.sid, "sk_live_wrong"), status: 401, code: "invalid_credentials" },
-        Denied { name: "unknown bearer", req: Req::get(CALLS).bearer("sk_live_nope"), status: 401, code: "invalid_credentials" },
-        Denied { name: "unsupported scheme", req: Req::get(CALLS).header("authorization", "Digest username=\"x\""), status: 401, code: "unsupported_scheme" },
-        Denied { name: "two Authorization headers", req: Req::get(CALLS).basic(m.sid, m.secret).bearer(m.secret), status: 400, code: "multiple_credentials" },
-        Denied { name: "comma-joined schemes", req: Req::get(CALLS).header("authorization", format!("Bearer {}, Basic abc", m.secret)), status: 400, code: "multiple_credentials" },
-        Denied { name: "not token68", req: Req::get(CALLS).header("authorization", "Bearer a b"), status: 400, code: "malformed_credentials" },
-        Denied { name: "bad base64", req: Req::get(CALLS).header("authorization", "Basic !!!!"), status: 400, code: "malformed_credentials" },
-        Denied { name: "non-UTF-8 credential", req: Req::get(CALLS).header("authorization", b"Bearer \xff\xfe".to_vec()), status: 400, code: "malformed_credentials" },
-        Denied { name: "dot segments", req: Req::get("/v2/accounts/ACdemo0001/calls/../../ACdemo0002/calls").basic(m.sid, m.secret), status: 400, code: "malformed_path" },
-        Denied { name: "encoded slash", req: Req::get("/v2/accounts/ACdemo0001%2Fcalls").basic(m.sid, m.secret), status: 400, code: "malformed_path" },
-        Denied { name: "wrong account SID", req: Req::get("/v2/accounts/ACdemo0002/calls").basic(m.sid, m.secret), status: 404, code: "account_mismatch" },
-        Denied { name: "unknown route", req: Req::get("/v9/unknown").basic(m.sid, m.secret), status: 404, code: "unknown_route" },
-        Denied { name: "standard key, management API", req: Req::get(KEYS).basic(demo::STANDARD.sid, demo::STANDARD.secret), status: 403, code: "permission_denied" },
-        Denied { name: "key limited to calls, messages", req: Req::get(MESSAGES).basic(demo::STANDARD.sid, demo::STANDARD.secret), status: 403, code: "permission_denied" },
-        Denied { name: "publishable key, secret API", req: Req::get(CALLS).bearer(demo::PUBLISHABLE.secret), status: 403, code: "permission_denied" },
-        Denied { name: "IP allowlist", req: Req::get(CALLS).basic(demo::IP_LOCKED.sid, demo::IP_LOCKED.secret), status: 403, code: "ip_not_allowed" },
-        Denied { name: "suspended account", req: Req::get("/v2/accounts/ACdemo0002/calls").basic(demo::SUSPENDED.sid, demo::SUSPENDED.secret), status: 403, code: "account_suspended" },
+        Denied {
+            name: "no credentials",
+            req: Req::get(CALLS),
+            status: 401,
+            code: "missing_credentials",
+        },
+        Denied {
+            name: "unknown key",
+            req: Req::get(CALLS).basic("SKnope", m.secret),
+            status: 401,
+            code: "invalid_credentials",
+        },
+        Denied {
+            name: "wrong secret",
+            req: Req::get(CALLS).basic(m.sid, "sk_live_wrong"),
+            status: 401,
+            code: "invalid_credentials",
+        },
+        Denied {
+            name: "unknown bearer",
+            req: Req::get(CALLS).bearer("sk_live_nope"),
+            status: 401,
+            code: "invalid_credentials",
+        },
+        Denied {
+            name: "unsupported scheme",
+            req: Req::get(CALLS).header("authorization", "Digest username=\"x\""),
+            status: 401,
+            code: "unsupported_scheme",
+        },
+        Denied {
+            name: "two Authorization headers",
+            req: Req::get(CALLS).basic(m.sid, m.secret).bearer(m.secret),
+            status: 400,
+            code: "multiple_credentials",
+        },
+        Denied {
+            name: "comma-joined schemes",
+            req: Req::get(CALLS).header("authorization", format!("Bearer {}, Basic abc", m.secret)),
+            status: 400,
+            code: "multiple_credentials",
+        },
+        Denied {
+            name: "not token68",
+            req: Req::get(CALLS).header("authorization", "Bearer a b"),
+            status: 400,
+            code: "malformed_credentials",
+        },
+        Denied {
+            name: "bad base64",
+            req: Req::get(CALLS).header("authorization", "Basic !!!!"),
+            status: 400,
+            code: "malformed_credentials",
+        },
+        Denied {
+            name: "non-UTF-8 credential",
+            req: Req::get(CALLS).header("authorization", b"Bearer \xff\xfe".to_vec()),
+            status: 400,
+            code: "malformed_credentials",
+        },
+        Denied {
+            name: "dot segments",
+            req: Req::get("/v2/accounts/ACdemo0001/calls/../../ACdemo0002/calls")
+                .basic(m.sid, m.secret),
+            status: 400,
+            code: "malformed_path",
+        },
+        Denied {
+            name: "encoded slash",
+            req: Req::get("/v2/accounts/ACdemo0001%2Fcalls").basic(m.sid, m.secret),
+            status: 400,
+            code: "malformed_path",
+        },
+        Denied {
+            name: "wrong account SID",
+            req: Req::get("/v2/accounts/ACdemo0002/calls").basic(m.sid, m.secret),
+            status: 404,
+            code: "account_mismatch",
+        },
+        Denied {
+            name: "unknown route",
+            req: Req::get("/v9/unknown").basic(m.sid, m.secret),
+            status: 404,
+            code: "unknown_route",
+        },
+        Denied {
+            name: "standard key, management API",
+            req: Req::get(KEYS).basic(demo::STANDARD.sid, demo::STANDARD.secret),
+            status: 403,
+            code: "permission_denied",
+        },
+        Denied {
+            name: "key limited to calls, messages",
+            req: Req::get(MESSAGES).basic(demo::STANDARD.sid, demo::STANDARD.secret),
+            status: 403,
+            code: "permission_denied",
+        },
+        Denied {
+            name: "publishable key, secret API",
+            req: Req::get(CALLS).bearer(demo::PUBLISHABLE.secret),
+            status: 403,
+            code: "permission_denied",
+        },
+        Denied {
+            name: "IP allowlist",
+            req: Req::get(CALLS).basic(demo::IP_LOCKED.sid, demo::IP_LOCKED.secret),
+            status: 403,
+            code: "ip_not_allowed",
+        },
+        Denied {
+            name: "suspended account",
+            req: Req::get("/v2/accounts/ACdemo0002/calls")
+                .basic(demo::SUSPENDED.sid, demo::SUSPENDED.secret),
+            status: 403,
+            code: "account_suspended",
+        },
     ];
     for c in &cases {
         let r = c.req.send(envoy.port());
-        assert_eq!((r.status, code(&r).as_str()), (c.status, c.code), "case {:?}: {r:?}", c.name);
-        assert_eq!(r.header_str("content-type"), Some("application/json"), "case {:?}", c.name);
+        assert_eq!(
+            (r.status, code(&r).as_str()),
+            (c.status, c.code),
+            "case {:?}: {r:?}",
+            c.name
+        );
+        assert_eq!(
+            r.header_str("content-type"),
+            Some("application/json"),
+            "case {:?}",
+            c.name
+        );
         let body = r.body_text();
-        assert!(!body.contains(m.secret) && !body.contains("SKnope"), "case {:?}: body echoes request data: {body}", c.name);
+        assert!(
+            !body.contains(m.secret) && !body.contains("SKnope"),
+            "case {:?}: body echoes request data: {body}",
+            c.name
+        );
         if c.status == 401 {
             let challenges: Vec<&[u8]> = r.header_all("www-authenticate");
-            assert_eq!(challenges, vec![&b"Basic realm=\"keygate\", charset=\"UTF-8\""[..], b"Bearer realm=\"keygate\""], "case {:?}", c.name);
+            assert_eq!(
+                challenges,
+                vec![
+                    &b"Basic realm=\"keygate\", charset=\"UTF-8\""[..],
+                    b"Bearer realm=\"keygate\""
+                ],
+                "case {:?}",
+                c.name
+            );
         }
         // The filter survives every case: a valid request right after still passes.
         let ok = Req::get(CALLS).basic(m.sid, m.secret).send(envoy.port());
@@ -75,17 +197,36 @@ fn every_denial_class_has_its_status_code_and_never_reaches_the_upstream() {
     // Only the valid follow-up requests reached the upstream.
     let seen = echo.captured();
     assert_eq!(seen.len(), cases.len(), "{seen:?}");
-    assert!(seen.iter().all(|s| s.header_str("x-keygate-key-sid") == Some(m.sid)));
+    assert!(seen
+        .iter()
+        .all(|s| s.header_str("x-keygate-key-sid") == Some(m.sid)));
     // Stats count each reason.
-    assert_eq!(envoy.custom_metric("keygate.allowed"), Some(cases.len() as u64));
-    assert_eq!(envoy.custom_metric("keygate.denied.invalid_credentials"), Some(3));
-    assert_eq!(envoy.custom_metric("keygate.denied.malformed_credentials"), Some(3));
-    assert_eq!(envoy.custom_metric("keygate.denied.permission_denied"), Some(3));
+    assert_eq!(
+        envoy.custom_metric("keygate.allowed"),
+        Some(cases.len() as u64)
+    );
+    assert_eq!(
+        envoy.custom_metric("keygate.denied.invalid_credentials"),
+        Some(3)
+    );
+    assert_eq!(
+        envoy.custom_metric("keygate.denied.malformed_credentials"),
+        Some(3)
+    );
+    assert_eq!(
+        envoy.custom_metric("keygate.denied.permission_denied"),
+        Some(3)
+    );
 }
 
 /// The reply minus the `date` header, which changes from second to second.
 fn reply_bytes(r: &Response) -> (u16, Vec<(String, Vec<u8>)>, Vec<u8>) {
-    let headers = r.headers.iter().filter(|(n, _)| n != "date").cloned().collect();
+    let headers = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n != "date")
+        .cloned()
+        .collect();
     (r.status, headers, r.body.clone())
 }
 
@@ -97,25 +238,51 @@ fn unknown_key_wrong_secret_expired_and_disabled_are_byte_identical() {
     let keys = cfg["keys"].as_array_mut().unwrap();
     keys.push(json!({"sid": "SKexpired", "account_sid": "ACdemo0001", "role": "standard", "expires_at": "2020-01-01T00:00:00Z", "secrets": [{"digest": digest("sk_live_expired")}]}));
     keys.push(json!({"sid": "SKdisabled", "account_sid": "ACdemo0001", "role": "standard", "enabled": false, "secrets": [{"digest": digest("sk_live_disabled")}]}));
-    keys.push(json!({"sid": "SKrotated", "account_sid": "ACdemo0001", "role": "standard", "secrets": [
+    keys.push(
+        json!({"sid": "SKrotated", "account_sid": "ACdemo0001", "role": "standard", "secrets": [
         {"digest": digest("sk_live_new")},
-        {"digest": digest("sk_live_old"), "not_after": "2020-01-01T00:00:00Z"}]}));
+        {"digest": digest("sk_live_old"), "not_after": "2020-01-01T00:00:00Z"}]}),
+    );
     let echo = Echo::start();
-    let envoy = EnvoyBuilder::new().plugin_config_json(&cfg).upstream_port(echo.port()).start();
+    let envoy = EnvoyBuilder::new()
+        .plugin_config_json(&cfg)
+        .upstream_port(echo.port())
+        .start();
     let p = envoy.port();
     let reference = reply_bytes(&Req::get(CALLS).basic("SKnope", "sk_live_x").send(p));
     assert_eq!(reference.0, 401);
     for (name, req) in [
-        ("wrong secret", Req::get(CALLS).basic(demo::MAIN.sid, "sk_live_demoMain0002")),
-        ("expired key", Req::get(CALLS).basic("SKexpired", "sk_live_expired")),
-        ("disabled key", Req::get(CALLS).basic("SKdisabled", "sk_live_disabled")),
-        ("old secret after grace", Req::get(CALLS).basic("SKrotated", "sk_live_old")),
-        ("old secret after grace, Bearer", Req::get(CALLS).bearer("sk_live_old")),
+        (
+            "wrong secret",
+            Req::get(CALLS).basic(demo::MAIN.sid, "sk_live_demoMain0002"),
+        ),
+        (
+            "expired key",
+            Req::get(CALLS).basic("SKexpired", "sk_live_expired"),
+        ),
+        (
+            "disabled key",
+            Req::get(CALLS).basic("SKdisabled", "sk_live_disabled"),
+        ),
+        (
+            "old secret after grace",
+            Req::get(CALLS).basic("SKrotated", "sk_live_old"),
+        ),
+        (
+            "old secret after grace, Bearer",
+            Req::get(CALLS).bearer("sk_live_old"),
+        ),
         ("unknown bearer", Req::get(CALLS).bearer("sk_live_x")),
     ] {
         assert_eq!(reply_bytes(&req.send(p)), reference, "{name}");
     }
-    assert_eq!(Req::get(CALLS).basic("SKrotated", "sk_live_new").send(p).status, 200);
+    assert_eq!(
+        Req::get(CALLS)
+            .basic("SKrotated", "sk_live_new")
+            .send(p)
+            .status,
+        200
+    );
     assert_eq!(echo.captured().len(), 1);
 }
 
@@ -124,27 +291,86 @@ fn allowed_requests_carry_keygate_identity_only() {
     let (echo, envoy) = start();
     let p = envoy.port();
     let cases = [
-        ("Basic main key", Req::get(CALLS).basic(demo::MAIN.sid, demo::MAIN.secret), [Some("ACdemo0001"), Some("SKdemomain01"), Some("main"), Some("calls")]),
-        ("Bearer main key", Req::post("/v2/accounts/ACdemo0001/calls/CA1").bearer(demo::MAIN.secret), [Some("ACdemo0001"), Some("SKdemomain01"), Some("main"), Some("calls")]),
-        ("standard key on its API", Req::get(CALLS).basic(demo::STANDARD.sid, demo::STANDARD.secret), [Some("ACdemo0001"), Some("SKdemostd01"), Some("standard"), Some("calls")]),
-        ("publishable key", Req::get(BALANCE).bearer(demo::PUBLISHABLE.secret), [Some("ACdemo0001"), Some("SKdemopub01"), Some("publishable"), Some("balance")]),
-        ("account credentials on Keys", Req::get(KEYS).basic(demo::ACCOUNT_SID, demo::ACCOUNT_AUTH_TOKEN), [Some("ACdemo0001"), None, Some("account"), Some("keys")]),
-        ("main key on Keys", Req::post(KEYS).basic(demo::MAIN.sid, demo::MAIN.secret), [Some("ACdemo0001"), Some("SKdemomain01"), Some("main"), Some("keys")]),
+        (
+            "Basic main key",
+            Req::get(CALLS).basic(demo::MAIN.sid, demo::MAIN.secret),
+            [
+                Some("ACdemo0001"),
+                Some("SKdemomain01"),
+                Some("main"),
+                Some("calls"),
+            ],
+        ),
+        (
+            "Bearer main key",
+            Req::post("/v2/accounts/ACdemo0001/calls/CA1").bearer(demo::MAIN.secret),
+            [
+                Some("ACdemo0001"),
+                Some("SKdemomain01"),
+                Some("main"),
+                Some("calls"),
+            ],
+        ),
+        (
+            "standard key on its API",
+            Req::get(CALLS).basic(demo::STANDARD.sid, demo::STANDARD.secret),
+            [
+                Some("ACdemo0001"),
+                Some("SKdemostd01"),
+                Some("standard"),
+                Some("calls"),
+            ],
+        ),
+        (
+            "publishable key",
+            Req::get(BALANCE).bearer(demo::PUBLISHABLE.secret),
+            [
+                Some("ACdemo0001"),
+                Some("SKdemopub01"),
+                Some("publishable"),
+                Some("balance"),
+            ],
+        ),
+        (
+            "account credentials on Keys",
+            Req::get(KEYS).basic(demo::ACCOUNT_SID, demo::ACCOUNT_AUTH_TOKEN),
+            [Some("ACdemo0001"), None, Some("account"), Some("keys")],
+        ),
+        (
+            "main key on Keys",
+            Req::post(KEYS).basic(demo::MAIN.sid, demo::MAIN.secret),
+            [
+                Some("ACdemo0001"),
+                Some("SKdemomain01"),
+                Some("main"),
+                Some("keys"),
+            ],
+        ),
     ];
-    let names = ["x-keygate-account-sid", "x-keygate-key-sid", "x-keygate-role", "x-keygate-api"];
+    let names = [
+        "x-keygate-account-sid",
+        "x-keygate-key-sid",
+        "x-keygate-role",
+        "x-keygate-api",
+    ];
     for (name, req, want) in cases {
         echo.clear();
         // The client tries to spoof every identity header, twice, in mixed case.
         let mut req = req;
         for n in names {
-            req = req.header(n, "spoofed").header(n.to_uppercase(), "spoofed-too");
+            req = req
+                .header(n, "spoofed")
+                .header(n.to_uppercase(), "spoofed-too");
         }
         let r = req.send(p);
         assert_eq!(r.status, 200, "{name}: {r:?}");
         let seen = echo.captured();
         assert_eq!(seen.len(), 1, "{name}");
         let s = &seen[0];
-        assert!(!s.has_header("authorization"), "{name}: Authorization forwarded");
+        assert!(
+            !s.has_header("authorization"),
+            "{name}: Authorization forwarded"
+        );
         for (n, w) in names.iter().zip(want) {
             let got: Vec<&[u8]> = s.header_all(n);
             match w {
@@ -168,11 +394,28 @@ fn curl_forms_of_basic_and_bearer_work() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let m = demo::MAIN;
-    assert_eq!(curl(&["-u", &format!("{}:{}", m.sid, m.secret), &format!("{base}{CALLS}")]), "200");
+    assert_eq!(
+        curl(&[
+            "-u",
+            &format!("{}:{}", m.sid, m.secret),
+            &format!("{base}{CALLS}")
+        ]),
+        "200"
+    );
     let userinfo = base.replace("http://", &format!("http://{}:{}@", m.sid, m.secret));
     assert_eq!(curl(&[&format!("{userinfo}{CALLS}")]), "200");
-    assert_eq!(curl(&["-H", &format!("Authorization: Bearer {}", m.secret), &format!("{base}{CALLS}")]), "200");
-    assert_eq!(curl(&["-u", &format!("{}:wrong", m.sid), &format!("{base}{CALLS}")]), "401");
+    assert_eq!(
+        curl(&[
+            "-H",
+            &format!("Authorization: Bearer {}", m.secret),
+            &format!("{base}{CALLS}")
+        ]),
+        "200"
+    );
+    assert_eq!(
+        curl(&["-u", &format!("{}:wrong", m.sid), &format!("{base}{CALLS}")]),
+        "401"
+    );
     assert_eq!(echo.captured().len(), 3);
 }
 
@@ -181,23 +424,41 @@ fn non_utf8_bytes_in_any_header_do_not_kill_the_vm() {
     let (echo, envoy) = start();
     let p = envoy.port();
     let m = demo::MAIN;
-    let r = Req::get(CALLS).basic(m.sid, m.secret).header("x-odd", b"\xff\xfe\x80latin\xe9".to_vec()).send(p);
+    let r = Req::get(CALLS)
+        .basic(m.sid, m.secret)
+        .header("x-odd", b"\xff\xfe\x80latin\xe9".to_vec())
+        .send(p);
     assert_eq!(r.status, 200, "{r:?}");
-    let r = Req::get(CALLS).header("authorization", b"Basic \xc3\x28".to_vec()).header("x-odd", b"\xff".to_vec()).send(p);
+    let r = Req::get(CALLS)
+        .header("authorization", b"Basic \xc3\x28".to_vec())
+        .header("x-odd", b"\xff".to_vec())
+        .send(p);
     assert_eq!(r.status, 400, "{r:?}");
     for _ in 0..3 {
         assert_eq!(Req::get(CALLS).basic(m.sid, m.secret).send(p).status, 200);
     }
     assert_eq!(echo.captured().len(), 4);
-    assert_eq!(echo.captured()[0].header("x-odd"), Some(&b"\xff\xfe\x80latin\xe9"[..]));
-    assert!(!envoy.logs().contains("panicked"), "VM panicked:\n{}", envoy.logs());
+    assert_eq!(
+        echo.captured()[0].header("x-odd"),
+        Some(&b"\xff\xfe\x80latin\xe9"[..])
+    );
+    assert!(
+        !envoy.logs().contains("panicked"),
+        "VM panicked:\n{}",
+        envoy.logs()
+    );
 }
 
 #[test]
 fn no_config_answers_503_with_retry_after() {
     let echo = Echo::start();
-    let envoy = EnvoyBuilder::new().plugin_config("").upstream_port(echo.port()).start();
-    let r = Req::get(CALLS).basic(demo::MAIN.sid, demo::MAIN.secret).send(envoy.port());
+    let envoy = EnvoyBuilder::new()
+        .plugin_config("")
+        .upstream_port(echo.port())
+        .start();
+    let r = Req::get(CALLS)
+        .basic(demo::MAIN.sid, demo::MAIN.secret)
+        .send(envoy.port());
     assert_eq!((r.status, code(&r).as_str()), (503, "no_config"), "{r:?}");
     assert_eq!(r.header_str("retry-after"), Some("5"));
     assert!(echo.captured().is_empty());
@@ -207,16 +468,23 @@ fn no_config_answers_503_with_retry_after() {
 fn an_invalid_config_is_refused_with_the_exact_path() {
     let mut cfg = demo::config();
     cfg["keys"][3]["allowed_ips"][0] = json!("10.0.0/8");
-    let log = EnvoyBuilder::new().plugin_config_json(&cfg).start_expect_failure();
-    assert!(log.contains(r#"config rejected: keys[3].allowed_ips[0]: invalid CIDR \"10.0.0/8\""#)
-        || log.contains(r#"config rejected: keys[3].allowed_ips[0]: invalid CIDR "10.0.0/8""#), "{log}");
+    let log = EnvoyBuilder::new()
+        .plugin_config_json(&cfg)
+        .start_expect_failure();
+    assert!(
+        log.contains(r#"config rejected: keys[3].allowed_ips[0]: invalid CIDR \"10.0.0/8\""#)
+            || log.contains(r#"config rejected: keys[3].allowed_ips[0]: invalid CIDR "10.0.0/8""#),
+        "{log}"
+    );
     assert!(!log.contains("sk_live_"), "no secret in logs");
 }
 
 #[test]
 fn cors_preflight_passes_without_credentials_only_when_enabled() {
     let preflight = || {
-        Req::options(CALLS).header("origin", "https://app.example").header("access-control-request-method", "POST")
+        Req::options(CALLS)
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
     };
     let (echo, envoy) = start();
     assert_eq!(preflight().send(envoy.port()).status, 401);
@@ -225,12 +493,20 @@ fn cors_preflight_passes_without_credentials_only_when_enabled() {
 
     let mut cfg = demo::config();
     cfg["settings"]["cors_preflight"] = json!("allow");
-    let envoy = EnvoyBuilder::new().plugin_config_json(&cfg).upstream_port(echo.port()).start();
-    let r = preflight().header("x-keygate-role", "main").send(envoy.port());
+    let envoy = EnvoyBuilder::new()
+        .plugin_config_json(&cfg)
+        .upstream_port(echo.port())
+        .start();
+    let r = preflight()
+        .header("x-keygate-role", "main")
+        .send(envoy.port());
     assert_eq!(r.status, 200, "{r:?}");
     let seen = echo.captured();
     assert_eq!(seen.len(), 1);
-    assert!(!seen[0].has_header("x-keygate-role"), "spoofed identity stripped on preflight too");
+    assert!(
+        !seen[0].has_header("x-keygate-role"),
+        "spoofed identity stripped on preflight too"
+    );
     // A plain OPTIONS without the CORS headers still needs credentials.
     assert_eq!(Req::options(CALLS).send(envoy.port()).status, 401);
 }
@@ -240,7 +516,19 @@ fn forward_authorization_can_be_enabled() {
     let mut cfg = demo::config();
     cfg["settings"]["forward_authorization"] = json!(true);
     let echo = Echo::start();
-    let envoy = EnvoyBuilder::new().plugin_config_json(&cfg).upstream_port(echo.port()).start();
-    assert_eq!(Req::get(CALLS).bearer(demo::MAIN.secret).send(envoy.port()).status, 200);
-    assert_eq!(echo.captured()[0].header_str("authorization"), Some(format!("Bearer {}", demo::MAIN.secret).as_str()));
+    let envoy = EnvoyBuilder::new()
+        .plugin_config_json(&cfg)
+        .upstream_port(echo.port())
+        .start();
+    assert_eq!(
+        Req::get(CALLS)
+            .bearer(demo::MAIN.secret)
+            .send(envoy.port())
+            .status,
+        200
+    );
+    assert_eq!(
+        echo.captured()[0].header_str("authorization"),
+        Some(format!("Bearer {}", demo::MAIN.secret).as_str())
+    );
 }
