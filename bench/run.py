@@ -2,14 +2,14 @@
 
 What it does (see README "Performance" for the reading of the results):
 1. writes an Envoy bootstrap per configuration (bench/gen.py) and `envoy --mode validate`s each;
-2. starts one Envoy per configuration, one after another, `--concurrency 1` pinned to CPU 1
-   (time to LIVE and RSS recorded: for keygate that is the config compile time and memory);
-3. BENCH_REPEATS rounds; each round runs every configuration once (order reversed on odd rounds,
-   so linear drift cancels), `wrk -t1 -c32 --latency` pinned to CPU 0, keep-alive HTTP/1.1 with
-   valid credentials, BENCH_WARMUP s of warm-up then BENCH_SECONDS s measured; Envoy CPU per
-   request from /proc/<pid>/stat; ratios are taken within a round, then the median over rounds;
-4. RSS after the load at --concurrency 1, then a second instance per configuration at
-   --concurrency 4 (just for time to LIVE and RSS);
+2. BENCH_REPEATS rounds; each round runs every configuration once (order reversed on odd rounds,
+   so linear drift cancels): a fresh Envoy, `--concurrency 1` pinned to CPU 1 (time to LIVE and
+   RSS recorded: for keygate that is the config compile time and memory), then
+   `wrk -t1 -c32 --latency` pinned to CPU 0, keep-alive HTTP/1.1 with valid credentials,
+   BENCH_WARMUP s of warm-up then BENCH_SECONDS s measured; Envoy CPU per request from
+   /proc/<pid>/stat, RSS after the load; then that Envoy stops. Ratios are taken within a round,
+   then the median over rounds;
+4. a second instance per configuration at --concurrency 4 (just for time to LIVE and RSS);
 5. time for a keygate config change to take effect (file-based LDS, atomic rename, until a key
    that only the new config has gets 200);
 6. writes bench/results/<timestamp>.json, bench/results/latest.md (also printed) and a PNG.
@@ -449,53 +449,49 @@ def main() -> int:
     for name, lines in val_failures.items():
         result["configs"][name]["validate_failed"] = lines
 
-    # Start every instance, one after another (time to LIVE is the config compile time).
-    envs: dict[str, Envoy] = {}
+    # Alternating rounds. Every measurement gets a fresh Envoy, started after the previous one
+    # stopped: an instance's own luck (JIT tier-up, memory layout) then varies from round to
+    # round and the median takes care of it, instead of biasing one configuration throughout.
     failed: set[str] = set()
-    for c in confs:
-        e = Envoy(c["name"], paths[c["name"]], 1, ENVOY_CPU)
-        e.start()
-        try:
-            e.wait_ready()
-        except LoadFailed as lf:
-            # Reported, not fatal: the other configurations still run.
-            e.stop()
-            failed.add(c["name"])
-            result["configs"][c["name"]]["load_failed"] = lf.record()
-            log(f"FAILED to load {c['name']}: {lf}")
-            continue
-        check_one(e, c)
-        envs[c["name"]] = e
-        r = result["configs"][c["name"]]
-        r["start_s"] = e.ready_s
-        r["rss_ready_kib"] = e.status_kib("VmRSS")
-        log(f"started {c['name']}: LIVE in {e.ready_s:.2f}s, RSS {r['rss_ready_kib'] / 1024:.0f} MiB, port {e.port}")
-
-    confs = [c for c in confs if c["name"] not in failed]
-    # Alternating rounds.
     for rnd in range(REPEATS):
         order = confs if rnd % 2 == 0 else list(reversed(confs))
         for c in order:
-            m = measure(envs[c["name"]], c["auth"], c["name"].startswith(("keygate", "kg_")))
-            m["round"] = rnd
-            result["configs"][c["name"]]["runs"].append(m)
+            if c["name"] in failed:
+                continue
+            r = result["configs"][c["name"]]
+            e = Envoy(c["name"], paths[c["name"]], 1, ENVOY_CPU)
+            e.start()
+            try:
+                try:
+                    e.wait_ready()
+                except LoadFailed as lf:
+                    # Reported, not fatal: the other configurations still run.
+                    failed.add(c["name"])
+                    r["load_failed"] = lf.record()
+                    log(f"FAILED to load {c['name']}: {lf}")
+                    continue
+                check_one(e, c)
+                ready = {"start_s": e.ready_s, "rss_ready_kib": e.status_kib("VmRSS")}
+                m = measure(e, c["auth"], c["name"].startswith(("keygate", "kg_")))
+                m.update(ready, round=rnd, rss_after_kib=e.status_kib("VmRSS"), hwm_kib=e.status_kib("VmHWM"))
+                if c["name"].startswith(("keygate", "kg_")) and rnd == 0:
+                    r["wasm_stats"] = [
+                        line for line in e.get_admin("/stats?filter=wasm").splitlines() if not line.endswith(": 0")
+                    ]
+            finally:
+                e.stop()
+            r["runs"].append(m)
             flag = "" if m["errors"] == 0 else f"  ERRORS {m['errors']}"
             log(
                 f"round {rnd + 1}/{REPEATS} {c['name']:<22} {m['rps']:>8.0f} req/s  p50 {m['p50_us']:>5} us  "
-                f"p99 {m['p99_us']:>5} us  cpu {m['cpu_us_per_req']:.1f} us/req  "
-                f"foreign load {m['foreign_load_envoy_cpu'] * 100:.0f}%{flag}"
+                f"p99 {m['p99_us']:>5} us  cpu {m['cpu_us_per_req']:.1f} us/req  LIVE {m['start_s']:.2f}s  "
+                f"RSS {m['rss_after_kib'] / 1024:.0f} MiB  foreign load {m['foreign_load_envoy_cpu'] * 100:.0f}%{flag}"
             )
-
+    confs = [c for c in confs if c["name"] not in failed]
     for c in confs:
-        e = envs[c["name"]]
         r = result["configs"][c["name"]]
-        r["rss_after_kib"] = e.status_kib("VmRSS")
-        r["hwm_kib"] = e.status_kib("VmHWM")
-        if c["name"].startswith(("keygate", "kg_")):
-            r["wasm_stats"] = [
-                line for line in e.get_admin("/stats?filter=wasm").splitlines() if not line.endswith(": 0")
-            ]
-    stop_all()
+        for k in ("start_s", "rss_ready_kib", "rss_after_kib", "hwm_kib"):
+            r[k] = median([m[k] for m in r["runs"]])
 
     # --concurrency 4, one at a time, just for start time and RSS.
     for c in confs:
