@@ -68,6 +68,44 @@ impl ControlPlane {
         cp
     }
 
+    /// Initializes a database and picks a port without serving yet (`keygate-control init`):
+    /// the credentials are known, nothing listens until [`ControlPlane::restart`]. For tests
+    /// that start Envoy before the control plane.
+    pub fn initialized() -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cp = ControlPlane {
+            dir,
+            port: free_port(),
+            child: None,
+            creds: HashMap::new(),
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cp.dir.path().join("control.log"))
+            .expect("log");
+        let out = Command::new(control_bin())
+            .args(["init", "--data"])
+            .arg(cp.db())
+            .stderr(Stdio::from(log))
+            .output()
+            .expect("run keygate-control init");
+        assert!(out.status.success(), "init failed; log:\n{}", cp.logs());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for line in stdout.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                if !k.starts_with('#') {
+                    cp.creds.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+            }
+        }
+        assert!(
+            cp.creds.contains_key("KEYGATE_EDGE_TOKEN"),
+            "no credentials printed: {stdout}"
+        );
+        cp
+    }
+
     fn db(&self) -> PathBuf {
         self.dir.path().join("keygate.db")
     }
@@ -142,6 +180,86 @@ impl ControlPlane {
     pub fn restart(&mut self) {
         self.kill();
         let _ = self.spawn();
+    }
+
+    /// Whether the process is running (false after [`ControlPlane::kill`] or
+    /// [`ControlPlane::initialized`]).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Creates a key through the Twilio-compatible API as the first account; returns
+    /// `(sid, secret)`.
+    pub fn create_key(&self, key_type: &str) -> (String, String) {
+        let path = format!("/2010-04-01/Accounts/{}/Keys.json", self.account_sid());
+        let r = self.send(
+            &self
+                .as_account(Req::post(path))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("FriendlyName=e2e&KeyType={key_type}")),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        let v = r.body_json();
+        (
+            v["sid"].as_str().expect("sid").to_owned(),
+            v["secret"].as_str().expect("secret").to_owned(),
+        )
+    }
+
+    /// `POST /v1/accounts/{AC}/keys` as the first account with `body` (`role`, `apis`, `limits`,
+    /// ...); returns `(sid, secret)`.
+    pub fn create_key_v1(&self, body: serde_json::Value) -> (String, String) {
+        let path = format!("/v1/accounts/{}/keys", self.account_sid());
+        let r = self.send(&self.as_account(Req::post(path)).json(&body));
+        assert_eq!(r.status, 201, "{r:?}");
+        let v = r.body_json();
+        (
+            v["sid"].as_str().expect("sid").to_owned(),
+            v["secret"].as_str().expect("secret").to_owned(),
+        )
+    }
+
+    /// `PATCH /v1/accounts/{AC}` on the first account with the admin token (status, region,
+    /// allowed_ips, limits).
+    pub fn patch_account(&self, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/v1/accounts/{}", self.account_sid());
+        let r = self.send(
+            &Req::new("PATCH", path)
+                .bearer(self.cred("KEYGATE_ADMIN_TOKEN"))
+                .json(&body),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body_json()
+    }
+
+    /// Deletes (revokes) a key of the first account.
+    pub fn delete_key(&self, sid: &str) {
+        let path = format!(
+            "/2010-04-01/Accounts/{}/Keys/{sid}.json",
+            self.account_sid()
+        );
+        let r = self.send(&self.as_account(Req::delete(path)));
+        assert_eq!(r.status, 204, "{r:?}");
+    }
+
+    /// `POST /v1/accounts/{AC}/keys/{SK}/regenerate` with `grace_seconds`; returns the answer
+    /// (new `secret`, and `secrets[]` with the previous one's `not_after`).
+    pub fn regenerate_key(&self, sid: &str, grace_seconds: u64) -> serde_json::Value {
+        let path = format!("/v1/accounts/{}/keys/{sid}/regenerate", self.account_sid());
+        let r = self.send(
+            &self
+                .as_account(Req::post(path))
+                .json(&serde_json::json!({ "grace_seconds": grace_seconds })),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body_json()
+    }
+
+    /// The feed's current config version (its `ETag`), read with the edge token.
+    pub fn feed_version(&self) -> u64 {
+        let r = self.send(&Req::get("/v1/edge/config").bearer(self.cred("KEYGATE_EDGE_TOKEN")));
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body_json()["version"].as_u64().expect("version")
     }
 
     pub fn logs(&self) -> String {

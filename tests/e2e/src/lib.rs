@@ -20,6 +20,7 @@ pub mod control;
 pub mod demo;
 pub mod echo;
 pub mod envoy;
+pub mod faulty;
 pub mod paths;
 
 mod wire;
