@@ -23,7 +23,7 @@ export CARGO_TERM_COLOR ?= never
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide
 
-.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run validate \
+.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run run-static validate \
         test test-core test-control test-core-wasm test-filter test-e2e lint fmt clean
 
 help: ## list targets
@@ -63,9 +63,14 @@ build: setup-rust ## build the filter: target/wasm32-wasip1/release/keygate_filt
 	cargo build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l "$(WASM)"
 
-run: setup build ## run the demo: echo upstream on :18080, Envoy on :10000 (admin :9901); Ctrl-C stops both
+run: setup build ## run the demo: control plane on :8088, echo upstream on :18080, Envoy on :10000 (admin :9901); Ctrl-C stops all
+	cargo build --release -p keygate-control -p keygate-e2e --bin keygate-control --bin keygate-echo
+	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) \
+	  CONTROL_BIN="$(ROOT)/target/release/keygate-control" scripts/demo.sh
+
+run-static: setup build ## the demo without a control plane: static config (envoy/envoy.yaml), echo on :18080, Envoy on :10000
 	cargo build --release -p keygate-e2e --bin keygate-echo
-	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) scripts/demo.sh
+	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) scripts/demo.sh static
 
 validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy/ (loads the filter)
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
