@@ -97,7 +97,7 @@ fn every_denial_class_has_its_status_code_and_never_reaches_the_upstream() {
         },
         Denied {
             name: "non-UTF-8 credential",
-            req: Req::get(CALLS).header("authorization", b"Bearer \xff\xfe".to_vec()),
+            req: Req::get(CALLS).header("authorization", b"Bearer \xff\xfe"),
             status: 400,
             code: "malformed_credentials",
         },
@@ -220,7 +220,10 @@ fn every_denial_class_has_its_status_code_and_never_reaches_the_upstream() {
 }
 
 /// The reply minus the `date` header, which changes from second to second.
-fn reply_bytes(r: &Response) -> (u16, Vec<(String, Vec<u8>)>, Vec<u8>) {
+/// Status, headers (in wire order), body.
+type ReplyBytes = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
+
+fn reply_bytes(r: &Response) -> ReplyBytes {
     let headers = r
         .headers
         .iter()
@@ -426,12 +429,12 @@ fn non_utf8_bytes_in_any_header_do_not_kill_the_vm() {
     let m = demo::MAIN;
     let r = Req::get(CALLS)
         .basic(m.sid, m.secret)
-        .header("x-odd", b"\xff\xfe\x80latin\xe9".to_vec())
+        .header("x-odd", b"\xff\xfe\x80latin\xe9")
         .send(p);
     assert_eq!(r.status, 200, "{r:?}");
     let r = Req::get(CALLS)
-        .header("authorization", b"Basic \xc3\x28".to_vec())
-        .header("x-odd", b"\xff".to_vec())
+        .header("authorization", b"Basic \xc3\x28")
+        .header("x-odd", b"\xff")
         .send(p);
     assert_eq!(r.status, 400, "{r:?}");
     for _ in 0..3 {
