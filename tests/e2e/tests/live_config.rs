@@ -196,6 +196,17 @@ fn assert_no_leaks(
             );
         }
     }
+    // The scan reads real data: the proxy saw the edge token (its Bearer credential), the logs
+    // are not empty.
+    if proxy.is_some() {
+        assert!(
+            contains(&places[5].1, edge_token),
+            "the scan misses the feed requests"
+        );
+    }
+    for (place, bytes) in &places[..4] {
+        assert!(!bytes.is_empty(), "nothing to scan in {place}");
+    }
     for (place, bytes) in &places[..2] {
         assert!(
             !contains(bytes, edge_token),
