@@ -111,10 +111,11 @@ impl Context for KeygateRoot {
         let (Some(vm), Some(metrics)) = (self.vm.clone(), self.metrics.clone()) else {
             return;
         };
-        self.poller.response(&vm, token_id, body_size, &metrics);
-        // Long-poll again right away (tick() does nothing while backing off).
+        // Then long-poll again right away (tick() does nothing while backing off).
         if let Source::ControlPlane(p) = &self.source {
             let source = p.source.clone();
+            self.poller
+                .response(&vm, &source, token_id, body_size, &metrics);
             self.poller.tick(&vm, &source, &metrics);
         }
     }
@@ -208,8 +209,8 @@ impl RootContext for KeygateRoot {
                     ),
                 );
                 Metrics::bump(metrics.config_loaded);
-                // One tick a second drives the poller election, fetches and lease heartbeats.
-                let _ = hostcalls::set_tick_period(Duration::from_secs(1));
+                // Ticks drive the poller election, fetch retries and lease heartbeats.
+                let _ = hostcalls::set_tick_period(Duration::from_millis(crate::poller::TICK_MS));
                 self.source = Source::ControlPlane(Rc::new(Published {
                     source: cp,
                     catalog: RefCell::new(None),
@@ -457,12 +458,10 @@ impl HttpContext for KeygateHttp {
                 if p.source.debug_version_header {
                     self.version_header = Some(head.version.to_string());
                 }
-                if let Some(max) = p.source.max_staleness_s {
-                    if (now_us() / 1_000_000).saturating_sub(head.contacted_at_s) > max {
-                        match p.source.on_stale {
-                            OnStale::Deny => return self.deny_plain(Reason::ConfigStale),
-                            OnStale::Serve => Metrics::bump(self.metrics.config_stale_served),
-                        }
+                if p.source.is_stale(now_us() / 1_000_000, head.contacted_at_s) {
+                    match p.source.on_stale {
+                        OnStale::Deny => return self.deny_plain(Reason::ConfigStale),
+                        OnStale::Serve => Metrics::bump(self.metrics.config_stale_served),
                     }
                 }
                 let Some(catalog) = p.catalog(&vm, head.version, &self.metrics) else {

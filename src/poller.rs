@@ -26,8 +26,10 @@ use crate::metrics::Metrics;
 const POLLER_KEY: &str = "kg:cfg:poller";
 /// A poller whose heartbeat is older than this is replaced.
 pub const POLLER_LEASE_S: u64 = 3;
-/// Longest backoff between failed fetches.
-const MAX_BACKOFF_S: u64 = 30;
+/// Tick period in control-plane mode (election, retries, heartbeats).
+pub const TICK_MS: u64 = 250;
+/// First backoff after a failed fetch; doubles up to `max_backoff_ms`.
+const FIRST_BACKOFF_MS: u64 = 250;
 
 fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, msg);
@@ -38,7 +40,7 @@ fn log(level: LogLevel, msg: &str) {
 pub struct Poller {
     in_flight: Option<u32>,
     failures: u32,
-    next_attempt_s: u64,
+    next_attempt_ms: u64,
 }
 
 fn decode_claim(b: &[u8]) -> Option<(u64, u64)> {
@@ -75,14 +77,15 @@ fn elect(vm: &VmState, now_s: u64) -> bool {
 impl Poller {
     /// Called every tick on every VM.
     pub fn tick(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
-        let now_s = now_us() / 1_000_000;
+        let now_ms = now_us() / 1000;
+        let now_s = now_ms / 1000;
         if let Some(head) = read_head(vm) {
             Metrics::set(
                 metrics.config_age,
                 now_s.saturating_sub(head.contacted_at_s),
             );
         }
-        if !elect(vm, now_s) || self.in_flight.is_some() || now_s < self.next_attempt_s {
+        if !elect(vm, now_s) || self.in_flight.is_some() || now_ms < self.next_attempt_ms {
             return;
         }
         let path = format!("{}?wait={}", cp.path, cp.wait_s);
@@ -115,13 +118,20 @@ impl Poller {
                         cp.cluster
                     ),
                 );
-                self.failed(vm, now_s, metrics);
+                self.failed(vm, cp, metrics);
             }
         }
     }
 
     /// The response to our fetch (or its timeout / reset: no `:status`).
-    pub fn response(&mut self, vm: &VmState, token: u32, body_size: usize, metrics: &Metrics) {
+    pub fn response(
+        &mut self,
+        vm: &VmState,
+        cp: &ControlPlane,
+        token: u32,
+        body_size: usize,
+        metrics: &Metrics,
+    ) {
         if self.in_flight != Some(token) {
             return;
         }
@@ -146,21 +156,21 @@ impl Poller {
                         Metrics::bump(metrics.config_published);
                         Metrics::set(metrics.config_version, v);
                         self.failures = 0;
-                        self.next_attempt_s = now_s;
+                        self.next_attempt_ms = 0;
                     }
                     Err(Rejection::NotNewer { offered, in_force }) => {
                         log(LogLevel::Warn, &format!("config version {offered} rejected: not newer than {in_force} in force"));
                         Metrics::bump(metrics.config_rejected);
-                        self.failed(vm, now_s, metrics);
+                        self.failed(vm, cp, metrics);
                     }
                     Err(Rejection::Invalid(e)) => {
                         log(LogLevel::Warn, &format!("config from the control plane rejected: {e}; the version in force stays"));
                         Metrics::bump(metrics.config_rejected);
-                        self.failed(vm, now_s, metrics);
+                        self.failed(vm, cp, metrics);
                     }
                     Err(Rejection::Store) => {
                         log(LogLevel::Error, "config could not be written to shared data; the version in force stays");
-                        self.failed(vm, now_s, metrics);
+                        self.failed(vm, cp, metrics);
                     }
                 }
             }
@@ -168,7 +178,7 @@ impl Poller {
                 published::touch(vm, now_s);
                 Metrics::bump(metrics.config_not_modified);
                 self.failures = 0;
-                self.next_attempt_s = now_s;
+                self.next_attempt_ms = 0;
             }
             other => {
                 log(
@@ -178,18 +188,20 @@ impl Poller {
                         String::from_utf8_lossy(other)
                     ),
                 );
-                self.failed(vm, now_s, metrics);
+                self.failed(vm, cp, metrics);
             }
         }
     }
 
-    fn failed(&mut self, vm: &VmState, now_s: u64, metrics: &Metrics) {
+    fn failed(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
         Metrics::bump(metrics.config_fetch_errors);
         self.failures = self.failures.saturating_add(1);
-        let base = (1u64 << self.failures.min(5)).min(MAX_BACKOFF_S);
+        let base = FIRST_BACKOFF_MS
+            .saturating_mul(1u64 << self.failures.saturating_sub(1).min(16))
+            .min(cp.max_backoff_ms);
         // Jitter in [base/2, base*3/2), from this VM's id and the clock.
         let seed = vm.vm_id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_us();
         let jitter = seed % base.max(1);
-        self.next_attempt_s = now_s + base / 2 + jitter;
+        self.next_attempt_ms = now_us() / 1000 + base / 2 + jitter;
     }
 }

@@ -42,6 +42,10 @@ pub struct ControlPlaneDoc {
     /// Add `x-keygate-config-version` to responses (which version judged the request).
     #[serde(default)]
     pub debug_version_header: bool,
+    /// Longest wait between failed fetches, in ms (default 1000; backoff starts at 250 ms and
+    /// doubles, with jitter).
+    #[serde(default)]
+    pub max_backoff_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +66,21 @@ pub struct ControlPlane {
     pub max_staleness_s: Option<u64>,
     pub on_stale: OnStale,
     pub debug_version_header: bool,
+    pub max_backoff_ms: u64,
+}
+
+impl ControlPlane {
+    /// Whether the config is stale at `now_s`, given when the control plane last answered. A
+    /// long-poll legitimately stays open for `wait_s`, so the staleness clock starts when its
+    /// answer was due, not when it was sent.
+    pub fn is_stale(&self, now_s: u64, contacted_at_s: u64) -> bool {
+        match self.max_staleness_s {
+            Some(max) => {
+                now_s.saturating_sub(contacted_at_s) > max.saturating_add(u64::from(self.wait_s))
+            }
+            None => false,
+        }
+    }
 }
 
 /// The parsed plugin configuration.
@@ -116,6 +135,10 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     if !(1..=60).contains(&wait_s) {
         return Err(cp_err("wait_s", "must be between 1 and 60"));
     }
+    let max_backoff_ms = d.max_backoff_ms.unwrap_or(1000);
+    if !(100..=60_000).contains(&max_backoff_ms) {
+        return Err(cp_err("max_backoff_ms", "must be between 100 and 60000"));
+    }
     if d.max_staleness_s == Some(0) {
         return Err(cp_err(
             "max_staleness_s",
@@ -132,6 +155,7 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         max_staleness_s: d.max_staleness_s,
         on_stale: d.on_stale,
         debug_version_header: d.debug_version_header,
+        max_backoff_ms,
     }))
 }
 
@@ -183,6 +207,26 @@ mod tests {
             let got = parse_plugin_config(json).unwrap_err().to_string();
             assert!(got.starts_with(want), "{got}");
         }
+    }
+
+    #[test]
+    fn staleness_counts_from_when_the_long_poll_answer_was_due() {
+        let Ok(PluginConfig::ControlPlane(cp)) = parse_plugin_config(
+            br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","wait_s":10,"max_staleness_s":2}}"#,
+        ) else {
+            panic!("control plane")
+        };
+        assert!(
+            !cp.is_stale(1012, 1000),
+            "an idle long-poll is not staleness"
+        );
+        assert!(cp.is_stale(1013, 1000));
+        let Ok(PluginConfig::ControlPlane(never)) = parse_plugin_config(
+            br#"{"control_plane":{"cluster":"c","authority":"a","token":"t"}}"#,
+        ) else {
+            panic!("control plane")
+        };
+        assert!(!never.is_stale(u64::MAX, 0));
     }
 
     #[test]
