@@ -96,6 +96,7 @@ class Envoy:
     def start(self) -> None:
         self.admin_path.parent.mkdir(parents=True, exist_ok=True)
         self.admin_path.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)  # --log-path appends
         cmd = [
             str(ENVOY),
             "-c", str(self.bootstrap),
@@ -450,7 +451,7 @@ def main() -> int:
         result["configs"][name]["validate_failed"] = lines
 
     # Alternating rounds. Every measurement gets a fresh Envoy, started after the previous one
-    # stopped: an instance's own luck (JIT tier-up, memory layout) then varies from round to
+    # stopped: an instance's own luck (address-space layout, hash seeds) then varies from round to
     # round and the median takes care of it, instead of biasing one configuration throughout.
     failed: set[str] = set()
     for rnd in range(REPEATS):
@@ -584,10 +585,11 @@ def summarize(result: dict, names: list[str], failed: set[str]) -> None:
             rps_ratio = median([r["rps"] / small_runs[r["round"]]["rps"] for r in cfgs[big]["runs"]])
             result["flatness"] = {"keys": big_n, "cpu_ratio": cpu_ratio, "rps_ratio": rps_ratio}
             targets.append({
-                "target": f"per-request cost flat: {gen.size_name(big_n)} keys within 10% of {gen.size_name(SIZES[0])}"
+                "target": f"per-request cost flat: {gen.size_name(big_n)} keys at most 10% worse than {gen.size_name(SIZES[0])}"
                 + ("" if big_n == SIZES[-1] else f" ({gen.size_name(SIZES[-1])} did not load)"),
                 "value": f"CPU/req x{cpu_ratio:.3f}, req/s x{rps_ratio:.3f}",
-                "met": abs(cpu_ratio - 1) <= 0.10 and abs(rps_ratio - 1) <= 0.10,
+                # A cost target: no more than 10% worse (cheaper is noise, not a miss).
+                "met": cpu_ratio <= 1.10 and rps_ratio >= 0.90,
             })
     size = result["wasm_bytes"]["keygate"]
     targets.append({"target": ".wasm under 1 MiB", "value": f"{size / 1024:.0f} KiB", "met": size < 1 << 20})
@@ -648,7 +650,12 @@ def markdown(result: dict, names: list[str], failed: set[str]) -> str:
         lf = c["load_failed"]
         lines += ["", f"**{c['label']}: did not load.** Envoy exited with {lf['exit_code']} after "
                       f"{lf['after_s']:.1f} s, peak RSS seen {lf['peak_rss_kib'] / 1024:.0f} MiB; its log:", "", "```"]
-        lines += lf["log"][:12] + ["```"]
+        shown = []
+        for l in lf["log"]:
+            shown.append(l)
+            if "initializing config" in l:  # Envoy's last word; older runs may follow
+                break
+        lines += shown + ["```"]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
@@ -683,8 +690,26 @@ def plot(result: dict, names: list[str], path: Path) -> None:
     log(f"plot {path.relative_to(ROOT)}")
 
 
+def report(json_path: Path) -> int:
+    """Rewrites latest.md and latest.png from a results file (`run.py --report <json>`)."""
+    global SIZES, CONNECTIONS
+    result = json.loads(json_path.read_text())
+    SIZES, CONNECTIONS = result["params"]["sizes"], result["params"]["connections"]
+    failed = {n for n, c in result["configs"].items() if "load_failed" in c}
+    names = [n for n in result["configs"] if n not in failed]
+    summarize(result, names, failed)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result, names, failed)
+    (RESULTS / "latest.md").write_text(md)
+    print(md)
+    plot(result, names, RESULTS / "latest.png")
+    return 0
+
+
 if __name__ == "__main__":
     try:
+        if len(sys.argv) == 3 and sys.argv[1] == "--report":
+            sys.exit(report(Path(sys.argv[2])))
         sys.exit(main())
     finally:
         stop_all()
