@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 
 const POLLER_KEY: &str = "kg:cfg:poller";
 /// A poller whose heartbeat is older than this is replaced.
-pub const POLLER_LEASE_S: u64 = 3;
+pub const POLLER_LEASE_S: u64 = 5;
 /// Tick period in control-plane mode (election, retries, heartbeats).
 pub const TICK_MS: u64 = 250;
 /// First backoff after a failed fetch; doubles up to `max_backoff_ms`.

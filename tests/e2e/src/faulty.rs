@@ -191,16 +191,31 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             .push(request.clone());
         let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let result = forward(&mut wire, &request, shared);
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let result = forward(&mut wire, &request, shared, InFlight(shared));
         if !result? {
             return Ok(());
         }
     }
 }
 
+/// A request counted in flight from when the proxy read it until the control plane answered
+/// it (not until the answer was written back: by then the edge may already have sent its next
+/// long-poll on another connection, which is not a second poller).
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Forwards one request and answers it; `Ok(false)` when the connection must close.
-fn forward(wire: &mut Wire, req: &CapturedRequest, shared: &Shared) -> io::Result<bool> {
+fn forward(
+    wire: &mut Wire,
+    req: &CapturedRequest,
+    shared: &Shared,
+    in_flight: InFlight<'_>,
+) -> io::Result<bool> {
     let mut out = format!("{} {} HTTP/1.1\r\n", req.method, req.path).into_bytes();
     for (name, value) in &req.headers {
         if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("content-length") {
@@ -223,6 +238,7 @@ fn forward(wire: &mut Wire, req: &CapturedRequest, shared: &Shared) -> io::Resul
     let Ok(res) = upstream.send_raw(&out) else {
         return Ok(false);
     };
+    drop(in_flight);
     let etag = res.header("etag").map(<[u8]>::to_vec);
     let (mut status, mut etag, mut body, mut cut) = (res.status, etag, res.body.clone(), false);
     if res.status == 200 && req.path.starts_with("/v1/edge/config") {
