@@ -24,7 +24,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide
 
 .PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run run-static validate \
-        test test-core test-control test-core-wasm test-filter test-e2e lint fmt clean
+        test test-core test-control test-core-wasm test-e2e lint fmt clean
 
 help: ## list targets
 	@echo "keygate make targets:"
@@ -76,24 +76,20 @@ validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)
-	@$(MAKE) -k test-core test-core-wasm test-filter test-control test-e2e
+	@$(MAKE) -k test-core test-core-wasm test-control test-e2e
 
 test-core: ## tier 1: keygate-core unit tests, native
 	@echo "== tier 1: keygate-core, native"
 	cargo test -p keygate-core
 
-test-control: ## tier 3b: the control plane (API over real sockets, rotation, feed, kill -9 crash test)
-	@echo "== tier 3b: keygate-control"
+test-control: ## tier 3: the control plane (API over real sockets, rotation, feed, kill -9 crash test)
+	@echo "== tier 3: keygate-control"
 	cargo test -p keygate-control
 
 test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on wasm32-unknown-unknown (wasm-bindgen-test-runner, node)
 	@echo "== tier 2: keygate-core on wasm32-unknown-unknown under wasm-bindgen-test-runner (node)"
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test -p keygate-core --target wasm32-unknown-unknown
-
-test-filter: ## tier 3: keygate-filter native unit tests (the host glue)
-	@echo "== tier 3: keygate-filter, native"
-	cargo test -p keygate-filter
 
 test-e2e: setup-envoy build ## tier 4: end-to-end tests against a real Envoy running the built filter
 	@echo "== tier 4: end-to-end with Envoy $$("$(ENVOY)" --version | grep -o '1\.[0-9.]*' | head -1)"
