@@ -286,9 +286,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             reply.len(),
             if close { "connection: close\r\n" } else { "" },
         );
-        let written = wire.write_all(response.as_bytes());
+        // Out of flight once answered: decrementing after the write would race a client that
+        // reads the answer and checks the count at once.
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        written?;
+        wire.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }
