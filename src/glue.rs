@@ -363,9 +363,10 @@ impl KeygateHttp {
         cat: &Catalog,
         dir: &dyn keygate_core::Directory,
         pairs: &[(&[u8], &[u8])],
+        now_us: u64,
     ) -> Action {
         let head = RequestHead::from_pairs(pairs);
-        let host = RequestHost::new(&self.vm);
+        let host = RequestHost::at(&self.vm, now_us);
         let mut stats = GateStats::default();
         let verdict = gate::evaluate_in(cat, dir, &head, &host, &mut stats);
         self.metrics.gate(&stats);
@@ -449,7 +450,7 @@ impl HttpContext for KeygateHttp {
         let pairs = parse_header_map(&raw).unwrap_or_default();
         match self.source.clone() {
             Source::None => self.deny_plain(Reason::NoConfig),
-            Source::Static(cfg) => self.judge(&cfg.catalog, &cfg.directory, &pairs),
+            Source::Static(cfg) => self.judge(&cfg.catalog, &cfg.directory, &pairs, now_us()),
             Source::ControlPlane(p) => {
                 let vm = self.vm.clone();
                 let Some(head) = read_head(&*vm) else {
@@ -458,7 +459,9 @@ impl HttpContext for KeygateHttp {
                 if p.source.debug_version_header {
                     self.version_header = Some(head.version.to_string());
                 }
-                if p.source.is_stale(now_us() / 1_000_000, head.contacted_at_s) {
+                // One clock read serves the staleness check and the gate.
+                let now = now_us();
+                if p.source.is_stale(now / 1_000_000, head.contacted_at_s) {
                     match p.source.on_stale {
                         OnStale::Deny => return self.deny_plain(Reason::ConfigStale),
                         OnStale::Serve => Metrics::bump(self.metrics.config_stale_served),
@@ -473,7 +476,7 @@ impl HttpContext for KeygateHttp {
                     catalog: &catalog,
                     cache: &p.cache,
                 };
-                self.judge(&catalog, &dir, &pairs)
+                self.judge(&catalog, &dir, &pairs, now)
             }
         }
     }

@@ -151,9 +151,14 @@ pub fn client_ip() -> Option<IpAddr> {
 
 impl<'a> RequestHost<'a> {
     pub fn new(vm: &'a VmState) -> RequestHost<'a> {
+        RequestHost::at(vm, now_us())
+    }
+
+    /// A view at a clock reading the caller already has (one host call per request, not two).
+    pub fn at(vm: &'a VmState, now_us: u64) -> RequestHost<'a> {
         RequestHost {
             vm,
-            now_us: now_us(),
+            now_us,
             client_ip: OnceCell::new(),
         }
     }

@@ -79,7 +79,8 @@ impl Poller {
     pub fn tick(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
         let now_ms = now_us() / 1000;
         let now_s = now_ms / 1000;
-        if let Some(head) = read_head(vm) {
+        let head = read_head(vm);
+        if let Some(head) = head {
             Metrics::set(
                 metrics.config_age,
                 now_s.saturating_sub(head.contacted_at_s),
@@ -90,7 +91,7 @@ impl Poller {
         }
         let path = format!("{}?wait={}", cp.path, cp.wait_s);
         let bearer = format!("Bearer {}", cp.token);
-        let etag = read_head(vm).map(|h| format!("\"{}\"", h.version));
+        let etag = head.map(|h| format!("\"{}\"", h.version));
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", "GET"),
             (":path", &path),

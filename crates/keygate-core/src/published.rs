@@ -25,7 +25,7 @@ use crate::compile::{
     ConfigError, Directory, Key, Principal,
 };
 use crate::config::{AccountDoc, ConfigDoc, KeyDoc, Scheme};
-use crate::digest::{parse_digest_hex, Digest32};
+use crate::digest::Digest32;
 use crate::ratelimit::{SetError, SharedStore};
 
 pub const HEAD_KEY: &str = "kg:cfg:head";
@@ -105,7 +105,8 @@ pub enum Rejection {
 /// free slot and then moves the head. Returns the published version.
 pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, Rejection> {
     let doc = crate::compile::parse(json).map_err(Rejection::Invalid)?;
-    let compiled = compile_doc(&doc).map_err(Rejection::Invalid)?;
+    // Validate the whole document; the compiled form is not kept (records are compiled per VM).
+    compile_doc(&doc).map_err(Rejection::Invalid)?;
     let in_force = read_head(store).map_or(0, |h| h.version);
     if doc.version <= in_force {
         return Err(Rejection::NotNewer {
@@ -143,7 +144,6 @@ pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, 
             }
         }
     }
-    drop(compiled);
     set_head(
         store,
         Head {
@@ -293,11 +293,7 @@ impl Directory for SharedDirectory<'_> {
                 Some(Principal::Key(k)) => Some(k),
                 _ => None,
             })
-            .filter(|k| {
-                k.secrets
-                    .iter()
-                    .any(|s| parse_digest_hex(&hexd).ok() == Some(s.digest))
-            });
+            .filter(|k| k.secrets.iter().any(|s| s.digest == *digest));
         self.cache.borrow_mut().tokens.insert(*digest, key.clone());
         key
     }
