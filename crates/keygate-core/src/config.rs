@@ -29,6 +29,56 @@ pub struct ConfigDoc {
     pub limits: LimitsDoc,
 }
 
+/// Schema of one page of the edge's change feed.
+pub const CHANGES_SCHEMA_V1: &str = "keygate.changes/v1";
+
+/// One page of the change feed (`GET /v1/edge/changes`): every account and key whose state
+/// changed after config version `since`, in ascending SID order, starting after the SID `after`,
+/// as of config version `version` (one read transaction). `next` names the last SID of the page
+/// when more may follow (the cursor for the next page), `None` on the last page. Each changed SID
+/// is in exactly one of `accounts`, `keys` (its current state) or `deleted` (it no longer
+/// exists). The settings, API catalogue and limits are the version's own (a
+/// [`ConfigDoc`] without accounts and keys), repeated on every page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesPage {
+    /// Must be [`CHANGES_SCHEMA_V1`].
+    pub schema: String,
+    pub version: u64,
+    pub since: u64,
+    #[serde(default)]
+    pub after: String,
+    #[serde(default)]
+    pub next: Option<String>,
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub apis: Vec<ApiDoc>,
+    #[serde(default, skip_serializing_if = "LimitsDoc::is_empty")]
+    pub limits: LimitsDoc,
+    #[serde(default)]
+    pub accounts: Vec<AccountDoc>,
+    #[serde(default)]
+    pub keys: Vec<KeyDoc>,
+    #[serde(default)]
+    pub deleted: Vec<String>,
+}
+
+impl ChangesPage {
+    /// The version's settings, APIs and limits as a document without accounts and keys.
+    pub fn meta(&self) -> ConfigDoc {
+        ConfigDoc {
+            schema: SCHEMA_V1.to_owned(),
+            version: self.version,
+            settings: self.settings.clone(),
+            apis: self.apis.clone(),
+            accounts: Vec::new(),
+            keys: Vec::new(),
+            limits: self.limits.clone(),
+        }
+    }
+}
+
 /// A rate: `requests` per `per` (a duration such as `"1s"`, `"1m"`, `"90s"`, `"1h"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
