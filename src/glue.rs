@@ -9,7 +9,7 @@ use keygate_core::compile::Catalog;
 use keygate_core::gate::{self, Denial, GateStats, InflightTicket, Verdict};
 use keygate_core::headers::parse_header_map;
 use keygate_core::plugin::{parse_plugin_config, ControlPlane, OnStale, PluginConfig};
-use keygate_core::published::{load_catalog, read_head, RecordCache, SharedDirectory};
+use keygate_core::published::{load_catalog, read_head, Head, RecordCache, SharedDirectory};
 use keygate_core::ratelimit::{Counters, Quota};
 use keygate_core::{CompiledConfig, Identity, Reason, RequestHead};
 use proxy_wasm::hostcalls;
@@ -37,14 +37,15 @@ struct Published {
 }
 
 impl Published {
-    /// The catalogue of `version`, compiled once per version per VM.
-    fn catalog(&self, vm: &VmState, version: u64, metrics: &Metrics) -> Option<Arc<Catalog>> {
+    /// The catalogue of the head's version, compiled once per version per VM.
+    fn catalog(&self, vm: &VmState, head: &Head, metrics: &Metrics) -> Option<Arc<Catalog>> {
+        let version = head.version;
         if let Some((v, c)) = &*self.catalog.borrow() {
             if *v == version {
                 return Some(c.clone());
             }
         }
-        let c = Arc::new(load_catalog(vm, version)?);
+        let c = Arc::new(load_catalog(vm, head)?);
         *self.catalog.borrow_mut() = Some((version, c.clone()));
         Metrics::set(metrics.config_version, version);
         Some(c)
@@ -91,7 +92,7 @@ impl KeygateRoot {
                 .map(|(_, c)| c.max_cas_retries())
                 .or_else(|| {
                     read_head(vm)
-                        .and_then(|h| load_catalog(vm, h.version))
+                        .and_then(|h| load_catalog(vm, &h))
                         .map(|c| c.max_cas_retries())
                 })
                 .unwrap_or(16),
@@ -467,12 +468,12 @@ impl HttpContext for KeygateHttp {
                         OnStale::Serve => Metrics::bump(self.metrics.config_stale_served),
                     }
                 }
-                let Some(catalog) = p.catalog(&vm, head.version, &self.metrics) else {
+                let Some(catalog) = p.catalog(&vm, &head, &self.metrics) else {
                     return self.deny_plain(Reason::NoConfig);
                 };
                 let dir = SharedDirectory {
                     store: &*vm,
-                    version: head.version,
+                    head,
                     catalog: &catalog,
                     cache: &p.cache,
                 };

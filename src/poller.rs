@@ -7,15 +7,19 @@
 //! away (worker VM replaced, crash), another VM takes over within a few seconds. This works the
 //! same in plain Envoy and under Istio's `WasmPlugin`, which has no bootstrap singleton.
 //!
-//! Fetch: `GET <path>?wait=<s>` with `If-None-Match: "<version in force>"` and the edge token as
-//! Bearer, over `dispatch_http_call` to the configured cluster. 200 → validate completely and
-//! publish (an invalid, older or replayed document is rejected and counted; the version in force
-//! stays); 304 → record contact; anything else → retry with exponential backoff and jitter.
+//! Fetch: the change feed, page by page ([`keygate_core::published::Sync`]): `GET
+//! <path>?since=<version the free slot is complete at>&limit=<page_size>`, plus
+//! `&known=<version in force>&wait=<s>` on the first page (the long poll: the control plane holds
+//! it until something changes) and `&after=<cursor>` on the following ones, with the edge token
+//! as Bearer, over `dispatch_http_call` to the configured cluster. A 200 page is validated
+//! completely and written into the free slot; after the last page of a consistent walk the head
+//! moves (an invalid, older or replayed page is rejected and counted; the version in force
+//! stays). 304 → record contact; anything else → retry with exponential backoff and jitter.
 
 use std::time::Duration;
 
 use keygate_core::plugin::ControlPlane;
-use keygate_core::published::{self, read_head, Rejection};
+use keygate_core::published::{self, read_head, Rejection, Step, Sync};
 use keygate_core::ratelimit::SharedStore;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
@@ -41,6 +45,9 @@ pub struct Poller {
     in_flight: Option<u32>,
     failures: u32,
     next_attempt_ms: u64,
+    /// The update under way (the free slot being brought to the newest version).
+    sync: Option<Sync>,
+    sync_started_us: u64,
 }
 
 fn decode_claim(b: &[u8]) -> Option<(u64, u64)> {
@@ -79,8 +86,7 @@ impl Poller {
     pub fn tick(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
         let now_ms = now_us() / 1000;
         let now_s = now_ms / 1000;
-        let head = read_head(vm);
-        if let Some(head) = head {
+        if let Some(head) = read_head(vm) {
             Metrics::set(
                 metrics.config_age,
                 now_s.saturating_sub(head.contacted_at_s),
@@ -89,19 +95,51 @@ impl Poller {
         if !elect(vm, now_s) || self.in_flight.is_some() || now_ms < self.next_attempt_ms {
             return;
         }
-        let path = format!("{}?wait={}", cp.path, cp.wait_s);
+        if self.sync.is_none() {
+            match Sync::begin(vm) {
+                Ok(s) => {
+                    self.sync = Some(s);
+                    self.sync_started_us = now_us();
+                }
+                Err(_) => {
+                    log(
+                        LogLevel::Error,
+                        "shared data refused the config update's state; retrying",
+                    );
+                    self.failed(vm, cp, metrics);
+                    return;
+                }
+            }
+        }
+        self.send(vm, cp, metrics, true);
+    }
+
+    /// Asks for the page the update needs next (`long_poll`: the first one, held by the
+    /// control plane until something changes).
+    fn send(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics, long_poll: bool) {
+        let Some(sync) = &self.sync else {
+            return;
+        };
+        let (since, after) = sync.request();
+        let mut path = format!("{}?since={since}&limit={}", cp.path, cp.page_size);
+        if !after.is_empty() {
+            // SIDs are [A-Za-z0-9_-]: nothing to escape.
+            path.push_str("&after=");
+            path.push_str(after);
+        }
+        if long_poll {
+            if let Some(h) = sync.in_force() {
+                path.push_str(&format!("&known={}&wait={}", h.version, cp.wait_s));
+            }
+        }
         let bearer = format!("Bearer {}", cp.token);
-        let etag = head.map(|h| format!("\"{}\"", h.version));
-        let mut headers: Vec<(&str, &str)> = vec![
+        let headers: Vec<(&str, &str)> = vec![
             (":method", "GET"),
             (":path", &path),
             (":authority", &cp.authority),
             ("authorization", &bearer),
             ("accept", "application/json"),
         ];
-        if let Some(e) = &etag {
-            headers.push(("if-none-match", e));
-        }
         Metrics::bump(metrics.config_fetches);
         match hostcalls::dispatch_http_call(
             &cp.cluster,
@@ -119,6 +157,7 @@ impl Poller {
                         cp.cluster
                     ),
                 );
+                self.sync = None;
                 self.failed(vm, cp, metrics);
             }
         }
@@ -138,6 +177,11 @@ impl Poller {
         }
         self.in_flight = None;
         let now_s = now_us() / 1_000_000;
+        if !elect(vm, now_s) {
+            // Another VM took over while this fetch was out: it owns the free slot now.
+            self.sync = None;
+            return;
+        }
         let status = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
             .ok()
             .and_then(|h| h.into_iter().find(|(n, _)| n == ":status").map(|(_, v)| v))
@@ -148,31 +192,30 @@ impl Poller {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                match published::publish(vm, &body, now_s) {
-                    Ok(v) => {
+                let Some(sync) = self.sync.as_mut() else {
+                    return;
+                };
+                match sync.apply(vm, &body, now_s) {
+                    Ok(Step::More) => {
+                        published::touch(vm, now_s);
+                        self.send(vm, cp, metrics, false);
+                    }
+                    Ok(Step::Done(v)) => {
+                        let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
                         log(
                             LogLevel::Info,
-                            &format!("config version {v} published from the control plane"),
+                            &format!(
+                                "config version {v} published from the control plane ({} pages, {} records written, {ms} ms)",
+                                sync.pages, sync.records
+                            ),
                         );
                         Metrics::bump(metrics.config_published);
                         Metrics::set(metrics.config_version, v);
+                        self.sync = None;
                         self.failures = 0;
                         self.next_attempt_ms = 0;
                     }
-                    Err(Rejection::NotNewer { offered, in_force }) => {
-                        log(LogLevel::Warn, &format!("config version {offered} rejected: not newer than {in_force} in force"));
-                        Metrics::bump(metrics.config_rejected);
-                        self.failed(vm, cp, metrics);
-                    }
-                    Err(Rejection::Invalid(e)) => {
-                        log(LogLevel::Warn, &format!("config from the control plane rejected: {e}; the version in force stays"));
-                        Metrics::bump(metrics.config_rejected);
-                        self.failed(vm, cp, metrics);
-                    }
-                    Err(Rejection::Store) => {
-                        log(LogLevel::Error, "config could not be written to shared data; the version in force stays");
-                        self.failed(vm, cp, metrics);
-                    }
+                    Err(e) => self.rejected(vm, cp, metrics, e),
                 }
             }
             b"304" => {
@@ -189,7 +232,48 @@ impl Poller {
                         String::from_utf8_lossy(other)
                     ),
                 );
+                self.sync = None;
                 self.failed(vm, cp, metrics);
+            }
+        }
+    }
+
+    fn rejected(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics, e: Rejection) {
+        self.sync = None;
+        match e {
+            Rejection::NotNewer { offered, in_force } => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "config version {offered} rejected: not newer than {in_force} in force"
+                    ),
+                );
+                Metrics::bump(metrics.config_rejected);
+                self.failed(vm, cp, metrics);
+            }
+            Rejection::Invalid(e) => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "config from the control plane rejected: {e}; the version in force stays"
+                    ),
+                );
+                Metrics::bump(metrics.config_rejected);
+                self.failed(vm, cp, metrics);
+            }
+            Rejection::Store => {
+                log(
+                    LogLevel::Error,
+                    "config could not be written to shared data; the version in force stays",
+                );
+                self.failed(vm, cp, metrics);
+            }
+            Rejection::Superseded => {
+                log(
+                    LogLevel::Info,
+                    "another VM published a config meanwhile; starting over",
+                );
+                self.next_attempt_ms = 0;
             }
         }
     }

@@ -642,18 +642,32 @@ pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
 /// Compiles one key on its own against a catalogue (for configs published record by record; the
 /// whole document was validated by [`compile_doc`] before it was published).
 pub fn compile_key_record(cat: &Catalog, k: &KeyDoc) -> Result<Key, ConfigError> {
+    compile_key_record_at(cat, k, "key")
+}
+
+/// [`compile_key_record`], naming the record `path` in errors (`keys[3]`).
+pub fn compile_key_record_at(cat: &Catalog, k: &KeyDoc, path: &str) -> Result<Key, ConfigError> {
     let mut seen = SecretSeen {
         by_digest: HashMap::new(),
     };
-    compile_key("key", k, cat, &mut seen)
+    compile_key(path, k, cat, &mut seen)
 }
 
 /// Compiles one account on its own against a catalogue.
 pub fn compile_account_record(cat: &Catalog, a: &AccountDoc) -> Result<Account, ConfigError> {
+    compile_account_record_at(cat, a, "account")
+}
+
+/// [`compile_account_record`], naming the record `path` in errors (`accounts[0]`).
+pub fn compile_account_record_at(
+    cat: &Catalog,
+    a: &AccountDoc,
+    path: &str,
+) -> Result<Account, ConfigError> {
     let mut seen = SecretSeen {
         by_digest: HashMap::new(),
     };
-    compile_account("account", a, &mut seen, cat)
+    compile_account(path, a, &mut seen, cat)
 }
 
 /// Validates and compiles the settings, API catalogue and limits of a document (its accounts and

@@ -25,7 +25,7 @@ pub struct ControlPlaneDoc {
     pub cluster: String,
     /// `:authority` sent to it.
     pub authority: String,
-    /// Feed path (default `/v1/edge/config`).
+    /// Change-feed path (default `/v1/edge/changes`).
     #[serde(default)]
     pub path: Option<String>,
     /// The edge's own credential (sent as `Authorization: Bearer`); never logged.
@@ -46,6 +46,9 @@ pub struct ControlPlaneDoc {
     /// doubles, with jitter).
     #[serde(default)]
     pub max_backoff_ms: Option<u64>,
+    /// Accounts and keys asked for per page of the change feed (default 2000, at most 10000).
+    #[serde(default)]
+    pub page_size: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -67,7 +70,11 @@ pub struct ControlPlane {
     pub on_stale: OnStale,
     pub debug_version_header: bool,
     pub max_backoff_ms: u64,
+    pub page_size: u32,
 }
+
+/// Default change-feed path.
+pub const DEFAULT_FEED_PATH: &str = "/v1/edge/changes";
 
 impl ControlPlane {
     /// Whether the config is stale at `now_s`, given when the control plane last answered. A
@@ -124,7 +131,7 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     {
         return Err(cp_err("authority", "must be a host name"));
     }
-    let path = d.path.unwrap_or_else(|| "/v1/edge/config".to_owned());
+    let path = d.path.unwrap_or_else(|| DEFAULT_FEED_PATH.to_owned());
     if !path.starts_with('/') || path.contains('?') || path.bytes().any(|b| !b.is_ascii_graphic()) {
         return Err(cp_err("path", "must be an absolute path without a query"));
     }
@@ -138,6 +145,10 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     let max_backoff_ms = d.max_backoff_ms.unwrap_or(1000);
     if !(100..=60_000).contains(&max_backoff_ms) {
         return Err(cp_err("max_backoff_ms", "must be between 100 and 60000"));
+    }
+    let page_size = d.page_size.unwrap_or(2000);
+    if !(1..=10_000).contains(&page_size) {
+        return Err(cp_err("page_size", "must be between 1 and 10000"));
     }
     if d.max_staleness_s == Some(0) {
         return Err(cp_err(
@@ -156,6 +167,7 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         on_stale: d.on_stale,
         debug_version_header: d.debug_version_header,
         max_backoff_ms,
+        page_size,
     }))
 }
 
@@ -173,7 +185,7 @@ mod tests {
         .unwrap();
         match c {
             PluginConfig::ControlPlane(cp) => {
-                assert_eq!(cp.path, "/v1/edge/config");
+                assert_eq!((cp.path.as_str(), cp.page_size), ("/v1/edge/changes", 2000));
                 assert_eq!(
                     (cp.wait_s, cp.timeout_ms, cp.on_stale),
                     (20, 30_000, OnStale::Serve)
@@ -185,7 +197,7 @@ mod tests {
 
     #[test]
     fn control_plane_errors_name_the_field() {
-        let cases: [(&[u8], &str); 4] = [
+        let cases: [(&[u8], &str); 5] = [
             (
                 br#"{"control_plane":{"cluster":"","authority":"a","token":"t"}}"#,
                 "control_plane.cluster: must name an Envoy cluster",
@@ -197,6 +209,10 @@ mod tests {
             (
                 br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","path":"x"}}"#,
                 "control_plane.path: must be an absolute path without a query",
+            ),
+            (
+                br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","page_size":0}}"#,
+                "control_plane.page_size: must be between 1 and 10000",
             ),
             (
                 br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","tokn":"t"}}"#,

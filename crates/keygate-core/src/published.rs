@@ -1,61 +1,92 @@
 //! Config published record by record in the shared store (Envoy shared data), so every worker
-//! judges against the same version while each VM holds only a bounded cache.
+//! judges against the same version while each VM holds only a bounded cache, fed page by page
+//! from the control plane's change feed.
 //!
 //! Layout (all values start with a tag byte):
-//! - `kg:cfg:head` → version in force and when the control plane was last heard from;
+//! - `kg:cfg:head` → the version in force, the slot and epoch holding it, and when the control
+//!   plane was last heard from;
+//! - `kg:cfg:<slot>:state` → the slot's epoch and the version it is complete at;
 //! - `kg:cfg:<slot>:meta` → the version's settings, API catalogue and limits (a [`ConfigDoc`]
 //!   without accounts and keys);
-//! - `kg:cfg:<slot>:p:<sid>` → one account or key ([`AccountDoc`] / [`KeyDoc`] JSON);
-//! - `kg:cfg:<slot>:t:<digest hex>` → the SID of the key a Bearer token digest belongs to.
+//! - `kg:cfg:<slot>:p:<sid>` → one account or key ([`AccountDoc`] / [`KeyDoc`] JSON) or a
+//!   tombstone (the SID was deleted);
+//! - `kg:cfg:<slot>:t:<digest hex>` → the SID of the key a Bearer token digest belongs to;
+//! - `kg:cfg:epoch` → the last epoch handed out.
 //!
-//! Every record carries the version it was written for, and version `V` is written into slot
-//! `V % 2` before the head moves to `V`. A reader takes the head's version, then reads only
-//! records of that version from that slot: records of other versions (older leftovers, keys
-//! deleted since) read as absent. Publishing `V + 1` writes the other slot, so requests still
-//! judged at `V` keep reading a complete `V`; no request sees a mix of two versions. Memory is
-//! two slots of records, whatever the number of workers and however many versions go by (keys
-//! are reused; a deleted SID leaves only its stale record behind).
+//! There are two slots; requests read only the one the head names, and only records written in
+//! the head's epoch (anything else reads as absent). A new version is written into the other
+//! slot, which is never read while it is written, and then the head moves: no request sees a mix
+//! of two versions. The free slot is complete at an older version `X` (the one it held when it was
+//! last in force), so bringing it to the new version `V` only needs what changed after `X`
+//! ([`Sync`]): a change of one key at a million keys writes one record, not a million. A slot
+//! with no usable state (first start, or the API catalogue changed) gets a new epoch, which
+//! empties it at once, and is filled from scratch (`since = 0`). Memory is two slots, whatever
+//! the number of workers and however many versions go by.
+//!
+//! Consistency across pages: each page is one read of the control plane at its own version. If
+//! all pages of a walk report the same version, their union is that version. Otherwise the walk
+//! is repeated for what changed after its first page's version (normally one small page), until
+//! a walk sees one version. Until then, nothing is in force that was not complete.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::compile::{
-    compile_account_record, compile_catalog, compile_doc, compile_key_record, Account, Catalog,
-    ConfigError, Directory, Key, Principal,
+    compile_account_record, compile_account_record_at, compile_catalog, compile_doc,
+    compile_key_record, compile_key_record_at, Account, Catalog, ConfigError, Directory, Key,
+    Principal,
 };
-use crate::config::{AccountDoc, ConfigDoc, KeyDoc, Scheme};
+use crate::config::{AccountDoc, ChangesPage, ConfigDoc, KeyDoc, Scheme, CHANGES_SCHEMA_V1};
 use crate::digest::Digest32;
 use crate::ratelimit::{SetError, SharedStore};
 
 pub const HEAD_KEY: &str = "kg:cfg:head";
-const HEAD_TAG: u8 = 4;
-const RECORD_TAG: u8 = 5;
+const EPOCH_KEY: &str = "kg:cfg:epoch";
+const HEAD_TAG: u8 = 6;
+const RECORD_TAG: u8 = 7;
+const STATE_TAG: u8 = 8;
+const EPOCH_TAG: u8 = 9;
+/// Walks of the change feed one update may take before it gives up (each walk after the first
+/// fetches only what changed during the previous one).
+pub const MAX_WALKS: u32 = 16;
 
-/// The published version and when the control plane was last heard from (200 or 304).
+/// The published version, where it lives, and when the control plane was last heard from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
     pub version: u64,
     pub contacted_at_s: u64,
+    pub epoch: u64,
+    pub slot: u8,
 }
 
-fn encode_head(h: Head) -> [u8; 17] {
-    let mut v = [0u8; 17];
-    v[0] = HEAD_TAG;
-    v[1..9].copy_from_slice(&h.version.to_le_bytes());
-    v[9..].copy_from_slice(&h.contacted_at_s.to_le_bytes());
-    v
+impl Head {
+    fn same_config(&self, other: &Head) -> bool {
+        (self.version, self.epoch, self.slot) == (other.version, other.epoch, other.slot)
+    }
 }
 
 fn le_u64(b: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(b).ok().map(u64::from_le_bytes)
 }
 
+fn encode_head(h: Head) -> [u8; 26] {
+    let mut v = [0u8; 26];
+    v[0] = HEAD_TAG;
+    v[1..9].copy_from_slice(&h.version.to_le_bytes());
+    v[9..17].copy_from_slice(&h.contacted_at_s.to_le_bytes());
+    v[17..25].copy_from_slice(&h.epoch.to_le_bytes());
+    v[25] = h.slot;
+    v
+}
+
 fn decode_head(b: &[u8]) -> Option<Head> {
     match b {
-        [HEAD_TAG, rest @ ..] if rest.len() == 16 => Some(Head {
+        [HEAD_TAG, rest @ ..] if rest.len() == 25 && rest[24] < 2 => Some(Head {
             version: le_u64(&rest[..8])?,
-            contacted_at_s: le_u64(&rest[8..])?,
+            contacted_at_s: le_u64(&rest[8..16])?,
+            epoch: le_u64(&rest[16..24])?,
+            slot: rest[24],
         }),
         _ => None,
     }
@@ -67,107 +98,500 @@ pub fn read_head(store: &dyn SharedStore) -> Option<Head> {
     decode_head(&bytes)
 }
 
-fn slot_key(version: u64, kind: &str, id: &str) -> String {
-    format!("kg:cfg:{}:{kind}:{id}", version % 2)
+/// A slot's epoch and the version it is complete at (or, while it is being written, the version
+/// it was complete at: applying every change after `base` brings it to the newest version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotState {
+    epoch: u64,
+    base: u64,
 }
 
-fn record(version: u64, payload: &[u8]) -> Vec<u8> {
+fn state_key(slot: u8) -> String {
+    format!("kg:cfg:{slot}:state")
+}
+
+fn read_state(store: &dyn SharedStore, slot: u8) -> Option<SlotState> {
+    let (bytes, _) = store.get(&state_key(slot)).ok()??;
+    match bytes.as_slice() {
+        [STATE_TAG, rest @ ..] if rest.len() == 16 => Some(SlotState {
+            epoch: le_u64(&rest[..8])?,
+            base: le_u64(&rest[8..])?,
+        }),
+        _ => None,
+    }
+}
+
+fn write_state(store: &dyn SharedStore, slot: u8, st: SlotState) -> Result<(), Rejection> {
+    let mut v = [0u8; 17];
+    v[0] = STATE_TAG;
+    v[1..9].copy_from_slice(&st.epoch.to_le_bytes());
+    v[9..].copy_from_slice(&st.base.to_le_bytes());
+    store
+        .set(&state_key(slot), &v, 0)
+        .map_err(|_| Rejection::Store)
+}
+
+/// Hands out a new epoch (compare-and-swap on a counter, so two VMs never share one).
+fn next_epoch(store: &dyn SharedStore) -> Result<u64, Rejection> {
+    for _ in 0..8 {
+        let (last, cas) = match store.get(EPOCH_KEY) {
+            Ok(Some((b, cas))) => match b.as_slice() {
+                [EPOCH_TAG, rest @ ..] => (le_u64(rest).ok_or(Rejection::Store)?, cas),
+                _ => return Err(Rejection::Store),
+            },
+            Ok(None) => (0, store.absent_cas()),
+            Err(_) => return Err(Rejection::Store),
+        };
+        let next = last.saturating_add(1);
+        let mut v = [0u8; 9];
+        v[0] = EPOCH_TAG;
+        v[1..].copy_from_slice(&next.to_le_bytes());
+        match store.set(EPOCH_KEY, &v, cas) {
+            Ok(()) => return Ok(next),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Other) => return Err(Rejection::Store),
+        }
+    }
+    Err(Rejection::Store)
+}
+
+fn slot_key(slot: u8, kind: &str, id: &str) -> String {
+    format!("kg:cfg:{slot}:{kind}:{id}")
+}
+
+fn record(epoch: u64, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(9 + payload.len());
     v.push(RECORD_TAG);
-    v.extend_from_slice(&version.to_le_bytes());
+    v.extend_from_slice(&epoch.to_le_bytes());
     v.extend_from_slice(payload);
     v
 }
 
-/// Reads a record of exactly `version`.
-fn read_record(store: &dyn SharedStore, version: u64, kind: &str, id: &str) -> Option<Vec<u8>> {
-    let (bytes, _) = store.get(&slot_key(version, kind, id)).ok()??;
+/// Reads a record of exactly `epoch` from `slot`.
+fn read_record(
+    store: &dyn SharedStore,
+    slot: u8,
+    epoch: u64,
+    kind: &str,
+    id: &str,
+) -> Option<Vec<u8>> {
+    let (bytes, _) = store.get(&slot_key(slot, kind, id)).ok()??;
     match bytes.as_slice() {
-        [RECORD_TAG, rest @ ..] if rest.len() >= 8 && le_u64(&rest[..8]) == Some(version) => {
+        [RECORD_TAG, rest @ ..] if rest.len() >= 8 && le_u64(&rest[..8]) == Some(epoch) => {
             Some(rest[8..].to_vec())
         }
         _ => None,
     }
 }
 
-/// Why a fetched document was not published.
+/// Why a fetched page or document was not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    /// It does not compile (malformed, partial, invalid): the message names the place.
+    /// It does not parse or compile (malformed, partial, invalid): the message names the place.
     Invalid(ConfigError),
     /// Its version is not newer than the one in force (an older or replayed document).
     NotNewer { offered: u64, in_force: u64 },
     /// The store refused a write; nothing was switched.
     Store,
+    /// Another VM published while this update was under way; it is abandoned.
+    Superseded,
 }
 
-/// Validates a whole document and, if it is newer than the version in force, writes it into the
-/// free slot and then moves the head. Returns the published version.
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> Rejection {
+    Rejection::Invalid(ConfigError {
+        path: path.into(),
+        message: message.into(),
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Rejection> {
+    serde_json::to_vec(v).map_err(|e| invalid("", e.to_string()))
+}
+
+/// A version's settings, APIs and limits without its version number (to tell whether the
+/// catalogue changed between two versions).
+fn meta_fingerprint(meta: &ConfigDoc) -> Result<Vec<u8>, Rejection> {
+    to_json(&ConfigDoc {
+        version: 0,
+        ..meta.clone()
+    })
+}
+
+/// What the caller does after a page was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Fetch the page [`Sync::request`] names now.
+    More,
+    /// The version is complete and in force.
+    Done(u64),
+}
+
+/// Progress of one update: the free slot being brought to the newest version, page by page.
+/// Lives in the poller's VM; if that VM goes away, the next poller starts over from the slot's
+/// state (anything written since is rewritten).
+pub struct Sync {
+    in_force: Option<Head>,
+    slot: u8,
+    epoch: u64,
+    since: u64,
+    after: String,
+    walk_version: Option<u64>,
+    walk_consistent: bool,
+    walks: u32,
+    newest: u64,
+    meta: Option<Vec<u8>>,
+    catalog: Option<Catalog>,
+    checked_slot_meta: bool,
+    /// Pages applied and records written so far (for logs).
+    pub pages: u64,
+    pub records: u64,
+}
+
+impl Sync {
+    /// Starts an update of the free slot from the version it is complete at.
+    pub fn begin(store: &dyn SharedStore) -> Result<Sync, Rejection> {
+        let in_force = read_head(store);
+        let slot = in_force.map_or(0, |h| 1 - h.slot);
+        let mut sync = Sync {
+            in_force,
+            slot,
+            epoch: 0,
+            since: 0,
+            after: String::new(),
+            walk_version: None,
+            walk_consistent: true,
+            walks: 0,
+            newest: 0,
+            meta: None,
+            catalog: None,
+            checked_slot_meta: false,
+            pages: 0,
+            records: 0,
+        };
+        match read_state(store, slot) {
+            Some(st) if st.epoch != 0 => {
+                sync.epoch = st.epoch;
+                sync.since = st.base;
+            }
+            _ => sync.restart_from_scratch(store)?,
+        }
+        Ok(sync)
+    }
+
+    /// Empties the free slot (a new epoch) and fetches everything.
+    fn restart_from_scratch(&mut self, store: &dyn SharedStore) -> Result<(), Rejection> {
+        self.epoch = next_epoch(store)?;
+        write_state(
+            store,
+            self.slot,
+            SlotState {
+                epoch: self.epoch,
+                base: 0,
+            },
+        )?;
+        self.since = 0;
+        self.after.clear();
+        self.walk_version = None;
+        self.walk_consistent = true;
+        self.checked_slot_meta = true;
+        self.meta = None;
+        self.catalog = None;
+        Ok(())
+    }
+
+    /// The page to fetch next: changes after version `since`, SIDs after `after`.
+    pub fn request(&self) -> (u64, &str) {
+        (self.since, &self.after)
+    }
+
+    /// The version in force when this update began.
+    pub fn in_force(&self) -> Option<Head> {
+        self.in_force
+    }
+
+    /// Validates one page completely and, if it is acceptable, writes its records into the free
+    /// slot; after the last page of a consistent walk, moves the head.
+    pub fn apply(
+        &mut self,
+        store: &dyn SharedStore,
+        json: &[u8],
+        now_s: u64,
+    ) -> Result<Step, Rejection> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let page: ChangesPage = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        de.end().map_err(|e| invalid("", e.to_string()))?;
+        self.apply_page(store, &page, now_s)
+    }
+
+    /// [`Sync::apply`] for a page already parsed.
+    pub fn apply_page(
+        &mut self,
+        store: &dyn SharedStore,
+        page: &ChangesPage,
+        now_s: u64,
+    ) -> Result<Step, Rejection> {
+        if page.schema != CHANGES_SCHEMA_V1 {
+            return Err(invalid(
+                "schema",
+                format!(
+                    "unsupported schema {:?}; expected {CHANGES_SCHEMA_V1:?}",
+                    page.schema
+                ),
+            ));
+        }
+        let in_force = self.in_force.map_or(0, |h| h.version);
+        if page.version <= in_force {
+            return Err(Rejection::NotNewer {
+                offered: page.version,
+                in_force,
+            });
+        }
+        if page.version < self.newest {
+            return Err(Rejection::NotNewer {
+                offered: page.version,
+                in_force: self.newest,
+            });
+        }
+        if page.since != self.since || page.after != self.after {
+            return Err(invalid(
+                "since",
+                format!(
+                    "the page answers since={} after={:?}, not the request (since={} after={:?})",
+                    page.since, page.after, self.since, self.after
+                ),
+            ));
+        }
+        let meta = page.meta();
+        let catalog = compile_catalog(&meta).map_err(Rejection::Invalid)?;
+        let fingerprint = meta_fingerprint(&meta)?;
+        if !self.checked_slot_meta {
+            // The slot's records were validated against its own catalogue: if that changed,
+            // they must all be fetched and checked again.
+            self.checked_slot_meta = true;
+            let same = read_record(store, self.slot, self.epoch, "meta", "-")
+                .and_then(|b| serde_json::from_slice::<ConfigDoc>(&b).ok())
+                .and_then(|d| meta_fingerprint(&d).ok())
+                .is_some_and(|f| f == fingerprint);
+            if !same {
+                self.restart_from_scratch(store)?;
+                return Ok(Step::More);
+            }
+        }
+        match &self.meta {
+            Some(m) if *m != fingerprint => {
+                return Err(invalid(
+                    "",
+                    "the settings, APIs or limits changed during the update",
+                ))
+            }
+            Some(_) => {}
+            None => self.meta = Some(fingerprint),
+        }
+        let writes = self.page_records(page, &catalog)?;
+        // Nobody else may have moved the head since this update began.
+        let now = read_head(store);
+        let unchanged = match (now, self.in_force) {
+            (Some(a), Some(b)) => a.same_config(&b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !unchanged {
+            return Err(Rejection::Superseded);
+        }
+        for (key, value) in &writes {
+            store.set(key, value, 0).map_err(|_| Rejection::Store)?;
+        }
+        self.pages += 1;
+        self.records += writes.len() as u64;
+        self.newest = page.version;
+        match self.walk_version {
+            None => self.walk_version = Some(page.version),
+            Some(v) if v != page.version => self.walk_consistent = false,
+            Some(_) => {}
+        }
+        self.catalog = Some(catalog);
+        if let Some(next) = &page.next {
+            self.after.clone_from(next);
+            return Ok(Step::More);
+        }
+        if !self.walk_consistent {
+            // Pages of this walk saw different versions: fetch again what changed after the
+            // walk began (state as of one newer version), until one walk sees one version.
+            self.walks += 1;
+            if self.walks >= MAX_WALKS {
+                return Err(invalid(
+                    "",
+                    format!("the config kept changing through {MAX_WALKS} walks of the feed"),
+                ));
+            }
+            self.since = self.walk_version.unwrap_or(self.since);
+            self.after.clear();
+            self.walk_version = None;
+            self.walk_consistent = true;
+            return Ok(Step::More);
+        }
+        self.finish(store, &meta, now_s)
+    }
+
+    /// Checks every record of a page and encodes what it writes (nothing is written unless the
+    /// whole page is acceptable).
+    fn page_records(
+        &self,
+        page: &ChangesPage,
+        catalog: &Catalog,
+    ) -> Result<Vec<(String, Vec<u8>)>, Rejection> {
+        let mut sids: Vec<(&str, String)> =
+            Vec::with_capacity(page.accounts.len() + page.keys.len() + page.deleted.len());
+        let mut writes = Vec::with_capacity(page.accounts.len() + 2 * page.keys.len());
+        for (i, a) in page.accounts.iter().enumerate() {
+            let path = format!("accounts[{i}]");
+            compile_account_record_at(catalog, a, &path).map_err(Rejection::Invalid)?;
+            sids.push((&a.sid, path));
+            let payload = [b"A".as_slice(), &to_json(a)?].concat();
+            writes.push((
+                slot_key(self.slot, "p", &a.sid),
+                record(self.epoch, &payload),
+            ));
+        }
+        let bearer = page.settings.schemes.contains(&Scheme::Bearer);
+        for (i, k) in page.keys.iter().enumerate() {
+            let path = format!("keys[{i}]");
+            compile_key_record_at(catalog, k, &path).map_err(Rejection::Invalid)?;
+            sids.push((&k.sid, path));
+            let payload = [b"K".as_slice(), &to_json(k)?].concat();
+            writes.push((
+                slot_key(self.slot, "p", &k.sid),
+                record(self.epoch, &payload),
+            ));
+            if bearer {
+                for s in &k.secrets {
+                    writes.push((
+                        slot_key(self.slot, "t", &s.digest),
+                        record(self.epoch, k.sid.as_bytes()),
+                    ));
+                }
+            }
+        }
+        for (i, sid) in page.deleted.iter().enumerate() {
+            sids.push((sid, format!("deleted[{i}]")));
+            writes.push((slot_key(self.slot, "p", sid), record(self.epoch, b"D")));
+        }
+        // SIDs name shared-data keys: the SID alphabet only, each once, all after the cursor,
+        // none after the next cursor.
+        for (sid, path) in &sids {
+            if plausible_sid(sid.as_bytes()).is_none() {
+                return Err(invalid(
+                    format!("{path}.sid"),
+                    format!("invalid SID {sid:?}"),
+                ));
+            }
+            if !page.after.is_empty() && *sid <= page.after.as_str() {
+                return Err(invalid(
+                    format!("{path}.sid"),
+                    format!("{sid:?} is not after the page's cursor {:?}", page.after),
+                ));
+            }
+            if let Some(next) = &page.next {
+                if *sid > next.as_str() {
+                    return Err(invalid(
+                        format!("{path}.sid"),
+                        format!("{sid:?} is after the page's next cursor {next:?}"),
+                    ));
+                }
+            }
+        }
+        sids.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for w in sids.windows(2) {
+            if w[0].0 == w[1].0 {
+                return Err(invalid(
+                    format!("{}.sid", w[1].1),
+                    format!("duplicate SID {:?} (also {})", w[1].0, w[0].1),
+                ));
+            }
+        }
+        Ok(writes)
+    }
+
+    fn finish(
+        &mut self,
+        store: &dyn SharedStore,
+        meta: &ConfigDoc,
+        now_s: u64,
+    ) -> Result<Step, Rejection> {
+        let v = meta.version;
+        store
+            .set(
+                &slot_key(self.slot, "meta", "-"),
+                &record(self.epoch, &to_json(meta)?),
+                0,
+            )
+            .map_err(|_| Rejection::Store)?;
+        write_state(
+            store,
+            self.slot,
+            SlotState {
+                epoch: self.epoch,
+                base: v,
+            },
+        )?;
+        set_head(
+            store,
+            Head {
+                version: v,
+                contacted_at_s: now_s,
+                epoch: self.epoch,
+                slot: self.slot,
+            },
+        )?;
+        Ok(Step::Done(v))
+    }
+}
+
+/// Validates a whole `keygate.config/v1` document and publishes it as the complete new version
+/// (a fresh epoch in the free slot, one page). Returns the published version.
 pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, Rejection> {
     let doc = crate::compile::parse(json).map_err(Rejection::Invalid)?;
-    // Validate the whole document; the compiled form is not kept (records are compiled per VM).
     compile_doc(&doc).map_err(Rejection::Invalid)?;
-    let in_force = read_head(store).map_or(0, |h| h.version);
+    let mut sync = Sync::begin(store)?;
+    let in_force = sync.in_force.map_or(0, |h| h.version);
     if doc.version <= in_force {
         return Err(Rejection::NotNewer {
             offered: doc.version,
             in_force,
         });
     }
-    let v = doc.version;
-    let put = |key: String, payload: &[u8]| {
-        store
-            .set(&key, &record(v, payload), 0)
-            .map_err(|_| Rejection::Store)
-    };
-    let meta = ConfigDoc {
-        accounts: Vec::new(),
-        keys: Vec::new(),
-        ..doc.clone()
-    };
-    put(slot_key(v, "meta", "-"), &to_json(&meta)?)?;
-    for a in &doc.accounts {
-        put(
-            slot_key(v, "p", &a.sid),
-            &[b"A".as_slice(), &to_json(a)?].concat(),
-        )?;
+    if sync.since != 0 {
+        sync.restart_from_scratch(store)?;
     }
-    let bearer = doc.settings.schemes.contains(&Scheme::Bearer);
-    for k in &doc.keys {
-        put(
-            slot_key(v, "p", &k.sid),
-            &[b"K".as_slice(), &to_json(k)?].concat(),
-        )?;
-        if bearer {
-            for s in &k.secrets {
-                put(slot_key(v, "t", &s.digest), k.sid.as_bytes())?;
-            }
-        }
+    sync.checked_slot_meta = true;
+    let mut accounts = doc.accounts.clone();
+    accounts.sort_by(|a, b| a.sid.cmp(&b.sid));
+    let mut keys = doc.keys.clone();
+    keys.sort_by(|a, b| a.sid.cmp(&b.sid));
+    let page = ChangesPage {
+        schema: CHANGES_SCHEMA_V1.to_owned(),
+        version: doc.version,
+        since: 0,
+        after: String::new(),
+        next: None,
+        settings: doc.settings.clone(),
+        apis: doc.apis.clone(),
+        limits: doc.limits.clone(),
+        accounts,
+        keys,
+        deleted: Vec::new(),
+    };
+    match sync.apply_page(store, &page, now_s)? {
+        Step::Done(v) => Ok(v),
+        Step::More => Err(Rejection::Store),
     }
-    set_head(
-        store,
-        Head {
-            version: v,
-            contacted_at_s: now_s,
-        },
-    )?;
-    Ok(v)
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Rejection> {
-    serde_json::to_vec(v).map_err(|e| {
-        Rejection::Invalid(ConfigError {
-            path: String::new(),
-            message: e.to_string(),
-        })
-    })
 }
 
 fn set_head(store: &dyn SharedStore, head: Head) -> Result<(), Rejection> {
-    match store.set(HEAD_KEY, &encode_head(head), 0) {
-        Ok(()) => Ok(()),
-        Err(SetError::CasMismatch | SetError::Other) => Err(Rejection::Store),
-    }
+    store
+        .set(HEAD_KEY, &encode_head(head), 0)
+        .map_err(|_| Rejection::Store)
 }
 
 /// Records that the control plane answered (e.g. 304 Not Modified) without a new version.
@@ -183,11 +607,11 @@ pub fn touch(store: &dyn SharedStore, now_s: u64) {
     }
 }
 
-/// Loads and compiles the catalogue of a published version.
-pub fn load_catalog(store: &dyn SharedStore, version: u64) -> Option<Catalog> {
-    let bytes = read_record(store, version, "meta", "-")?;
+/// Loads and compiles the catalogue of the version a head names.
+pub fn load_catalog(store: &dyn SharedStore, head: &Head) -> Option<Catalog> {
+    let bytes = read_record(store, head.slot, head.epoch, "meta", "-")?;
     let doc: ConfigDoc = serde_json::from_slice(&bytes).ok()?;
-    (doc.version == version).then_some(())?;
+    (doc.version == head.version).then_some(())?;
     compile_catalog(&doc).ok()
 }
 
@@ -221,10 +645,10 @@ impl RecordCache {
     }
 }
 
-/// A [`Directory`] over published records of one version.
+/// A [`Directory`] over the published records of the version a head names.
 pub struct SharedDirectory<'a> {
     pub store: &'a dyn SharedStore,
-    pub version: u64,
+    pub head: Head,
     pub catalog: &'a Catalog,
     pub cache: &'a RefCell<RecordCache>,
 }
@@ -244,8 +668,12 @@ fn plausible_sid(sid: &[u8]) -> Option<&str> {
 }
 
 impl SharedDirectory<'_> {
+    fn record(&self, kind: &str, id: &str) -> Option<Vec<u8>> {
+        read_record(self.store, self.head.slot, self.head.epoch, kind, id)
+    }
+
     fn load_principal(&self, sid: &str) -> Option<Principal> {
-        let bytes = read_record(self.store, self.version, "p", sid)?;
+        let bytes = self.record("p", sid)?;
         match bytes.split_first()? {
             (b'K', json) => {
                 let doc: KeyDoc = serde_json::from_slice(json).ok()?;
@@ -261,6 +689,7 @@ impl SharedDirectory<'_> {
                     .ok()
                     .map(|a| Principal::Account(Arc::new(a)))
             }
+            // b'D': deleted.
             _ => None,
         }
     }
@@ -270,7 +699,7 @@ impl Directory for SharedDirectory<'_> {
     fn by_sid(&self, sid: &[u8]) -> Option<Principal> {
         let name = plausible_sid(sid)?;
         let mut cache = self.cache.borrow_mut();
-        cache.for_version(self.version);
+        cache.for_version(self.head.version);
         if let Some(hit) = cache.principals.get(sid) {
             return hit.clone();
         }
@@ -282,13 +711,14 @@ impl Directory for SharedDirectory<'_> {
     fn by_token(&self, digest: &Digest32) -> Option<Arc<Key>> {
         {
             let mut cache = self.cache.borrow_mut();
-            cache.for_version(self.version);
+            cache.for_version(self.head.version);
             if let Some(hit) = cache.tokens.get(digest) {
                 return hit.clone();
             }
         }
         let hexd = hex::encode(digest);
-        let key = read_record(self.store, self.version, "t", &hexd)
+        let key = self
+            .record("t", &hexd)
             .and_then(|sid| match self.by_sid(&sid) {
                 Some(Principal::Key(k)) => Some(k),
                 _ => None,
@@ -309,9 +739,11 @@ impl Directory for SharedDirectory<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{AccountStatus, ApiDoc, Role, SecretDoc, Settings};
     use crate::headers::{AuthorizationHeader, RequestHead};
     use crate::ratelimit::testing::FakeStore;
     use crate::{decide_in, Decision, Reason};
+    use std::collections::BTreeMap;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -319,10 +751,14 @@ mod tests {
         crate::digest::Digester::Sha256.digest_hex(s.as_bytes())
     }
 
+    fn key_doc(sid: &str, secret: &str) -> KeyDoc {
+        serde_json::from_value(serde_json::json!({"sid": sid, "account_sid": "AC1", "role": "main", "secrets": [{"digest": digest(secret)}]})).unwrap()
+    }
+
     fn doc(version: u64, keys: &[(&str, &str)]) -> Vec<u8> {
-        let keys: Vec<serde_json::Value> = keys
+        let keys: Vec<KeyDoc> = keys
             .iter()
-            .map(|(sid, secret)| serde_json::json!({"sid": sid, "account_sid": "AC1", "role": "main", "secrets": [{"digest": digest(secret)}]}))
+            .map(|(sid, secret)| key_doc(sid, secret))
             .collect();
         serde_json::to_vec(&serde_json::json!({
             "schema": "keygate.config/v1", "version": version,
@@ -333,12 +769,12 @@ mod tests {
         .unwrap()
     }
 
-    fn judge(store: &FakeStore, cache: &RefCell<RecordCache>, auth: &[u8]) -> Result<(), Reason> {
+    fn judge(store: &FakeStore, cache: &RefCell<RecordCache>, auth: &[u8]) -> Result<u64, Reason> {
         let head = read_head(store).ok_or(Reason::NoConfig)?;
-        let catalog = load_catalog(store, head.version).ok_or(Reason::NoConfig)?;
+        let catalog = load_catalog(store, &head).ok_or(Reason::NoConfig)?;
         let dir = SharedDirectory {
             store,
-            version: head.version,
+            head,
             catalog: &catalog,
             cache,
         };
@@ -349,7 +785,7 @@ mod tests {
             cors_preflight_headers: false,
         };
         match decide_in(&catalog, &dir, &req, 1_800_000_000, &mut || None) {
-            Decision::Allow(_) => Ok(()),
+            Decision::Allow(_) => Ok(head.version),
             Decision::Deny(r) => Err(r),
         }
     }
@@ -361,6 +797,105 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
         )
         .into_bytes()
+    }
+
+    #[derive(Clone)]
+    enum Rec {
+        Account(AccountDoc),
+        Key(KeyDoc),
+    }
+
+    /// A control plane in miniature: every SID with the version it last changed at and its
+    /// state (`None` once deleted), served as change-feed pages like `/v1/edge/changes`.
+    struct Model {
+        version: u64,
+        apis: Vec<ApiDoc>,
+        rows: BTreeMap<String, (u64, Option<Rec>)>,
+    }
+
+    impl Model {
+        fn new() -> Model {
+            let mut m = Model {
+                version: 1,
+                apis: serde_json::from_value(serde_json::json!([{"name": "calls", "methods": ["GET"], "paths": ["/v2/accounts/{account_sid}/calls"]}])).unwrap(),
+                rows: BTreeMap::new(),
+            };
+            m.put_account("AC1");
+            m
+        }
+        fn put_account(&mut self, sid: &str) {
+            self.version += 1;
+            let a = AccountDoc {
+                sid: sid.into(),
+                status: AccountStatus::Active,
+                auth_tokens: Vec::new(),
+                allowed_ips: None,
+                limits: None,
+            };
+            self.rows
+                .insert(sid.into(), (self.version, Some(Rec::Account(a))));
+        }
+        fn put_key(&mut self, sid: &str, secret: &str) {
+            self.version += 1;
+            self.rows.insert(
+                sid.into(),
+                (self.version, Some(Rec::Key(key_doc(sid, secret)))),
+            );
+        }
+        fn delete(&mut self, sid: &str) {
+            self.version += 1;
+            self.rows.insert(sid.into(), (self.version, None));
+        }
+        fn page(&self, since: u64, after: &str, limit: usize) -> ChangesPage {
+            let mut p = ChangesPage {
+                schema: CHANGES_SCHEMA_V1.into(),
+                version: self.version,
+                since,
+                after: after.into(),
+                next: None,
+                settings: Settings::default(),
+                apis: self.apis.clone(),
+                limits: Default::default(),
+                accounts: Vec::new(),
+                keys: Vec::new(),
+                deleted: Vec::new(),
+            };
+            let rows: Vec<_> = self
+                .rows
+                .iter()
+                .filter(|(sid, (v, _))| *v > since && sid.as_str() > after)
+                .take(limit)
+                .collect();
+            if rows.len() == limit {
+                p.next = rows.last().map(|(sid, _)| (*sid).clone());
+            }
+            for (sid, (_, rec)) in rows {
+                match rec {
+                    Some(Rec::Account(a)) => p.accounts.push(a.clone()),
+                    Some(Rec::Key(k)) => p.keys.push(k.clone()),
+                    None => p.deleted.push(sid.clone()),
+                }
+            }
+            p
+        }
+        /// One whole update, fetching pages of `limit`; `between` runs before each page.
+        fn sync(
+            &mut self,
+            store: &FakeStore,
+            limit: usize,
+            mut between: impl FnMut(&mut Model, u64),
+        ) -> Result<(u64, Sync), Rejection> {
+            let mut sync = Sync::begin(store)?;
+            for n in 0.. {
+                between(self, n);
+                let (since, after) = sync.request();
+                let page = self.page(since, after, limit);
+                if let Step::Done(v) = sync.apply_page(store, &page, 100 + n)? {
+                    return Ok((v, sync));
+                }
+            }
+            unreachable!()
+        }
     }
 
     #[test]
@@ -375,8 +910,8 @@ mod tests {
             publish(&store, &doc(1, &[("SK1", "one"), ("SK2", "two")]), 100),
             Ok(1)
         );
-        assert_eq!(judge(&store, &cache, &basic("SK1", "one")), Ok(()));
-        assert_eq!(judge(&store, &cache, b"Bearer two"), Ok(()));
+        assert_eq!(judge(&store, &cache, &basic("SK1", "one")), Ok(1));
+        assert_eq!(judge(&store, &cache, b"Bearer two"), Ok(1));
         assert_eq!(
             judge(&store, &cache, &basic("SK1", "two")),
             Err(Reason::InvalidCredentials)
@@ -394,7 +929,7 @@ mod tests {
             judge(&store, &cache, b"Bearer two"),
             Err(Reason::InvalidCredentials)
         );
-        assert_eq!(judge(&store, &cache, &basic("SK3", "three")), Ok(()));
+        assert_eq!(judge(&store, &cache, &basic("SK3", "three")), Ok(2));
         assert_eq!(publish(&store, &doc(3, &[("SK1", "one")]), 102), Ok(3));
         assert_eq!(
             judge(&store, &cache, &basic("SK2", "two")),
@@ -412,7 +947,7 @@ mod tests {
         let store = FakeStore::new();
         let cache = RefCell::new(RecordCache::default());
         assert_eq!(publish(&store, &doc(5, &[("SK1", "one")]), 100), Ok(5));
-        let before = store.map.borrow().len();
+        let head = read_head(&store);
         assert!(matches!(
             publish(&store, b"{\"schema\":", 101),
             Err(Rejection::Invalid(_))
@@ -437,9 +972,8 @@ mod tests {
         assert!(
             matches!(publish(&store, &serde_json::to_vec(&bad).unwrap(), 101), Err(Rejection::Invalid(e)) if e.path == "keys[0].allowed_ips[0]")
         );
-        assert_eq!(store.map.borrow().len(), before, "nothing written");
-        assert_eq!(read_head(&store).map(|h| h.version), Some(5));
-        assert_eq!(judge(&store, &cache, &basic("SK1", "one")), Ok(()));
+        assert_eq!(read_head(&store), head, "head untouched");
+        assert_eq!(judge(&store, &cache, &basic("SK1", "one")), Ok(5));
         assert_eq!(
             judge(&store, &cache, &basic("SK9", "nine")),
             Err(Reason::InvalidCredentials)
@@ -451,12 +985,13 @@ mod tests {
         let store = FakeStore::new();
         let cache_old = RefCell::new(RecordCache::default());
         publish(&store, &doc(1, &[("SK1", "one")]), 100).unwrap();
-        let catalog_v1 = load_catalog(&store, 1).unwrap();
+        let head_v1 = read_head(&store).unwrap();
+        let catalog_v1 = load_catalog(&store, &head_v1).unwrap();
         publish(&store, &doc(2, &[("SK2", "two")]), 101).unwrap();
         // A request that read head = 1 before the switch still sees version 1, whole.
         let dir = SharedDirectory {
             store: &store,
-            version: 1,
+            head: head_v1,
             catalog: &catalog_v1,
             cache: &cache_old,
         };
@@ -467,11 +1002,23 @@ mod tests {
     #[test]
     fn memory_is_two_slots_whatever_the_number_of_versions() {
         let store = FakeStore::new();
-        for v in 1..=20 {
-            publish(&store, &doc(v, &[("SK1", "one"), ("SK2", "two")]), v).unwrap();
+        let mut m = Model::new();
+        m.put_key("SK1", "one");
+        m.put_key("SK2", "two");
+        for i in 0..20 {
+            m.put_key("SK1", &format!("one-{i}"));
+            m.sync(&store, 2, |_, _| {}).unwrap();
         }
-        // anchor + head + 2 × (meta + account + 2 keys + 2 tokens)
-        assert_eq!(store.map.borrow().len(), 2 + 2 * 6);
+        // anchor + head + epoch counter + 2 × (state + meta + account + 2 keys)
+        // + the token index: SK2's one digest per slot, SK1's digest of each version.
+        let tokens = store
+            .map
+            .borrow()
+            .keys()
+            .filter(|k| k.contains(":t:"))
+            .count();
+        assert_eq!(store.map.borrow().len(), 3 + 2 * 5 + tokens);
+        assert!(tokens <= 2 + 20, "{tokens}");
     }
 
     #[test]
@@ -479,10 +1026,11 @@ mod tests {
         let store = FakeStore::new();
         let cache = RefCell::new(RecordCache::default());
         publish(&store, &doc(1, &[("SK1", "one")]), 100).unwrap();
-        let catalog = load_catalog(&store, 1).unwrap();
+        let head = read_head(&store).unwrap();
+        let catalog = load_catalog(&store, &head).unwrap();
         let dir = SharedDirectory {
             store: &store,
-            version: 1,
+            head,
             catalog: &catalog,
             cache: &cache,
         };
@@ -500,12 +1048,290 @@ mod tests {
         let store = FakeStore::new();
         publish(&store, &doc(1, &[("SK1", "one")]), 100).unwrap();
         touch(&store, 160);
+        let h = read_head(&store).unwrap();
+        assert_eq!((h.version, h.contacted_at_s), (1, 160));
+    }
+
+    #[test]
+    fn paged_full_sync_then_deltas_write_only_what_changed() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        for i in 0..25 {
+            m.put_key(&format!("SK{i:02}"), &format!("secret{i}"));
+        }
+        let (v, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+        assert_eq!(v, m.version);
+        assert_eq!(sync.pages, 7, "26 SIDs in pages of 4");
+        for i in 0..25 {
+            assert_eq!(
+                judge(
+                    &store,
+                    &cache,
+                    &basic(&format!("SK{i:02}"), &format!("secret{i}"))
+                ),
+                Ok(v)
+            );
+        }
+        // The free slot holds nothing yet: its first update is a full one too.
+        m.put_key("SK99", "new");
+        let (v2, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
         assert_eq!(
-            read_head(&store),
-            Some(Head {
-                version: 1,
-                contacted_at_s: 160
-            })
+            sync.records,
+            2 * 27 - 1,
+            "full: every account and key + tokens"
         );
+        assert_eq!(judge(&store, &cache, &basic("SK99", "new")), Ok(v2));
+        // From now on each slot is complete at an older version: only changes travel.
+        m.delete("SK03");
+        m.put_key("SK04", "rotated");
+        let (v3, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+        // Slot 0 is complete at v: since then SK99 was created, SK03 deleted, SK04 rotated.
+        assert_eq!((sync.pages, sync.records), (1, 1 + 2 + 2));
+        assert_eq!(
+            judge(&store, &cache, &basic("SK03", "secret3")),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(
+            judge(&store, &cache, &basic("SK04", "secret4")),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(judge(&store, &cache, &basic("SK04", "rotated")), Ok(v3));
+        assert_eq!(judge(&store, &cache, &basic("SK99", "new")), Ok(v3));
+        assert_eq!(judge(&store, &cache, &basic("SK24", "secret24")), Ok(v3));
+        assert_eq!(
+            judge(&store, &cache, b"Bearer secret4"),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(judge(&store, &cache, b"Bearer rotated"), Ok(v3));
+        // And the slot just freed catches up the same way (one more change).
+        m.put_key("SK05", "again");
+        let (v4, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+        assert_eq!(sync.pages, 1);
+        assert_eq!(
+            judge(&store, &cache, &basic("SK03", "secret3")),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(judge(&store, &cache, &basic("SK04", "rotated")), Ok(v4));
+        assert_eq!(judge(&store, &cache, &basic("SK05", "again")), Ok(v4));
+        assert_eq!(
+            judge(&store, &cache, &basic("SK05", "secret5")),
+            Err(Reason::InvalidCredentials)
+        );
+    }
+
+    #[test]
+    fn changes_during_a_walk_are_fetched_again_until_one_walk_sees_one_version() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        for i in 0..20 {
+            m.put_key(&format!("SK{i:02}"), "old");
+        }
+        // While the first walk is under way, an early key (already fetched) is rotated and a
+        // late one is deleted; the edge must not publish the mixed state.
+        let (v, sync) = m
+            .sync(&store, 3, |m, n| {
+                if n == 3 {
+                    m.put_key("SK00", "new");
+                    m.delete("SK19");
+                }
+            })
+            .unwrap();
+        assert_eq!(v, m.version);
+        assert!(sync.pages > 7, "a second walk: {}", sync.pages);
+        assert_eq!(judge(&store, &cache, &basic("SK00", "new")), Ok(v));
+        assert_eq!(
+            judge(&store, &cache, &basic("SK00", "old")),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(
+            judge(&store, &cache, &basic("SK19", "old")),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(judge(&store, &cache, &basic("SK10", "old")), Ok(v));
+    }
+
+    #[test]
+    fn a_bad_page_writes_nothing_and_a_failed_update_leaves_the_version_in_force() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        for i in 0..6 {
+            m.put_key(&format!("SK{i}"), "s");
+        }
+        let (v, _) = m.sync(&store, 100, |_, _| {}).unwrap();
+        m.delete("SK1");
+        m.put_key("SK7", "s");
+        let mut sync = Sync::begin(&store).unwrap();
+        let (since, after) = sync.request();
+        let good = m.page(since, after, 100);
+        let before = store.map.borrow().clone();
+        let cases: Vec<(ChangesPage, &str)> = vec![
+            (
+                ChangesPage {
+                    version: v,
+                    ..good.clone()
+                },
+                "not newer",
+            ),
+            (
+                ChangesPage {
+                    since: since + 1,
+                    ..good.clone()
+                },
+                "since",
+            ),
+            (
+                ChangesPage {
+                    after: "SK0".into(),
+                    ..good.clone()
+                },
+                "since",
+            ),
+            (
+                ChangesPage {
+                    deleted: vec!["SK1".into(), "../x".into()],
+                    ..good.clone()
+                },
+                "deleted[1].sid: invalid SID \"../x\"",
+            ),
+            (
+                ChangesPage {
+                    deleted: vec!["SK7".into()],
+                    ..good.clone()
+                },
+                "duplicate SID \"SK7\"",
+            ),
+            (
+                ChangesPage {
+                    next: Some("SK2".into()),
+                    ..good.clone()
+                },
+                "is after the page's next cursor",
+            ),
+            (
+                ChangesPage {
+                    schema: "keygate.config/v1".into(),
+                    ..good.clone()
+                },
+                "schema: unsupported schema",
+            ),
+            (
+                {
+                    let mut p = good.clone();
+                    p.keys[0].allowed_ips = Some(vec!["10.0.0.1/8".into()]);
+                    p
+                },
+                "keys[0].allowed_ips[0]",
+            ),
+            (
+                {
+                    let mut p = good.clone();
+                    p.keys[0].secrets = vec![SecretDoc {
+                        digest: "zz".into(),
+                        not_after: None,
+                    }];
+                    p
+                },
+                "keys[0].secrets[0].digest",
+            ),
+            (
+                {
+                    let mut p = good.clone();
+                    p.keys[0].role = Role::Main;
+                    p.keys[0].apis = Some(vec!["nope".into()]);
+                    p
+                },
+                "keys[0].apis[0]",
+            ),
+        ];
+        for (page, want) in cases {
+            let err = sync.apply_page(&store, &page, 200).unwrap_err();
+            let text = match &err {
+                Rejection::Invalid(e) => e.to_string(),
+                Rejection::NotNewer { .. } => "not newer".into(),
+                other => format!("{other:?}"),
+            };
+            assert!(text.contains(want), "{want:?} not in {text:?}");
+            assert_eq!(*store.map.borrow(), before, "{want}: nothing written");
+        }
+        assert!(matches!(
+            sync.apply(
+                &store,
+                b"{\"schema\":\"keygate.changes/v1\",\"version\":",
+                200
+            ),
+            Err(Rejection::Invalid(_))
+        ));
+        assert_eq!(judge(&store, &cache, &basic("SK1", "s")), Ok(v));
+        assert_eq!(
+            judge(&store, &cache, &basic("SK7", "s")),
+            Err(Reason::InvalidCredentials)
+        );
+        // The good page still applies afterwards.
+        assert_eq!(
+            sync.apply_page(&store, &good, 200),
+            Ok(Step::Done(m.version))
+        );
+        assert_eq!(judge(&store, &cache, &basic("SK7", "s")), Ok(m.version));
+    }
+
+    #[test]
+    fn an_update_abandoned_half_way_is_completed_by_the_next_one() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        for i in 0..10 {
+            m.put_key(&format!("SK{i}"), "a");
+        }
+        m.sync(&store, 100, |_, _| {}).unwrap();
+        for i in 0..10 {
+            m.put_key(&format!("SK{i}"), "b");
+        }
+        // First attempt: two pages written into the free slot, then the poller goes away.
+        let mut sync = Sync::begin(&store).unwrap();
+        for _ in 0..2 {
+            let (since, after) = sync.request();
+            let page = m.page(since, after, 3);
+            assert_eq!(sync.apply_page(&store, &page, 300), Ok(Step::More));
+        }
+        assert_eq!(
+            judge(&store, &cache, &basic("SK0", "a")),
+            Ok(m.version - 10)
+        );
+        m.delete("SK0");
+        let (v, _) = m.sync(&store, 3, |_, _| {}).unwrap();
+        assert_eq!(
+            judge(&store, &cache, &basic("SK0", "b")),
+            Err(Reason::InvalidCredentials)
+        );
+        for i in 1..10 {
+            assert_eq!(judge(&store, &cache, &basic(&format!("SK{i}"), "b")), Ok(v));
+        }
+    }
+
+    #[test]
+    fn a_changed_api_catalogue_refills_the_slot_from_scratch() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        m.put_key("SK1", "a");
+        m.sync(&store, 100, |_, _| {}).unwrap();
+        m.put_key("SK2", "b");
+        m.sync(&store, 100, |_, _| {}).unwrap();
+        // Both slots are complete; now the catalogue changes (a control plane restarted with
+        // another catalogue file) and one key changes.
+        m.apis[0].methods = vec!["GET".into(), "POST".into()];
+        m.put_key("SK3", "c");
+        let (v, sync) = m.sync(&store, 100, |_, _| {}).unwrap();
+        assert_eq!(
+            sync.records,
+            1 + 3 + 3,
+            "everything again: account, keys, tokens"
+        );
+        for (k, s) in [("SK1", "a"), ("SK2", "b"), ("SK3", "c")] {
+            assert_eq!(judge(&store, &cache, &basic(k, s)), Ok(v));
+        }
     }
 }

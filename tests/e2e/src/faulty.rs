@@ -33,7 +33,8 @@ pub enum Fault {
     /// Serve the first 200 body this proxy ever forwarded (an older version), with its ETag.
     ReplayFirst,
     /// Serve the real document with the last key's `allowed_ips` (the last account's if there
-    /// is no key) set to `["10.0.0.1/8"]` (host bits set: refused by the edge's compiler).
+    /// is no key) set to `["10.0.0.1/8"]` (host bits set: refused by the edge's compiler); a
+    /// change-feed page with only deletions gets its last deleted SID replaced by `SK/../x`.
     FailsValidation,
 }
 
@@ -241,7 +242,7 @@ fn forward(
     drop(in_flight);
     let etag = res.header("etag").map(<[u8]>::to_vec);
     let (mut status, mut etag, mut body, mut cut) = (res.status, etag, res.body.clone(), false);
-    if res.status == 200 && req.path.starts_with("/v1/edge/config") {
+    if res.status == 200 && req.path.starts_with("/v1/edge/") {
         {
             let mut first = shared.first_ok.lock().expect("first lock");
             if first.is_none() {
@@ -273,6 +274,8 @@ fn forward(
                     key["allowed_ips"] = bad;
                 } else if let Some(a) = doc["accounts"].as_array_mut().and_then(|a| a.last_mut()) {
                     a["allowed_ips"] = bad;
+                } else if let Some(d) = doc["deleted"].as_array_mut().and_then(|d| d.last_mut()) {
+                    *d = serde_json::json!("SK/../x");
                 } else {
                     status = 599; // nothing to damage: make the failure visible
                 }
