@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keygate_core::compile::Catalog;
 use keygate_core::gate::{self, Denial, GateStats, InflightTicket, Verdict};
-use keygate_core::headers::parse_header_map;
+use keygate_core::headers::{forwarded_headers, is_identity_lookalike, parse_header_map};
 use keygate_core::plugin::{parse_plugin_config, ControlPlane, OnStale, PluginConfig};
 use keygate_core::published::{load_catalog, read_head, Head, RecordCache, SharedDirectory};
 use keygate_core::ratelimit::{Counters, Quota};
@@ -324,15 +324,50 @@ impl KeygateHttp {
         )
     }
 
-    /// Sets identity headers (replacing client copies), removes client copies of unset ones and,
-    /// unless configured otherwise, the `Authorization` header.
+    /// Sets identity headers (replacing client copies), removes client copies of unset ones and
+    /// of `_` look-alikes and, unless configured otherwise, the `Authorization` header: one
+    /// whole-map write (one host call and one route-cache clear instead of one per header).
     fn forward(&self, cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
         let names = cat.identity_headers();
         let values: [Option<&str>; 4] = match identity {
             Some(id) => [Some(id.account_sid), id.key_sid, Some(id.role), id.api],
             None => [None; 4],
         };
-        for (name, value) in names.iter().zip(values) {
+        let out = forwarded_headers(pairs, names, values, cat.forward_authorization());
+        let changed = out.len() != pairs.len() || out.iter().zip(pairs).any(|(a, b)| a != b);
+        if changed {
+            // Envoy validated every header name, so each is a token (ASCII).
+            let map: Option<Vec<(&str, &[u8])>> = out
+                .iter()
+                .map(|(n, v)| std::str::from_utf8(n).ok().map(|n| (n, *v)))
+                .collect();
+            match map {
+                Some(map) => {
+                    let _ = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, map);
+                }
+                None => self.forward_header_by_header(cat, pairs, values),
+            }
+        }
+        if let Some(id) = identity {
+            let _ = hostcalls::set_property(
+                vec!["keygate.account_sid"],
+                Some(id.account_sid.as_bytes()),
+            );
+            if let Some(key) = id.key_sid {
+                let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
+            }
+        }
+    }
+
+    /// [`Self::forward`]'s edits one host call each (for a map the whole-map write cannot
+    /// carry: a header name that is not UTF-8).
+    fn forward_header_by_header(
+        &self,
+        cat: &Catalog,
+        pairs: &[(&[u8], &[u8])],
+        values: [Option<&str>; 4],
+    ) {
+        for (name, value) in cat.identity_headers().iter().zip(values) {
             match value {
                 Some(v) => {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(v));
@@ -346,15 +381,6 @@ impl KeygateHttp {
         strip_lookalikes(cat, pairs);
         if !cat.forward_authorization() && has_header(pairs, b"authorization") {
             let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
-        }
-        if let Some(id) = identity {
-            let _ = hostcalls::set_property(
-                vec!["keygate.account_sid"],
-                Some(id.account_sid.as_bytes()),
-            );
-            if let Some(key) = id.key_sid {
-                let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
-            }
         }
     }
 
@@ -416,28 +442,10 @@ fn strip_client_identity(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
     strip_lookalikes(cat, pairs);
 }
 
-/// Removes headers that spell an identity header with `_` for `-` (`x_keygate_key_sid`):
-/// upstreams that fold `_` into `-` (CGI, WSGI, Rack, PHP) would read them as the identity.
+/// Removes headers that spell an identity header with `_` for `-` (`x_keygate_key_sid`).
 fn strip_lookalikes(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
     for (name, _) in pairs {
-        if !name.contains(&b'_') {
-            continue;
-        }
-        let folded: Vec<u8> = name
-            .iter()
-            .map(|&b| {
-                if b == b'_' {
-                    b'-'
-                } else {
-                    b.to_ascii_lowercase()
-                }
-            })
-            .collect();
-        if cat
-            .identity_headers()
-            .iter()
-            .any(|h| h.as_bytes() == folded.as_slice())
-        {
+        if is_identity_lookalike(name, cat.identity_headers()) {
             if let Ok(n) = std::str::from_utf8(name) {
                 let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, n);
             }

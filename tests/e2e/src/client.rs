@@ -101,6 +101,16 @@ pub struct Req {
 }
 
 impl Req {
+    /// The method as it will be sent.
+    pub fn method(&self) -> &[u8] {
+        &self.method
+    }
+
+    /// The request-target as it will be sent.
+    pub fn target(&self) -> &[u8] {
+        &self.target
+    }
+
     /// A request with any method and request-target bytes.
     pub fn new(method: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> Req {
         Req {

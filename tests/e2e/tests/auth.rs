@@ -365,11 +365,35 @@ fn allowed_requests_carry_keygate_identity_only() {
                 .header(n, "spoofed")
                 .header(n.to_uppercase(), "spoofed-too");
         }
+        // Everything else reaches the upstream as sent: repeated headers, in order, and bytes
+        // that are not UTF-8 (keygate rewrites the header map in one write).
+        let req = req
+            .header("x-trace", "one")
+            .header("x-other", b"caf\xe9 \xff")
+            .header("x-trace", "two");
+        let method = String::from_utf8_lossy(req.method()).into_owned();
+        let path = String::from_utf8_lossy(req.target()).into_owned();
         let r = req.send(p);
         assert_eq!(r.status, 200, "{name}: {r:?}");
         let seen = echo.captured();
         assert_eq!(seen.len(), 1, "{name}");
         let s = &seen[0];
+        assert_eq!(
+            (s.method.as_str(), s.path.as_str()),
+            (method.as_str(), path.as_str())
+        );
+        assert_eq!(
+            s.header_all("x-trace"),
+            vec![b"one".as_slice(), b"two"],
+            "{name}"
+        );
+        assert_eq!(
+            s.header("x-other"),
+            Some(b"caf\xe9 \xff".as_slice()),
+            "{name}"
+        );
+        let host = format!("127.0.0.1:{p}");
+        assert_eq!(s.header_str("host"), Some(host.as_str()), "{name}");
         assert!(
             !s.has_header("authorization"),
             "{name}: Authorization forwarded"
