@@ -1,4 +1,5 @@
-//! The edge feed: `GET /v1/edge/config`, the complete edge config at the current version.
+//! The edge feeds: `GET /v1/edge/config`, the complete edge config at the current version, and
+//! `GET /v1/edge/changes`, the same state as pages of what changed since a version.
 //!
 //! The body is a `keygate.config/v1` document (keygate-core's `ConfigDoc`: digests only, never
 //! secrets) with `settings.check_secret_format: true`. `ETag` is `"<version>"`; a request whose
@@ -6,6 +7,14 @@
 //! is held until the version changes (then 200 with the new document) or `N` seconds pass (304).
 //! Each version is serialized once, checked with the edge's own compiler (a document the edge
 //! would refuse is never served), and cached. Edges authenticate with an edge token (Bearer).
+//!
+//! `/v1/edge/changes?since=V&after=SID&limit=N` serves a `keygate.changes/v1` page
+//! (keygate-core's `ChangesPage`): the accounts and keys changed after version `V` (0: all of
+//! them), ascending by SID from after `SID`, at most `N` (1–10000, default 1000), deleted ones
+//! by SID only, every record checked with the edge's compiler. Each page is one read transaction
+//! at its `version` (the `ETag`); `next` is the cursor for the following page. With
+//! `known=K&wait=W` it long-polls: while the version is at most `K` it waits up to `W` seconds
+//! (at most 60) for a change, and answers 304 if none came.
 
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -18,7 +27,9 @@ use crate::error::{internal, ApiError};
 use crate::{service, store, AppState};
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/v1/edge/config", get(config))
+    Router::new()
+        .route("/v1/edge/config", get(config))
+        .route("/v1/edge/changes", get(changes))
 }
 
 /// Longest long-poll.
@@ -42,15 +53,95 @@ fn not_modified(headers: &HeaderMap, version: u64) -> bool {
         })
 }
 
-fn wait_param(query: Option<&str>) -> Result<u64, ApiError> {
-    let fields: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|_| ApiError::bad("query", "must be URL-encoded"))?;
-    match fields.iter().rev().find(|(k, _)| k == "wait") {
+/// The query's fields; a repeated field's last value counts.
+fn query_fields(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|_| ApiError::bad("query", "must be URL-encoded"))
+}
+
+fn field<'q>(fields: &'q [(String, String)], name: &str) -> Option<&'q str> {
+    fields
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn wait_of(fields: &[(String, String)]) -> Result<u64, ApiError> {
+    match field(fields, "wait") {
         None => Ok(0),
-        Some((_, v)) => v
+        Some(v) => v
             .parse::<u64>()
             .map(|w| w.min(MAX_WAIT_SECONDS))
             .map_err(|_| ApiError::bad("wait", "must be a whole number of seconds")),
+    }
+}
+
+fn wait_param(query: Option<&str>) -> Result<u64, ApiError> {
+    wait_of(&query_fields(query)?)
+}
+
+/// The parameters of `GET /v1/edge/changes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChangesQuery {
+    since: u64,
+    after: String,
+    limit: usize,
+    known: Option<u64>,
+    wait: u64,
+}
+
+/// Default page size of the change feed.
+pub const DEFAULT_CHANGES_LIMIT: usize = 1000;
+
+/// Whether `s` may be a change-feed cursor: a SID, 1 to 64 of `[A-Za-z0-9_-]`.
+fn is_cursor(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ChangesQuery {
+    fn parse(query: Option<&str>) -> Result<ChangesQuery, ApiError> {
+        let fields = query_fields(query)?;
+        let version = |name: &str| -> Result<Option<u64>, ApiError> {
+            field(&fields, name)
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        ApiError::bad(name, "must be a whole number (a config version)")
+                    })
+                })
+                .transpose()
+        };
+        let since = version("since")?.unwrap_or(0);
+        let known = version("known")?;
+        let after = field(&fields, "after").unwrap_or("").to_owned();
+        if !after.is_empty() && !is_cursor(&after) {
+            return Err(ApiError::bad(
+                "after",
+                "must be a SID: 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+            ));
+        }
+        let limit = match field(&fields, "limit") {
+            None => DEFAULT_CHANGES_LIMIT,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|l| (1..=service::MAX_CHANGES_LIMIT).contains(l))
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "limit",
+                        format!("must be between 1 and {}", service::MAX_CHANGES_LIMIT),
+                    )
+                })?,
+        };
+        Ok(ChangesQuery {
+            since,
+            after,
+            limit,
+            known,
+            wait: wait_of(&fields)?,
+        })
     }
 }
 
@@ -88,6 +179,65 @@ async fn config(
         return Ok(not_modified_response(version));
     }
     let mut resp = body.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&etag(version)) {
+        h.insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+async fn changes(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    state.principal(&headers).await?.may_read_feed()?;
+    let q = ChangesQuery::parse(query.as_deref())?;
+    if let Some(known) = q.known {
+        let mut versions = state.subscribe();
+        let mut current = state.db().call(|c| store::version(c)).await?;
+        state.published(current);
+        if current <= known && q.wait > 0 {
+            let mut closing = state.closing();
+            tokio::select! {
+                _ = versions.wait_for(|v| *v > known) => {}
+                () = tokio::time::sleep(Duration::from_secs(q.wait)) => {}
+                _ = closing.wait_for(|c| *c) => {}
+            }
+            current = state.db().call(|c| store::version(c)).await?;
+        }
+        if current <= known {
+            return Ok(not_modified_response(current));
+        }
+    }
+    let cat = state.catalog().clone();
+    let ChangesQuery {
+        since,
+        after,
+        limit,
+        ..
+    } = q;
+    let page = state
+        .db()
+        .call(move |c| service::read_changes(c, &cat, since, &after, limit))
+        .await?;
+    state.published(page.version);
+    // Checking and serializing a page of up to 10 000 records is CPU work: off the runtime, and
+    // without holding the connection.
+    let (version, body) = tokio::task::spawn_blocking(move || {
+        service::check_page(&page)?;
+        let json =
+            serde_json::to_vec(&page).map_err(|e| internal("serialize change feed page", e))?;
+        Ok::<_, ApiError>((page.version, json))
+    })
+    .await
+    .map_err(|e| internal("change feed task failed", e))??;
+    let mut resp = axum::body::Bytes::from(body).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -138,5 +288,69 @@ impl AppState {
 
     fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.closing.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(q: &str) -> Result<ChangesQuery, String> {
+        ChangesQuery::parse(Some(q)).map_err(|e| e.message())
+    }
+
+    #[test]
+    fn change_feed_parameters() {
+        assert_eq!(
+            parse(""),
+            Ok(ChangesQuery {
+                since: 0,
+                after: String::new(),
+                limit: DEFAULT_CHANGES_LIMIT,
+                known: None,
+                wait: 0
+            })
+        );
+        let q = parse("since=7&after=SK0a_-Z&limit=10000&known=9&wait=600&other=1").unwrap();
+        assert_eq!(
+            (q.since, q.after.as_str(), q.limit, q.known, q.wait),
+            (7, "SK0a_-Z", 10_000, Some(9), MAX_WAIT_SECONDS)
+        );
+        assert_eq!(
+            parse("limit=1&limit=2").unwrap().limit,
+            2,
+            "the last one counts"
+        );
+        assert!(parse(&format!("after={}", "a".repeat(64))).is_ok());
+        assert!(parse("after=").is_ok());
+        for (q, msg) in [
+            ("limit=0", "limit: must be between 1 and 10000"),
+            ("limit=10001", "limit: must be between 1 and 10000"),
+            ("limit=-1", "limit: must be between 1 and 10000"),
+            ("limit=ten", "limit: must be between 1 and 10000"),
+            (
+                "since=-1",
+                "since: must be a whole number (a config version)",
+            ),
+            (
+                "since=1.5",
+                "since: must be a whole number (a config version)",
+            ),
+            (
+                "known=x",
+                "known: must be a whole number (a config version)",
+            ),
+            ("wait=soon", "wait: must be a whole number of seconds"),
+        ] {
+            assert_eq!(parse(q).unwrap_err(), msg, "{q}");
+        }
+        let after = "after: must be a SID: 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
+        for bad in ["SK%20x", "a.b", "%C3%A9", "SK%27--"] {
+            assert_eq!(parse(&format!("after={bad}")).unwrap_err(), after, "{bad}");
+        }
+        assert_eq!(
+            parse(&format!("after={}", "a".repeat(65))).unwrap_err(),
+            after
+        );
     }
 }

@@ -1,12 +1,18 @@
 //! What the control plane does, independent of HTTP: every operation is one function over the
 //! connection, one write transaction, one config version bump. Handlers and the CLI call these.
 
-use keygate_core::config::{AccountLimitsDoc, AccountStatus, ConfigDoc, KeyLimitsDoc, Role};
+use std::collections::{HashMap, HashSet};
+
+use keygate_core::compile;
+use keygate_core::config::{
+    AccountDoc, AccountLimitsDoc, AccountStatus, ChangesPage, ConfigDoc, KeyDoc, KeyLimitsDoc,
+    Role, SecretDoc, CHANGES_SCHEMA_V1,
+};
 use keygate_core::secret_format::SecretKind;
 use rusqlite::Connection;
 
 use crate::catalog::Catalog;
-use crate::error::ApiError;
+use crate::error::{internal, ApiError};
 use crate::model::{self, now, Account, Key, StoredSecret};
 use crate::secret::{self, new_operator_token, new_secret, new_sid, OperatorKind, Secret};
 use crate::store;
@@ -385,6 +391,120 @@ pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiEr
     Ok(cat.doc(version, accounts, keys))
 }
 
+/// Largest page of the change feed.
+pub const MAX_CHANGES_LIMIT: usize = 10_000;
+
+/// One page of the change feed: the accounts and keys changed after config version `since`
+/// whose SIDs follow `after`, at most `limit` of them, ascending by SID, as of the current
+/// version, read in one transaction (so the page is one version's state). Every record is
+/// checked with the edge's compiler first (500 if one would not compile).
+pub fn changes(
+    conn: &mut Connection,
+    cat: &Catalog,
+    since: u64,
+    after: &str,
+    limit: usize,
+) -> Result<ChangesPage, ApiError> {
+    let page = read_changes(conn, cat, since, after, limit)?;
+    check_page(&page)?;
+    Ok(page)
+}
+
+/// The database half of [`changes`] (the HTTP handler runs [`check_page`] after releasing the
+/// connection): one read transaction.
+pub fn read_changes(
+    conn: &mut Connection,
+    cat: &Catalog,
+    since: u64,
+    after: &str,
+    limit: usize,
+) -> Result<ChangesPage, ApiError> {
+    let tx = conn.transaction()?;
+    let version = store::version(&tx)?;
+    if since > 0 {
+        let floor = store::changelog_floor(&tx)?;
+        if since < floor {
+            return Err(ApiError::bad(
+                "since",
+                format!(
+                    "the change log starts at version {floor}; changes since an older version are not known (sync again from since=0)"
+                ),
+            ));
+        }
+    }
+    let sids = store::changed_sids(&tx, since, after, limit)?;
+    let list = serde_json::to_string(&sids).map_err(|e| internal("serialize SID list", e))?;
+    let accounts = store::accounts_in(&tx, &list)?;
+    let keys = store::keys_in(&tx, &list)?;
+    let secrets = store::secrets_in(&tx, &list)?;
+    tx.commit()?;
+
+    let mut by_owner: HashMap<&str, Vec<SecretDoc>> = HashMap::new();
+    for s in &secrets {
+        by_owner
+            .entry(s.owner_sid.as_str())
+            .or_default()
+            .push(s.to_doc());
+    }
+    let mut take = |sid: &str| by_owner.remove(sid).unwrap_or_default();
+    let accounts: Vec<AccountDoc> = accounts.iter().map(|a| a.to_doc(take(&a.sid))).collect();
+    let keys: Vec<KeyDoc> = keys.iter().map(|k| k.to_doc(take(&k.sid))).collect();
+    let present: HashSet<&str> = accounts
+        .iter()
+        .map(|a| a.sid.as_str())
+        .chain(keys.iter().map(|k| k.sid.as_str()))
+        .collect();
+    let deleted: Vec<String> = sids
+        .iter()
+        .filter(|s| !present.contains(s.as_str()))
+        .cloned()
+        .collect();
+    let next = if limit > 0 && sids.len() >= limit {
+        sids.last().cloned()
+    } else {
+        None
+    };
+    let meta = cat.doc(version, Vec::new(), Vec::new());
+    Ok(ChangesPage {
+        schema: CHANGES_SCHEMA_V1.to_owned(),
+        version,
+        since,
+        after: after.to_owned(),
+        next,
+        settings: meta.settings,
+        apis: meta.apis,
+        limits: meta.limits,
+        accounts,
+        keys,
+        deleted,
+    })
+}
+
+/// Checks a page as the edge will read it: its settings, APIs and limits with
+/// `compile_catalog`, then each account and key on its own against them. A record the edge
+/// would refuse is an internal error (logged with its SID), never served.
+pub fn check_page(page: &ChangesPage) -> Result<(), ApiError> {
+    let compiled = compile::compile_catalog(&page.meta())
+        .map_err(|e| internal("change feed catalogue does not compile", e))?;
+    for a in &page.accounts {
+        compile::compile_account_record(&compiled, a).map_err(|e| {
+            internal(
+                "change feed account does not compile",
+                format!("{}: {e}", a.sid),
+            )
+        })?;
+    }
+    for k in &page.keys {
+        compile::compile_key_record(&compiled, k).map_err(|e| {
+            internal(
+                "change feed key does not compile",
+                format!("{}: {e}", k.sid),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,6 +582,134 @@ mod tests {
         assert!(
             !store::update_key(&tx, &key).unwrap(),
             "generation 0 is stale after a regeneration"
+        );
+    }
+
+    fn sids(page: &ChangesPage) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+        (
+            page.accounts.iter().map(|a| a.sid.as_str()).collect(),
+            page.keys.iter().map(|k| k.sid.as_str()).collect(),
+            page.deleted.iter().map(String::as_str).collect(),
+        )
+    }
+
+    /// Each write path records exactly the account or key it changed, at its own version; a
+    /// deleted key stays as a tombstone.
+    #[test]
+    fn every_write_records_what_it_changed_at_its_version() {
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::open(&path).unwrap();
+        let v0 = store::version(&conn).unwrap();
+        let full = changes(&mut conn, &cat, 0, "", 100).unwrap();
+        assert_eq!(sids(&full), (vec![ac.as_str()], vec![], vec![]));
+        assert_eq!((full.version, full.next.clone()), (v0, None));
+        // What changed after `since`, and the version the page is at.
+        let delta = |conn: &mut Connection, since: u64| {
+            let p = changes(conn, &cat, since, "", 100).unwrap();
+            let (a, k, d) = sids(&p);
+            let own = |v: Vec<&str>| v.into_iter().map(str::to_owned).collect::<Vec<_>>();
+            (p.version, own(a), own(k), own(d))
+        };
+        let none: Vec<String> = vec![];
+        let one = |s: &str| vec![s.to_owned()];
+
+        let (key, _, v1) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
+        assert_eq!(
+            delta(&mut conn, v0),
+            (v1, none.clone(), one(&key.sid), none.clone())
+        );
+        let (other, _, v2) =
+            create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Standard)).unwrap();
+        assert_eq!(
+            delta(&mut conn, v1),
+            (v2, none.clone(), one(&other.sid), none.clone())
+        );
+        let (_, v3) = update_key(&mut conn, &cat, &ac, &key.sid, |k| {
+            k.enabled = false;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            delta(&mut conn, v2),
+            (v3, none.clone(), one(&key.sid), none.clone())
+        );
+        let v4 = regenerate(&mut conn, &ac, &other.sid, 60).unwrap().version;
+        assert_eq!(
+            delta(&mut conn, v3),
+            (v4, none.clone(), one(&other.sid), none.clone())
+        );
+        let v5 = revoke_previous(&mut conn, &ac, &other.sid)
+            .unwrap()
+            .1
+            .unwrap();
+        assert_eq!(
+            delta(&mut conn, v4),
+            (v5, none.clone(), one(&other.sid), none.clone())
+        );
+        let (_, v6) = update_account(&mut conn, &cat, &ac, |a| {
+            a.allowed_ips = Some(vec!["10.0.0.0/8".to_owned()]);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            delta(&mut conn, v5),
+            (v6, one(&ac), none.clone(), none.clone())
+        );
+        let v7 = delete_key(&mut conn, &ac, &key.sid).unwrap();
+        assert_eq!(
+            delta(&mut conn, v6),
+            (v7, none.clone(), none.clone(), one(&key.sid))
+        );
+        let (ac2, _, v8) = create_account(&mut conn, &cat, "us1", NewAccount::default()).unwrap();
+        assert_eq!(
+            delta(&mut conn, v7),
+            (v8, one(&ac2.sid), none.clone(), none.clone())
+        );
+        assert_eq!([v1, v8], [v0 + 1, v0 + 8]);
+
+        // Refused and no-op writes record nothing; operator tokens are not in the feed.
+        assert!(update_key(&mut conn, &cat, &ac, &other.sid, |_| Err(
+            ApiError::NotFound
+        ))
+        .is_err());
+        assert_eq!(
+            revoke_previous(&mut conn, &ac, &other.sid).unwrap(),
+            (0, None)
+        );
+        create_operator_token(&mut conn, OperatorKind::Edge).unwrap();
+        let pending: i64 = conn
+            .query_row("SELECT count(*) FROM pending_changes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pending, 0);
+        assert_eq!(
+            delta(&mut conn, v8),
+            (v8, none.clone(), none.clone(), none.clone())
+        );
+
+        // Since the start, each SID once, in the state of now.
+        let mut acs = vec![ac.clone(), ac2.sid.clone()];
+        acs.sort_unstable();
+        assert_eq!(
+            delta(&mut conn, v0),
+            (v8, acs, one(&other.sid), one(&key.sid))
+        );
+    }
+
+    /// A page whose records would not compile at the edge is an error, not served.
+    #[test]
+    fn a_page_the_edge_would_refuse_is_not_served() {
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::open(&path).unwrap();
+        create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
+        conn.execute(
+            "UPDATE secrets SET digest = 'not hex' WHERE owner_sid LIKE 'SK%'",
+            [],
+        )
+        .unwrap();
+        assert!(read_changes(&mut conn, &cat, 0, "", 10).is_ok());
+        assert_eq!(
+            changes(&mut conn, &cat, 0, "", 10).unwrap_err(),
+            ApiError::Internal
         );
     }
 

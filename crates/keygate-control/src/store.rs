@@ -691,6 +691,50 @@ mod tests {
         );
     }
 
+    /// Whichever plan a page takes, a walk yields exactly the changed SIDs, ascending.
+    #[test]
+    fn walks_return_exactly_the_changes_whatever_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("k.db")).unwrap();
+        let mut rows: Vec<(String, i64)> = (0u64..6000)
+            .map(|i| {
+                let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                (format!("SK{h:016x}"), 2 + (h >> 7) as i64 % 3000)
+            })
+            .collect();
+        let tx = conn.transaction().unwrap();
+        for (sid, v) in &rows {
+            tx.execute(
+                "INSERT INTO changelog (sid, version) VALUES (?1, ?2)",
+                params![sid, v],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        rows.sort();
+        for since in [0u64, 1, 100, 2000, 2990, 3001, 4000] {
+            let want: Vec<&str> = rows
+                .iter()
+                .filter(|(_, v)| *v as u64 > since)
+                .map(|(s, _)| s.as_str())
+                .collect();
+            for limit in [9usize, 1000, 3000] {
+                let mut got = Vec::new();
+                let mut after = String::new();
+                loop {
+                    let page = changed_sids(&conn, since, &after, limit).unwrap();
+                    assert!(page.len() <= limit);
+                    got.extend(page.iter().cloned());
+                    match page.last() {
+                        Some(last) if page.len() == limit => after = last.clone(),
+                        _ => break,
+                    }
+                }
+                assert_eq!(got, want, "since {since} limit {limit}");
+            }
+        }
+    }
+
     #[test]
     fn page_loads_look_each_sid_up() {
         let dir = tempfile::tempdir().unwrap();
