@@ -220,6 +220,12 @@ impl InProc {
             auth_token: out.auth_token.expose().to_owned(),
             edge: out.edge_token.expose().to_owned(),
         };
+        InProc::serve(dir, db, creds).await
+    }
+
+    /// Serves an existing database (`dir` holds it and is kept until the server is dropped).
+    pub async fn serve(dir: tempfile::TempDir, db: PathBuf, creds: Creds) -> InProc {
+        let config = Config::with_built_in_catalog().unwrap();
         let state = AppState::open(&db, config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
