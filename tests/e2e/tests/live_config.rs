@@ -705,3 +705,70 @@ fn four_workers_share_one_poller_that_long_polls() {
     );
     assert_no_leaks(&[], &cp, &envoy, &echo, Some(&proxy));
 }
+
+/// Publications logged by the poller: `(version, pages, records written)`.
+fn publications(envoy: &Envoy) -> Vec<(u64, u64, u64)> {
+    envoy
+        .logs()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("config version ").nth(1)?;
+            let (v, rest) = rest.split_once(" published from the control plane (")?;
+            let (pages, rest) = rest.split_once(" pages, ")?;
+            let (records, _) = rest.split_once(" records written")?;
+            Some((v.parse().ok()?, pages.parse().ok()?, records.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The feed walked three accounts and keys at a time: the first update of each slot fetches
+/// everything over many pages; after that an update fetches and writes only what changed.
+#[test]
+fn a_feed_walked_in_small_pages_publishes_every_key_and_then_only_the_changes() {
+    let cp = ControlPlane::start();
+    lift_account_limit(&cp);
+    let keys: Vec<(String, String)> = (0..14).map(|_| create_key(&cp, "standard")).collect();
+    let echo = Echo::start();
+    let envoy = start_envoy(&cp, &echo, json!({"page_size": 3}));
+    wait_first_config(&envoy, &cp);
+    for (sid, secret) in &keys {
+        assert_eq!(send(&envoy, &basic(&cp, sid, secret)).status, 200, "{sid}");
+    }
+    let first = publications(&envoy);
+    // 1 account + 1 main key from init + 14 keys = 16 SIDs: at least 6 pages of 3.
+    assert!(
+        first.first().is_some_and(|p| p.1 >= 6),
+        "first publication: {first:?}\n{}",
+        envoy.logs()
+    );
+    // Fill the other slot once (it starts empty), then each update carries only its change.
+    let (warm, warm_secret) = create_key(&cp, "standard");
+    within(Duration::from_secs(10), || {
+        all(&envoy, &basic(&cp, &warm, &warm_secret), 200)
+    })
+    .expect("warm-up key admitted");
+    let before = publications(&envoy).len();
+    cp.delete_key(&keys[3].0);
+    let gone = basic(&cp, &keys[3].0, &keys[3].1);
+    let took = within(Duration::from_secs(10), || all(&envoy, &gone, 401)).expect("revoked");
+    let (sid, secret) = create_key(&cp, "standard");
+    let fresh = basic(&cp, &sid, &secret);
+    within(Duration::from_secs(10), || all(&envoy, &fresh, 200)).expect("created");
+    let later: Vec<_> = publications(&envoy).into_iter().skip(before).collect();
+    eprintln!("revoked in {took:?}; publications after warm-up: {later:?}");
+    assert!(!later.is_empty());
+    for (v, pages, records) in &later {
+        // A delta since the slot's own version: the changes of the last two versions (a
+        // deletion, a key with its Bearer digest, the warm-up key), never the 17 keys again.
+        assert!(
+            *pages <= 2 && *records <= 6,
+            "version {v}: {pages} pages, {records} records"
+        );
+    }
+    for (i, (sid, secret)) in keys.iter().enumerate() {
+        let want = if i == 3 { 401 } else { 200 };
+        assert_eq!(send(&envoy, &basic(&cp, sid, secret)).status, want, "{sid}");
+    }
+    let secrets: Vec<&str> = keys.iter().map(|(_, s)| s.as_str()).collect();
+    assert_no_leaks(&secrets, &cp, &envoy, &echo, None);
+}
