@@ -9,7 +9,8 @@
 //! - [`twilio`]: the Twilio-compatible Keys resource under `/2010-04-01/Accounts/{sid}/Keys`;
 //! - [`v1`]: keygate's own `/v1/accounts/...` (accounts, keys with roles, permissions,
 //!   allowlists, limits, expiry, regeneration with grace);
-//! - [`edge`] serves the edge feed, `/v1/edge/config`;
+//! - [`edge`] serves the edge feeds: `/v1/edge/config` (the whole document) and
+//!   `/v1/edge/changes` (pages of what changed since a version, from the store's change log);
 //! - [`service`]: the operations (one transaction and one version bump each), used by the
 //!   handlers and the CLI; [`store`]: SQLite; [`model`]: validation against the edge compiler;
 //! - [`auth`]: credentials to principals; [`secret`]: CSPRNG secrets, digests, redaction.

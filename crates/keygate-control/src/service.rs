@@ -695,6 +695,76 @@ mod tests {
         );
     }
 
+    /// Whole pages (read, checked with the edge's compiler, serialized) at 200k keys, timed. Run
+    /// with `cargo test --release -p keygate-control --lib -- --ignored --nocapture pages_at`.
+    #[test]
+    #[ignore]
+    fn changes_pages_at_200k_keys() {
+        use std::time::Instant;
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::open(&path).unwrap();
+        let n: usize = std::env::var("KEYGATE_BENCH_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let started = Instant::now();
+        let tx = store::write_tx(&mut conn).unwrap();
+        for i in 0..n {
+            let mut key = Key {
+                sid: new_sid("SK").unwrap(),
+                account_sid: ac.clone(),
+                friendly_name: None,
+                role: Role::Standard,
+                apis: None,
+                allowed_ips: None,
+                limits: None,
+                expires_at: None,
+                enabled: true,
+                generation: 0,
+                created_at: 0,
+                updated_at: 0,
+            };
+            if i % 10 == 0 {
+                key.allowed_ips = Some(vec!["10.0.0.0/8".to_owned()]);
+            }
+            store::insert_key(&tx, &key).unwrap();
+            store::insert_secret(&tx, &key.sid, &secret::digest(key.sid.as_bytes()), 0).unwrap();
+        }
+        let v = store::bump(&tx).unwrap();
+        tx.commit().unwrap();
+        println!(
+            "{n} keys written in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        for limit in [1000, 10_000] {
+            let (mut read, mut check, mut ser, mut bytes, mut pages) =
+                (0f64, 0f64, 0f64, 0usize, 0);
+            let mut after = String::new();
+            loop {
+                let t = Instant::now();
+                let page = read_changes(&mut conn, &cat, 0, &after, limit).unwrap();
+                read += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                check_page(&page).unwrap();
+                check += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                bytes += serde_json::to_vec(&page).unwrap().len();
+                ser += t.elapsed().as_secs_f64();
+                pages += 1;
+                assert_eq!(page.version, v);
+                match page.next {
+                    Some(n) => after = n,
+                    None => break,
+                }
+            }
+            let per = |s: f64| s * 1e3 / pages as f64;
+            println!(
+                "since=0 limit={limit}: {pages} pages, per page: read {:.1} ms, check {:.1} ms, serialize {:.1} ms, {} kB",
+                per(read), per(check), per(ser), bytes / pages / 1000
+            );
+        }
+    }
+
     /// A page whose records would not compile at the edge is an error, not served.
     #[test]
     fn a_page_the_edge_would_refuse_is_not_served() {

@@ -794,7 +794,11 @@ mod tests {
     #[test]
     #[ignore]
     fn changes_query_plans_at_200k_rows() {
-        const N: u64 = 200_000;
+        // KEYGATE_BENCH_ROWS=1000000 for the 1M figures.
+        let n_rows: u64 = std::env::var("KEYGATE_BENCH_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("k.db")).unwrap();
         let tx = conn.transaction().unwrap();
@@ -803,19 +807,21 @@ mod tests {
                 .prepare("INSERT INTO changelog (sid, version) VALUES (?1, ?2)")
                 .unwrap();
             // SID order unrelated to version order, as with random SIDs.
-            for i in 0..N {
+            for i in 0..n_rows {
                 let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 ins.execute(params![format!("SK{h:016x}{i:016x}"), (i + 2) as i64])
                     .unwrap();
             }
         }
         tx.commit().unwrap();
-        let v = N + 1;
+        let v = n_rows + 1;
         for limit in [1000usize, 10_000] {
             let (slow, total, pages) =
                 walk(&conn, |a| changed_sids(&conn, 0, a, limit).unwrap(), limit);
             println!("limit={limit} full sync: slowest page {slow:.2} ms, walk {total:.1} ms ({pages} pages)");
-            for changes in [1u64, 100, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000, N] {
+            for changes in [
+                1u64, 100, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000, n_rows,
+            ] {
                 let since = v - changes;
                 // The version index alone reads every change for every page: skip the slow ones.
                 let (s1, w1, p1) = if changes <= 50_000 {
@@ -832,7 +838,7 @@ mod tests {
                 );
                 assert!((p1 == p2 || p1 == 0) && p2 == p3);
                 println!(
-                    "limit={limit} changes={changes} ({p1} pages): version index slowest {s1:.2} walk {w1:.1} | \
+                    "limit={limit} changes={changes} ({p2} pages): version index slowest {s1:.2} walk {w1:.1} | \
                      SID order slowest {s2:.2} walk {w2:.1} | chosen slowest {s3:.2} walk {w3:.1} (ms)"
                 );
             }
