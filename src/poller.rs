@@ -95,8 +95,18 @@ impl Poller {
         if !elect(vm, now_s) || self.in_flight.is_some() || now_ms < self.next_attempt_ms {
             return;
         }
+        let mut long_poll = true;
         if self.sync.is_none() {
-            match Sync::begin(vm) {
+            // An empty free slot is filled at the version in force right away, so that the
+            // first change after start travels alone instead of refetching everything.
+            let warm_up = Sync::free_slot_is_empty(vm);
+            long_poll = !warm_up;
+            let begun = if warm_up {
+                Sync::prepare(vm)
+            } else {
+                Sync::begin(vm)
+            };
+            match begun {
                 Ok(s) => {
                     self.sync = Some(s);
                     self.sync_started_us = now_us();
@@ -111,7 +121,7 @@ impl Poller {
                 }
             }
         }
-        self.send(vm, cp, metrics, true);
+        self.send(vm, cp, metrics, long_poll);
     }
 
     /// Asks for the page the update needs next (`long_poll`: the first one, held by the
@@ -199,6 +209,20 @@ impl Poller {
                     Ok(Step::More) => {
                         published::touch(vm, now_s);
                         self.send(vm, cp, metrics, false);
+                    }
+                    Ok(Step::Ready(v)) => {
+                        let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
+                        log(
+                            LogLevel::Info,
+                            &format!(
+                                "config slot warmed up at version {v} ({} pages, {} records written, {ms} ms)",
+                                sync.pages, sync.records
+                            ),
+                        );
+                        published::touch(vm, now_s);
+                        self.sync = None;
+                        self.failures = 0;
+                        self.next_attempt_ms = 0;
                     }
                     Ok(Step::Done(v)) => {
                         let ms = now_us().saturating_sub(self.sync_started_us) / 1000;

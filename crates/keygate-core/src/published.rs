@@ -224,6 +224,9 @@ pub enum Step {
     More,
     /// The version is complete and in force.
     Done(u64),
+    /// The free slot is complete at the version in force (a warm-up, [`Sync::prepare`]); the
+    /// head did not move.
+    Ready(u64),
 }
 
 /// Progress of one update: the free slot being brought to the newest version, page by page.
@@ -231,6 +234,8 @@ pub enum Step {
 /// state (anything written since is rewritten).
 pub struct Sync {
     in_force: Option<Head>,
+    /// A warm-up: the version in force itself is acceptable.
+    prepare: bool,
     slot: u8,
     epoch: u64,
     since: u64,
@@ -254,6 +259,7 @@ impl Sync {
         let slot = in_force.map_or(0, |h| 1 - h.slot);
         let mut sync = Sync {
             in_force,
+            prepare: false,
             slot,
             epoch: 0,
             since: 0,
@@ -275,6 +281,25 @@ impl Sync {
             }
             _ => sync.restart_from_scratch(store)?,
         }
+        Ok(sync)
+    }
+
+    /// Whether the free slot holds nothing usable yet (it has never been filled, or its filling
+    /// from scratch did not finish) while a version is in force. The first update after start
+    /// would then have to fetch everything again; [`Sync::prepare`] does that ahead of time.
+    pub fn free_slot_is_empty(store: &dyn SharedStore) -> bool {
+        match read_head(store) {
+            Some(h) => read_state(store, 1 - h.slot).is_none_or(|st| st.epoch == 0 || st.base == 0),
+            None => false,
+        }
+    }
+
+    /// Starts filling the free slot up to (at least) the version in force, so that later
+    /// updates only carry changes. If a newer version arrives during the walk, it is published
+    /// as usual when the walk completes.
+    pub fn prepare(store: &dyn SharedStore) -> Result<Sync, Rejection> {
+        let mut sync = Sync::begin(store)?;
+        sync.prepare = true;
         Ok(sync)
     }
 
@@ -341,7 +366,7 @@ impl Sync {
             ));
         }
         let in_force = self.in_force.map_or(0, |h| h.version);
-        if page.version <= in_force {
+        if page.version < in_force || (page.version == in_force && !self.prepare) {
             return Err(Rejection::NotNewer {
                 offered: page.version,
                 in_force,
@@ -535,6 +560,9 @@ impl Sync {
                 base: v,
             },
         )?;
+        if self.in_force.is_some_and(|h| h.version >= v) {
+            return Ok(Step::Ready(v));
+        }
         set_head(
             store,
             Head {
@@ -584,7 +612,7 @@ pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, 
     };
     match sync.apply_page(store, &page, now_s)? {
         Step::Done(v) => Ok(v),
-        Step::More => Err(Rejection::Store),
+        Step::More | Step::Ready(_) => Err(Rejection::Store),
     }
 }
 
@@ -883,15 +911,25 @@ mod tests {
             &mut self,
             store: &FakeStore,
             limit: usize,
+            between: impl FnMut(&mut Model, u64),
+        ) -> Result<(u64, Sync), Rejection> {
+            let sync = Sync::begin(store)?;
+            self.walk(store, limit, sync, between)
+        }
+        fn walk(
+            &mut self,
+            store: &FakeStore,
+            limit: usize,
+            mut sync: Sync,
             mut between: impl FnMut(&mut Model, u64),
         ) -> Result<(u64, Sync), Rejection> {
-            let mut sync = Sync::begin(store)?;
             for n in 0.. {
                 between(self, n);
                 let (since, after) = sync.request();
                 let page = self.page(since, after, limit);
-                if let Step::Done(v) = sync.apply_page(store, &page, 100 + n)? {
-                    return Ok((v, sync));
+                match sync.apply_page(store, &page, 100 + n)? {
+                    Step::Done(v) | Step::Ready(v) => return Ok((v, sync)),
+                    Step::More => {}
                 }
             }
             unreachable!()
@@ -1333,5 +1371,53 @@ mod tests {
         for (k, s) in [("SK1", "a"), ("SK2", "b"), ("SK3", "c")] {
             assert_eq!(judge(&store, &cache, &basic(k, s)), Ok(v));
         }
+    }
+
+    #[test]
+    fn a_warm_up_fills_the_free_slot_at_the_version_in_force_so_the_first_change_is_small() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        for i in 0..12 {
+            m.put_key(&format!("SK{i:02}"), "a");
+        }
+        assert!(!Sync::free_slot_is_empty(&store), "nothing in force yet");
+        let (v, _) = m.sync(&store, 5, |_, _| {}).unwrap();
+        assert!(Sync::free_slot_is_empty(&store));
+        // Without a warm-up the version in force is refused as "not newer".
+        assert!(matches!(
+            m.sync(&store, 5, |_, _| {}),
+            Err(Rejection::NotNewer { .. })
+        ));
+        let head = read_head(&store);
+        let (ready, sync) = m
+            .walk(&store, 5, Sync::prepare(&store).unwrap(), |_, _| {})
+            .unwrap();
+        assert_eq!((ready, sync.pages), (v, 3));
+        assert_eq!(read_head(&store), head, "a warm-up does not move the head");
+        assert!(!Sync::free_slot_is_empty(&store));
+        // The next change travels alone, into the warmed slot.
+        m.delete("SK05");
+        let (v2, sync) = m.sync(&store, 5, |_, _| {}).unwrap();
+        assert_eq!((sync.pages, sync.records), (1, 1));
+        assert_eq!(
+            judge(&store, &cache, &basic("SK05", "a")),
+            Err(Reason::InvalidCredentials)
+        );
+        assert_eq!(judge(&store, &cache, &basic("SK06", "a")), Ok(v2));
+        // A change that lands during a warm-up is published when the warm-up completes.
+        let fresh = FakeStore::new();
+        let mut m = Model::new();
+        m.put_key("SK1", "a");
+        m.sync(&fresh, 5, |_, _| {}).unwrap();
+        let (v3, _) = m
+            .walk(&fresh, 1, Sync::prepare(&fresh).unwrap(), |m, n| {
+                if n == 1 {
+                    m.put_key("SK2", "b");
+                }
+            })
+            .unwrap();
+        assert_eq!(read_head(&fresh).map(|h| h.version), Some(v3));
+        assert_eq!(judge(&fresh, &cache, &basic("SK2", "b")), Ok(v3));
     }
 }
