@@ -242,6 +242,22 @@ impl Poller {
                     Err(e) => self.rejected(vm, cp, metrics, e),
                 }
             }
+            b"410" => {
+                // The control plane no longer knows the changes since the free slot's version:
+                // fill it from scratch.
+                log(
+                    LogLevel::Warn,
+                    "the control plane cannot list changes since the edge's version; fetching everything",
+                );
+                let restarted = self.sync.as_mut().map(|s| s.start_over(vm));
+                match restarted {
+                    Some(Ok(())) => self.send(vm, cp, metrics, false),
+                    _ => {
+                        self.sync = None;
+                        self.failed(vm, cp, metrics);
+                    }
+                }
+            }
             b"304" => {
                 published::touch(vm, now_s);
                 Metrics::bump(metrics.config_not_modified);

@@ -27,6 +27,9 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 409: the resource changed under a concurrent request; retry.
     Conflict(&'static str),
+    /// 410: what was asked for is no longer known (changes since a version older than the
+    /// change log); the message says what to do instead.
+    Gone(String),
     /// 500; the cause was logged by [`internal`].
     Internal,
 }
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,13 +74,14 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Gone(_) => "changes_unavailable",
             ApiError::Internal => "internal",
         }
     }
 
     pub fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(m) => m.clone(),
+            ApiError::BadRequest(m) | ApiError::Gone(m) => m.clone(),
             ApiError::Unauthorized => "Invalid or missing credentials".to_owned(),
             ApiError::Forbidden(m) | ApiError::Conflict(m) => (*m).to_owned(),
             ApiError::NotFound => "The requested resource was not found".to_owned(),
@@ -94,6 +99,7 @@ impl ApiError {
             ApiError::NotFound => 20404,
             ApiError::MethodNotAllowed => 20004,
             ApiError::Conflict(_) => 20409,
+            ApiError::Gone(_) => 20410,
             ApiError::Internal => 20500,
         }
     }

@@ -424,12 +424,9 @@ pub fn read_changes(
     if since > 0 {
         let floor = store::changelog_floor(&tx)?;
         if since < floor {
-            return Err(ApiError::bad(
-                "since",
-                format!(
-                    "the change log starts at version {floor}; changes since an older version are not known (sync again from since=0)"
-                ),
-            ));
+            return Err(ApiError::Gone(format!(
+                "since: the change log starts at version {floor}; changes since an older version are not known (sync again from since=0)"
+            )));
         }
     }
     let sids = store::changed_sids(&tx, since, after, limit)?;

@@ -630,7 +630,8 @@ async fn a_database_from_before_the_change_log_is_backfilled() {
     let p = page(&s, "since=9").await;
     assert_eq!(all_sids(&p), Vec::<String>::new());
     let r = s.client.get(&format!("{CHANGES}?since=8"), &edge(&s)).await;
-    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.status, 410, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "changes_unavailable");
     assert_eq!(
         r.json()["error"]["message"],
         "since: the change log starts at version 9; changes since an older version are not known (sync again from since=0)"

@@ -303,6 +303,14 @@ impl Sync {
         Ok(sync)
     }
 
+    /// Starts this update over from scratch (the control plane no longer knows the changes
+    /// since the slot's version: `410 Gone`).
+    pub fn start_over(&mut self, store: &dyn SharedStore) -> Result<(), Rejection> {
+        self.newest = 0;
+        self.walks = 0;
+        self.restart_from_scratch(store)
+    }
+
     /// Empties the free slot (a new epoch) and fetches everything.
     fn restart_from_scratch(&mut self, store: &dyn SharedStore) -> Result<(), Rejection> {
         self.epoch = next_epoch(store)?;
@@ -1419,5 +1427,33 @@ mod tests {
             .unwrap();
         assert_eq!(read_head(&fresh).map(|h| h.version), Some(v3));
         assert_eq!(judge(&fresh, &cache, &basic("SK2", "b")), Ok(v3));
+    }
+
+    #[test]
+    fn starting_over_empties_the_free_slot_and_walks_from_zero() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        m.put_key("SK1", "a");
+        m.put_key("SK2", "a");
+        m.sync(&store, 10, |_, _| {}).unwrap();
+        m.walk(&store, 10, Sync::prepare(&store).unwrap(), |_, _| {})
+            .unwrap();
+        m.delete("SK2");
+        let mut sync = Sync::begin(&store).unwrap();
+        assert_ne!(sync.request().0, 0, "a delta");
+        // The control plane answered 410: changes since that version are unknown.
+        sync.start_over(&store).unwrap();
+        assert_eq!(sync.request(), (0, ""));
+        let (v, sync) = m.walk(&store, 10, sync, |_, _| {}).unwrap();
+        assert_eq!(
+            sync.records, 4,
+            "account, SK1 and its token, SK2's tombstone"
+        );
+        assert_eq!(judge(&store, &cache, &basic("SK1", "a")), Ok(v));
+        assert_eq!(
+            judge(&store, &cache, &basic("SK2", "a")),
+            Err(Reason::InvalidCredentials)
+        );
     }
 }
