@@ -137,3 +137,9 @@ bench: setup-envoy build ## benchmark Envoy + keygate against bare Envoy and nat
 	CARGO_TARGET_DIR="$(ROOT)/target/bench-floor" cargo build --release --target $(WASM_TARGET) \
 	  --manifest-path bench/floor-filter/Cargo.toml
 	"$(VENV)/bin/python" bench/run.py
+
+.PHONY: bench-live
+bench-live: setup-envoy build ## control-plane mode at 1k and 1M keys: start-up, RSS at 1 and 4 workers, change latency, per-request cost (bench/results/live-latest.md)
+	@command -v wrk >/dev/null && command -v taskset >/dev/null || { $(BENCH_SUDO) apt-get update -qq && $(BENCH_SUDO) apt-get install -y -qq wrk util-linux; }
+	cargo build --release -p keygate-control
+	"$(VENV)/bin/python" bench/live.py

@@ -47,6 +47,7 @@ pub struct Poller {
     next_attempt_ms: u64,
     /// The update under way (the free slot being brought to the newest version).
     sync: Option<Sync>,
+    /// When the update's first page arrived (a long poll's wait is not part of the update).
     sync_started_us: u64,
 }
 
@@ -107,10 +108,7 @@ impl Poller {
                 Sync::begin(vm)
             };
             match begun {
-                Ok(s) => {
-                    self.sync = Some(s);
-                    self.sync_started_us = now_us();
-                }
+                Ok(s) => self.sync = Some(s),
                 Err(_) => {
                     log(
                         LogLevel::Error,
@@ -205,6 +203,9 @@ impl Poller {
                 let Some(sync) = self.sync.as_mut() else {
                     return;
                 };
+                if sync.pages == 0 {
+                    self.sync_started_us = now_us();
+                }
                 match sync.apply(vm, &body, now_s) {
                     Ok(Step::More) => {
                         published::touch(vm, now_s);
