@@ -108,6 +108,12 @@ def bulk_load(db: Path, n: int) -> None:
             " enabled, generation, created_at, updated_at) VALUES (?, ?, NULL, 'standard', NULL, NULL, NULL, NULL, 1, 0, ?, ?)",
             keys)
         c.executemany("INSERT INTO secrets (digest, owner_sid, not_after, created_at) VALUES (?, ?, NULL, ?)", secrets)
+    # What `store::bump` does at the end of every API write: one new version, every SID the
+    # triggers noted logged at it.
+    c.execute("UPDATE config_version SET version = version + 1 WHERE id = 1")
+    c.execute("INSERT INTO changelog (sid, version) SELECT sid, (SELECT version FROM config_version WHERE id = 1)"
+              " FROM pending_changes WHERE true ON CONFLICT(sid) DO UPDATE SET version = excluded.version")
+    c.execute("DELETE FROM pending_changes")
     c.execute("COMMIT")
     c.close()
 
