@@ -76,3 +76,23 @@ fn demo_digests_are_sha256_of_the_documented_secrets() {
         hex_sha256(demo::ACCOUNT_AUTH_TOKEN)
     );
 }
+
+/// `envoy/envoy-control-plane.yaml` (what `make run` starts) names a feed path the control plane
+/// really serves as a change feed, with a plugin configuration the filter accepts.
+#[test]
+fn the_control_plane_template_points_at_the_change_feed() {
+    use keygate_core::plugin::{parse_plugin_config, PluginConfig};
+    let yaml =
+        std::fs::read_to_string(paths::envoy_dir().join("envoy-control-plane.yaml")).unwrap();
+    let cp = keygate_e2e::ControlPlane::start();
+    let text =
+        inline_plugin_config(&yaml).replace("kg_edge_REPLACE_ME", cp.cred("KEYGATE_EDGE_TOKEN"));
+    let Ok(PluginConfig::ControlPlane(source)) = parse_plugin_config(text.as_bytes()) else {
+        panic!("the template's plugin configuration is not a control-plane source:\n{text}")
+    };
+    let r = cp.send(
+        &keygate_e2e::Req::get(format!("{}?since=0&limit=1", source.path)).bearer(&source.token),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body_json()["schema"], "keygate.changes/v1", "{r:?}");
+}
