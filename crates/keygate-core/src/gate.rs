@@ -102,6 +102,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The slot of an API's rate in a key's record: a hash of the API's name (stable across config
+/// versions, unlike its index), never 0 (the key's own rate).
+pub fn api_slot(name: &str) -> u32 {
+    let h = fnv1a(name.as_bytes());
+    (h ^ (h >> 32)) as u32 | 1
+}
+
 fn failed_auth_check(cat: &Catalog, ip: IpAddr) -> Option<Check> {
     let fa = cat.limits.failed_auth?;
     let h = match ip.to_canonical() {
@@ -119,16 +126,18 @@ fn failed_auth_check(cat: &Catalog, ip: IpAddr) -> Option<Check> {
     };
     let bucket = h % u64::from(fa.buckets.max(1));
     Some(Check {
-        store_key: format!("kg:fa:1:{bucket}"),
+        store_key: format!("kg:fa:2:{bucket}"),
+        slot: 0,
         rate: fa.limit.rate,
         kind: LimitKind::FailedAuth,
         shadow: fa.limit.shadow,
     })
 }
 
-fn check(store_key: String, limit: LimitRate, kind: LimitKind) -> Check {
+fn check(store_key: String, slot: u32, limit: LimitRate, kind: LimitKind) -> Check {
     Check {
         store_key,
+        slot,
         rate: limit.rate,
         kind,
         shadow: limit.shadow,
@@ -207,7 +216,8 @@ pub fn evaluate_in(
         };
     };
 
-    // 3. Rates: key × API, key, account.
+    // 3. Rates: key × API, key, account. A key's own rate and its per-API rates live in one
+    // record (slot 0 and a slot per API), taken with one read and one compare-and-swap.
     let account = &admitted.account;
     let key = admitted.key.as_deref();
     let mut checks = Vec::with_capacity(3);
@@ -221,7 +231,8 @@ pub fn evaluate_in(
         let api = &cat.apis[api_idx as usize];
         if let Some(limit) = own.or(api.limit) {
             checks.push(check(
-                format!("kg:rl:1:ka:{}:{}", key.sid, api.name),
+                format!("kg:rl:2:k:{}", key.sid),
+                api_slot(&api.name),
                 limit,
                 LimitKind::KeyApi,
             ));
@@ -229,14 +240,16 @@ pub fn evaluate_in(
     }
     if let Some(limit) = key.and_then(|k| k.rate) {
         checks.push(check(
-            format!("kg:rl:1:k:{}", key.map_or("", |k| &*k.sid)),
+            format!("kg:rl:2:k:{}", key.map_or("", |k| &*k.sid)),
+            0,
             limit,
             LimitKind::Key,
         ));
     }
     if let Some(limit) = account.rate {
         checks.push(check(
-            format!("kg:rl:1:a:{}", account.sid),
+            format!("kg:rl:2:a:{}", account.sid),
+            0,
             limit,
             LimitKind::Account,
         ));

@@ -93,8 +93,11 @@ impl LimitKind {
 /// One limit applied to one subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
-    /// Shared-data key of the subject.
+    /// Shared-data key of the subject's record.
     pub store_key: String,
+    /// Which TAT of the record this limit uses. Limits of one subject (a key's own rate and its
+    /// per-API rates) share one record, so one read and one CAS take them all.
+    pub slot: u32,
     pub rate: Rate,
     pub kind: LimitKind,
     /// Count what would be refused, refuse nothing.
@@ -143,24 +146,63 @@ pub enum Admission {
     StoreFailure,
 }
 
-/// Value format: tag byte 1, then the TAT in µs, little-endian.
-const TAG: u8 = 1;
+/// Value format: tag byte 2, then `(slot: u32, TAT in µs: u64)` entries, little-endian. A slot
+/// that is absent (or whose TAT has passed) has its whole quota.
+const TAG: u8 = 2;
+const ENTRY: usize = 12;
+/// Entries kept per record: a key's own rate plus per-API rates; beyond that the entries whose
+/// TAT is furthest in the past are dropped first (they are the closest to a full quota anyway).
+const MAX_ENTRIES: usize = 64;
 
-fn encode(tat_us: u64) -> [u8; 9] {
-    let mut v = [0u8; 9];
-    v[0] = TAG;
-    v[1..].copy_from_slice(&tat_us.to_le_bytes());
+type Entries = Vec<(u32, u64)>;
+
+fn encode(entries: &[(u32, u64)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + entries.len() * ENTRY);
+    v.push(TAG);
+    for (slot, tat) in entries {
+        v.extend_from_slice(&slot.to_le_bytes());
+        v.extend_from_slice(&tat.to_le_bytes());
+    }
     v
 }
 
-fn decode(bytes: &[u8]) -> Option<u64> {
+fn decode(bytes: &[u8]) -> Option<Entries> {
     match bytes {
-        [TAG, rest @ ..] if rest.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(rest);
-            Some(u64::from_le_bytes(b))
-        }
+        [TAG, rest @ ..] if rest.len() % ENTRY == 0 => Some(
+            rest.chunks_exact(ENTRY)
+                .map(|c| {
+                    let mut slot = [0u8; 4];
+                    slot.copy_from_slice(&c[..4]);
+                    let mut tat = [0u8; 8];
+                    tat.copy_from_slice(&c[4..]);
+                    (u32::from_le_bytes(slot), u64::from_le_bytes(tat))
+                })
+                .collect(),
+        ),
         _ => None,
+    }
+}
+
+fn tat_of(entries: &[(u32, u64)], slot: u32) -> u64 {
+    entries
+        .iter()
+        .find(|(s, _)| *s == slot)
+        .map_or(0, |(_, t)| *t)
+}
+
+fn upsert(entries: &mut Entries, slot: u32, tat: u64) {
+    match entries.iter_mut().find(|(s, _)| *s == slot) {
+        Some(e) => e.1 = tat,
+        None => entries.push((slot, tat)),
+    }
+}
+
+/// Drops entries that carry no information any more (TAT not after `now`) and bounds the rest.
+fn compact(entries: &mut Entries, now: u64) {
+    entries.retain(|(_, t)| *t > now);
+    if entries.len() > MAX_ENTRIES {
+        entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
+        entries.truncate(MAX_ENTRIES);
     }
 }
 
@@ -171,10 +213,17 @@ pub struct Limiter<'s, S: SharedStore + ?Sized> {
     pub on_store_error: OnStoreError,
 }
 
-/// Result of one subject's update.
+/// Result of one subject's update (all its limits of one request).
 enum Step {
-    Admitted { tat_after: u64 },
-    Refused { tat: u64 },
+    /// `(check index, TAT after)` of every limit taken; the shadow limits that would refuse.
+    Admitted {
+        taken: Vec<(usize, u64)>,
+        shadow_refused: Vec<usize>,
+    },
+    Refused {
+        index: usize,
+        tat: u64,
+    },
     Failed,
 }
 
@@ -197,23 +246,30 @@ fn quota(check: &Check, tat_after: u64, now: u64) -> Quota {
 }
 
 impl<S: SharedStore + ?Sized> Limiter<'_, S> {
-    /// Takes one request from every check, all or nothing.
+    /// Takes one request from every check, all or nothing. Checks with the same `store_key`
+    /// are taken together: one read and one compare-and-swap for the subject.
     pub fn admit(&self, checks: &[Check], now_us: u64, counters: &mut Counters) -> Admission {
         let mut taken: Vec<usize> = Vec::with_capacity(checks.len());
         let mut tightest: Option<Quota> = None;
         let mut shadow_limited = Vec::new();
-        for (i, check) in checks.iter().enumerate() {
-            match self.take(check, now_us, counters) {
-                Step::Admitted { tat_after } => {
-                    taken.push(i);
-                    let q = quota(check, tat_after, now_us);
-                    if tightest.is_none_or(|t| q.remaining < t.remaining) {
-                        tightest = Some(q);
+        for group in groups(checks) {
+            match self.take(checks, &group, now_us, counters) {
+                Step::Admitted {
+                    taken: took,
+                    shadow_refused,
+                } => {
+                    for (i, tat_after) in took {
+                        taken.push(i);
+                        let q = quota(&checks[i], tat_after, now_us);
+                        if tightest.is_none_or(|t| q.remaining < t.remaining) {
+                            tightest = Some(q);
+                        }
                     }
+                    shadow_limited.extend(shadow_refused.iter().map(|&i| checks[i].kind));
                 }
-                Step::Refused { .. } if check.shadow => shadow_limited.push(check.kind),
-                Step::Refused { tat } => {
+                Step::Refused { index, tat } => {
                     self.give_back(checks, &taken, now_us, counters);
+                    let check = &checks[index];
                     let retry_after_us = tat
                         .saturating_sub(now_us)
                         .saturating_sub(check.rate.tolerance_us());
@@ -226,7 +282,8 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                     };
                 }
                 Step::Failed => {
-                    if self.on_store_error == OnStoreError::Deny && !check.shadow {
+                    let enforced = group.iter().any(|&i| !checks[i].shadow);
+                    if self.on_store_error == OnStoreError::Deny && enforced {
                         self.give_back(checks, &taken, now_us, counters);
                         return Admission::StoreFailure;
                     }
@@ -245,7 +302,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
     pub fn would_refuse(&self, check: &Check, now_us: u64, counters: &mut Counters) -> Option<u64> {
         let tat = match self.store.get(&check.store_key) {
             Ok(Some((bytes, _))) => match decode(&bytes) {
-                Some(t) => t,
+                Some(e) => tat_of(&e, check.slot),
                 None => {
                     counters.garbage_values += 1;
                     return (self.on_store_error == OnStoreError::Deny).then_some(1);
@@ -262,36 +319,70 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
             .then(|| ceil_div(base - now_us - check.rate.tolerance_us(), 1_000_000).max(1))
     }
 
-    fn take(&self, check: &Check, now: u64, counters: &mut Counters) -> Step {
-        let t = check.rate.interval_us();
+    /// Takes one request from each of `group` (indices into `checks`, one subject).
+    fn take(&self, checks: &[Check], group: &[usize], now: u64, counters: &mut Counters) -> Step {
+        let Some(&first) = group.first() else {
+            return Step::Admitted {
+                taken: Vec::new(),
+                shadow_refused: Vec::new(),
+            };
+        };
+        let store_key = &checks[first].store_key;
         for attempt in 0..=self.max_retries {
             if attempt > 0 {
                 counters.cas_retries += 1;
             }
-            let (tat, cas) = match self.store.get(&check.store_key) {
+            let (entries, cas) = match self.store.get(store_key) {
                 Ok(Some((bytes, cas))) => match decode(&bytes) {
-                    Some(tat) => (tat, cas),
+                    Some(e) => (e, cas),
                     None => {
                         // Unreadable: count it, repair it (so the subject is not stuck), and
                         // let the configured outcome decide this request.
                         counters.garbage_values += 1;
-                        let _ = self.store.set(&check.store_key, &encode(now), cas);
+                        let _ = self.store.set(store_key, &encode(&[]), cas);
                         return Step::Failed;
                     }
                 },
-                Ok(None) => (0, self.store.absent_cas()),
+                Ok(None) => (Vec::new(), self.store.absent_cas()),
                 Err(StoreError) => {
                     counters.store_errors += 1;
                     return Step::Failed;
                 }
             };
-            let base = tat.max(now);
-            if base - now > check.rate.tolerance_us() {
-                return Step::Refused { tat: base };
+            let mut next = entries.clone();
+            let mut taken = Vec::with_capacity(group.len());
+            let mut shadow_refused = Vec::new();
+            for &i in group {
+                let check = &checks[i];
+                let base = tat_of(&entries, check.slot).max(now);
+                if base - now > check.rate.tolerance_us() {
+                    if check.shadow {
+                        shadow_refused.push(i);
+                        continue;
+                    }
+                    return Step::Refused {
+                        index: i,
+                        tat: base,
+                    };
+                }
+                let tat_after = base + check.rate.interval_us();
+                upsert(&mut next, check.slot, tat_after);
+                taken.push((i, tat_after));
             }
-            let tat_after = base + t;
-            match self.store.set(&check.store_key, &encode(tat_after), cas) {
-                Ok(()) => return Step::Admitted { tat_after },
+            if taken.is_empty() {
+                return Step::Admitted {
+                    taken,
+                    shadow_refused,
+                };
+            }
+            compact(&mut next, now);
+            match self.store.set(store_key, &encode(&next), cas) {
+                Ok(()) => {
+                    return Step::Admitted {
+                        taken,
+                        shadow_refused,
+                    }
+                }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Other) => {
                     counters.store_errors += 1;
@@ -304,20 +395,32 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
     }
 
     /// Undoes the takes of an admission (`taken` indexes `checks`) after a later, separate
-    /// limit refused: moves each TAT back by `T` (never below `now`).
+    /// limit refused: moves each TAT back by `T` (never below `now`), one CAS per subject.
     pub fn give_back(&self, checks: &[Check], taken: &[usize], now: u64, counters: &mut Counters) {
-        for &i in taken {
-            let check = &checks[i];
+        for group in groups_of(checks, taken) {
+            let Some(&first) = group.first() else {
+                continue;
+            };
+            let store_key = &checks[first].store_key;
             for attempt in 0..=self.max_retries {
                 if attempt > 0 {
                     counters.cas_retries += 1;
                 }
-                let Ok(Some((bytes, cas))) = self.store.get(&check.store_key) else {
+                let Ok(Some((bytes, cas))) = self.store.get(store_key) else {
                     break;
                 };
-                let Some(tat) = decode(&bytes) else { break };
-                let back = tat.saturating_sub(check.rate.interval_us()).max(now);
-                match self.store.set(&check.store_key, &encode(back), cas) {
+                let Some(mut entries) = decode(&bytes) else {
+                    break;
+                };
+                for &i in &group {
+                    let check = &checks[i];
+                    let back = tat_of(&entries, check.slot)
+                        .saturating_sub(check.rate.interval_us())
+                        .max(now);
+                    upsert(&mut entries, check.slot, back);
+                }
+                compact(&mut entries, now);
+                match self.store.set(store_key, &encode(&entries), cas) {
                     Ok(()) => break,
                     Err(SetError::CasMismatch) => continue,
                     Err(SetError::Other) => break,
@@ -327,9 +430,30 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
     }
 }
 
+/// The checks grouped by subject, each group in the order of its first check.
+fn groups(checks: &[Check]) -> Vec<Vec<usize>> {
+    let all: Vec<usize> = (0..checks.len()).collect();
+    groups_of(checks, &all)
+}
+
+/// `indices` (into `checks`) grouped by subject, in order of first appearance.
+fn groups_of(checks: &[Check], indices: &[usize]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for &i in indices {
+        match out.iter_mut().find(|g| {
+            g.first()
+                .is_some_and(|&f| checks[f].store_key == checks[i].store_key)
+        }) {
+            Some(g) => g.push(i),
+            None => out.push(vec![i]),
+        }
+    }
+    out
+}
+
 /// Test support: a fake of Envoy shared data with the host's exact CAS rules and fault injection.
 pub mod testing {
-    use super::{decode, SetError, SharedStore, StoreError};
+    use super::{decode, tat_of, SetError, SharedStore, StoreError};
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
@@ -365,8 +489,17 @@ pub mod testing {
                 .borrow_mut()
                 .insert(key.to_owned(), (v.to_vec(), c));
         }
+        /// The TAT of slot 0 of a subject (`None` if the record is absent or unreadable).
         pub fn tat(&self, key: &str) -> Option<u64> {
-            self.map.borrow().get(key).and_then(|(v, _)| decode(v))
+            self.tat_at(key, 0)
+        }
+        /// The TAT of `slot` of a subject.
+        pub fn tat_at(&self, key: &str, slot: u32) -> Option<u64> {
+            self.map
+                .borrow()
+                .get(key)
+                .and_then(|(v, _)| decode(v))
+                .map(|e| tat_of(&e, slot))
         }
     }
 
@@ -427,6 +560,7 @@ mod tests {
     fn check(key: &str, requests: u32, period_us: u64, kind: LimitKind) -> Check {
         Check {
             store_key: key.into(),
+            slot: 0,
             rate: Rate {
                 requests,
                 period_us,
@@ -613,9 +747,9 @@ mod tests {
         let store = FakeStore::new();
         let absent = store.absent_cas();
         assert!(store.get("new").unwrap().is_none());
-        store.set("new", &encode(NOW + 1), absent).unwrap();
+        store.set("new", &encode(&[(0, NOW + 1)]), absent).unwrap();
         assert_eq!(
-            store.set("new", &encode(NOW + 2), absent),
+            store.set("new", &encode(&[(0, NOW + 2)]), absent),
             Err(SetError::CasMismatch)
         );
         assert_eq!(store.tat("new"), Some(NOW + 1));
@@ -669,5 +803,135 @@ mod tests {
             }
         }
         assert_eq!(store.map.borrow().len(), 21, "20 subjects + the anchor");
+    }
+
+    fn slotted(key: &str, slot: u32, requests: u32, kind: LimitKind) -> Check {
+        Check {
+            slot,
+            ..check(key, requests, MIN, kind)
+        }
+    }
+
+    #[test]
+    fn limits_of_one_subject_are_taken_with_one_read_and_one_write() {
+        let store = FakeStore::new();
+        let l = limiter(&store);
+        let mut n = Counters::default();
+        let checks = [
+            slotted("k", 7, 2, LimitKind::KeyApi),
+            slotted("k", 0, 3, LimitKind::Key),
+            slotted("a", 0, 100, LimitKind::Account),
+        ];
+        let sets = store.sets.get();
+        assert!(admitted(&l.admit(&checks, NOW, &mut n)));
+        assert_eq!(
+            store.sets.get() - sets,
+            2,
+            "one write for the key's two limits, one for the account"
+        );
+        assert_eq!(store.map.borrow().len(), 3, "two records + the anchor");
+        assert!(admitted(&l.admit(&checks, NOW, &mut n)));
+        // The API slot (2 a minute) refuses the third: nothing is taken from the key's own
+        // slot or from the account.
+        let key_before = store.tat_at("k", 0);
+        let account_before = store.tat("a");
+        match l.admit(&checks, NOW, &mut n) {
+            Admission::Limited { quota, .. } => assert_eq!(quota.kind, LimitKind::KeyApi),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.tat_at("k", 0), key_before);
+        assert_eq!(store.tat("a"), account_before);
+        // Another API of the same key has its own slot; the key's own rate (3) still binds.
+        let other_api = [
+            slotted("k", 9, 2, LimitKind::KeyApi),
+            slotted("k", 0, 3, LimitKind::Key),
+        ];
+        assert!(admitted(&l.admit(&other_api, NOW, &mut n)));
+        match l.admit(&other_api, NOW, &mut n) {
+            Admission::Limited { quota, .. } => assert_eq!(quota.kind, LimitKind::Key),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            store.tat_at("k", 9),
+            Some(NOW + 30 * SEC),
+            "slot 9 took exactly one"
+        );
+    }
+
+    #[test]
+    fn a_later_refusal_gives_back_every_slot_of_a_subject_in_one_write() {
+        let store = FakeStore::new();
+        let l = limiter(&store);
+        let mut n = Counters::default();
+        let checks = [
+            slotted("k", 5, 10, LimitKind::KeyApi),
+            slotted("k", 0, 10, LimitKind::Key),
+            slotted("a", 0, 1, LimitKind::Account),
+        ];
+        assert!(admitted(&l.admit(&checks, NOW, &mut n)));
+        let (api, key) = (store.tat_at("k", 5), store.tat_at("k", 0));
+        let sets = store.sets.get();
+        assert!(matches!(
+            l.admit(&checks, NOW, &mut n),
+            Admission::Limited { .. }
+        ));
+        assert_eq!((store.tat_at("k", 5), store.tat_at("k", 0)), (api, key));
+        assert_eq!(
+            store.sets.get() - sets,
+            2,
+            "take and give back, one write each"
+        );
+    }
+
+    #[test]
+    fn a_shadow_slot_counts_without_refusing_its_subject() {
+        let store = FakeStore::new();
+        let l = limiter(&store);
+        let mut n = Counters::default();
+        let mut api = slotted("k", 3, 1, LimitKind::KeyApi);
+        api.shadow = true;
+        let checks = [api, slotted("k", 0, 10, LimitKind::Key)];
+        assert!(admitted(&l.admit(&checks, NOW, &mut n)));
+        match l.admit(&checks, NOW, &mut n) {
+            Admission::Admitted { shadow_limited, .. } => {
+                assert_eq!(shadow_limited, vec![LimitKind::KeyApi]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            store.tat_at("k", 0),
+            Some(NOW + 12 * SEC),
+            "the key took both"
+        );
+        assert_eq!(
+            store.tat_at("k", 3),
+            Some(NOW + 60 * SEC),
+            "the shadow slot took one"
+        );
+    }
+
+    #[test]
+    fn records_stay_small_and_old_bytes_are_garbage() {
+        let store = FakeStore::new();
+        let l = limiter(&store);
+        let mut n = Counters::default();
+        for slot in 1..=200 {
+            let c = [slotted("k", slot, 5, LimitKind::KeyApi)];
+            assert!(admitted(&l.admit(&c, NOW, &mut n)));
+        }
+        let len = store.map.borrow()["k"].0.len();
+        assert_eq!(len, 1 + 12 * MAX_ENTRIES, "bounded");
+        // An hour later every entry has expired: the next write drops them.
+        let c = [slotted("k", 1, 5, LimitKind::KeyApi)];
+        assert!(admitted(&l.admit(&c, NOW + 60 * MIN, &mut n)));
+        assert_eq!(store.map.borrow()["k"].0.len(), 1 + 12);
+        // A value in another format (the one-TAT format of earlier versions) is garbage:
+        // counted, repaired, and the configured outcome applies.
+        let mut old = vec![1u8];
+        old.extend_from_slice(&NOW.to_le_bytes());
+        store.raw_set("k", &old);
+        assert!(matches!(l.admit(&c, NOW, &mut n), Admission::StoreFailure));
+        assert_eq!(n.garbage_values, 1);
+        assert!(admitted(&l.admit(&c, NOW, &mut n)));
     }
 }

@@ -135,13 +135,13 @@ fn account_limit_spans_keys_and_a_refusal_consumes_nothing_else() {
     let rot = basic("SKrot", "sk_live_new");
     assert_eq!(outcome(&run(&cfg, &host, &main, CALLS).0), Ok(()));
     assert_eq!(outcome(&run(&cfg, &host, &rot, CALLS).0), Ok(()));
-    let key_before = host.store.tat("kg:rl:1:k:SKmain");
+    let key_before = host.store.tat("kg:rl:2:k:SKmain");
     assert_eq!(
         outcome(&run(&cfg, &host, &main, CALLS).0),
         Err(Reason::RateLimitedAccount)
     );
     assert_eq!(
-        host.store.tat("kg:rl:1:k:SKmain"),
+        host.store.tat("kg:rl:2:k:SKmain"),
         key_before,
         "key quota untouched by an account refusal"
     );
@@ -218,7 +218,7 @@ fn failed_authentication_is_limited_per_client_without_locking_out_the_victim() 
         other => panic!("{other:?}"),
     }
     assert!(
-        host.store.tat("kg:rl:1:k:SKmain").unwrap() <= host.now_us.get() + 2 * 600_000,
+        host.store.tat("kg:rl:2:k:SKmain").unwrap() <= host.now_us.get() + 2 * 600_000,
         "only two requests taken"
     );
 }
@@ -268,13 +268,13 @@ fn concurrency_limit_counts_in_flight_and_gives_rates_back_when_refusing() {
             ..
         }
     ));
-    let tat_before = host.store.tat("kg:rl:1:k:SKmain");
+    let tat_before = host.store.tat("kg:rl:2:k:SKmain");
     assert_eq!(
         outcome(&run(&cfg, &host, &auth, CALLS).0),
         Err(Reason::ConcurrencyLimited)
     );
     assert_eq!(
-        host.store.tat("kg:rl:1:k:SKmain"),
+        host.store.tat("kg:rl:2:k:SKmain"),
         tat_before,
         "rate given back"
     );
