@@ -350,6 +350,18 @@ def configurations(sizes: list[int]) -> list[dict]:
             }
         )
     n0 = sizes[0]
+    other = os.environ.get("BENCH_WASM_B")
+    if other:
+        # A/B of two builds of the filter in the same run (BENCH_WASM_B=path/to/other.wasm).
+        confs.append(
+            {
+                "name": f"keygate_{size_name(n0)}_basic_b",
+                "label": f"(5) keygate full pipeline, {size_name(n0)} keys, Basic, build B",
+                "filters": lambda: [wasm_filter("keygate", Path(other), cached_config(n0))],
+                "auth": basic_header(),
+                "keys": n0,
+            }
+        )
     confs.append(
         {
             "name": f"keygate_{size_name(n0)}_bearer",

@@ -17,7 +17,8 @@ What it does (see README "Performance" for the reading of the results):
 Environment: BENCH_REPEATS (3), BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (32),
 BENCH_SIZES (1000,100000,1000000), BENCH_RELOAD_SIZES (same as BENCH_SIZES),
 BENCH_ONLY (comma-separated configuration names, for smoke tests), BENCH_START_TIMEOUT (600),
-BENCH_BREAKDOWN (1: add keygate with parts of the pipeline only, for the cost breakdown).
+BENCH_BREAKDOWN (1: add keygate with parts of the pipeline only, for the cost breakdown),
+BENCH_WASM_B (another build of the filter, measured as one more configuration in the same run).
 """
 
 from __future__ import annotations
