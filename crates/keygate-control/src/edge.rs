@@ -178,6 +178,11 @@ async fn config(
     if not_modified(&headers, version) {
         return Ok(not_modified_response(version));
     }
+    Ok(json_response(body, version))
+}
+
+/// A JSON answer of the feed at `version` (`ETag`, never cached without revalidation).
+fn json_response(body: axum::body::Bytes, version: u64) -> Response {
     let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -188,7 +193,7 @@ async fn config(
     if let Ok(v) = HeaderValue::from_str(&etag(version)) {
         h.insert(header::ETAG, v);
     }
-    Ok(resp)
+    resp
 }
 
 async fn changes(
@@ -237,17 +242,7 @@ async fn changes(
     })
     .await
     .map_err(|e| internal("change feed task failed", e))??;
-    let mut resp = axum::body::Bytes::from(body).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Ok(v) = HeaderValue::from_str(&etag(version)) {
-        h.insert(header::ETAG, v);
-    }
-    Ok(resp)
+    Ok(json_response(axum::body::Bytes::from(body), version))
 }
 
 impl AppState {

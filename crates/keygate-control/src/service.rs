@@ -369,17 +369,14 @@ pub fn init(
     })
 }
 
-/// The complete edge config at the current version, read in one transaction.
-pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiError> {
-    let tx = conn.transaction()?;
-    let version = store::version(&tx)?;
-    let accounts = store::all_accounts(&tx)?;
-    let keys = store::all_keys(&tx)?;
-    let secrets = store::all_secrets(&tx)?;
-    tx.commit()?;
-    let mut by_owner: std::collections::HashMap<&str, Vec<keygate_core::config::SecretDoc>> =
-        std::collections::HashMap::new();
-    for s in &secrets {
+/// Accounts and keys as the edge reads them, each with its secrets' digests.
+fn to_docs(
+    accounts: &[Account],
+    keys: &[Key],
+    secrets: &[StoredSecret],
+) -> (Vec<AccountDoc>, Vec<KeyDoc>) {
+    let mut by_owner: HashMap<&str, Vec<SecretDoc>> = HashMap::new();
+    for s in secrets {
         by_owner
             .entry(s.owner_sid.as_str())
             .or_default()
@@ -388,6 +385,18 @@ pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiEr
     let mut take = |sid: &str| by_owner.remove(sid).unwrap_or_default();
     let accounts = accounts.iter().map(|a| a.to_doc(take(&a.sid))).collect();
     let keys = keys.iter().map(|k| k.to_doc(take(&k.sid))).collect();
+    (accounts, keys)
+}
+
+/// The complete edge config at the current version, read in one transaction.
+pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiError> {
+    let tx = conn.transaction()?;
+    let version = store::version(&tx)?;
+    let accounts = store::all_accounts(&tx)?;
+    let keys = store::all_keys(&tx)?;
+    let secrets = store::all_secrets(&tx)?;
+    tx.commit()?;
+    let (accounts, keys) = to_docs(&accounts, &keys, &secrets);
     Ok(cat.doc(version, accounts, keys))
 }
 
@@ -436,16 +445,7 @@ pub fn read_changes(
     let secrets = store::secrets_in(&tx, &list)?;
     tx.commit()?;
 
-    let mut by_owner: HashMap<&str, Vec<SecretDoc>> = HashMap::new();
-    for s in &secrets {
-        by_owner
-            .entry(s.owner_sid.as_str())
-            .or_default()
-            .push(s.to_doc());
-    }
-    let mut take = |sid: &str| by_owner.remove(sid).unwrap_or_default();
-    let accounts: Vec<AccountDoc> = accounts.iter().map(|a| a.to_doc(take(&a.sid))).collect();
-    let keys: Vec<KeyDoc> = keys.iter().map(|k| k.to_doc(take(&k.sid))).collect();
+    let (accounts, keys) = to_docs(&accounts, &keys, &secrets);
     let present: HashSet<&str> = accounts
         .iter()
         .map(|a| a.sid.as_str())
