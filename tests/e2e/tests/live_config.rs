@@ -766,6 +766,9 @@ fn a_feed_walked_in_small_pages_publishes_every_key_and_then_only_the_changes() 
             "version {v}: {pages} pages, {records} records"
         );
     }
+    // A walk of many pages is all answers the poller asked for: no rejection, no error.
+    assert_eq!(metric(&envoy, "keygate.config.rejected"), 0);
+    assert_eq!(metric(&envoy, "keygate.config.fetch_errors"), 0);
     for (i, (sid, secret)) in keys.iter().enumerate() {
         let want = if i == 3 { 401 } else { 200 };
         assert_eq!(send(&envoy, &basic(&cp, sid, secret)).status, want, "{sid}");
