@@ -176,7 +176,9 @@ fn print_init(out: &service::Initialized, data: &Path) {
     println!("# First account: HTTP Basic with the SID and the auth token:");
     println!("ACCOUNT_SID={}", out.account.sid);
     println!("AUTH_TOKEN={}", out.auth_token.expose());
-    println!("# Edge credential (Bearer) for the edge feeds, GET /v1/edge/changes and /v1/edge/config:");
+    println!(
+        "# Edge credential (Bearer) for the edge feeds, GET /v1/edge/changes and /v1/edge/config:"
+    );
     println!("KEYGATE_EDGE_TOKEN={}", out.edge_token.expose());
 }
 
