@@ -244,6 +244,7 @@ pub struct Sync {
     walk_consistent: bool,
     walks: u32,
     newest: u64,
+    /// The update's settings, APIs and limits (fingerprint) and their compiled form.
     meta: Option<Vec<u8>>,
     catalog: Option<Catalog>,
     checked_slot_meta: bool,
@@ -396,8 +397,12 @@ impl Sync {
             ));
         }
         let meta = page.meta();
-        let catalog = compile_catalog(&meta).map_err(Rejection::Invalid)?;
         let fingerprint = meta_fingerprint(&meta)?;
+        // The catalogue is compiled once per update: later pages repeat the same meta.
+        let compiled = match (&self.meta, &self.catalog) {
+            (Some(m), Some(_)) if *m == fingerprint => None,
+            _ => Some(compile_catalog(&meta).map_err(Rejection::Invalid)?),
+        };
         if !self.checked_slot_meta {
             // The slot's records were validated against its own catalogue: if that changed,
             // they must all be fetched and checked again.
@@ -421,7 +426,11 @@ impl Sync {
             Some(_) => {}
             None => self.meta = Some(fingerprint),
         }
-        let writes = self.page_records(page, &catalog)?;
+        if let Some(c) = compiled {
+            self.catalog = Some(c);
+        }
+        let catalog = self.catalog.as_ref().ok_or(Rejection::Store)?;
+        let writes = self.page_records(page, catalog)?;
         // Nobody else may have moved the head since this update began.
         let now = read_head(store);
         let unchanged = match (now, self.in_force) {
@@ -443,7 +452,6 @@ impl Sync {
             Some(v) if v != page.version => self.walk_consistent = false,
             Some(_) => {}
         }
-        self.catalog = Some(catalog);
         if let Some(next) = &page.next {
             self.after.clone_from(next);
             return Ok(Step::More);
@@ -597,10 +605,8 @@ pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, 
             in_force,
         });
     }
-    if sync.since != 0 {
-        sync.restart_from_scratch(store)?;
-    }
-    sync.checked_slot_meta = true;
+    // A whole document says nothing about SIDs it leaves out: start from an empty slot.
+    sync.restart_from_scratch(store)?;
     let mut accounts = doc.accounts.clone();
     accounts.sort_by(|a, b| a.sid.cmp(&b.sid));
     let mut keys = doc.keys.clone();
