@@ -332,7 +332,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
             if attempt > 0 {
                 counters.cas_retries += 1;
             }
-            let (entries, cas) = match self.store.get(store_key) {
+            let (mut entries, cas) = match self.store.get(store_key) {
                 Ok(Some((bytes, cas))) => match decode(&bytes) {
                     Some(e) => (e, cas),
                     None => {
@@ -349,7 +349,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                     return Step::Failed;
                 }
             };
-            let mut next = entries.clone();
+            // The checks of one subject use distinct slots: each reads its own entry.
             let mut taken = Vec::with_capacity(group.len());
             let mut shadow_refused = Vec::new();
             for &i in group {
@@ -366,7 +366,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                     };
                 }
                 let tat_after = base + check.rate.interval_us();
-                upsert(&mut next, check.slot, tat_after);
+                upsert(&mut entries, check.slot, tat_after);
                 taken.push((i, tat_after));
             }
             if taken.is_empty() {
@@ -375,8 +375,8 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                     shadow_refused,
                 };
             }
-            compact(&mut next, now);
-            match self.store.set(store_key, &encode(&next), cas) {
+            compact(&mut entries, now);
+            match self.store.set(store_key, &encode(&entries), cas) {
                 Ok(()) => {
                     return Step::Admitted {
                         taken,
