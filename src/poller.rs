@@ -211,31 +211,23 @@ impl Poller {
                         published::touch(vm, now_s);
                         self.send(vm, cp, metrics, false);
                     }
-                    Ok(Step::Ready(v)) => {
+                    Ok(step @ (Step::Ready(v) | Step::Done(v))) => {
+                        let what = if step == Step::Done(v) {
+                            Metrics::bump(metrics.config_published);
+                            Metrics::set(metrics.config_version, v);
+                            format!("config version {v} published from the control plane")
+                        } else {
+                            published::touch(vm, now_s);
+                            format!("config slot warmed up at version {v}")
+                        };
                         let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
                         log(
                             LogLevel::Info,
                             &format!(
-                                "config slot warmed up at version {v} ({} pages, {} records written, {ms} ms)",
+                                "{what} ({} pages, {} records written, {ms} ms)",
                                 sync.pages, sync.records
                             ),
                         );
-                        published::touch(vm, now_s);
-                        self.sync = None;
-                        self.failures = 0;
-                        self.next_attempt_ms = 0;
-                    }
-                    Ok(Step::Done(v)) => {
-                        let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
-                        log(
-                            LogLevel::Info,
-                            &format!(
-                                "config version {v} published from the control plane ({} pages, {} records written, {ms} ms)",
-                                sync.pages, sync.records
-                            ),
-                        );
-                        Metrics::bump(metrics.config_published);
-                        Metrics::set(metrics.config_version, v);
                         self.sync = None;
                         self.failures = 0;
                         self.next_attempt_ms = 0;
