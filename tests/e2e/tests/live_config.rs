@@ -471,74 +471,81 @@ fn corrupt_round(
     secret
 }
 
+/// A real control plane behind a fault-injecting proxy, a 4-worker Envoy reading through it, and
+/// a key that stays valid throughout (the document always has a key to damage).
+struct FaultyEdge {
+    envoy: Envoy,
+    echo: Echo,
+    proxy: FaultyProxy,
+    cp: ControlPlane,
+    steady_req: Req,
+    /// Every secret created, for the leak scan.
+    secrets: Vec<String>,
+}
+
+impl FaultyEdge {
+    fn start() -> FaultyEdge {
+        let cp = ControlPlane::start();
+        lift_account_limit(&cp);
+        let proxy = FaultyProxy::start(cp.port());
+        let echo = Echo::start();
+        let envoy = start_envoy_via(
+            proxy.port(),
+            &cp,
+            &echo,
+            json!({"debug_version_header": true}),
+        );
+        wait_first_config(&envoy, &cp);
+        let (steady, steady_secret) = create_key(&cp, "main");
+        let steady_req = basic(&cp, &steady, &steady_secret);
+        within(Duration::from_secs(10), || all(&envoy, &steady_req, 200)).expect("steady key");
+        FaultyEdge {
+            envoy,
+            echo,
+            proxy,
+            cp,
+            steady_req,
+            secrets: vec![steady_secret],
+        }
+    }
+
+    fn round(&mut self, fault: Fault, counter: &str) {
+        let secret = corrupt_round(&self.cp, &self.envoy, &self.proxy, fault, counter);
+        self.secrets.push(secret);
+    }
+
+    /// The steady key still works and no secret leaked anywhere.
+    fn finish(&self) {
+        assert!(all(&self.envoy, &self.steady_req, 200));
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        assert_no_leaks(
+            &secrets,
+            &self.cp,
+            &self.envoy,
+            &self.echo,
+            Some(&self.proxy),
+        );
+    }
+}
+
 #[test]
 fn malformed_feed_documents_change_nothing_at_the_edge() {
-    let cp = ControlPlane::start();
-    lift_account_limit(&cp);
-    let proxy = FaultyProxy::start(cp.port());
-    let echo = Echo::start();
-    let envoy = start_envoy_via(
-        proxy.port(),
-        &cp,
-        &echo,
-        json!({"debug_version_header": true}),
-    );
-    wait_first_config(&envoy, &cp);
-    // A key that stays valid throughout (the document always has a key to damage).
-    let (steady, steady_secret) = create_key(&cp, "main");
-    let steady_req = basic(&cp, &steady, &steady_secret);
-    within(Duration::from_secs(10), || all(&envoy, &steady_req, 200)).expect("steady key");
-    let mut secrets = vec![steady_secret.clone()];
+    let mut edge = FaultyEdge::start();
     for fault in [Fault::Truncate, Fault::InvalidJson] {
-        secrets.push(corrupt_round(
-            &cp,
-            &envoy,
-            &proxy,
-            fault,
-            "keygate.config.rejected",
-        ));
+        edge.round(fault, "keygate.config.rejected");
     }
     // A body cut short by a closed connection never reaches the filter: a fetch error.
-    secrets.push(corrupt_round(
-        &cp,
-        &envoy,
-        &proxy,
-        Fault::CutConnection,
-        "keygate.config.fetch_errors",
-    ));
-    assert!(all(&envoy, &steady_req, 200));
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    assert_no_leaks(&secrets, &cp, &envoy, &echo, Some(&proxy));
+    edge.round(Fault::CutConnection, "keygate.config.fetch_errors");
+    edge.finish();
 }
 
 #[test]
 fn older_and_invalid_feed_documents_change_nothing_at_the_edge() {
-    let cp = ControlPlane::start();
-    lift_account_limit(&cp);
-    let proxy = FaultyProxy::start(cp.port());
-    let echo = Echo::start();
-    let envoy = start_envoy_via(
-        proxy.port(),
-        &cp,
-        &echo,
-        json!({"debug_version_header": true}),
-    );
-    wait_first_config(&envoy, &cp);
-    // A key that stays valid throughout (the document always has a key to damage).
-    let (steady, steady_secret) = create_key(&cp, "main");
-    let steady_req = basic(&cp, &steady, &steady_secret);
-    within(Duration::from_secs(10), || all(&envoy, &steady_req, 200)).expect("steady key");
-    let mut secrets = vec![steady_secret.clone()];
+    let mut edge = FaultyEdge::start();
     for fault in [Fault::ReplayFirst, Fault::FailsValidation] {
-        secrets.push(corrupt_round(
-            &cp,
-            &envoy,
-            &proxy,
-            fault,
-            "keygate.config.rejected",
-        ));
+        edge.round(fault, "keygate.config.rejected");
     }
-    assert!(all(&envoy, &steady_req, 200));
+    let envoy = &edge.envoy;
     assert!(
         envoy.logs().contains("rejected: not newer than"),
         "replay not logged:\n{}",
@@ -550,8 +557,7 @@ fn older_and_invalid_feed_documents_change_nothing_at_the_edge() {
         "the validation error should name the place:\n{}",
         envoy.logs()
     );
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    assert_no_leaks(&secrets, &cp, &envoy, &echo, Some(&proxy));
+    edge.finish();
 }
 
 #[test]
