@@ -439,11 +439,25 @@ pub fn read_changes(
         }
     }
     let sids = store::changed_sids(&tx, since, after, limit)?;
-    let list = serde_json::to_string(&sids).map_err(|e| internal("serialize SID list", e))?;
-    let accounts = store::accounts_in(&tx, &list)?;
-    let keys = store::keys_in(&tx, &list)?;
-    let secrets = store::secrets_in(&tx, &list)?;
+    let list;
+    // A full walk's page holds every SID in its range (each account and key ever written is
+    // in the change log): read the range. A delta's SIDs are scattered: read them one by one.
+    let owners = match (since, sids.first(), sids.last()) {
+        (0, Some(_), Some(last)) => store::Owners::Between(after, last),
+        _ => {
+            list = serde_json::to_string(&sids).map_err(|e| internal("serialize SID list", e))?;
+            store::Owners::Listed(&list)
+        }
+    };
+    let mut accounts = store::accounts_in(&tx, owners)?;
+    let mut keys = store::keys_in(&tx, owners)?;
+    let mut secrets = store::secrets_in(&tx, owners)?;
     tx.commit()?;
+    // The page is its SIDs: a row in the range the log does not name stays off it.
+    let listed = |sid: &str| sids.binary_search_by(|s| s.as_str().cmp(sid)).is_ok();
+    accounts.retain(|a| listed(&a.sid));
+    keys.retain(|k| listed(&k.sid));
+    secrets.retain(|s| listed(&s.owner_sid));
 
     let (accounts, keys) = to_docs(&accounts, &keys, &secrets);
     let present: HashSet<&str> = accounts

@@ -141,7 +141,12 @@ pub fn open(path: &Path) -> Result<Connection, String> {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(rusqlite::Error::InvalidQuery);
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        // Reads through a memory map (SQLite caps it at 2 GiB) instead of a pread into its
+        // small page cache per b-tree page: a full walk of the change feed at 1M keys reads
+        // about 650 MB of pages in random order (a fifth faster measured).
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA mmap_size = 2147418112;",
+        )?;
         Ok(())
     };
     setup().map_err(|e| format!("cannot configure database {}: {e}", path.display()))?;
@@ -508,10 +513,7 @@ pub fn secrets_of(conn: &Connection, owner_sid: &str) -> Result<Vec<StoredSecret
 }
 
 pub fn all_secrets(conn: &Connection) -> Result<Vec<StoredSecret>, ApiError> {
-    let mut st = conn.prepare(
-        "SELECT digest, owner_sid, not_after, created_at FROM secrets
-         ORDER BY owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC",
-    )?;
+    let mut st = conn.prepare(&format!("{OWNED_SECRETS} ORDER BY {SECRETS_ORDER}"))?;
     let rows = st
         .query_map([], secret_row)?
         .collect::<Result<Vec<_>, _>>()?;
@@ -607,39 +609,68 @@ pub fn changed_sids(
     Ok(rows)
 }
 
-/// The accounts among `sids` (a JSON array of SIDs), ascending by SID.
-pub fn accounts_in(conn: &Connection, sids_json: &str) -> Result<Vec<Account>, ApiError> {
-    let mut st = conn.prepare_cached(&format!(
-        "SELECT {ACCOUNT_COLS} FROM accounts WHERE sid IN (SELECT value FROM json_each(?1)) ORDER BY sid"
-    ))?;
-    let rows = st
-        .query_map([sids_json], account_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+/// Which accounts, keys and secrets a change-feed page reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Owners<'a> {
+    /// The SIDs in a JSON array (a delta: a few SIDs anywhere in the table).
+    Listed(&'a str),
+    /// Every SID in `(after, last]` (a full walk's page: each row in the range is on it). A
+    /// range scan of the SID index instead of one seek per listed SID: about 3 times faster
+    /// at 1M keys.
+    Between(&'a str, &'a str),
 }
 
-/// The keys among `sids` (a JSON array of SIDs), ascending by SID.
-pub fn keys_in(conn: &Connection, sids_json: &str) -> Result<Vec<Key>, ApiError> {
-    let mut st = conn.prepare_cached(&format!(
-        "SELECT {KEY_COLS} FROM keys WHERE sid IN (SELECT value FROM json_each(?1)) ORDER BY sid"
-    ))?;
-    let rows = st
-        .query_map([sids_json], key_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+impl Owners<'_> {
+    /// `select` restricted to these owners (by column `col`), ordered by `order`.
+    fn sql(&self, select: &str, col: &str, order: &str) -> String {
+        let cond = match self {
+            Owners::Listed(_) => format!("{col} IN (SELECT value FROM json_each(?1))"),
+            Owners::Between(..) => format!("{col} > ?1 AND {col} <= ?2"),
+        };
+        format!("{select} WHERE {cond} ORDER BY {order}")
+    }
+
+    fn args(&self) -> Vec<&str> {
+        match *self {
+            Owners::Listed(json) => vec![json],
+            Owners::Between(after, last) => vec![after, last],
+        }
+    }
+
+    fn query<T>(
+        &self,
+        conn: &Connection,
+        select: &str,
+        col: &str,
+        order: &str,
+        row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, ApiError> {
+        let mut st = conn.prepare_cached(&self.sql(select, col, order))?;
+        let rows = st
+            .query_map(rusqlite::params_from_iter(self.args()), row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
 }
 
-/// The secrets of the owners among `sids` (a JSON array of SIDs), in [`all_secrets`]' order.
-pub fn secrets_in(conn: &Connection, sids_json: &str) -> Result<Vec<StoredSecret>, ApiError> {
-    let mut st = conn.prepare_cached(
-        "SELECT digest, owner_sid, not_after, created_at FROM secrets
-         WHERE owner_sid IN (SELECT value FROM json_each(?1))
-         ORDER BY owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC",
-    )?;
-    let rows = st
-        .query_map([sids_json], secret_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+/// The accounts among `owners`, ascending by SID.
+pub fn accounts_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
+    let select = format!("SELECT {ACCOUNT_COLS} FROM accounts");
+    owners.query(conn, &select, "sid", "sid", account_row)
+}
+
+const OWNED_SECRETS: &str = "SELECT digest, owner_sid, not_after, created_at FROM secrets";
+const SECRETS_ORDER: &str = "owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC";
+
+/// The keys among `owners`, ascending by SID.
+pub fn keys_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
+    let select = format!("SELECT {KEY_COLS} FROM keys");
+    owners.query(conn, &select, "sid", "sid", key_row)
+}
+
+/// The secrets of the owners among `owners`, in [`all_secrets`]' order.
+pub fn secrets_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
+    owners.query(conn, OWNED_SECRETS, "owner_sid", SECRETS_ORDER, secret_row)
 }
 
 /// `?1` since, `?2` cap.
@@ -682,6 +713,25 @@ mod tests {
         assert_eq!(
             plan(&conn, SPARSE_PAGE),
             "SEARCH changelog USING COVERING INDEX changelog_by_version (version>?); USE TEMP B-TREE FOR ORDER BY"
+        );
+        // A full walk's page reads its SID range from the SID indexes; a delta looks its
+        // SIDs up one by one.
+        let keys = format!("SELECT {KEY_COLS} FROM keys");
+        let range = Owners::Between("", "");
+        let listed = Owners::Listed("[]");
+        assert_eq!(
+            plan(&conn, &range.sql(&keys, "sid", "sid")),
+            "SEARCH keys USING INDEX sqlite_autoindex_keys_1 (sid>? AND sid<?)"
+        );
+        assert_eq!(
+            plan(&conn, &range.sql(OWNED_SECRETS, "owner_sid", SECRETS_ORDER)),
+            "SEARCH secrets USING INDEX secrets_by_owner (owner_sid>? AND owner_sid<?); \
+             USE TEMP B-TREE FOR LAST 3 TERMS OF ORDER BY"
+        );
+        let by_sid = plan(&conn, &listed.sql(&keys, "sid", "sid"));
+        assert!(
+            by_sid.contains("SEARCH keys USING INDEX sqlite_autoindex_keys_1 (sid=?)"),
+            "{by_sid}"
         );
         let count = plan(&conn, COUNT_DELTA);
         assert!(
