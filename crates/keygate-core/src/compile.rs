@@ -302,7 +302,9 @@ fn parse_time(path: &str, s: &str) -> Result<u64, ConfigError> {
 }
 
 /// SIDs appear in URLs and headers: ASCII letters, digits, `_` and `-`, 1 to 64 characters.
-fn check_sid(path: &str, sid: &str) -> Result<(), ConfigError> {
+/// `p` and `field` make the error's path (formatted only for an error: a page of the change feed
+/// checks thousands of records).
+fn check_sid(p: &str, field: &str, sid: &str) -> Result<(), ConfigError> {
     if sid.is_empty()
         || sid.len() > 64
         || !sid
@@ -310,7 +312,7 @@ fn check_sid(path: &str, sid: &str) -> Result<(), ConfigError> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         return err(
-            path,
+            format!("{p}{field}"),
             format!("invalid SID {sid:?}: use 1 to 64 ASCII letters, digits, '_' or '-'"),
         );
     }
@@ -338,53 +340,97 @@ fn check_header_name(path: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 struct SecretSeen {
-    by_digest: HashMap<Digest32, String>,
+    /// Whole-document compile: each digest seen so far → (its owner in `owners`, its index).
+    /// `None` when a record is compiled on its own (only its own secrets must differ).
+    by_digest: Option<HashMap<Digest32, (usize, usize)>>,
+    /// `keys[3].secrets` of every owner in `by_digest`.
+    owners: Vec<String>,
 }
 
 impl SecretSeen {
+    /// Secrets unique across a whole document.
+    fn document() -> SecretSeen {
+        SecretSeen {
+            by_digest: Some(HashMap::new()),
+            owners: Vec::new(),
+        }
+    }
+
+    /// Secrets unique within one record.
+    fn record() -> SecretSeen {
+        SecretSeen {
+            by_digest: None,
+            owners: Vec::new(),
+        }
+    }
+
+    /// The secrets at `{p}{field}`; paths are formatted only for an error.
     fn compile(
         &mut self,
-        path: &str,
+        p: &str,
+        field: &str,
         docs: &[SecretDoc],
         required: bool,
     ) -> Result<Vec<Secret>, ConfigError> {
+        let at = |i: usize| format!("{p}{field}[{i}]");
         if required && docs.is_empty() {
-            return err(path, "must have at least one secret");
+            return err(format!("{p}{field}"), "must have at least one secret");
         }
-        let mut out = Vec::with_capacity(docs.len());
+        let owner = self.owners.len();
+        let mut out: Vec<Secret> = Vec::with_capacity(docs.len());
+        // A record's own secrets: a scan for the usual few, a map past that.
+        let mut mine: Option<HashMap<Digest32, usize>> = (docs.len() > 16).then(HashMap::new);
         for (i, s) in docs.iter().enumerate() {
-            let p = format!("{path}[{i}]");
             let digest = parse_digest_hex(&s.digest).map_err(|m| ConfigError {
-                path: format!("{p}.digest"),
+                path: format!("{}.digest", at(i)),
                 message: m,
             })?;
-            if let Some(other) = self.by_digest.insert(digest, p.clone()) {
+            let earlier = match &mut mine {
+                Some(m) => m.insert(digest, i),
+                None => out.iter().position(|o| o.digest == digest),
+            };
+            let other = match (earlier, &self.by_digest) {
+                (Some(j), _) => Some(at(j)),
+                (None, Some(map)) => map
+                    .get(&digest)
+                    .map(|&(o, j)| format!("{}[{j}]", self.owners[o])),
+                (None, None) => None,
+            };
+            if let Some(other) = other {
                 return err(
-                    format!("{p}.digest"),
+                    format!("{}.digest", at(i)),
                     format!("same digest as {other}; every secret must be unique"),
                 );
             }
             let not_after = s
                 .not_after
                 .as_deref()
-                .map(|t| parse_time(&format!("{p}.not_after"), t))
+                .map(|t| parse_time(&format!("{}.not_after", at(i)), t))
                 .transpose()?;
             out.push(Secret { digest, not_after });
+        }
+        if let Some(map) = &mut self.by_digest {
+            if !out.is_empty() {
+                self.owners.push(format!("{p}{field}"));
+                for (i, s) in out.iter().enumerate() {
+                    map.insert(s.digest, (owner, i));
+                }
+            }
         }
         Ok(out)
     }
 }
 
 fn compile_allowlist(
-    path: &str,
+    p: &str,
     list: &Option<Vec<String>>,
 ) -> Result<Option<IpAllowlist>, ConfigError> {
     list.as_deref()
         .map(|l| {
             IpAllowlist::parse(l).map_err(|(i, message)| ConfigError {
                 path: match i {
-                    Some(i) => format!("{path}[{i}]"),
-                    None => path.to_owned(),
+                    Some(i) => format!("{p}.allowed_ips[{i}]"),
+                    None => format!("{p}.allowed_ips"),
                 },
                 message,
             })
@@ -460,7 +506,7 @@ fn compile_account(
     seen: &mut SecretSeen,
     cat: &Catalog,
 ) -> Result<Account, ConfigError> {
-    check_sid(&format!("{p}.sid"), &a.sid)?;
+    check_sid(p, ".sid", &a.sid)?;
     let own = a.limits.clone().unwrap_or_default();
     let rate = match &own.rate {
         Some(r) => Some(compile_rate(&format!("{p}.limits.rate"), r)?),
@@ -476,8 +522,8 @@ fn compile_account(
         concurrency,
         sid: a.sid.as_str().into(),
         suspended: a.status == AccountStatus::Suspended,
-        auth_tokens: seen.compile(&format!("{p}.auth_tokens"), &a.auth_tokens, false)?,
-        allowed_ips: compile_allowlist(&format!("{p}.allowed_ips"), &a.allowed_ips)?,
+        auth_tokens: seen.compile(p, ".auth_tokens", &a.auth_tokens, false)?,
+        allowed_ips: compile_allowlist(p, &a.allowed_ips)?,
     })
 }
 
@@ -488,9 +534,9 @@ fn compile_key(
     seen: &mut SecretSeen,
 ) -> Result<Key, ConfigError> {
     let apis = &cat.apis;
-    check_sid(&format!("{p}.sid"), &k.sid)?;
-    check_sid(&format!("{p}.account_sid"), &k.account_sid)?;
-    let secrets = seen.compile(&format!("{p}.secrets"), &k.secrets, true)?;
+    check_sid(p, ".sid", &k.sid)?;
+    check_sid(p, ".account_sid", &k.account_sid)?;
+    let secrets = seen.compile(p, ".secrets", &k.secrets, true)?;
     let expires_at = k
         .expires_at
         .as_deref()
@@ -555,7 +601,7 @@ fn compile_key(
         expires_at,
         enabled: k.enabled,
         apis: key_apis,
-        allowed_ips: compile_allowlist(&format!("{p}.allowed_ips"), &k.allowed_ips)?,
+        allowed_ips: compile_allowlist(p, &k.allowed_ips)?,
     })
 }
 
@@ -581,9 +627,7 @@ pub(crate) fn role_allows(role: Role, api: &Api) -> bool {
 /// Validates wire types and builds the lookup tables.
 pub fn compile_doc(doc: &ConfigDoc) -> Result<CompiledConfig, ConfigError> {
     let catalog = compile_catalog(doc)?;
-    let mut seen = SecretSeen {
-        by_digest: HashMap::new(),
-    };
+    let mut seen = SecretSeen::document();
     let mut dir = StaticDirectory {
         keys: doc.keys.len(),
         ..StaticDirectory::default()
@@ -647,10 +691,7 @@ pub fn compile_key_record(cat: &Catalog, k: &KeyDoc) -> Result<Key, ConfigError>
 
 /// [`compile_key_record`], naming the record `path` in errors (`keys[3]`).
 pub fn compile_key_record_at(cat: &Catalog, k: &KeyDoc, path: &str) -> Result<Key, ConfigError> {
-    let mut seen = SecretSeen {
-        by_digest: HashMap::new(),
-    };
-    compile_key(path, k, cat, &mut seen)
+    compile_key(path, k, cat, &mut SecretSeen::record())
 }
 
 /// Compiles one account on its own against a catalogue.
@@ -664,10 +705,7 @@ pub fn compile_account_record_at(
     a: &AccountDoc,
     path: &str,
 ) -> Result<Account, ConfigError> {
-    let mut seen = SecretSeen {
-        by_digest: HashMap::new(),
-    };
-    compile_account(path, a, &mut seen, cat)
+    compile_account(path, a, &mut SecretSeen::record(), cat)
 }
 
 /// Validates and compiles the settings, API catalogue and limits of a document (its accounts and

@@ -156,7 +156,22 @@ fn next_epoch(store: &dyn SharedStore) -> Result<u64, Rejection> {
 }
 
 fn slot_key(slot: u8, kind: &str, id: &str) -> String {
-    format!("kg:cfg:{slot}:{kind}:{id}")
+    format!("{}{kind}:{id}", slot_prefix(slot))
+}
+
+/// What every shared-data key of a slot starts with.
+fn slot_prefix(slot: u8) -> String {
+    format!("kg:cfg:{slot}:")
+}
+
+/// A record holding `tag` and `doc` as JSON, encoded straight into one buffer.
+fn json_record<T: serde::Serialize>(epoch: u64, tag: u8, doc: &T) -> Result<Vec<u8>, Rejection> {
+    let mut v = Vec::with_capacity(256);
+    v.push(RECORD_TAG);
+    v.extend_from_slice(&epoch.to_le_bytes());
+    v.push(tag);
+    serde_json::to_writer(&mut v, doc).map_err(|e| invalid("", e.to_string()))?;
+    Ok(v)
 }
 
 fn record(epoch: u64, payload: &[u8]) -> Vec<u8> {
@@ -216,6 +231,9 @@ fn meta_fingerprint(meta: &ConfigDoc) -> Result<Vec<u8>, Rejection> {
         ..meta.clone()
     })
 }
+
+/// One shared-data write of a page: `(kind, id, value)` of the slot's key `kg:cfg:<slot>:<kind>:<id>`.
+type SlotWrite<'p> = (&'static str, &'p str, Vec<u8>);
 
 /// What the caller does after a page was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,8 +459,16 @@ impl Sync {
         if !unchanged {
             return Err(Rejection::Superseded);
         }
-        for (key, value) in &writes {
-            store.set(key, value, 0).map_err(|_| Rejection::Store)?;
+        // `slot_key`, built in one buffer.
+        let prefix = slot_prefix(self.slot);
+        let mut key = String::with_capacity(prefix.len() + 80);
+        for (kind, id, value) in &writes {
+            key.clear();
+            key.push_str(&prefix);
+            key.push_str(kind);
+            key.push(':');
+            key.push_str(id);
+            store.set(&key, value, 0).map_err(|_| Rejection::Store)?;
         }
         self.pages += 1;
         self.records += writes.len() as u64;
@@ -477,66 +503,59 @@ impl Sync {
 
     /// Checks every record of a page and encodes what it writes (nothing is written unless the
     /// whole page is acceptable).
-    fn page_records(
+    fn page_records<'p>(
         &self,
-        page: &ChangesPage,
+        page: &'p ChangesPage,
         catalog: &Catalog,
-    ) -> Result<Vec<(String, Vec<u8>)>, Rejection> {
-        let mut sids: Vec<(&str, String)> =
+    ) -> Result<Vec<SlotWrite<'p>>, Rejection> {
+        // Record paths (`keys[3]`) are formatted into one buffer, and kept only for an error.
+        use std::fmt::Write as _;
+        let path_of = |list: &str, i: usize| format!("{list}[{i}]");
+        let mut path = String::new();
+        let mut sids: Vec<(&str, &'static str, usize)> =
             Vec::with_capacity(page.accounts.len() + page.keys.len() + page.deleted.len());
         let mut writes = Vec::with_capacity(page.accounts.len() + 2 * page.keys.len());
         for (i, a) in page.accounts.iter().enumerate() {
-            let path = format!("accounts[{i}]");
+            path.clear();
+            let _ = write!(path, "accounts[{i}]");
             compile_account_record_at(catalog, a, &path).map_err(Rejection::Invalid)?;
-            sids.push((&a.sid, path));
-            let payload = [b"A".as_slice(), &to_json(a)?].concat();
-            writes.push((
-                slot_key(self.slot, "p", &a.sid),
-                record(self.epoch, &payload),
-            ));
+            sids.push((&a.sid, "accounts", i));
+            writes.push(("p", a.sid.as_str(), json_record(self.epoch, b'A', a)?));
         }
         let bearer = page.settings.schemes.contains(&Scheme::Bearer);
         for (i, k) in page.keys.iter().enumerate() {
-            let path = format!("keys[{i}]");
+            path.clear();
+            let _ = write!(path, "keys[{i}]");
             compile_key_record_at(catalog, k, &path).map_err(Rejection::Invalid)?;
-            sids.push((&k.sid, path));
-            let payload = [b"K".as_slice(), &to_json(k)?].concat();
-            writes.push((
-                slot_key(self.slot, "p", &k.sid),
-                record(self.epoch, &payload),
-            ));
+            sids.push((&k.sid, "keys", i));
+            writes.push(("p", k.sid.as_str(), json_record(self.epoch, b'K', k)?));
             if bearer {
                 for s in &k.secrets {
-                    writes.push((
-                        slot_key(self.slot, "t", &s.digest),
-                        record(self.epoch, k.sid.as_bytes()),
-                    ));
+                    writes.push(("t", s.digest.as_str(), record(self.epoch, k.sid.as_bytes())));
                 }
             }
         }
         for (i, sid) in page.deleted.iter().enumerate() {
-            sids.push((sid, format!("deleted[{i}]")));
-            writes.push((slot_key(self.slot, "p", sid), record(self.epoch, b"D")));
+            sids.push((sid, "deleted", i));
+            writes.push(("p", sid.as_str(), record(self.epoch, b"D")));
         }
         // SIDs name shared-data keys: the SID alphabet only, each once, all after the cursor,
         // none after the next cursor.
-        for (sid, path) in &sids {
+        for (sid, list, i) in &sids {
+            let path = || format!("{}.sid", path_of(list, *i));
             if plausible_sid(sid.as_bytes()).is_none() {
-                return Err(invalid(
-                    format!("{path}.sid"),
-                    format!("invalid SID {sid:?}"),
-                ));
+                return Err(invalid(path(), format!("invalid SID {sid:?}")));
             }
             if !page.after.is_empty() && *sid <= page.after.as_str() {
                 return Err(invalid(
-                    format!("{path}.sid"),
+                    path(),
                     format!("{sid:?} is not after the page's cursor {:?}", page.after),
                 ));
             }
             if let Some(next) = &page.next {
                 if *sid > next.as_str() {
                     return Err(invalid(
-                        format!("{path}.sid"),
+                        path(),
                         format!("{sid:?} is after the page's next cursor {next:?}"),
                     ));
                 }
@@ -546,8 +565,12 @@ impl Sync {
         for w in sids.windows(2) {
             if w[0].0 == w[1].0 {
                 return Err(invalid(
-                    format!("{}.sid", w[1].1),
-                    format!("duplicate SID {:?} (also {})", w[1].0, w[0].1),
+                    format!("{}.sid", path_of(w[1].1, w[1].2)),
+                    format!(
+                        "duplicate SID {:?} (also {})",
+                        w[1].0,
+                        path_of(w[0].1, w[0].2)
+                    ),
                 ));
             }
         }

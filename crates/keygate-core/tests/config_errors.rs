@@ -45,6 +45,7 @@ fn rejected_documents_name_path_and_reason() {
         ("empty allowlist", |v, _| v["keys"][3]["allowed_ips"] = json!([]), "keys[3].allowed_ips: must not be empty; omit the field to allow any address".into()),
         ("digest length", |v, _| v["keys"][0]["secrets"][0]["digest"] = json!("abc"), "keys[0].secrets[0].digest: digest must be 64 lowercase hex characters, got 3 characters".into()),
         ("duplicate digest", |v, _| { let d = v["keys"][0]["secrets"][0]["digest"].clone(); v["keys"][2]["secrets"][0]["digest"] = d; }, "keys[2].secrets[0].digest: same digest as keys[0].secrets[0]; every secret must be unique".into()),
+        ("duplicate digest in one key", |v, _| { let d = v["keys"][4]["secrets"][0]["digest"].clone(); v["keys"][4]["secrets"][1]["digest"] = d; }, "keys[4].secrets[1].digest: same digest as keys[4].secrets[0]; every secret must be unique".into()),
         ("no secrets", |v, _| v["keys"][0]["secrets"] = json!([]), "keys[0].secrets: must have at least one secret".into()),
         ("bad time", |v, _| v["keys"][6]["expires_at"] = json!("tomorrow"), r#"keys[6].expires_at: invalid RFC 3339 UTC time "tomorrow" (expected like "2026-11-24T10:00:00Z")"#.into()),
         ("bad not_after", |v, _| v["keys"][4]["secrets"][1]["not_after"] = json!("2026-13-01T00:00:00Z"), r#"keys[4].secrets[1].not_after: invalid RFC 3339 UTC time "2026-13-01T00:00:00Z" (expected like "2026-11-24T10:00:00Z")"#.into()),
@@ -94,4 +95,36 @@ fn not_json_and_trailing_garbage_are_rejected() {
     s.push_str(" {}");
     let e = compile(s.as_bytes()).unwrap_err();
     assert!(e.to_string().starts_with("trailing characters"), "{e}");
+}
+
+/// A record checked on its own (a change-feed page) must have distinct secrets; with many
+/// secrets the check takes another route, with the same message.
+#[test]
+fn a_record_on_its_own_refuses_repeated_secrets() {
+    use keygate_core::compile::{compile_catalog, compile_key_record_at};
+    use keygate_core::config::{KeyDoc, SecretDoc};
+    let doc = common::fixture_doc();
+    let cat = compile_catalog(&doc).unwrap();
+    let secret = |i: usize| SecretDoc {
+        digest: format!("{i:064x}"),
+        not_after: None,
+    };
+    for n in [2usize, 3, 40] {
+        let mut key: KeyDoc = doc.keys[0].clone();
+        key.secrets = (0..n).map(secret).collect();
+        assert!(
+            compile_key_record_at(&cat, &key, "keys[9]").is_ok(),
+            "{n} distinct"
+        );
+        key.secrets[n - 1] = secret((n - 1) / 2);
+        let e = compile_key_record_at(&cat, &key, "keys[9]").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "keys[9].secrets[{}].digest: same digest as keys[9].secrets[{}]; every secret must be unique",
+                n - 1,
+                (n - 1) / 2
+            )
+        );
+    }
 }
