@@ -135,6 +135,7 @@ impl RootContext for KeygateRoot {
         };
         if let Source::ControlPlane(p) = &self.source {
             let source = p.source.clone();
+            self.poller.check_pending(&vm, &source, &metrics);
             self.poller.tick(&vm, &source, &metrics);
         }
         // Refresh this VM's concurrency leases for accounts with requests in flight here.

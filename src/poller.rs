@@ -18,6 +18,7 @@
 
 use std::time::Duration;
 
+use keygate_core::config::ChangesPage;
 use keygate_core::plugin::ControlPlane;
 use keygate_core::published::{self, read_head, Rejection, Step, Sync};
 use keygate_core::ratelimit::SharedStore;
@@ -49,6 +50,12 @@ pub struct Poller {
     sync: Option<Sync>,
     /// When the update's first page arrived (a long poll's wait is not part of the update).
     sync_started_us: u64,
+    /// A page received but not yet checked: its successor is already asked for (the fetch in
+    /// flight), and the page is checked and written on the next tick, so that the control plane
+    /// reads the next page while this VM checks this one.
+    pending: Option<ChangesPage>,
+    /// What the fetch in flight asks for when it was sent ahead of checking `pending`.
+    ahead: Option<(u64, String)>,
 }
 
 fn decode_claim(b: &[u8]) -> Option<(u64, u64)> {
@@ -129,16 +136,30 @@ impl Poller {
             return;
         };
         let (since, after) = sync.request();
+        let known = sync.in_force().map(|h| h.version).filter(|_| long_poll);
+        let after = after.to_owned();
+        self.ahead = None;
+        self.fetch(vm, cp, metrics, since, &after, known);
+    }
+
+    /// Sends `GET <path>?since=&limit=[&after=][&known=&wait=]`.
+    fn fetch(
+        &mut self,
+        vm: &VmState,
+        cp: &ControlPlane,
+        metrics: &Metrics,
+        since: u64,
+        after: &str,
+        known: Option<u64>,
+    ) {
         let mut path = format!("{}?since={since}&limit={}", cp.path, cp.page_size);
         if !after.is_empty() {
             // SIDs are [A-Za-z0-9_-]: nothing to escape.
             path.push_str("&after=");
             path.push_str(after);
         }
-        if long_poll {
-            if let Some(h) = sync.in_force() {
-                path.push_str(&format!("&known={}&wait={}", h.version, cp.wait_s));
-            }
+        if let Some(known) = known {
+            path.push_str(&format!("&known={known}&wait={}", cp.wait_s));
         }
         let bearer = format!("Bearer {}", cp.token);
         let headers: Vec<(&str, &str)> = vec![
@@ -165,8 +186,101 @@ impl Poller {
                         cp.cluster
                     ),
                 );
-                self.sync = None;
+                self.drop_update();
                 self.failed(vm, cp, metrics);
+            }
+        }
+    }
+
+    /// Forgets the update under way, a page waiting to be checked and a fetch in flight.
+    fn drop_update(&mut self) {
+        self.sync = None;
+        self.pending = None;
+        self.ahead = None;
+        self.in_flight = None;
+    }
+
+    /// Called on every timer tick before [`Poller::tick`]: checks and writes a page that was
+    /// set aside while its successor is fetched.
+    pub fn check_pending(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
+        if self.pending.is_none() {
+            return;
+        }
+        let _ = hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
+        if !elect(vm, now_us() / 1_000_000) {
+            self.drop_update();
+            return;
+        }
+        self.apply_pending(vm, cp, metrics);
+    }
+
+    fn apply_pending(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
+        let Some(page) = self.pending.take() else {
+            return;
+        };
+        let ahead = self.ahead.take();
+        let outcome = match self.sync.as_mut() {
+            Some(sync) => sync.apply_page(vm, &page, now_us() / 1_000_000),
+            None => return,
+        };
+        drop(page);
+        self.applied(vm, cp, metrics, outcome, ahead);
+    }
+
+    /// Goes on after a page was checked (and, if acceptable, written). `ahead`: the request a
+    /// fetch already in flight makes.
+    fn applied(
+        &mut self,
+        vm: &VmState,
+        cp: &ControlPlane,
+        metrics: &Metrics,
+        outcome: Result<Step, Rejection>,
+        ahead: Option<(u64, String)>,
+    ) {
+        let now_s = now_us() / 1_000_000;
+        let Some(sync) = self.sync.as_mut() else {
+            return;
+        };
+        match outcome {
+            Ok(Step::More) => {
+                published::touch(vm, now_s);
+                let (since, after) = sync.request();
+                let wanted = ahead
+                    .as_ref()
+                    .is_some_and(|(s, a)| *s == since && a == after);
+                if wanted && self.in_flight.is_some() {
+                    // The page asked for ahead is the one needed: its answer is on its way.
+                    self.ahead = ahead;
+                } else {
+                    // The walk started over: whatever answers the fetch in flight is dropped.
+                    self.in_flight = None;
+                    self.send(vm, cp, metrics, false);
+                }
+            }
+            Ok(step @ (Step::Ready(v) | Step::Done(v))) => {
+                let what = if step == Step::Done(v) {
+                    Metrics::bump(metrics.config_published);
+                    Metrics::set(metrics.config_version, v);
+                    format!("config version {v} published from the control plane")
+                } else {
+                    published::touch(vm, now_s);
+                    format!("config slot warmed up at version {v}")
+                };
+                let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "{what} ({} pages, {} records written, {ms} ms)",
+                        sync.pages, sync.records
+                    ),
+                );
+                self.drop_update();
+                self.failures = 0;
+                self.next_attempt_ms = 0;
+            }
+            Err(e) => {
+                self.drop_update();
+                self.rejected(vm, cp, metrics, e);
             }
         }
     }
@@ -187,8 +301,20 @@ impl Poller {
         let now_s = now_us() / 1_000_000;
         if !elect(vm, now_s) {
             // Another VM took over while this fetch was out: it owns the free slot now.
-            self.sync = None;
+            self.drop_update();
             return;
+        }
+        if self.pending.is_some() {
+            // This answer came before the tick that checks the page before it: check that one
+            // first (if it is refused, or the walk went elsewhere, this answer is dropped).
+            let token_seen = token;
+            self.in_flight = Some(token_seen);
+            self.apply_pending(vm, cp, metrics);
+            if self.in_flight != Some(token_seen) || self.sync.is_none() {
+                return;
+            }
+            self.in_flight = None;
+            self.ahead = None;
         }
         let status = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
             .ok()
@@ -206,34 +332,29 @@ impl Poller {
                 if sync.pages == 0 {
                     self.sync_started_us = now_us();
                 }
-                match sync.apply(vm, &body, now_s) {
-                    Ok(Step::More) => {
-                        published::touch(vm, now_s);
-                        self.send(vm, cp, metrics, false);
+                let page = match Sync::parse(&body) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        self.drop_update();
+                        self.rejected(vm, cp, metrics, e);
+                        return;
                     }
-                    Ok(step @ (Step::Ready(v) | Step::Done(v))) => {
-                        let what = if step == Step::Done(v) {
-                            Metrics::bump(metrics.config_published);
-                            Metrics::set(metrics.config_version, v);
-                            format!("config version {v} published from the control plane")
-                        } else {
-                            published::touch(vm, now_s);
-                            format!("config slot warmed up at version {v}")
-                        };
-                        let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
-                        log(
-                            LogLevel::Info,
-                            &format!(
-                                "{what} ({} pages, {} records written, {ms} ms)",
-                                sync.pages, sync.records
-                            ),
-                        );
-                        self.sync = None;
-                        self.failures = 0;
-                        self.next_attempt_ms = 0;
+                };
+                drop(body);
+                if let Some((since, after)) = sync.request_after(&page) {
+                    // Ask for the next page now and check this one on the next tick (right
+                    // after this callback returns and the request is on its way).
+                    self.fetch(vm, cp, metrics, since, &after, None);
+                    if self.in_flight.is_some() {
+                        self.ahead = Some((since, after));
+                        self.pending = Some(page);
+                        let _ = hostcalls::set_tick_period(Duration::from_millis(1));
                     }
-                    Err(e) => self.rejected(vm, cp, metrics, e),
+                    return;
                 }
+                let outcome = sync.apply_page(vm, &page, now_s);
+                drop(page);
+                self.applied(vm, cp, metrics, outcome, None);
             }
             b"410" => {
                 // The control plane no longer knows the changes since the free slot's version:
@@ -246,7 +367,7 @@ impl Poller {
                 match restarted {
                     Some(Ok(())) => self.send(vm, cp, metrics, false),
                     _ => {
-                        self.sync = None;
+                        self.drop_update();
                         self.failed(vm, cp, metrics);
                     }
                 }
@@ -265,14 +386,14 @@ impl Poller {
                         String::from_utf8_lossy(other)
                     ),
                 );
-                self.sync = None;
+                self.drop_update();
                 self.failed(vm, cp, metrics);
             }
         }
     }
 
     fn rejected(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics, e: Rejection) {
-        self.sync = None;
+        self.drop_update();
         match e {
             Rejection::NotNewer { offered, in_force } => {
                 log(

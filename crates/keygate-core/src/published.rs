@@ -369,11 +369,26 @@ impl Sync {
         json: &[u8],
         now_s: u64,
     ) -> Result<Step, Rejection> {
+        let page = Sync::parse(json)?;
+        self.apply_page(store, &page, now_s)
+    }
+
+    /// Parses a page of the change feed (nothing is checked but its JSON shape).
+    pub fn parse(json: &[u8]) -> Result<ChangesPage, Rejection> {
         let mut de = serde_json::Deserializer::from_slice(json);
         let page: ChangesPage = serde_path_to_error::deserialize(&mut de)
             .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
         de.end().map_err(|e| invalid("", e.to_string()))?;
-        self.apply_page(store, &page, now_s)
+        Ok(page)
+    }
+
+    /// The request that follows `page` if [`Sync::apply_page`] accepts it and the walk goes on
+    /// as it is: `page` answers [`Sync::request`] and names a next cursor. The poller asks for
+    /// it before checking `page`, so that the control plane reads the next page meanwhile; if
+    /// after the check [`Sync::request`] is something else, that answer is dropped.
+    pub fn request_after(&self, page: &ChangesPage) -> Option<(u64, String)> {
+        let next = page.next.as_ref()?;
+        (page.since == self.since && page.after == self.after).then(|| (self.since, next.clone()))
     }
 
     /// [`Sync::apply`] for a page already parsed.
@@ -876,6 +891,9 @@ mod tests {
         version: u64,
         apis: Vec<ApiDoc>,
         rows: BTreeMap<String, (u64, Option<Rec>)>,
+        /// Pages whose follow-up request was asked for before the page was checked (as the
+        /// poller does) and turned out to be the right one.
+        predicted: u64,
     }
 
     impl Model {
@@ -884,6 +902,7 @@ mod tests {
                 version: 1,
                 apis: serde_json::from_value(serde_json::json!([{"name": "calls", "methods": ["GET"], "paths": ["/v2/accounts/{account_sid}/calls"]}])).unwrap(),
                 rows: BTreeMap::new(),
+                predicted: 0,
             };
             m.put_account("AC1");
             m
@@ -964,9 +983,23 @@ mod tests {
                 between(self, n);
                 let (since, after) = sync.request();
                 let page = self.page(since, after, limit);
+                let ahead = sync.request_after(&page);
                 match sync.apply_page(store, &page, 100 + n)? {
-                    Step::Done(v) | Step::Ready(v) => return Ok((v, sync)),
+                    Step::Done(v) | Step::Ready(v) => {
+                        assert_eq!(ahead, None, "a page with a next cursor never ends a walk");
+                        return Ok((v, sync));
+                    }
                     Step::More => {}
+                }
+                // Asked for ahead of the check, the next page is the one the walk needs, unless
+                // the check started the slot over from scratch.
+                let (since, after) = sync.request();
+                if let Some(ahead) = ahead {
+                    if ahead == (since, after.to_owned()) {
+                        self.predicted += 1;
+                    } else {
+                        assert_eq!((since, after), (0, ""), "wrong request ahead: {ahead:?}");
+                    }
                 }
             }
             unreachable!()
@@ -1138,6 +1171,7 @@ mod tests {
         let (v, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
         assert_eq!(v, m.version);
         assert_eq!(sync.pages, 7, "26 SIDs in pages of 4");
+        assert_eq!(m.predicted, 6, "every page but the last names the next one");
         for i in 0..25 {
             assert_eq!(
                 judge(

@@ -36,6 +36,9 @@ pub enum Fault {
     /// is no key) set to `["10.0.0.1/8"]` (host bits set: refused by the edge's compiler); a
     /// change-feed page with only deletions gets its last deleted SID replaced by `SK/../x`.
     FailsValidation,
+    /// [`Fault::FailsValidation`] for the pages of a walk after its first (requests with
+    /// `&after=`); the first page passes through.
+    FailsValidationOnLaterPages,
 }
 
 struct Shared {
@@ -249,7 +252,13 @@ fn forward(
                 *first = Some((etag.clone().unwrap_or_default(), body.clone()));
             }
         }
-        let fault = *shared.fault.lock().expect("fault lock");
+        let fault = match *shared.fault.lock().expect("fault lock") {
+            Fault::FailsValidationOnLaterPages if req.path.contains("&after=") => {
+                Fault::FailsValidation
+            }
+            Fault::FailsValidationOnLaterPages => Fault::PassThrough,
+            f => f,
+        };
         match fault {
             Fault::PassThrough => {
                 shared.forwarded_ok.fetch_add(1, Ordering::SeqCst);
@@ -266,7 +275,7 @@ fn forward(
                     body = b;
                 }
             }
-            Fault::FailsValidation => {
+            Fault::FailsValidation | Fault::FailsValidationOnLaterPages => {
                 let mut doc: serde_json::Value =
                     serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                 let bad = serde_json::json!(["10.0.0.1/8"]);

@@ -795,3 +795,57 @@ fn a_feed_walked_in_small_pages_publishes_every_key_and_then_only_the_changes() 
     let secrets: Vec<&str> = keys.iter().map(|(_, s)| s.as_str()).collect();
     assert_no_leaks(&secrets, &cp, &envoy, &echo, None);
 }
+
+/// A walk of several pages with a bad page after the first: the edge asks for each next page
+/// before checking the current one, so the answer to that request is dropped; nothing of the
+/// update is in force until a clean walk publishes all of it.
+#[test]
+fn a_bad_page_in_the_middle_of_a_walk_publishes_nothing_of_the_update() {
+    let cp = ControlPlane::start();
+    lift_account_limit(&cp);
+    let proxy = FaultyProxy::start(cp.port());
+    let echo = Echo::start();
+    let envoy = start_envoy_via(proxy.port(), &cp, &echo, json!({"page_size": 3}));
+    wait_first_config(&envoy, &cp);
+    within(Duration::from_secs(10), || {
+        envoy.logs().contains("config slot warmed up at version")
+    })
+    .unwrap_or_else(|| panic!("no warm-up:\n{}", envoy.logs()));
+    // Hold the edge back while the keys are made, so that they arrive as one update of several
+    // pages (one at a time, each would travel alone on one page).
+    proxy.set_fault(Fault::CutConnection);
+    let errors0 = metric(&envoy, "keygate.config.fetch_errors");
+    let fresh: Vec<(String, String)> = (0..9).map(|_| create_key(&cp, "standard")).collect();
+    within(Duration::from_secs(10), || {
+        metric(&envoy, "keygate.config.fetch_errors") > errors0
+    })
+    .expect("the edge tried to fetch the update");
+    let rejected0 = metric(&envoy, "keygate.config.rejected");
+    proxy.set_fault(Fault::FailsValidationOnLaterPages);
+    within(Duration::from_secs(15), || {
+        metric(&envoy, "keygate.config.rejected") >= rejected0 + 2
+    })
+    .unwrap_or_else(|| panic!("no rejected walk:\n{}", envoy.logs()));
+    // Refused for the damaged record of a later page (the first page passed through).
+    within(Duration::from_secs(10), || {
+        envoy
+            .logs()
+            .contains("allowed_ips[0]: host bits set in \"10.0.0.1/8\"")
+    })
+    .unwrap_or_else(|| panic!("not refused for the damaged page:\n{}", envoy.logs()));
+    for (sid, secret) in &fresh {
+        let got = statuses(&envoy, &basic(&cp, sid, secret), 2 * WORKERS as usize);
+        assert!(
+            got.iter().all(|s| *s == 401),
+            "{sid} from a refused update: {got:?}"
+        );
+    }
+    proxy.set_fault(Fault::PassThrough);
+    for (sid, secret) in &fresh {
+        let req = basic(&cp, sid, secret);
+        within(Duration::from_secs(15), || all(&envoy, &req, 200))
+            .unwrap_or_else(|| panic!("{sid} not admitted after a clean walk"));
+    }
+    let secrets: Vec<&str> = fresh.iter().map(|(_, s)| s.as_str()).collect();
+    assert_no_leaks(&secrets, &cp, &envoy, &echo, Some(&proxy));
+}
