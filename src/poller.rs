@@ -56,6 +56,8 @@ pub struct Poller {
     pending: Option<ChangesPage>,
     /// What the fetch in flight asks for when it was sent ahead of checking `pending`.
     ahead: Option<(u64, String)>,
+    /// The tick period is 1 ms (a page is waiting) instead of [`TICK_MS`].
+    fast_tick: bool,
 }
 
 fn decode_claim(b: &[u8]) -> Option<(u64, u64)> {
@@ -203,10 +205,15 @@ impl Poller {
     /// Called on every timer tick before [`Poller::tick`]: checks and writes a page that was
     /// set aside while its successor is fetched.
     pub fn check_pending(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
+        if self.fast_tick {
+            // Back to the usual period, whether the page waited for this tick or an answer
+            // that came first already checked it.
+            let _ = hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
+            self.fast_tick = false;
+        }
         if self.pending.is_none() {
             return;
         }
-        let _ = hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
         if !elect(vm, now_us() / 1_000_000) {
             self.drop_update();
             return;
@@ -348,7 +355,10 @@ impl Poller {
                     if self.in_flight.is_some() {
                         self.ahead = Some((since, after));
                         self.pending = Some(page);
-                        let _ = hostcalls::set_tick_period(Duration::from_millis(1));
+                        if !self.fast_tick {
+                            let _ = hostcalls::set_tick_period(Duration::from_millis(1));
+                            self.fast_tick = true;
+                        }
                     }
                     return;
                 }
