@@ -274,10 +274,15 @@ impl Poller {
                     format!("config slot warmed up at version {v}")
                 };
                 let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
+                let both = if sync.fills_both_slots() {
+                    ", both slots"
+                } else {
+                    ""
+                };
                 log(
                     LogLevel::Info,
                     &format!(
-                        "{what} ({} pages, {} records written, {ms} ms)",
+                        "{what} ({} pages, {} records written, {ms} ms{both})",
                         sync.pages, sync.records
                     ),
                 );

@@ -266,6 +266,9 @@ pub struct Sync {
     meta: Option<Vec<u8>>,
     catalog: Option<Catalog>,
     checked_slot_meta: bool,
+    /// Nothing is in force yet: the walk fills the other slot too, with this epoch, so that the
+    /// first change after the first publication travels alone (no second walk to warm it up).
+    mirror: Option<u64>,
     /// Pages applied and records written so far (for logs).
     pub pages: u64,
     pub records: u64,
@@ -290,9 +293,16 @@ impl Sync {
             meta: None,
             catalog: None,
             checked_slot_meta: false,
+            mirror: None,
             pages: 0,
             records: 0,
         };
+        if in_force.is_none() {
+            // The first publication: one walk of the whole feed fills both slots.
+            sync.mirror = Some(0);
+            sync.restart_from_scratch(store)?;
+            return Ok(sync);
+        }
         match read_state(store, slot) {
             Some(st) if st.epoch != 0 => {
                 sync.epoch = st.epoch;
@@ -341,6 +351,11 @@ impl Sync {
                 base: 0,
             },
         )?;
+        if self.mirror.is_some() {
+            let epoch = next_epoch(store)?;
+            write_state(store, 1 - self.slot, SlotState { epoch, base: 0 })?;
+            self.mirror = Some(epoch);
+        }
         self.since = 0;
         self.after.clear();
         self.walk_version = None;
@@ -354,6 +369,11 @@ impl Sync {
     /// The page to fetch next: changes after version `since`, SIDs after `after`.
     pub fn request(&self) -> (u64, &str) {
         (self.since, &self.after)
+    }
+
+    /// Whether this update fills both slots (the first publication).
+    pub fn fills_both_slots(&self) -> bool {
+        self.mirror.is_some()
     }
 
     /// The version in force when this update began.
@@ -485,8 +505,26 @@ impl Sync {
             key.push_str(id);
             store.set(&key, value, 0).map_err(|_| Rejection::Store)?;
         }
+        if let Some(epoch) = self.mirror {
+            // The same records in the other slot, tagged with its epoch.
+            let prefix = slot_prefix(1 - self.slot);
+            let mut copy = Vec::new();
+            for (kind, id, value) in &writes {
+                key.clear();
+                key.push_str(&prefix);
+                key.push_str(kind);
+                key.push(':');
+                key.push_str(id);
+                copy.clear();
+                copy.extend_from_slice(value);
+                if let Some(tag) = copy.get_mut(1..9) {
+                    tag.copy_from_slice(&epoch.to_le_bytes());
+                }
+                store.set(&key, &copy, 0).map_err(|_| Rejection::Store)?;
+            }
+        }
         self.pages += 1;
-        self.records += writes.len() as u64;
+        self.records += writes.len() as u64 * if self.mirror.is_some() { 2 } else { 1 };
         self.newest = page.version;
         match self.walk_version {
             None => self.walk_version = Some(page.version),
@@ -599,21 +637,14 @@ impl Sync {
         now_s: u64,
     ) -> Result<Step, Rejection> {
         let v = meta.version;
-        store
-            .set(
-                &slot_key(self.slot, "meta", "-"),
-                &record(self.epoch, &to_json(meta)?),
-                0,
-            )
-            .map_err(|_| Rejection::Store)?;
-        write_state(
-            store,
-            self.slot,
-            SlotState {
-                epoch: self.epoch,
-                base: v,
-            },
-        )?;
+        let json = to_json(meta)?;
+        let mirror = self.mirror.map(|epoch| (1 - self.slot, epoch));
+        for (slot, epoch) in std::iter::once((self.slot, self.epoch)).chain(mirror) {
+            store
+                .set(&slot_key(slot, "meta", "-"), &record(epoch, &json), 0)
+                .map_err(|_| Rejection::Store)?;
+            write_state(store, slot, SlotState { epoch, base: v })?;
+        }
         if self.in_force.is_some_and(|h| h.version >= v) {
             return Ok(Step::Ready(v));
         }
@@ -1118,7 +1149,8 @@ mod tests {
             m.sync(&store, 2, |_, _| {}).unwrap();
         }
         // anchor + head + epoch counter + 2 × (state + meta + account + 2 keys)
-        // + the token index: SK2's one digest per slot, SK1's digest of each version.
+        // + the token index: SK2's one digest per slot, SK1's digest of each version (and the
+        // first one in both slots: the first walk fills both).
         let tokens = store
             .map
             .borrow()
@@ -1126,7 +1158,7 @@ mod tests {
             .filter(|k| k.contains(":t:"))
             .count();
         assert_eq!(store.map.borrow().len(), 3 + 2 * 5 + tokens);
-        assert!(tokens <= 2 + 20, "{tokens}");
+        assert!(tokens <= 2 + 20 + 1, "{tokens}");
     }
 
     #[test]
@@ -1172,6 +1204,12 @@ mod tests {
         assert_eq!(v, m.version);
         assert_eq!(sync.pages, 7, "26 SIDs in pages of 4");
         assert_eq!(m.predicted, 6, "every page but the last names the next one");
+        assert_eq!(
+            sync.records,
+            2 * (1 + 25 + 25),
+            "the first walk fills both slots: every account, key and token twice"
+        );
+        assert!(!Sync::free_slot_is_empty(&store), "no warm-up needed");
         for i in 0..25 {
             assert_eq!(
                 judge(
@@ -1182,13 +1220,13 @@ mod tests {
                 Ok(v)
             );
         }
-        // The free slot holds nothing yet: its first update is a full one too.
+        // The free slot is complete at v too: the first change travels alone.
         m.put_key("SK99", "new");
         let (v2, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
         assert_eq!(
-            sync.records,
-            2 * 27 - 1,
-            "full: every account and key + tokens"
+            (sync.pages, sync.records),
+            (1, 2),
+            "the new key and its token"
         );
         assert_eq!(judge(&store, &cache, &basic("SK99", "new")), Ok(v2));
         // From now on each slot is complete at an older version: only changes travel.
@@ -1454,6 +1492,11 @@ mod tests {
         }
         assert!(!Sync::free_slot_is_empty(&store), "nothing in force yet");
         let (v, _) = m.sync(&store, 5, |_, _| {}).unwrap();
+        // The first walk filled both slots; a free slot that lost its state (a version in
+        // force from an older edge build, a fill that never finished) is empty.
+        assert!(!Sync::free_slot_is_empty(&store));
+        let free = 1 - read_head(&store).unwrap().slot;
+        store.map.borrow_mut().remove(&state_key(free));
         assert!(Sync::free_slot_is_empty(&store));
         // Without a warm-up the version in force is refused as "not newer".
         assert!(matches!(
@@ -1481,6 +1524,8 @@ mod tests {
         let mut m = Model::new();
         m.put_key("SK1", "a");
         m.sync(&fresh, 5, |_, _| {}).unwrap();
+        let free = 1 - read_head(&fresh).unwrap().slot;
+        fresh.map.borrow_mut().remove(&state_key(free));
         let (v3, _) = m
             .walk(&fresh, 1, Sync::prepare(&fresh).unwrap(), |m, n| {
                 if n == 1 {
