@@ -494,33 +494,31 @@ impl Sync {
         if !unchanged {
             return Err(Rejection::Superseded);
         }
-        // `slot_key`, built in one buffer.
-        let prefix = slot_prefix(self.slot);
-        let mut key = String::with_capacity(prefix.len() + 80);
-        for (kind, id, value) in &writes {
-            key.clear();
-            key.push_str(&prefix);
-            key.push_str(kind);
-            key.push(':');
-            key.push_str(id);
-            store.set(&key, value, 0).map_err(|_| Rejection::Store)?;
-        }
-        if let Some(epoch) = self.mirror {
-            // The same records in the other slot, tagged with its epoch.
-            let prefix = slot_prefix(1 - self.slot);
-            let mut copy = Vec::new();
+        // Into the slot, and on a first publication the same records into the other slot,
+        // tagged with its epoch. `slot_key`, built in one buffer.
+        let mirror = self.mirror.map(|epoch| (1 - self.slot, Some(epoch)));
+        let mut key = String::with_capacity(96);
+        let mut copy = Vec::new();
+        for (slot, retag) in std::iter::once((self.slot, None)).chain(mirror) {
+            let prefix = slot_prefix(slot);
             for (kind, id, value) in &writes {
                 key.clear();
                 key.push_str(&prefix);
                 key.push_str(kind);
                 key.push(':');
                 key.push_str(id);
-                copy.clear();
-                copy.extend_from_slice(value);
-                if let Some(tag) = copy.get_mut(1..9) {
-                    tag.copy_from_slice(&epoch.to_le_bytes());
-                }
-                store.set(&key, &copy, 0).map_err(|_| Rejection::Store)?;
+                let value = match retag {
+                    None => value.as_slice(),
+                    Some(epoch) => {
+                        copy.clear();
+                        copy.extend_from_slice(value);
+                        if let Some(tag) = copy.get_mut(1..9) {
+                            tag.copy_from_slice(&epoch.to_le_bytes());
+                        }
+                        copy.as_slice()
+                    }
+                };
+                store.set(&key, value, 0).map_err(|_| Rejection::Store)?;
             }
         }
         self.pages += 1;
