@@ -1304,18 +1304,27 @@ fn ip_allowed() -> Expect {
     allow(IP_LOCKED.sid, "standard", "calls", CALLS)
 }
 
-/// The `client=` field of every access-log line.
-fn access_log_clients(envoy: &Envoy) -> Vec<String> {
-    thread::sleep(Duration::from_millis(300)); // flush interval is 50 ms; a wait, not an assertion
-    envoy
-        .access_log()
-        .lines()
-        .map(|l| {
-            l.rsplit_once("client=")
-                .map(|(_, c)| c.trim().to_owned())
-                .unwrap_or_default()
-        })
-        .collect()
+/// The `client=` field of every access-log line, once there are at least `lines` of them (Envoy
+/// flushes the file every 50 ms, later under load: a wait, not an assertion).
+fn access_log_clients(envoy: &Envoy, lines: usize) -> Vec<String> {
+    let read = || -> Vec<String> {
+        envoy
+            .access_log()
+            .lines()
+            .map(|l| {
+                l.rsplit_once("client=")
+                    .map(|(_, c)| c.trim().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read().len() < lines && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Anything still in flight is flushed by now too.
+    thread::sleep(Duration::from_millis(200));
+    read()
 }
 
 #[test]
@@ -1360,7 +1369,7 @@ fn at_an_edge_listener_no_forwarding_header_moves_the_client_into_an_allowlist()
     }
     cases.push(case("every claim at once", all, ip_denied()));
     bench.run(&cases);
-    let clients = access_log_clients(&bench.envoy);
+    let clients = access_log_clients(&bench.envoy, cases.len() * 2);
     assert_eq!(clients.len(), cases.len() * 2);
     assert!(clients.iter().all(|c| c == "127.0.0.1"), "{clients:?}");
     println!("client address, edge listener: {} cases", cases.len());
@@ -1398,7 +1407,7 @@ fn envoys_default_listener_takes_the_client_from_the_last_xff_entry() {
         ));
     }
     bench.run(&cases);
-    let clients = access_log_clients(&bench.envoy);
+    let clients = access_log_clients(&bench.envoy, 6);
     assert_eq!(
         &clients[..6],
         [
@@ -1464,7 +1473,7 @@ fn a_trusted_hop_listener_admits_exactly_the_client_envoy_computed() {
         ));
     }
     bench.run(&cases);
-    let clients = access_log_clients(&bench.envoy);
+    let clients = access_log_clients(&bench.envoy, 8);
     assert_eq!(
         &clients[..8],
         [
