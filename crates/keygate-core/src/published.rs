@@ -156,28 +156,48 @@ fn next_epoch(store: &dyn SharedStore) -> Result<u64, Rejection> {
 }
 
 fn slot_key(slot: u8, kind: &str, id: &str) -> String {
-    format!("{}{kind}:{id}", slot_prefix(slot))
+    let mut key = String::with_capacity(16 + id.len());
+    put_slot_key(&mut key, slot, kind, id);
+    key
 }
 
-/// What every shared-data key of a slot starts with.
-fn slot_prefix(slot: u8) -> String {
-    format!("kg:cfg:{slot}:")
+/// Writes `kg:cfg:<slot>:<kind>:<id>` into `key` (reusing its buffer).
+fn put_slot_key(key: &mut String, slot: u8, kind: &str, id: &str) {
+    key.clear();
+    key.push_str("kg:cfg:");
+    key.push(if slot == 0 { '0' } else { '1' }); // the two slots
+    key.push(':');
+    key.push_str(kind);
+    key.push(':');
+    key.push_str(id);
+}
+
+/// A record's header: [`RECORD_TAG`], then its epoch (8 bytes, little-endian); the payload
+/// follows.
+fn record_header(epoch: u64, capacity: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + capacity);
+    v.push(RECORD_TAG);
+    v.extend_from_slice(&epoch.to_le_bytes());
+    v
+}
+
+/// Rewrites the epoch in a record's header.
+fn set_record_epoch(record: &mut [u8], epoch: u64) {
+    if let Some(e) = record.get_mut(1..9) {
+        e.copy_from_slice(&epoch.to_le_bytes());
+    }
 }
 
 /// A record holding `tag` and `doc` as JSON, encoded straight into one buffer.
 fn json_record<T: serde::Serialize>(epoch: u64, tag: u8, doc: &T) -> Result<Vec<u8>, Rejection> {
-    let mut v = Vec::with_capacity(256);
-    v.push(RECORD_TAG);
-    v.extend_from_slice(&epoch.to_le_bytes());
+    let mut v = record_header(epoch, 256);
     v.push(tag);
     serde_json::to_writer(&mut v, doc).map_err(|e| invalid("", e.to_string()))?;
     Ok(v)
 }
 
 fn record(epoch: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + payload.len());
-    v.push(RECORD_TAG);
-    v.extend_from_slice(&epoch.to_le_bytes());
+    let mut v = record_header(epoch, payload.len());
     v.extend_from_slice(payload);
     v
 }
@@ -381,18 +401,6 @@ impl Sync {
         self.in_force
     }
 
-    /// Validates one page completely and, if it is acceptable, writes its records into the free
-    /// slot; after the last page of a consistent walk, moves the head.
-    pub fn apply(
-        &mut self,
-        store: &dyn SharedStore,
-        json: &[u8],
-        now_s: u64,
-    ) -> Result<Step, Rejection> {
-        let page = Sync::parse(json)?;
-        self.apply_page(store, &page, now_s)
-    }
-
     /// Parses a page of the change feed (nothing is checked but its JSON shape).
     pub fn parse(json: &[u8]) -> Result<ChangesPage, Rejection> {
         let mut de = serde_json::Deserializer::from_slice(json);
@@ -411,7 +419,8 @@ impl Sync {
         (page.since == self.since && page.after == self.after).then(|| (self.since, next.clone()))
     }
 
-    /// [`Sync::apply`] for a page already parsed.
+    /// Validates one page (from [`Sync::parse`]) completely and, if it is acceptable, writes its
+    /// records into the free slot; after the last page of a consistent walk, moves the head.
     pub fn apply_page(
         &mut self,
         store: &dyn SharedStore,
@@ -500,21 +509,14 @@ impl Sync {
         let mut key = String::with_capacity(96);
         let mut copy = Vec::new();
         for (slot, retag) in std::iter::once((self.slot, None)).chain(mirror) {
-            let prefix = slot_prefix(slot);
             for (kind, id, value) in &writes {
-                key.clear();
-                key.push_str(&prefix);
-                key.push_str(kind);
-                key.push(':');
-                key.push_str(id);
+                put_slot_key(&mut key, slot, kind, id);
                 let value = match retag {
                     None => value.as_slice(),
                     Some(epoch) => {
                         copy.clear();
                         copy.extend_from_slice(value);
-                        if let Some(tag) = copy.get_mut(1..9) {
-                            tag.copy_from_slice(&epoch.to_le_bytes());
-                        }
+                        set_record_epoch(&mut copy, epoch);
                         copy.as_slice()
                     }
                 };
@@ -1402,11 +1404,7 @@ mod tests {
             assert_eq!(*store.map.borrow(), before, "{want}: nothing written");
         }
         assert!(matches!(
-            sync.apply(
-                &store,
-                b"{\"schema\":\"keygate.changes/v1\",\"version\":",
-                200
-            ),
+            Sync::parse(b"{\"schema\":\"keygate.changes/v1\",\"version\":"),
             Err(Rejection::Invalid(_))
         ));
         assert_eq!(judge(&store, &cache, &basic("SK1", "s")), Ok(v));
