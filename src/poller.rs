@@ -54,8 +54,6 @@ pub struct Poller {
     /// flight), and the page is checked and written on the next tick, so that the control plane
     /// reads the next page while this VM checks this one.
     pending: Option<ChangesPage>,
-    /// What the fetch in flight asks for when it was sent ahead of checking `pending`.
-    ahead: Option<(u64, String)>,
     /// The tick period is 1 ms (a page is waiting) instead of [`TICK_MS`].
     fast_tick: bool,
 }
@@ -140,7 +138,6 @@ impl Poller {
         let (since, after) = sync.request();
         let known = sync.in_force().map(|h| h.version).filter(|_| long_poll);
         let after = after.to_owned();
-        self.ahead = None;
         self.fetch(vm, cp, metrics, since, &after, known);
     }
 
@@ -198,7 +195,6 @@ impl Poller {
     fn drop_update(&mut self) {
         self.sync = None;
         self.pending = None;
-        self.ahead = None;
         self.in_flight = None;
     }
 
@@ -225,11 +221,12 @@ impl Poller {
         let Some(page) = self.pending.take() else {
             return;
         };
-        let ahead = self.ahead.take();
-        let outcome = match self.sync.as_mut() {
-            Some(sync) => sync.apply_page(vm, &page, now_us() / 1_000_000),
-            None => return,
+        let Some(sync) = self.sync.as_mut() else {
+            return;
         };
+        // What the fetch in flight asks for (it was sent ahead of this check).
+        let ahead = sync.request_after(&page);
+        let outcome = sync.apply_page(vm, &page, now_us() / 1_000_000);
         drop(page);
         self.applied(vm, cp, metrics, outcome, ahead);
     }
@@ -255,11 +252,11 @@ impl Poller {
                 let wanted = ahead
                     .as_ref()
                     .is_some_and(|(s, a)| *s == since && a == after);
-                if wanted && self.in_flight.is_some() {
-                    // The page asked for ahead is the one needed: its answer is on its way.
-                    self.ahead = ahead;
-                } else {
-                    // The walk started over: whatever answers the fetch in flight is dropped.
+                // Otherwise the page asked for ahead is the one needed, and its answer is on
+                // its way.
+                if !(wanted && self.in_flight.is_some()) {
+                    // Nothing was asked ahead, or the walk started over: ask for what it needs
+                    // (an answer to the earlier request is dropped).
                     self.in_flight = None;
                     self.send(vm, cp, metrics, false);
                 }
@@ -290,10 +287,7 @@ impl Poller {
                 self.failures = 0;
                 self.next_attempt_ms = 0;
             }
-            Err(e) => {
-                self.drop_update();
-                self.rejected(vm, cp, metrics, e);
-            }
+            Err(e) => self.rejected(vm, cp, metrics, e),
         }
     }
 
@@ -319,14 +313,12 @@ impl Poller {
         if self.pending.is_some() {
             // This answer came before the tick that checks the page before it: check that one
             // first (if it is refused, or the walk went elsewhere, this answer is dropped).
-            let token_seen = token;
-            self.in_flight = Some(token_seen);
+            self.in_flight = Some(token);
             self.apply_pending(vm, cp, metrics);
-            if self.in_flight != Some(token_seen) || self.sync.is_none() {
+            if self.in_flight != Some(token) || self.sync.is_none() {
                 return;
             }
             self.in_flight = None;
-            self.ahead = None;
         }
         let status = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
             .ok()
@@ -347,7 +339,6 @@ impl Poller {
                 let page = match Sync::parse(&body) {
                     Ok(page) => page,
                     Err(e) => {
-                        self.drop_update();
                         self.rejected(vm, cp, metrics, e);
                         return;
                     }
@@ -358,7 +349,6 @@ impl Poller {
                     // after this callback returns and the request is on its way).
                     self.fetch(vm, cp, metrics, since, &after, None);
                     if self.in_flight.is_some() {
-                        self.ahead = Some((since, after));
                         self.pending = Some(page);
                         if !self.fast_tick {
                             let _ = hostcalls::set_tick_period(Duration::from_millis(1));
