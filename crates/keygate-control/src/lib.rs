@@ -204,12 +204,15 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let poller = tokio::spawn(poll_version(state.clone()));
     let closing = state.inner.closing.clone();
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            closing.send_replace(true);
-        })
-        .await;
+    let result = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        closing.send_replace(true);
+    })
+    .await;
     poller.abort();
     result
 }
