@@ -10,7 +10,8 @@
 //! 6. the client address is in the key's and the account's allowlists, read only if either has
 //!    one (403);
 //! 7. method and path match an API, with the path's `{account_sid}` equal to the principal's
-//!    account (404 otherwise);
+//!    account (404 otherwise; a path that binds `{account_sid}` to another account is
+//!    `account_mismatch` whatever the method, even with `unknown_routes: allow`);
 //! 8. the role and the key's API list permit that API (403).
 
 use std::net::IpAddr;
@@ -25,7 +26,7 @@ use crate::config::{CorsPreflight, Role, UnknownRoutes};
 use crate::credential::{parse_authorization, Credential};
 use crate::digest::Digest32;
 use crate::headers::{AuthorizationHeader, RequestHead};
-use crate::path::{canonicalize, TemplateMatch};
+use crate::path::{canonicalize, CanonicalPath, TemplateMatch};
 use crate::reason::Reason;
 use crate::secret_format;
 
@@ -182,6 +183,13 @@ fn decide_inner(
             }
         }
     }
+    // The account binding holds whatever the method: a path that binds `{account_sid}` to
+    // another account is that account's, so it is never an unknown route (which
+    // `unknown_routes: allow` would let through). Checked only when nothing matched, so the
+    // common case pays nothing for it.
+    if matched.is_none() && !wrong_account {
+        wrong_account = binds_another_account(cat, &path, &account.sid);
+    }
 
     let api = match matched {
         Some(i) => {
@@ -207,6 +215,44 @@ fn decide_inner(
     Ok(Allow {
         admitted: Some(Admitted { key, account, api }),
     })
+}
+
+/// Whether some API's template (whatever its methods) matches `path` with its `{account_sid}`
+/// bound to an account other than `own`.
+fn binds_another_account(cat: &Catalog, path: &CanonicalPath, own: &str) -> bool {
+    cat.apis.iter().flat_map(|api| &api.templates).any(
+        |t| matches!(t.matches(path), TemplateMatch::Yes { account_sid: Some(sid) } if sid != own),
+    )
+}
+
+/// Whether a denial with `reason` is given only after the credential authenticated (the
+/// requester proved it holds a valid secret): account, address, route and permission checks,
+/// and the limits taken after them. Everything refused before or at authentication (missing,
+/// malformed or invalid credentials, a path that does not canonicalise, the failed-auth
+/// limiter, no or stale config) is not. Replies to unauthenticated requests carry nothing that
+/// describes the deployment (e.g. the config version).
+pub fn denied_after_authentication(reason: Reason) -> bool {
+    match reason {
+        Reason::AccountSuspended
+        | Reason::IpNotAllowed
+        | Reason::PermissionDenied
+        | Reason::AccountMismatch
+        | Reason::UnknownRoute
+        | Reason::RateLimitedKey
+        | Reason::RateLimitedAccount
+        | Reason::RateLimitedApi
+        | Reason::ConcurrencyLimited
+        | Reason::LimiterUnavailable => true,
+        Reason::NoConfig
+        | Reason::MissingCredentials
+        | Reason::MultipleCredentials
+        | Reason::MalformedCredentials
+        | Reason::UnsupportedScheme
+        | Reason::InvalidCredentials
+        | Reason::MalformedPath
+        | Reason::TooManyFailedAuth
+        | Reason::ConfigStale => false,
+    }
 }
 
 /// Whether `digest` equals a secret that is still valid at `now`. Every secret is compared, in

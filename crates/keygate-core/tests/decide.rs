@@ -608,6 +608,53 @@ fn unknown_routes_allow_admits_only_unrestricted_secret_keys() {
 }
 
 #[test]
+fn another_accounts_path_is_account_mismatch_whatever_the_method() {
+    // `calls` takes GET and POST only: PUT matches no API, but the path still names AC2.
+    let main = basic("SKmain", "sk_live_main");
+    let std = basic("SKstd", "sk_live_std");
+    for routes in [UnknownRoutes::Deny, UnknownRoutes::Allow] {
+        let mut doc = fixture_doc();
+        doc.settings.unknown_routes = routes;
+        let cfg = compile_doc(&doc).unwrap();
+        for (method, path, auth) in [
+            ("PUT", "/v2/accounts/AC2/calls", &main),
+            ("DELETE", "/v2/accounts/AC2/calls/CA1/x", &main),
+            ("PATCH", "/2010-04-01/Accounts/AC3/Messages.json", &main),
+            ("PUT", "/v2/accounts/AC2/calls", &std),
+        ] {
+            let h = head(method, path, AuthorizationHeader::One(auth), false);
+            assert_eq!(
+                decide(&cfg, &h, T0, &mut || None),
+                Decision::Deny(Reason::AccountMismatch),
+                "{routes:?} {method} {path}"
+            );
+        }
+    }
+    // A method mismatch on the principal's own account stays an unknown route: refused under
+    // `deny`, let through (with no API) under `allow`.
+    let own = head(
+        "PUT",
+        "/v2/accounts/AC1/calls",
+        AuthorizationHeader::One(&main),
+        false,
+    );
+    assert_eq!(
+        decide(&fixture(), &own, T0, &mut || None),
+        Decision::Deny(Reason::UnknownRoute)
+    );
+    let mut doc = fixture_doc();
+    doc.settings.unknown_routes = UnknownRoutes::Allow;
+    let allow = compile_doc(&doc).unwrap();
+    match decide(&allow, &own, T0, &mut || None) {
+        Decision::Allow(a) => {
+            let id = a.identity().unwrap();
+            assert_eq!((id.account_sid, id.api), ("AC1", None));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn client_address_is_read_only_when_an_allowlist_applies() {
     let cfg = fixture();
     let mut calls = 0;
