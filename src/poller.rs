@@ -153,7 +153,21 @@ impl Poller {
     ) {
         let mut path = format!("{}?since={since}&limit={}", cp.path, cp.page_size);
         if !after.is_empty() {
-            // SIDs are [A-Za-z0-9_-]: nothing to escape.
+            // Only a SID ([A-Za-z0-9_-], at most 64 bytes) goes into the path: nothing to escape.
+            // Sync never names anything else (a page whose next cursor is not one is refused);
+            // this keeps it so whatever changes there.
+            if !published::valid_next_cursor("", after) {
+                self.rejected(
+                    vm,
+                    cp,
+                    metrics,
+                    Rejection::Invalid(keygate_core::compile::ConfigError {
+                        path: "next".into(),
+                        message: "invalid next cursor: not a SID".into(),
+                    }),
+                );
+                return;
+            }
             path.push_str("&after=");
             path.push_str(after);
         }
@@ -279,8 +293,8 @@ impl Poller {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "{what} ({} pages, {} records written, {ms} ms{both})",
-                        sync.pages, sync.records
+                        "{what} ({} pages, {} records written, {} Bearer entries emptied, {ms} ms{both})",
+                        sync.pages, sync.records, sync.emptied
                     ),
                 );
                 self.drop_update();

@@ -3,33 +3,50 @@
 //! from the control plane's change feed.
 //!
 //! Layout (all values start with a tag byte):
-//! - `kg:cfg:head` → the version in force, the slot and epoch holding it, and when the control
-//!   plane was last heard from;
-//! - `kg:cfg:<slot>:state` → the slot's epoch and the version it is complete at;
-//! - `kg:cfg:<slot>:meta` → the version's settings, API catalogue and limits (a [`ConfigDoc`]
-//!   without accounts and keys);
-//! - `kg:cfg:<slot>:p:<sid>` → one account or key ([`AccountDoc`] / [`KeyDoc`] JSON) or a
-//!   tombstone (the SID was deleted);
-//! - `kg:cfg:<slot>:t:<digest hex>` → the SID of the key a Bearer token digest belongs to;
+//! - `kg:cfg:head` → the version in force; the slot holding it, the range of epochs its records
+//!   were written at (`floor..=epoch`) and its number of buckets; when the control plane was last
+//!   heard from;
+//! - `kg:cfg:<slot>:state` → the slot's floor and newest epoch, the version it is complete at,
+//!   its number of buckets and of live entries;
+//! - `kg:cfg:<slot>:meta:-` → the version's settings, API catalogue and limits (a [`ConfigDoc`]
+//!   without accounts and keys), with the epoch it was written at;
+//! - `kg:cfg:<slot>:b:<n>` → bucket `n` of the slot's `2^bits`: every entry whose name hashes
+//!   there, each `(kind, id, epoch, payload)`: an account or key ([`AccountDoc`] / [`KeyDoc`]
+//!   JSON) by SID, or the SID of the key a Bearer token digest belongs to, by digest;
 //! - `kg:cfg:epoch` → the last epoch handed out.
 //!
-//! There are two slots; requests read only the one the head names, and only records written in
-//! the head's epoch (anything else reads as absent). A new version is written into the other
-//! slot, which is never read while it is written, and then the head moves: no request sees a mix
-//! of two versions. The free slot is complete at an older version `X` (the one it held when it was
-//! last in force), so bringing it to the new version `V` only needs what changed after `X`
-//! ([`Sync`]): a change of one key at a million keys writes one record, not a million. A slot
-//! with no usable state (first start, or the API catalogue changed) gets a new epoch, which
-//! empties it at once, and is filled from scratch (`since = 0`). Memory is two slots, whatever
-//! the number of workers and however many versions go by.
+//! There are two slots; requests read only the one the head names, and only entries written at
+//! an epoch in the head's range (anything else reads as absent). A new version is written into
+//! the other slot, which is never read while it is written, and then the head moves: no request
+//! sees a mix of two versions. The free slot is complete at an older version `X` (the one it held
+//! when it was last in force), so bringing it to the new version `V` only needs what changed
+//! after `X` ([`Sync`]): a change of one key at a million keys writes one entry, not a million.
+//!
+//! Epochs (handed out by a counter, so always increasing): every update of a slot writes at a
+//! fresh epoch, above the epoch of any head that ever named the slot, while entries it leaves
+//! alone keep theirs. A request still holding the head that named the slot before (`floor..=e`)
+//! therefore never sees an entry of the update (its epoch is above `e`); an entry the update
+//! replaced or removed reads as absent to it, never as the newer version. The new head names
+//! `floor..=fresh`: the unchanged entries and the update's. A slot with no usable state (first
+//! start, the API catalogue changed, the control plane lost the changes since `X`, too many
+//! entries per bucket) gets a new floor, which empties it at once, and is filled from scratch.
+//!
+//! Bounded under churn (Envoy's shared data cannot delete a key, only store an empty value):
+//! entries live in a bounded set of bucket names per slot, sized by the number of live entries
+//! (a slot holding more than [`MAX_LOAD`] per bucket is refilled with more buckets), never by
+//! how many SIDs or secrets ever existed. A deleted SID's entry and the Bearer entry of a
+//! rotated-out or deleted secret are removed from their bucket (a bucket left with nothing is
+//! stored as an empty value); entries below the floor are dropped whenever their bucket is
+//! written, and a refill from scratch sweeps the buckets the slot had before when it completes.
 //!
 //! Consistency across pages: each page is one read of the control plane at its own version. If
 //! all pages of a walk report the same version, their union is that version. Otherwise the walk
 //! is repeated for what changed after its first page's version (normally one small page), until
 //! a walk sees one version. Until then, nothing is in force that was not complete.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::compile::{
@@ -43,10 +60,25 @@ use crate::ratelimit::{SetError, SharedStore};
 
 pub const HEAD_KEY: &str = "kg:cfg:head";
 const EPOCH_KEY: &str = "kg:cfg:epoch";
-const HEAD_TAG: u8 = 6;
 const RECORD_TAG: u8 = 7;
-const STATE_TAG: u8 = 8;
 const EPOCH_TAG: u8 = 9;
+/// This layout's head, slot state and buckets. The head and state of the layout before buckets
+/// (tags 6 and 8) read as absent, so a filter upgraded in a running Envoy starts over.
+const HEAD_TAG: u8 = 10;
+const STATE_TAG: u8 = 11;
+const BUCKET_TAG: u8 = 12;
+/// Entry kinds: an account or key by SID; a Bearer token by digest.
+const PRINCIPAL: u8 = b'p';
+const TOKEN: u8 = b't';
+/// A slot starts with `2^MIN_BUCKET_BITS` buckets and grows up to `2^MAX_BUCKET_BITS`.
+pub const MIN_BUCKET_BITS: u8 = 8;
+pub const MAX_BUCKET_BITS: u8 = 22;
+/// Live entries per bucket (on average) above which a slot is refilled with more buckets.
+pub const MAX_LOAD: u64 = 4;
+/// A refill from scratch sweeps the buckets the slot had before when it completes, if they are
+/// at most `2^MAX_SWEEP_BITS` (more would hold the poller's thread too long in one callback;
+/// the leftovers are then dropped as their buckets are written).
+const MAX_SWEEP_BITS: u8 = 16;
 /// Walks of the change feed one update may take before it gives up (each walk after the first
 /// fetches only what changed during the previous one).
 pub const MAX_WALKS: u32 = 16;
@@ -56,13 +88,24 @@ pub const MAX_WALKS: u32 = 16;
 pub struct Head {
     pub version: u64,
     pub contacted_at_s: u64,
+    /// The version's entries are those of `slot` written at an epoch in `floor..=epoch`.
+    pub floor: u64,
     pub epoch: u64,
     pub slot: u8,
+    /// The slot has `2^bits` buckets.
+    pub bits: u8,
 }
 
 impl Head {
     fn same_config(&self, other: &Head) -> bool {
-        (self.version, self.epoch, self.slot) == (other.version, other.epoch, other.slot)
+        (self.version, self.floor, self.epoch, self.slot, self.bits)
+            == (
+                other.version,
+                other.floor,
+                other.epoch,
+                other.slot,
+                other.bits,
+            )
     }
 }
 
@@ -70,24 +113,34 @@ fn le_u64(b: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(b).ok().map(u64::from_le_bytes)
 }
 
-fn encode_head(h: Head) -> [u8; 26] {
-    let mut v = [0u8; 26];
+fn valid_bits(bits: u8) -> bool {
+    (MIN_BUCKET_BITS..=MAX_BUCKET_BITS).contains(&bits)
+}
+
+fn encode_head(h: Head) -> [u8; 35] {
+    let mut v = [0u8; 35];
     v[0] = HEAD_TAG;
     v[1..9].copy_from_slice(&h.version.to_le_bytes());
     v[9..17].copy_from_slice(&h.contacted_at_s.to_le_bytes());
-    v[17..25].copy_from_slice(&h.epoch.to_le_bytes());
-    v[25] = h.slot;
+    v[17..25].copy_from_slice(&h.floor.to_le_bytes());
+    v[25..33].copy_from_slice(&h.epoch.to_le_bytes());
+    v[33] = h.slot;
+    v[34] = h.bits;
     v
 }
 
 fn decode_head(b: &[u8]) -> Option<Head> {
     match b {
-        [HEAD_TAG, rest @ ..] if rest.len() == 25 && rest[24] < 2 => Some(Head {
-            version: le_u64(&rest[..8])?,
-            contacted_at_s: le_u64(&rest[8..16])?,
-            epoch: le_u64(&rest[16..24])?,
-            slot: rest[24],
-        }),
+        [HEAD_TAG, rest @ ..] if rest.len() == 34 && rest[32] < 2 && valid_bits(rest[33]) => {
+            Some(Head {
+                version: le_u64(&rest[..8])?,
+                contacted_at_s: le_u64(&rest[8..16])?,
+                floor: le_u64(&rest[16..24])?,
+                epoch: le_u64(&rest[24..32])?,
+                slot: rest[32],
+                bits: rest[33],
+            })
+        }
         _ => None,
     }
 }
@@ -98,12 +151,17 @@ pub fn read_head(store: &dyn SharedStore) -> Option<Head> {
     decode_head(&bytes)
 }
 
-/// A slot's epoch and the version it is complete at (or, while it is being written, the version
-/// it was complete at: applying every change after `base` brings it to the newest version).
+/// A slot's state: its entries are those at epochs from `floor` on, the newest written at
+/// `epoch`; it is complete at version `base` (or, while it is being written, was complete at:
+/// applying every change after `base` brings it to the newest version); `2^bits` buckets
+/// holding `count` live entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SlotState {
+    floor: u64,
     epoch: u64,
     base: u64,
+    bits: u8,
+    count: u64,
 }
 
 fn state_key(slot: u8) -> String {
@@ -113,19 +171,25 @@ fn state_key(slot: u8) -> String {
 fn read_state(store: &dyn SharedStore, slot: u8) -> Option<SlotState> {
     let (bytes, _) = store.get(&state_key(slot)).ok()??;
     match bytes.as_slice() {
-        [STATE_TAG, rest @ ..] if rest.len() == 16 => Some(SlotState {
-            epoch: le_u64(&rest[..8])?,
-            base: le_u64(&rest[8..])?,
+        [STATE_TAG, rest @ ..] if rest.len() == 33 && valid_bits(rest[24]) => Some(SlotState {
+            floor: le_u64(&rest[..8])?,
+            epoch: le_u64(&rest[8..16])?,
+            base: le_u64(&rest[16..24])?,
+            bits: rest[24],
+            count: le_u64(&rest[25..])?,
         }),
         _ => None,
     }
 }
 
 fn write_state(store: &dyn SharedStore, slot: u8, st: SlotState) -> Result<(), Rejection> {
-    let mut v = [0u8; 17];
+    let mut v = [0u8; 34];
     v[0] = STATE_TAG;
-    v[1..9].copy_from_slice(&st.epoch.to_le_bytes());
-    v[9..].copy_from_slice(&st.base.to_le_bytes());
+    v[1..9].copy_from_slice(&st.floor.to_le_bytes());
+    v[9..17].copy_from_slice(&st.epoch.to_le_bytes());
+    v[17..25].copy_from_slice(&st.base.to_le_bytes());
+    v[25] = st.bits;
+    v[26..].copy_from_slice(&st.count.to_le_bytes());
     store
         .set(&state_key(slot), &v, 0)
         .map_err(|_| Rejection::Store)
@@ -155,68 +219,152 @@ fn next_epoch(store: &dyn SharedStore) -> Result<u64, Rejection> {
     Err(Rejection::Store)
 }
 
-fn slot_key(slot: u8, kind: &str, id: &str) -> String {
-    let mut key = String::with_capacity(16 + id.len());
-    put_slot_key(&mut key, slot, kind, id);
-    key
+fn meta_key(slot: u8) -> String {
+    format!("kg:cfg:{slot}:meta:-")
 }
 
-/// Writes `kg:cfg:<slot>:<kind>:<id>` into `key` (reusing its buffer).
-fn put_slot_key(key: &mut String, slot: u8, kind: &str, id: &str) {
-    key.clear();
-    key.push_str("kg:cfg:");
-    key.push(if slot == 0 { '0' } else { '1' }); // the two slots
-    key.push(':');
-    key.push_str(kind);
-    key.push(':');
-    key.push_str(id);
-}
-
-/// A record's header: [`RECORD_TAG`], then its epoch (8 bytes, little-endian); the payload
-/// follows.
-fn record_header(epoch: u64, capacity: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + capacity);
+/// A record: [`RECORD_TAG`], its epoch (8 bytes, little-endian), the payload.
+fn record(epoch: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + payload.len());
     v.push(RECORD_TAG);
     v.extend_from_slice(&epoch.to_le_bytes());
-    v
-}
-
-/// Rewrites the epoch in a record's header.
-fn set_record_epoch(record: &mut [u8], epoch: u64) {
-    if let Some(e) = record.get_mut(1..9) {
-        e.copy_from_slice(&epoch.to_le_bytes());
-    }
-}
-
-/// A record holding `tag` and `doc` as JSON, encoded straight into one buffer.
-fn json_record<T: serde::Serialize>(epoch: u64, tag: u8, doc: &T) -> Result<Vec<u8>, Rejection> {
-    let mut v = record_header(epoch, 256);
-    v.push(tag);
-    serde_json::to_writer(&mut v, doc).map_err(|e| invalid("", e.to_string()))?;
-    Ok(v)
-}
-
-fn record(epoch: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = record_header(epoch, payload.len());
     v.extend_from_slice(payload);
     v
 }
 
-/// Reads a record of exactly `epoch` from `slot`.
-fn read_record(
-    store: &dyn SharedStore,
-    slot: u8,
-    epoch: u64,
-    kind: &str,
-    id: &str,
-) -> Option<Vec<u8>> {
-    let (bytes, _) = store.get(&slot_key(slot, kind, id)).ok()??;
+/// The slot's meta record if it was written at an epoch in `floor..=upto`.
+fn read_meta(store: &dyn SharedStore, slot: u8, floor: u64, upto: u64) -> Option<Vec<u8>> {
+    let (bytes, _) = store.get(&meta_key(slot)).ok()??;
     match bytes.as_slice() {
-        [RECORD_TAG, rest @ ..] if rest.len() >= 8 && le_u64(&rest[..8]) == Some(epoch) => {
-            Some(rest[8..].to_vec())
+        [RECORD_TAG, rest @ ..] if rest.len() >= 8 => {
+            let epoch = le_u64(&rest[..8])?;
+            (floor..=upto).contains(&epoch).then(|| rest[8..].to_vec())
         }
         _ => None,
     }
+}
+
+/// The bucket an entry's name hashes to (FNV-1a, then a 64-bit finalizer so the low bits mix).
+/// SIDs are chosen by the control plane and digests are SHA-256 outputs: nobody picks them to
+/// collide.
+fn bucket_of(kind: u8, id: &[u8], bits: u8) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::iter::once(kind).chain(id.iter().copied()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    let mask = (1u64 << bits.min(MAX_BUCKET_BITS)) - 1;
+    u32::try_from(h & mask).unwrap_or(0)
+}
+
+/// Writes `kg:cfg:<slot>:b:<n>` into `key` (reusing its buffer).
+fn put_bucket_key(key: &mut String, slot: u8, n: u32) {
+    use std::fmt::Write as _;
+    key.clear();
+    let _ = write!(key, "kg:cfg:{}:b:{n}", if slot == 0 { 0 } else { 1 });
+}
+
+/// One entry of a bucket, borrowed from its encoded value.
+struct EntryRef<'a> {
+    kind: u8,
+    id: &'a [u8],
+    epoch: u64,
+    payload: &'a [u8],
+}
+
+/// The entries of an encoded bucket: [`BUCKET_TAG`], then per entry its kind, the length of its
+/// id (1 byte), the id, its epoch (8 bytes), the length of its payload (4 bytes), the payload
+/// (integers little-endian). Stops at anything malformed.
+struct Entries<'a>(&'a [u8]);
+
+fn entries(value: &[u8]) -> Entries<'_> {
+    match value {
+        [BUCKET_TAG, rest @ ..] => Entries(rest),
+        _ => Entries(&[]),
+    }
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = EntryRef<'a>;
+
+    fn next(&mut self) -> Option<EntryRef<'a>> {
+        let b = self.0;
+        let parsed = (|| {
+            let (&kind, rest) = b.split_first()?;
+            let (&id_len, rest) = rest.split_first()?;
+            let id = rest.get(..usize::from(id_len))?;
+            let rest = rest.get(usize::from(id_len)..)?;
+            let epoch = le_u64(rest.get(..8)?)?;
+            let len = <[u8; 4]>::try_from(rest.get(8..12)?).ok()?;
+            let len = usize::try_from(u32::from_le_bytes(len)).ok()?;
+            let payload = rest.get(12..12usize.checked_add(len)?)?;
+            let rest = rest.get(12 + len..)?;
+            Some((
+                EntryRef {
+                    kind,
+                    id,
+                    epoch,
+                    payload,
+                },
+                rest,
+            ))
+        })();
+        match parsed {
+            Some((e, rest)) => {
+                self.0 = rest;
+                Some(e)
+            }
+            None => {
+                self.0 = &[];
+                None
+            }
+        }
+    }
+}
+
+/// An entry a writer holds while it rewrites a bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    kind: u8,
+    id: Vec<u8>,
+    epoch: u64,
+    payload: Vec<u8>,
+}
+
+fn encode_bucket(entries: &[Entry]) -> Vec<u8> {
+    if entries.is_empty() {
+        return Vec::new(); // an empty value: the name stays, its memory goes
+    }
+    let size: usize = entries
+        .iter()
+        .map(|e| 14 + e.id.len() + e.payload.len())
+        .sum();
+    let mut v = Vec::with_capacity(1 + size);
+    v.push(BUCKET_TAG);
+    for e in entries {
+        v.push(e.kind);
+        v.push(u8::try_from(e.id.len()).unwrap_or(u8::MAX));
+        v.extend_from_slice(&e.id);
+        v.extend_from_slice(&e.epoch.to_le_bytes());
+        let len = u32::try_from(e.payload.len()).unwrap_or(u32::MAX);
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&e.payload);
+    }
+    v
+}
+
+/// The payload of entry `(kind, id)` as the version `head` names sees it.
+fn read_entry(store: &dyn SharedStore, head: &Head, kind: u8, id: &[u8]) -> Option<Vec<u8>> {
+    let mut key = String::with_capacity(24);
+    put_bucket_key(&mut key, head.slot, bucket_of(kind, id, head.bits));
+    let (bytes, _) = store.get(&key).ok()??;
+    let found = entries(&bytes).find(|e| e.kind == kind && e.id == id)?;
+    (head.floor..=head.epoch)
+        .contains(&found.epoch)
+        .then(|| found.payload.to_vec())
 }
 
 /// Why a fetched page or document was not applied.
@@ -243,6 +391,14 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Rejection> {
     serde_json::to_vec(v).map_err(|e| invalid("", e.to_string()))
 }
 
+/// A principal's payload: `tag` (`A`ccount, `K`ey) and the document as JSON, in one buffer.
+fn principal_payload<T: serde::Serialize>(tag: u8, doc: &T) -> Result<Vec<u8>, Rejection> {
+    let mut v = Vec::with_capacity(256);
+    v.push(tag);
+    serde_json::to_writer(&mut v, doc).map_err(|e| invalid("", e.to_string()))?;
+    Ok(v)
+}
+
 /// A version's settings, APIs and limits without its version number (to tell whether the
 /// catalogue changed between two versions).
 fn meta_fingerprint(meta: &ConfigDoc) -> Result<Vec<u8>, Rejection> {
@@ -252,8 +408,242 @@ fn meta_fingerprint(meta: &ConfigDoc) -> Result<Vec<u8>, Rejection> {
     })
 }
 
-/// One shared-data write of a page: `(kind, id, value)` of the slot's key `kg:cfg:<slot>:<kind>:<id>`.
-type SlotWrite<'p> = (&'static str, &'p str, Vec<u8>);
+/// Whether `next`, a page's next cursor, may name the following request: a SID (the SID
+/// alphabet, at most 64 bytes) strictly after the page's own cursor `after`. The poller formats
+/// it into a request path only then.
+pub fn valid_next_cursor(after: &str, next: &str) -> bool {
+    plausible_sid(next.as_bytes()).is_some() && (after.is_empty() || next > after)
+}
+
+/// One change a page makes to a slot: entry `(kind, id)` gets `payload`, or is removed (`None`;
+/// a token only while it still names `owner`).
+struct Op<'p> {
+    kind: u8,
+    id: Cow<'p, [u8]>,
+    payload: Option<Vec<u8>>,
+    owner: Option<&'p [u8]>,
+}
+
+/// What a checked page writes: its entries, and the SIDs it changes with the token digests each
+/// still holds (the Bearer entries of the digests their earlier records held, and no longer do,
+/// are removed).
+struct PageOps<'p> {
+    ops: Vec<Op<'p>>,
+    changed: Vec<(&'p [u8], Vec<[u8; 32]>)>,
+}
+
+/// A slot an update writes into: its entries at epochs from `floor` on are its content, this
+/// update writes at `epoch`; `2^bits` buckets, `count` live entries; `sweep`: after a refill
+/// from scratch, the bucket bits of what the slot held before (swept when the refill completes).
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    slot: u8,
+    floor: u64,
+    epoch: u64,
+    bits: u8,
+    count: u64,
+    sweep: Option<u8>,
+}
+
+impl Target {
+    fn new(slot: u8) -> Target {
+        Target {
+            slot,
+            floor: 0,
+            epoch: 0,
+            bits: MIN_BUCKET_BITS,
+            count: 0,
+            sweep: None,
+        }
+    }
+
+    fn state(&self, base: u64) -> SlotState {
+        SlotState {
+            floor: self.floor,
+            epoch: self.epoch,
+            base,
+            bits: self.bits,
+            count: self.count,
+        }
+    }
+
+    /// Applies `page` to this slot: every bucket it touches is read once, changed and written
+    /// once. Returns `(records written, entries emptied)`: a deletion counts as a record written
+    /// (it is what a tombstone was), a Bearer entry removed as emptied.
+    fn write(
+        &mut self,
+        store: &dyn SharedStore,
+        page: &PageOps<'_>,
+    ) -> Result<(u64, u64), Rejection> {
+        let mut buckets: BTreeMap<u32, (bool, bool, Vec<Entry>)> = BTreeMap::new();
+        let mut key = String::with_capacity(24);
+        let mut load = |n: u32,
+                        buckets: &mut BTreeMap<u32, (bool, bool, Vec<Entry>)>|
+         -> Result<(), Rejection> {
+            if buckets.contains_key(&n) {
+                return Ok(());
+            }
+            put_bucket_key(&mut key, self.slot, n);
+            let (existed, list) = match store.get(&key) {
+                Ok(Some((bytes, _))) => (
+                    !bytes.is_empty(),
+                    entries(&bytes)
+                        .map(|e| Entry {
+                            kind: e.kind,
+                            id: e.id.to_vec(),
+                            epoch: e.epoch,
+                            payload: e.payload.to_vec(),
+                        })
+                        .collect(),
+                ),
+                Ok(None) => (false, Vec::new()),
+                Err(_) => return Err(Rejection::Store),
+            };
+            buckets.insert(n, (existed, false, list));
+            Ok(())
+        };
+        // The Bearer entries of digests a changed SID's earlier record (at any epoch) held and
+        // its new one does not.
+        let mut dropped_tokens: Vec<Op<'_>> = Vec::new();
+        for (sid, keeps) in &page.changed {
+            let n = bucket_of(PRINCIPAL, sid, self.bits);
+            load(n, &mut buckets)?;
+            let old = buckets.get(&n).and_then(|(_, _, list)| {
+                list.iter()
+                    .find(|e| e.kind == PRINCIPAL && e.id == *sid)
+                    .map(|e| e.payload.as_slice())
+            });
+            let Some((b'K', json)) = old.and_then(|p| p.split_first()) else {
+                continue;
+            };
+            let Ok(doc) = serde_json::from_slice::<KeyDoc>(json) else {
+                continue;
+            };
+            for s in &doc.secrets {
+                let Some(d) = digest_bytes(&s.digest) else {
+                    continue;
+                };
+                if !keeps.contains(&d) {
+                    dropped_tokens.push(Op {
+                        kind: TOKEN,
+                        id: Cow::Owned(d.to_vec()),
+                        payload: None,
+                        owner: Some(sid),
+                    });
+                }
+            }
+        }
+        let (mut written, mut emptied) = (0u64, 0u64);
+        for op in page.ops.iter().chain(&dropped_tokens) {
+            let n = bucket_of(op.kind, &op.id, self.bits);
+            load(n, &mut buckets)?;
+            let Some((_, dirty, list)) = buckets.get_mut(&n) else {
+                return Err(Rejection::Store);
+            };
+            let at = list
+                .iter()
+                .position(|e| e.kind == op.kind && e.id.as_slice() == &*op.id);
+            match (&op.payload, at) {
+                (Some(payload), Some(i)) => {
+                    if list[i].epoch < self.floor {
+                        self.count += 1;
+                    }
+                    list[i].epoch = self.epoch;
+                    list[i].payload.clone_from(payload);
+                    *dirty = true;
+                    written += 1;
+                }
+                (Some(payload), None) => {
+                    list.push(Entry {
+                        kind: op.kind,
+                        id: op.id.to_vec(),
+                        epoch: self.epoch,
+                        payload: payload.clone(),
+                    });
+                    self.count += 1;
+                    *dirty = true;
+                    written += 1;
+                }
+                (None, Some(i)) if op.owner.is_none_or(|o| list[i].payload == o) => {
+                    let gone = list.remove(i);
+                    if gone.epoch >= self.floor {
+                        self.count = self.count.saturating_sub(1);
+                    }
+                    *dirty = true;
+                    if op.kind == TOKEN {
+                        emptied += 1;
+                    } else {
+                        written += 1;
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        for (n, (existed, dirty, mut list)) in buckets {
+            let before = list.len();
+            list.retain(|e| e.epoch >= self.floor); // below the floor: left over, never read
+            if !dirty && list.len() == before {
+                continue;
+            }
+            if list.is_empty() && !existed {
+                continue; // nothing there, nothing to store
+            }
+            put_bucket_key(&mut key, self.slot, n);
+            store
+                .set(&key, &encode_bucket(&list), 0)
+                .map_err(|_| Rejection::Store)?;
+        }
+        Ok((written, emptied))
+    }
+
+    /// Drops every entry below the floor from the buckets the slot had before a refill from
+    /// scratch (if there are at most `2^MAX_SWEEP_BITS` of them).
+    fn sweep(&mut self, store: &dyn SharedStore) -> Result<(), Rejection> {
+        let Some(bits) = self.sweep.take() else {
+            return Ok(());
+        };
+        if bits > MAX_SWEEP_BITS {
+            return Ok(());
+        }
+        let mut key = String::with_capacity(24);
+        for n in 0..(1u32 << bits) {
+            put_bucket_key(&mut key, self.slot, n);
+            let Ok(Some((bytes, _))) = store.get(&key) else {
+                continue;
+            };
+            if bytes.is_empty() || entries(&bytes).all(|e| e.epoch >= self.floor) {
+                continue;
+            }
+            let kept: Vec<Entry> = entries(&bytes)
+                .filter(|e| e.epoch >= self.floor)
+                .map(|e| Entry {
+                    kind: e.kind,
+                    id: e.id.to_vec(),
+                    epoch: e.epoch,
+                    payload: e.payload.to_vec(),
+                })
+                .collect();
+            store
+                .set(&key, &encode_bucket(&kept), 0)
+                .map_err(|_| Rejection::Store)?;
+        }
+        Ok(())
+    }
+}
+
+fn digest_bytes(hex_digest: &str) -> Option<[u8; 32]> {
+    let v = hex::decode(hex_digest).ok()?;
+    <[u8; 32]>::try_from(v.as_slice()).ok()
+}
+
+/// Bucket bits for a slot of `count` live entries: room for 16 times as many (so a slot that
+/// grows is refilled rarely), within the bounds.
+fn bits_for(count: u64) -> u8 {
+    let need = count.max(1).next_power_of_two().trailing_zeros() + 4;
+    u8::try_from(need)
+        .unwrap_or(MAX_BUCKET_BITS)
+        .clamp(MIN_BUCKET_BITS, MAX_BUCKET_BITS)
+}
 
 /// What the caller does after a page was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,8 +664,14 @@ pub struct Sync {
     in_force: Option<Head>,
     /// A warm-up: the version in force itself is acceptable.
     prepare: bool,
-    slot: u8,
-    epoch: u64,
+    target: Target,
+    /// `target.epoch` was handed out to this update (a delta takes a fresh one when it writes
+    /// its first page, so that no head that ever named the slot sees what it writes).
+    fresh: bool,
+    /// The version the slot was complete at when the update began (0: filled from scratch).
+    base: u64,
+    /// Bucket bits the slot is refilled with the next time it starts from scratch.
+    grow_to: Option<u8>,
     since: u64,
     after: String,
     walk_version: Option<u64>,
@@ -286,12 +682,14 @@ pub struct Sync {
     meta: Option<Vec<u8>>,
     catalog: Option<Catalog>,
     checked_slot_meta: bool,
-    /// Nothing is in force yet: the walk fills the other slot too, with this epoch, so that the
-    /// first change after the first publication travels alone (no second walk to warm it up).
-    mirror: Option<u64>,
-    /// Pages applied and records written so far (for logs).
+    /// Nothing is in force yet: the walk fills the other slot too, with its own epoch, so that
+    /// the first change after the first publication travels alone (no second walk to warm it up).
+    mirror: Option<Target>,
+    /// Pages applied, records written (a deletion counts as one) and Bearer entries emptied so
+    /// far (for logs).
     pub pages: u64,
     pub records: u64,
+    pub emptied: u64,
 }
 
 impl Sync {
@@ -302,8 +700,10 @@ impl Sync {
         let mut sync = Sync {
             in_force,
             prepare: false,
-            slot,
-            epoch: 0,
+            target: Target::new(slot),
+            fresh: false,
+            base: 0,
+            grow_to: None,
             since: 0,
             after: String::new(),
             walk_version: None,
@@ -316,16 +716,25 @@ impl Sync {
             mirror: None,
             pages: 0,
             records: 0,
+            emptied: 0,
         };
         if in_force.is_none() {
             // The first publication: one walk of the whole feed fills both slots.
-            sync.mirror = Some(0);
+            sync.mirror = Some(Target::new(1 - slot));
             sync.restart_from_scratch(store)?;
             return Ok(sync);
         }
         match read_state(store, slot) {
             Some(st) if st.epoch != 0 => {
-                sync.epoch = st.epoch;
+                sync.target = Target {
+                    slot,
+                    floor: st.floor,
+                    epoch: st.epoch,
+                    bits: st.bits,
+                    count: st.count,
+                    sweep: None,
+                };
+                sync.base = st.base;
                 sync.since = st.base;
             }
             _ => sync.restart_from_scratch(store)?,
@@ -360,22 +769,26 @@ impl Sync {
         self.restart_from_scratch(store)
     }
 
-    /// Empties the free slot (a new epoch) and fetches everything.
+    /// Empties the free slot (a new floor) and fetches everything.
     fn restart_from_scratch(&mut self, store: &dyn SharedStore) -> Result<(), Rejection> {
-        self.epoch = next_epoch(store)?;
-        write_state(
-            store,
-            self.slot,
-            SlotState {
-                epoch: self.epoch,
-                base: 0,
-            },
-        )?;
-        if self.mirror.is_some() {
+        let grow_to = self.grow_to.take();
+        for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
+            // What the slot held before is swept when the refill completes.
+            let before = read_state(store, t.slot).map(|st| st.bits);
+            if let Some(bits) = before.into_iter().chain(t.sweep).max() {
+                t.sweep = Some(bits);
+            }
+            if let Some(bits) = grow_to {
+                t.bits = t.bits.max(bits);
+            }
             let epoch = next_epoch(store)?;
-            write_state(store, 1 - self.slot, SlotState { epoch, base: 0 })?;
-            self.mirror = Some(epoch);
+            t.floor = epoch;
+            t.epoch = epoch;
+            t.count = 0;
+            write_state(store, t.slot, t.state(0))?;
         }
+        self.fresh = true;
+        self.base = 0;
         self.since = 0;
         self.after.clear();
         self.walk_version = None;
@@ -411,12 +824,17 @@ impl Sync {
     }
 
     /// The request that follows `page` if [`Sync::apply_page`] accepts it and the walk goes on
-    /// as it is: `page` answers [`Sync::request`] and names a next cursor. The poller asks for
-    /// it before checking `page`, so that the control plane reads the next page meanwhile; if
-    /// after the check [`Sync::request`] is something else, that answer is dropped.
+    /// as it is: `page` answers [`Sync::request`] and names a next cursor that is a SID after
+    /// its own ([`valid_next_cursor`]; any other cursor refuses the page, so nothing is asked
+    /// for with it). The poller asks for it before checking `page`, so that the control plane
+    /// reads the next page meanwhile; if after the check [`Sync::request`] is something else,
+    /// that answer is dropped.
     pub fn request_after(&self, page: &ChangesPage) -> Option<(u64, String)> {
         let next = page.next.as_ref()?;
-        (page.since == self.since && page.after == self.after).then(|| (self.since, next.clone()))
+        (page.since == self.since
+            && page.after == self.after
+            && valid_next_cursor(&page.after, next))
+        .then(|| (self.since, next.clone()))
     }
 
     /// Validates one page (from [`Sync::parse`]) completely and, if it is acceptable, writes its
@@ -458,6 +876,18 @@ impl Sync {
                 ),
             ));
         }
+        if let Some(next) = &page.next {
+            if !valid_next_cursor(&page.after, next) {
+                return Err(invalid(
+                    "next",
+                    format!(
+                        "invalid next cursor {:?}: not a SID after the page's cursor {:?}",
+                        next.chars().take(80).collect::<String>(),
+                        page.after
+                    ),
+                ));
+            }
+        }
         let meta = page.meta();
         let fingerprint = meta_fingerprint(&meta)?;
         // The catalogue is compiled once per update: later pages repeat the same meta.
@@ -469,7 +899,8 @@ impl Sync {
             // The slot's records were validated against its own catalogue: if that changed,
             // they must all be fetched and checked again.
             self.checked_slot_meta = true;
-            let same = read_record(store, self.slot, self.epoch, "meta", "-")
+            let t = &self.target;
+            let same = read_meta(store, t.slot, t.floor, u64::MAX)
                 .and_then(|b| serde_json::from_slice::<ConfigDoc>(&b).ok())
                 .and_then(|d| meta_fingerprint(&d).ok())
                 .is_some_and(|f| f == fingerprint);
@@ -492,7 +923,7 @@ impl Sync {
             self.catalog = Some(c);
         }
         let catalog = self.catalog.as_ref().ok_or(Rejection::Store)?;
-        let writes = self.page_records(page, catalog)?;
+        let ops = page_ops(page, catalog)?;
         // Nobody else may have moved the head since this update began.
         let now = read_head(store);
         let unchanged = match (now, self.in_force) {
@@ -503,29 +934,29 @@ impl Sync {
         if !unchanged {
             return Err(Rejection::Superseded);
         }
-        // Into the slot, and on a first publication the same records into the other slot,
-        // tagged with its epoch. `slot_key`, built in one buffer.
-        let mirror = self.mirror.map(|epoch| (1 - self.slot, Some(epoch)));
-        let mut key = String::with_capacity(96);
-        let mut copy = Vec::new();
-        for (slot, retag) in std::iter::once((self.slot, None)).chain(mirror) {
-            for (kind, id, value) in &writes {
-                put_slot_key(&mut key, slot, kind, id);
-                let value = match retag {
-                    None => value.as_slice(),
-                    Some(epoch) => {
-                        copy.clear();
-                        copy.extend_from_slice(value);
-                        set_record_epoch(&mut copy, epoch);
-                        copy.as_slice()
-                    }
-                };
-                store.set(&key, value, 0).map_err(|_| Rejection::Store)?;
-            }
+        if !self.fresh {
+            // Above every epoch a head of this slot ever named: requests still reading the
+            // slot by an older head see none of what this update writes.
+            self.target.epoch = next_epoch(store)?;
+            self.fresh = true;
+        }
+        // Into the slot, and on a first publication the same entries into the other slot, at
+        // its own epoch.
+        for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
+            let (written, emptied) = t.write(store, &ops)?;
+            self.records += written;
+            self.emptied += emptied;
+            write_state(store, t.slot, t.state(self.base))?;
         }
         self.pages += 1;
-        self.records += writes.len() as u64 * if self.mirror.is_some() { 2 } else { 1 };
         self.newest = page.version;
+        let t = &self.target;
+        if t.count > MAX_LOAD << t.bits && t.bits < MAX_BUCKET_BITS {
+            // Too many entries per bucket: refill with more buckets.
+            self.grow_to = Some(bits_for(t.count));
+            self.restart_from_scratch(store)?;
+            return Ok(Step::More);
+        }
         match self.walk_version {
             None => self.walk_version = Some(page.version),
             Some(v) if v != page.version => self.walk_consistent = false,
@@ -554,82 +985,6 @@ impl Sync {
         self.finish(store, &meta, now_s)
     }
 
-    /// Checks every record of a page and encodes what it writes (nothing is written unless the
-    /// whole page is acceptable).
-    fn page_records<'p>(
-        &self,
-        page: &'p ChangesPage,
-        catalog: &Catalog,
-    ) -> Result<Vec<SlotWrite<'p>>, Rejection> {
-        // Record paths (`keys[3]`) are formatted into one buffer, and kept only for an error.
-        use std::fmt::Write as _;
-        let path_of = |list: &str, i: usize| format!("{list}[{i}]");
-        let mut path = String::new();
-        let mut sids: Vec<(&str, &'static str, usize)> =
-            Vec::with_capacity(page.accounts.len() + page.keys.len() + page.deleted.len());
-        let mut writes = Vec::with_capacity(page.accounts.len() + 2 * page.keys.len());
-        for (i, a) in page.accounts.iter().enumerate() {
-            path.clear();
-            let _ = write!(path, "accounts[{i}]");
-            compile_account_record_at(catalog, a, &path).map_err(Rejection::Invalid)?;
-            sids.push((&a.sid, "accounts", i));
-            writes.push(("p", a.sid.as_str(), json_record(self.epoch, b'A', a)?));
-        }
-        let bearer = page.settings.schemes.contains(&Scheme::Bearer);
-        for (i, k) in page.keys.iter().enumerate() {
-            path.clear();
-            let _ = write!(path, "keys[{i}]");
-            compile_key_record_at(catalog, k, &path).map_err(Rejection::Invalid)?;
-            sids.push((&k.sid, "keys", i));
-            writes.push(("p", k.sid.as_str(), json_record(self.epoch, b'K', k)?));
-            if bearer {
-                for s in &k.secrets {
-                    writes.push(("t", s.digest.as_str(), record(self.epoch, k.sid.as_bytes())));
-                }
-            }
-        }
-        for (i, sid) in page.deleted.iter().enumerate() {
-            sids.push((sid, "deleted", i));
-            writes.push(("p", sid.as_str(), record(self.epoch, b"D")));
-        }
-        // SIDs name shared-data keys: the SID alphabet only, each once, all after the cursor,
-        // none after the next cursor.
-        for (sid, list, i) in &sids {
-            let path = || format!("{}.sid", path_of(list, *i));
-            if plausible_sid(sid.as_bytes()).is_none() {
-                return Err(invalid(path(), format!("invalid SID {sid:?}")));
-            }
-            if !page.after.is_empty() && *sid <= page.after.as_str() {
-                return Err(invalid(
-                    path(),
-                    format!("{sid:?} is not after the page's cursor {:?}", page.after),
-                ));
-            }
-            if let Some(next) = &page.next {
-                if *sid > next.as_str() {
-                    return Err(invalid(
-                        path(),
-                        format!("{sid:?} is after the page's next cursor {next:?}"),
-                    ));
-                }
-            }
-        }
-        sids.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for w in sids.windows(2) {
-            if w[0].0 == w[1].0 {
-                return Err(invalid(
-                    format!("{}.sid", path_of(w[1].1, w[1].2)),
-                    format!(
-                        "duplicate SID {:?} (also {})",
-                        w[1].0,
-                        path_of(w[0].1, w[0].2)
-                    ),
-                ));
-            }
-        }
-        Ok(writes)
-    }
-
     fn finish(
         &mut self,
         store: &dyn SharedStore,
@@ -638,31 +993,136 @@ impl Sync {
     ) -> Result<Step, Rejection> {
         let v = meta.version;
         let json = to_json(meta)?;
-        let mirror = self.mirror.map(|epoch| (1 - self.slot, epoch));
-        for (slot, epoch) in std::iter::once((self.slot, self.epoch)).chain(mirror) {
+        for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
             store
-                .set(&slot_key(slot, "meta", "-"), &record(epoch, &json), 0)
+                .set(&meta_key(t.slot), &record(t.epoch, &json), 0)
                 .map_err(|_| Rejection::Store)?;
-            write_state(store, slot, SlotState { epoch, base: v })?;
+            t.sweep(store)?;
+            write_state(store, t.slot, t.state(v))?;
         }
         if self.in_force.is_some_and(|h| h.version >= v) {
             return Ok(Step::Ready(v));
         }
+        let t = &self.target;
         set_head(
             store,
             Head {
                 version: v,
                 contacted_at_s: now_s,
-                epoch: self.epoch,
-                slot: self.slot,
+                floor: t.floor,
+                epoch: t.epoch,
+                slot: t.slot,
+                bits: t.bits,
             },
         )?;
         Ok(Step::Done(v))
     }
 }
 
+/// Checks every record of a page and encodes what it writes (nothing is written unless the
+/// whole page is acceptable).
+fn page_ops<'p>(page: &'p ChangesPage, catalog: &Catalog) -> Result<PageOps<'p>, Rejection> {
+    // Record paths (`keys[3]`) are formatted into one buffer, and kept only for an error.
+    use std::fmt::Write as _;
+    let path_of = |list: &str, i: usize| format!("{list}[{i}]");
+    let mut path = String::new();
+    let mut sids: Vec<(&str, &'static str, usize)> =
+        Vec::with_capacity(page.accounts.len() + page.keys.len() + page.deleted.len());
+    let mut ops = Vec::with_capacity(page.accounts.len() + 2 * page.keys.len());
+    let mut changed = Vec::with_capacity(page.keys.len() + page.deleted.len());
+    for (i, a) in page.accounts.iter().enumerate() {
+        path.clear();
+        let _ = write!(path, "accounts[{i}]");
+        compile_account_record_at(catalog, a, &path).map_err(Rejection::Invalid)?;
+        sids.push((&a.sid, "accounts", i));
+        ops.push(Op {
+            kind: PRINCIPAL,
+            id: Cow::Borrowed(a.sid.as_bytes()),
+            payload: Some(principal_payload(b'A', a)?),
+            owner: None,
+        });
+    }
+    let bearer = page.settings.schemes.contains(&Scheme::Bearer);
+    for (i, k) in page.keys.iter().enumerate() {
+        path.clear();
+        let _ = write!(path, "keys[{i}]");
+        compile_key_record_at(catalog, k, &path).map_err(Rejection::Invalid)?;
+        sids.push((&k.sid, "keys", i));
+        ops.push(Op {
+            kind: PRINCIPAL,
+            id: Cow::Borrowed(k.sid.as_bytes()),
+            payload: Some(principal_payload(b'K', k)?),
+            owner: None,
+        });
+        let mut keeps = Vec::with_capacity(k.secrets.len());
+        for (j, s) in k.secrets.iter().enumerate() {
+            let d = digest_bytes(&s.digest)
+                .ok_or_else(|| invalid(format!("keys[{i}].secrets[{j}].digest"), "not a digest"))?;
+            keeps.push(d);
+            if bearer {
+                ops.push(Op {
+                    kind: TOKEN,
+                    id: Cow::Owned(d.to_vec()),
+                    payload: Some(k.sid.as_bytes().to_vec()),
+                    owner: None,
+                });
+            }
+        }
+        if !bearer {
+            keeps.clear(); // no Bearer entries to keep
+        }
+        changed.push((k.sid.as_bytes(), keeps));
+    }
+    for (i, sid) in page.deleted.iter().enumerate() {
+        sids.push((sid, "deleted", i));
+        ops.push(Op {
+            kind: PRINCIPAL,
+            id: Cow::Borrowed(sid.as_bytes()),
+            payload: None,
+            owner: None,
+        });
+        changed.push((sid.as_bytes(), Vec::new()));
+    }
+    // SIDs name shared-data entries: the SID alphabet only, each once, all after the cursor,
+    // none after the next cursor.
+    for (sid, list, i) in &sids {
+        let path = || format!("{}.sid", path_of(list, *i));
+        if plausible_sid(sid.as_bytes()).is_none() {
+            return Err(invalid(path(), format!("invalid SID {sid:?}")));
+        }
+        if !page.after.is_empty() && *sid <= page.after.as_str() {
+            return Err(invalid(
+                path(),
+                format!("{sid:?} is not after the page's cursor {:?}", page.after),
+            ));
+        }
+        if let Some(next) = &page.next {
+            if *sid > next.as_str() {
+                return Err(invalid(
+                    path(),
+                    format!("{sid:?} is after the page's next cursor {next:?}"),
+                ));
+            }
+        }
+    }
+    sids.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for w in sids.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(invalid(
+                format!("{}.sid", path_of(w[1].1, w[1].2)),
+                format!(
+                    "duplicate SID {:?} (also {})",
+                    w[1].0,
+                    path_of(w[0].1, w[0].2)
+                ),
+            ));
+        }
+    }
+    Ok(PageOps { ops, changed })
+}
+
 /// Validates a whole `keygate.config/v1` document and publishes it as the complete new version
-/// (a fresh epoch in the free slot, one page). Returns the published version.
+/// (a fresh floor in the free slot, one page). Returns the published version.
 pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, Rejection> {
     let doc = crate::compile::parse(json).map_err(Rejection::Invalid)?;
     compile_doc(&doc).map_err(Rejection::Invalid)?;
@@ -720,7 +1180,7 @@ pub fn touch(store: &dyn SharedStore, now_s: u64) {
 
 /// Loads and compiles the catalogue of the version a head names.
 pub fn load_catalog(store: &dyn SharedStore, head: &Head) -> Option<Catalog> {
-    let bytes = read_record(store, head.slot, head.epoch, "meta", "-")?;
+    let bytes = read_meta(store, head.slot, head.floor, head.epoch)?;
     let doc: ConfigDoc = serde_json::from_slice(&bytes).ok()?;
     (doc.version == head.version).then_some(())?;
     compile_catalog(&doc).ok()
@@ -779,12 +1239,8 @@ fn plausible_sid(sid: &[u8]) -> Option<&str> {
 }
 
 impl SharedDirectory<'_> {
-    fn record(&self, kind: &str, id: &str) -> Option<Vec<u8>> {
-        read_record(self.store, self.head.slot, self.head.epoch, kind, id)
-    }
-
     fn load_principal(&self, sid: &str) -> Option<Principal> {
-        let bytes = self.record("p", sid)?;
+        let bytes = read_entry(self.store, &self.head, PRINCIPAL, sid.as_bytes())?;
         match bytes.split_first()? {
             (b'K', json) => {
                 let doc: KeyDoc = serde_json::from_slice(json).ok()?;
@@ -800,7 +1256,6 @@ impl SharedDirectory<'_> {
                     .ok()
                     .map(|a| Principal::Account(Arc::new(a)))
             }
-            // b'D': deleted.
             _ => None,
         }
     }
@@ -827,9 +1282,7 @@ impl Directory for SharedDirectory<'_> {
                 return hit.clone();
             }
         }
-        let hexd = hex::encode(digest);
-        let key = self
-            .record("t", &hexd)
+        let key = read_entry(self.store, &self.head, TOKEN, digest)
             .and_then(|sid| match self.by_sid(&sid) {
                 Some(Principal::Key(k)) => Some(k),
                 _ => None,
@@ -880,7 +1333,11 @@ mod tests {
         .unwrap()
     }
 
-    fn judge(store: &FakeStore, cache: &RefCell<RecordCache>, auth: &[u8]) -> Result<u64, Reason> {
+    fn judge(
+        store: &dyn SharedStore,
+        cache: &RefCell<RecordCache>,
+        auth: &[u8],
+    ) -> Result<u64, Reason> {
         let head = read_head(store).ok_or(Reason::NoConfig)?;
         let catalog = load_catalog(store, &head).ok_or(Reason::NoConfig)?;
         let dir = SharedDirectory {
@@ -910,7 +1367,7 @@ mod tests {
         .into_bytes()
     }
 
-    #[derive(Clone)]
+    #[derive(Clone, Debug)]
     enum Rec {
         Account(AccountDoc),
         Key(KeyDoc),
@@ -996,7 +1453,7 @@ mod tests {
         /// One whole update, fetching pages of `limit`; `between` runs before each page.
         fn sync(
             &mut self,
-            store: &FakeStore,
+            store: &dyn SharedStore,
             limit: usize,
             between: impl FnMut(&mut Model, u64),
         ) -> Result<(u64, Sync), Rejection> {
@@ -1005,7 +1462,7 @@ mod tests {
         }
         fn walk(
             &mut self,
-            store: &FakeStore,
+            store: &dyn SharedStore,
             limit: usize,
             mut sync: Sync,
             mut between: impl FnMut(&mut Model, u64),
@@ -1138,6 +1595,32 @@ mod tests {
         assert!(dir.by_sid(b"SK2").is_none());
     }
 
+    /// Every live entry of `slot` (kind, id, payload), read bucket by bucket.
+    fn live_entries(store: &FakeStore, slot: u8) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
+        let st = read_state(store, slot).unwrap();
+        let prefix = format!("kg:cfg:{slot}:b:");
+        let map = store.map.borrow();
+        let mut out: Vec<_> = map
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .flat_map(|(_, (v, _))| {
+                entries(v)
+                    .filter(|e| e.epoch >= st.floor)
+                    .map(|e| (e.kind, e.id.to_vec(), e.payload.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Shared-data names, and the bytes of their values (names that hold an empty value count
+    /// as names only).
+    fn footprint(store: &FakeStore) -> (usize, usize) {
+        let map = store.map.borrow();
+        (map.len(), map.values().map(|(v, _)| v.len()).sum())
+    }
+
     #[test]
     fn memory_is_two_slots_whatever_the_number_of_versions() {
         let store = FakeStore::new();
@@ -1148,17 +1631,346 @@ mod tests {
             m.put_key("SK1", &format!("one-{i}"));
             m.sync(&store, 2, |_, _| {}).unwrap();
         }
-        // anchor + head + epoch counter + 2 × (state + meta + account + 2 keys)
-        // + the token index: SK2's one digest per slot, SK1's digest of each version (and the
-        // first one in both slots: the first walk fills both).
-        let tokens = store
+        // Each slot holds the account, the two keys and their two Bearer entries: the digests
+        // SK1 held in earlier versions are gone, not piled up.
+        for slot in 0..2 {
+            let live = live_entries(&store, slot);
+            let kinds: Vec<u8> = live.iter().map(|e| e.0).collect();
+            assert_eq!(kinds, b"ppptt", "slot {slot}: {live:?}");
+        }
+        // anchor + head + epoch counter + 2 × (state + meta) + buckets, at most one per entry.
+        let (names, _) = footprint(&store);
+        assert!(names <= 3 + 2 * (2 + 5 + 20), "{names}");
+        let non_empty = store
             .map
             .borrow()
-            .keys()
-            .filter(|k| k.contains(":t:"))
+            .values()
+            .filter(|(v, _)| !v.is_empty())
             .count();
-        assert_eq!(store.map.borrow().len(), 3 + 2 * 5 + tokens);
-        assert!(tokens <= 2 + 20 + 1, "{tokens}");
+        assert!(non_empty <= 3 + 2 * (2 + 5), "{non_empty}");
+    }
+
+    /// Creations, rotations and deletions of ever new SIDs and secrets: shared data keeps a
+    /// bounded set of names (the slots' buckets) and, in them, only what is live.
+    #[test]
+    fn churn_leaves_only_live_entries_under_a_bounded_set_of_names() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        m.put_key("SKsteady", "steady");
+        m.sync(&store, 50, |_, _| {}).unwrap();
+        let mut after_warm_up = (0, 0);
+        for i in 0..600 {
+            let sid = format!("SKc{i:05}");
+            m.put_key(&sid, &format!("first{i}"));
+            m.sync(&store, 50, |_, _| {}).unwrap();
+            m.put_key(&sid, &format!("second{i}"));
+            m.sync(&store, 50, |_, _| {}).unwrap();
+            assert_eq!(
+                judge(&store, &cache, format!("Bearer second{i}").as_bytes()),
+                Ok(m.version)
+            );
+            assert_eq!(
+                judge(&store, &cache, format!("Bearer first{i}").as_bytes()),
+                Err(Reason::InvalidCredentials)
+            );
+            m.delete(&sid);
+            m.sync(&store, 50, |_, _| {}).unwrap();
+            if i == 99 {
+                after_warm_up = footprint(&store);
+            }
+        }
+        assert_eq!(
+            judge(&store, &cache, &basic("SKsteady", "steady")),
+            Ok(m.version)
+        );
+        // The slot in force: the account, the steady key, its token. The free one is one
+        // version behind (the last key still there, with the Bearer entry of its second secret only).
+        let in_force = read_head(&store).unwrap().slot;
+        for (slot, want) in [(in_force, &b"ppt"[..]), (1 - in_force, &b"ppptt"[..])] {
+            let kinds: Vec<u8> = live_entries(&store, slot).iter().map(|e| e.0).collect();
+            assert_eq!(kinds, want, "slot {slot}");
+            assert_eq!(read_state(&store, slot).unwrap().count, want.len() as u64);
+        }
+        let (names, bytes) = footprint(&store);
+        // At most every bucket of both slots was ever used; the values hold three live entries
+        // a slot (and the fixed records).
+        assert!(
+            names <= 3 + 2 * (2 + (1 << MIN_BUCKET_BITS)),
+            "{names} names"
+        );
+        assert!(bytes < 4096, "{bytes} bytes");
+        // And nothing grew after the first 100 cycles but names of buckets not used before.
+        assert!(
+            bytes <= after_warm_up.1 + 64,
+            "{bytes} bytes, {after_warm_up:?} after 100 cycles"
+        );
+    }
+
+    type Check<'a> = Box<dyn FnMut(&FakeStore) + 'a>;
+
+    /// A store that runs `check` after every write: a request reading between any two steps of
+    /// an update.
+    struct Watched<'a> {
+        inner: &'a FakeStore,
+        check: RefCell<Check<'a>>,
+        steps: std::cell::Cell<u32>,
+    }
+
+    impl SharedStore for Watched<'_> {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::ratelimit::StoreError> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+            let r = self.inner.set(key, value, cas);
+            self.steps.set(self.steps.get() + 1);
+            (self.check.borrow_mut())(self.inner);
+            r
+        }
+        fn absent_cas(&self) -> u32 {
+            self.inner.absent_cas()
+        }
+    }
+
+    fn payload_of(rec: &Rec) -> Vec<u8> {
+        match rec {
+            Rec::Account(a) => principal_payload(b'A', a).unwrap(),
+            Rec::Key(k) => principal_payload(b'K', k).unwrap(),
+        }
+    }
+
+    fn digests_of(m: &Model) -> Vec<(Vec<u8>, String)> {
+        m.rows
+            .iter()
+            .filter_map(|(sid, (_, rec))| match rec {
+                Some(Rec::Key(k)) => Some((k, sid)),
+                _ => None,
+            })
+            .flat_map(|(k, sid)| {
+                k.secrets
+                    .iter()
+                    .map(|s| (digest_bytes(&s.digest).unwrap().to_vec(), sid.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The slot that just went out of force is written at a fresh epoch: a request that read
+    /// the head before it moved away (and still reads that slot) sees, at every step of the
+    /// next update's writes into it, the entries of its own version or nothing, never one of the
+    /// newer version; the new head sees exactly the newer version.
+    #[test]
+    fn a_request_holding_the_old_head_never_sees_the_next_version_while_it_is_written() {
+        let store = FakeStore::new();
+        let mut m = Model::new();
+        for i in 0..10 {
+            m.put_key(&format!("SK{i:02}"), &format!("a{i}"));
+        }
+        m.sync(&store, 4, |_, _| {}).unwrap();
+        let old_head = read_head(&store).unwrap();
+        let old = m.rows.clone();
+        let old_digests = digests_of(&m);
+        let old_meta = read_meta(&store, old_head.slot, old_head.floor, old_head.epoch).unwrap();
+        // The head moves to the other slot (one change), so the old head's slot is free.
+        m.put_key("SK09", "b9");
+        m.sync(&store, 4, |_, _| {}).unwrap();
+        let in_force = read_head(&store).unwrap();
+        assert_ne!(in_force.slot, old_head.slot);
+        let at_v2 = m.rows.clone();
+        // The next update rotates, deletes, creates and leaves keys alone, over several pages,
+        // with a change during its walk (a second walk).
+        m.put_key("SK01", "b1");
+        m.delete("SK02");
+        m.put_key("SK05", "b5");
+        m.put_key("SK77", "new");
+        let checks = std::cell::Cell::new(0u32);
+        let changed = |sid: &str, now: &BTreeMap<String, (u64, Option<Rec>)>| {
+            now.get(sid).map(|r| r.0) != old.get(sid).map(|r| r.0)
+        };
+        let rows_now = RefCell::new(m.rows.clone());
+        let watched = Watched {
+            inner: &store,
+            check: RefCell::new(Box::new(|s: &FakeStore| {
+                checks.set(checks.get() + 1);
+                let now = rows_now.borrow();
+                for (sid, (_, rec)) in now.iter().chain(old.iter()) {
+                    let seen = read_entry(s, &old_head, PRINCIPAL, sid.as_bytes());
+                    let was = old.get(sid).and_then(|r| r.1.as_ref()).map(payload_of);
+                    if changed(sid, &now) {
+                        assert!(
+                            seen.is_none() || seen == was,
+                            "{sid}: a newer record {rec:?}"
+                        );
+                    } else {
+                        assert_eq!(seen, was, "{sid}: unchanged, still readable");
+                    }
+                    // The version in force is not touched at all.
+                    let in_force_sees = read_entry(s, &in_force, PRINCIPAL, sid.as_bytes());
+                    let want = at_v2.get(sid).and_then(|r| r.1.as_ref()).map(payload_of);
+                    assert_eq!(in_force_sees, want, "{sid} in force");
+                }
+                for (d, sid) in &old_digests {
+                    let seen = read_entry(s, &old_head, TOKEN, d);
+                    assert!(seen.is_none() || seen.as_deref() == Some(sid.as_bytes()));
+                }
+                for (d, _) in digests_of_rows(&now) {
+                    if !old_digests.iter().any(|(o, _)| *o == d) {
+                        assert_eq!(read_entry(s, &old_head, TOKEN, &d), None, "a new digest");
+                    }
+                }
+                let meta = read_meta(s, old_head.slot, old_head.floor, old_head.epoch);
+                assert!(
+                    meta.is_none() || meta.as_ref() == Some(&old_meta),
+                    "newer meta"
+                );
+            })),
+            steps: std::cell::Cell::new(0),
+        };
+        let (v, sync) = m
+            .sync(&watched, 2, |m, n| {
+                if n == 1 {
+                    m.put_key("SK03", "b3");
+                    *rows_now.borrow_mut() = m.rows.clone();
+                }
+            })
+            .unwrap();
+        assert!(sync.pages > 3, "a second walk: {} pages", sync.pages);
+        assert!(checks.get() >= 10, "{} steps checked", checks.get());
+        drop(watched);
+        let new_head = read_head(&store).unwrap();
+        assert_eq!((new_head.version, new_head.slot), (v, old_head.slot));
+        assert_eq!(new_head.floor, old_head.floor, "a delta, not a refill");
+        assert!(new_head.epoch > old_head.epoch);
+        // The new head sees exactly the new version.
+        for (sid, (_, rec)) in m.rows.iter().chain(old.iter()) {
+            let want = m.rows.get(sid).and_then(|r| r.1.as_ref()).map(payload_of);
+            assert_eq!(
+                read_entry(&store, &new_head, PRINCIPAL, sid.as_bytes()),
+                want,
+                "{sid} {rec:?}"
+            );
+        }
+        let now_digests = digests_of(&m);
+        for (d, sid) in &now_digests {
+            assert_eq!(
+                read_entry(&store, &new_head, TOKEN, d).as_deref(),
+                Some(sid.as_bytes())
+            );
+        }
+        for (d, _) in &old_digests {
+            if !now_digests.iter().any(|(n, _)| n == d) {
+                assert_eq!(read_entry(&store, &new_head, TOKEN, d), None, "rotated out");
+            }
+        }
+    }
+
+    fn digests_of_rows(rows: &BTreeMap<String, (u64, Option<Rec>)>) -> Vec<(Vec<u8>, String)> {
+        let mut m = Model::new();
+        m.rows = rows.clone();
+        digests_of(&m)
+    }
+
+    /// A slot with more than `MAX_LOAD` entries per bucket is refilled from scratch with more
+    /// buckets (the walk starts over), and the buckets it had before are swept.
+    #[test]
+    fn a_slot_that_outgrows_its_buckets_is_refilled_with_more() {
+        let store = FakeStore::new();
+        let cache = RefCell::new(RecordCache::default());
+        let mut m = Model::new();
+        for i in 0..600 {
+            m.put_key(&format!("SK{i:04}"), &format!("s{i}"));
+        }
+        let (v, sync) = m.sync(&store, 100, |_, _| {}).unwrap();
+        let head = read_head(&store).unwrap();
+        assert_eq!(head.bits, 15, "1201 entries: 2^15 buckets");
+        assert!(
+            sync.pages > 7,
+            "the walk started over: {} pages",
+            sync.pages
+        );
+        for i in (0..600).step_by(37) {
+            assert_eq!(
+                judge(
+                    &store,
+                    &cache,
+                    &basic(&format!("SK{i:04}"), &format!("s{i}"))
+                ),
+                Ok(v)
+            );
+            assert_eq!(
+                judge(&store, &cache, format!("Bearer s{i}").as_bytes()),
+                Ok(v)
+            );
+        }
+        // What was written with 2^8 buckets before the refill is gone (swept), not just hidden.
+        for slot in 0..2 {
+            let st = read_state(&store, slot).unwrap();
+            assert_eq!((st.bits, st.count), (15, 1201));
+            assert_eq!(live_entries(&store, slot).len(), 1201);
+            let map = store.map.borrow();
+            let stale = map
+                .iter()
+                .filter(|(k, _)| k.starts_with(&format!("kg:cfg:{slot}:b:")))
+                .flat_map(|(_, (v, _))| {
+                    entries(v)
+                        .filter(|e| e.epoch < st.floor)
+                        .count()
+                        .checked_sub(0)
+                })
+                .sum::<usize>();
+            assert_eq!(stale, 0, "slot {slot}");
+        }
+    }
+
+    /// A page's next cursor is checked before anything is asked for with it: only a SID after
+    /// the page's own cursor is, anything else refuses the page and writes nothing.
+    #[test]
+    fn a_next_cursor_that_is_not_a_sid_after_the_cursor_refuses_the_page() {
+        let store = FakeStore::new();
+        let mut m = Model::new();
+        for i in 0..6 {
+            m.put_key(&format!("SK{i}"), "s");
+        }
+        m.sync(&store, 100, |_, _| {}).unwrap();
+        for i in 0..6 {
+            m.put_key(&format!("SK{i}"), "t");
+        }
+        let mut sync = Sync::begin(&store).unwrap();
+        let (since, after) = sync.request();
+        let first = m.page(since, after, 2);
+        assert_eq!(first.next.as_deref(), Some("SK1"));
+        assert_eq!(sync.request_after(&first), Some((since, "SK1".to_owned())));
+        assert_eq!(sync.apply_page(&store, &first, 200), Ok(Step::More));
+        let (since, after) = sync.request();
+        let second = m.page(since, after, 2);
+        let before = store.map.borrow().clone();
+        let long = format!("SK{}", "9".repeat(63));
+        for bad in [
+            "SK3&known=0&wait=0",
+            "SK3/../../v1/accounts",
+            "SK3 HTTP/1.1",
+            "SK3%26x",
+            "",
+            "SK0",
+            "SK1",
+            long.as_str(),
+        ] {
+            let page = ChangesPage {
+                next: Some(bad.to_owned()),
+                ..second.clone()
+            };
+            assert_eq!(sync.request_after(&page), None, "{bad:?} asked for");
+            let err = sync.apply_page(&store, &page, 200).unwrap_err();
+            assert!(
+                matches!(&err, Rejection::Invalid(e) if e.path == "next" && e.message.contains("invalid next cursor")),
+                "{bad:?}: {err:?}"
+            );
+            assert_eq!(*store.map.borrow(), before, "{bad:?}: nothing written");
+        }
+        assert!(valid_next_cursor("SK1", "SK3"));
+        assert!(valid_next_cursor("", &"S".repeat(64)));
+        assert!(!valid_next_cursor("", &"S".repeat(65)));
+        assert_eq!(sync.apply_page(&store, &second, 200), Ok(Step::More));
     }
 
     #[test]
