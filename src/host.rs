@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::UNIX_EPOCH;
 
-use keygate_core::gate::Host;
+use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, Host};
 use keygate_core::ip::parse_client_address;
 use keygate_core::ratelimit::{SetError, SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -24,6 +24,8 @@ pub struct VmState {
     pub vm_id: Cell<u64>,
     /// Requests of each account (by concurrency store key) in flight on this VM.
     pub inflight: RefCell<HashMap<String, u32>>,
+    /// The process's failed-auth hashing key, once this VM has read (or created) it.
+    failed_auth_key: OnceCell<FailedAuthKey>,
 }
 
 /// Envoy shared data as keygate-core's [`SharedStore`]; the anchor CAS lives in the VM state.
@@ -56,6 +58,7 @@ impl VmState {
             anchor_cas: Cell::new(0),
             vm_id: Cell::new(0),
             inflight: RefCell::new(HashMap::new()),
+            failed_auth_key: OnceCell::new(),
         };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
         if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {
@@ -106,6 +109,24 @@ impl Host for RequestHost<'_> {
     fn vm_id(&self) -> u64 {
         self.vm.vm_id.get()
     }
+
+    /// The key in shared data (`kg:fa:key`), created by the first VM of the process that needs
+    /// it from WASI `random_get`; cached per VM once read.
+    fn failed_auth_key(&self) -> Option<FailedAuthKey> {
+        if let Some(key) = self.vm.failed_auth_key.get() {
+            return Some(key.clone());
+        }
+        let key = shared_failed_auth_key(self.vm, &mut random_key)?;
+        let _ = self.vm.failed_auth_key.set(key.clone());
+        Some(key)
+    }
+}
+
+/// 16 bytes from the host's random source (WASI `random_get`, which Envoy implements).
+fn random_key() -> Option<[u8; 16]> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 #[link(wasm_import_module = "env")]

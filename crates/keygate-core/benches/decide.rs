@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use keygate_core::digest::Digester;
-use keygate_core::gate::{self, GateStats, Host, Verdict};
+use keygate_core::gate::{self, FailedAuthKey, GateStats, Host, Verdict};
 use keygate_core::headers::parse_header_map;
 use keygate_core::ratelimit::testing::FakeStore;
 use keygate_core::ratelimit::{Counters, SharedStore};
@@ -219,6 +219,9 @@ impl Host for BenchHost {
     }
     fn vm_id(&self) -> u64 {
         1
+    }
+    fn failed_auth_key(&self) -> Option<FailedAuthKey> {
+        Some(FailedAuthKey::from_bytes([7; 16]))
     }
 }
 

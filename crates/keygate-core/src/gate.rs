@@ -4,23 +4,39 @@
 //!
 //! Order:
 //! 1. if a failed-auth limit is configured and the request carries credentials, refuse with 429
-//!    when the client address's bucket is exhausted, before any secret is compared (so a guesser
-//!    learns nothing more once limited);
-//! 2. [`crate::decide`]; an `invalid_credentials` denial takes one from the client's bucket;
+//!    when **both** of the client address's buckets are exhausted, before any secret is compared
+//!    (so a guesser learns nothing more once limited);
+//! 2. [`crate::decide`]; an `invalid_credentials` denial takes one from each of the client's two
+//!    buckets;
 //! 3. for an authenticated request, take from key × API, key and account rates, all or nothing;
 //! 4. then a concurrency slot for the account; if refused, the rates taken in 3 are given back.
 //!
 //! A request that fails authentication therefore consumes nothing from any key or account
 //! quota, and a request refused by one limit consumes nothing from the others.
+//!
+//! ## The failed-authentication limiter
+//!
+//! A client address (IPv6 masked to `ipv6_prefix`) is hashed with SipHash-2-4 under a random
+//! 128-bit [`FailedAuthKey`] into two distinct buckets of `buckets` (`kg:fa:2:{bucket}`, one GCRA
+//! record each). A failure takes one from both; a request is refused only while both are
+//! exhausted (a count-min sketch). Without the key nobody can tell which buckets an address
+//! uses, so an attacker can only poison buckets blindly, and must poison both of a victim's:
+//! with `n` client subjects it exhausts at most `2n` buckets, and a given client is locked out
+//! with probability about `(1 − e^(−2n/B))²` (README, "Limits"). The key is per Envoy process
+//! (every VM of the process shares the buckets, so they share the key):
+//! [`shared_failed_auth_key`] stores it once under [`FAILED_AUTH_KEY_STORE_KEY`].
 
+use std::fmt;
 use std::net::IpAddr;
+
+use siphasher::sip128::SipHasher24;
 
 use crate::compile::{Catalog, CompiledConfig, Directory, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
-use crate::decision::{decide_in, Allow, Decision};
+use crate::decision::{decide_in, denied_after_authentication, Allow, Decision};
 use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::ratelimit::{
-    Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SharedStore,
+    Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SetError, SharedStore,
 };
 use crate::reason::Reason;
 
@@ -38,6 +54,59 @@ pub trait Host {
     fn store(&self) -> &dyn SharedStore;
     /// This VM's identity for concurrency leases.
     fn vm_id(&self) -> u64;
+    /// The process's failed-auth hashing key: the same for every VM sharing [`Host::store`]
+    /// (see [`shared_failed_auth_key`]); `None` if it cannot be had (no randomness, store
+    /// error), which the limiter treats as a store failure. Asked only when the limiter runs.
+    fn failed_auth_key(&self) -> Option<FailedAuthKey>;
+}
+
+/// The secret key of the failed-auth limiter's hash: 128 random bits, one per Envoy process (or
+/// per control-plane process). `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FailedAuthKey([u8; 16]);
+
+impl FailedAuthKey {
+    /// A key from 16 bytes that must come from a cryptographic random source.
+    pub const fn from_bytes(bytes: [u8; 16]) -> FailedAuthKey {
+        FailedAuthKey(bytes)
+    }
+}
+
+impl fmt::Debug for FailedAuthKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FailedAuthKey(..)")
+    }
+}
+
+/// Shared-data key holding the process's [`FailedAuthKey`] (16 raw bytes).
+pub const FAILED_AUTH_KEY_STORE_KEY: &str = "kg:fa:key";
+
+/// The process's failed-auth key from `store`, created on first use: the first caller stores 16
+/// bytes from `random` with an insert-if-absent (the store's absent CAS), and every caller then
+/// uses whatever the store holds, so all VMs sharing the store agree. A value of the wrong length
+/// is replaced the same way (with its own CAS). `None` if the store fails or `random` does.
+pub fn shared_failed_auth_key(
+    store: &dyn SharedStore,
+    random: &mut dyn FnMut() -> Option<[u8; 16]>,
+) -> Option<FailedAuthKey> {
+    for _ in 0..8 {
+        let cas = match store.get(FAILED_AUTH_KEY_STORE_KEY) {
+            Ok(Some((v, cas))) => match <[u8; 16]>::try_from(v.as_slice()) {
+                Ok(bytes) => return Some(FailedAuthKey(bytes)),
+                Err(_) => cas,
+            },
+            Ok(None) => store.absent_cas(),
+            Err(_) => return None,
+        };
+        let fresh = random()?;
+        match store.set(FAILED_AUTH_KEY_STORE_KEY, &fresh, cas) {
+            Ok(()) => return Some(FailedAuthKey(fresh)),
+            // Another VM stored one first: read it on the next round.
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Other) => return None,
+        }
+    }
+    None
 }
 
 /// A slot held for the request's lifetime; give it back with [`release`] when the stream ends.
@@ -62,6 +131,12 @@ impl Denial {
             retry_after_s: None,
             quota: None,
         }
+    }
+
+    /// Whether the request's credential had authenticated when it was refused (see
+    /// [`denied_after_authentication`]): only such replies may describe the deployment.
+    pub fn authenticated(&self) -> bool {
+        denied_after_authentication(self.reason)
     }
 }
 
@@ -109,29 +184,127 @@ pub fn api_slot(name: &str) -> u32 {
     (h ^ (h >> 32)) as u32 | 1
 }
 
-fn failed_auth_check(cat: &Catalog, ip: IpAddr) -> Option<Check> {
-    let fa = cat.limits.failed_auth?;
-    let h = match ip.to_canonical() {
-        IpAddr::V4(v4) => fnv1a(&v4.octets()),
+/// The two distinct buckets (of `buckets`; one if `buckets` is 1) of client address `ip`
+/// (IPv6 masked to its first `ipv6_prefix` bits) under `key`: SipHash-2-4's 128-bit output gives
+/// two independent 64-bit indices. Without the key they cannot be computed, so nobody can pick
+/// addresses that land on a given client's buckets.
+pub fn failed_auth_buckets(
+    key: &FailedAuthKey,
+    buckets: u32,
+    ipv6_prefix: u8,
+    ip: IpAddr,
+) -> [u32; 2] {
+    let hasher = SipHasher24::new_with_key(&key.0);
+    let (h1, h2) = match ip.to_canonical() {
+        IpAddr::V4(v4) => hasher.hash(&v4.octets()),
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let prefix = u32::from(fa.ipv6_prefix.min(128));
+            let prefix = u32::from(ipv6_prefix.min(128));
             let masked = if prefix == 0 {
                 0
             } else {
                 bits & (u128::MAX << (128 - prefix))
             };
-            fnv1a(&masked.to_be_bytes())
+            hasher.hash(&masked.to_be_bytes())
         }
+    }
+    .as_u64();
+    let n = u64::from(buckets.max(1));
+    let first = h1 % n;
+    if n == 1 {
+        return [0, 0];
+    }
+    // Uniform over the other n − 1 buckets.
+    let mut second = h2 % (n - 1);
+    if second >= first {
+        second += 1;
+    }
+    // Both are below `buckets`, a u32.
+    [first as u32, second as u32]
+}
+
+/// The limiter's checks for `ip`: one per distinct bucket.
+fn failed_auth_checks(cat: &Catalog, key: &FailedAuthKey, ip: IpAddr) -> Vec<Check> {
+    let Some(fa) = cat.limits.failed_auth else {
+        return Vec::new();
     };
-    let bucket = h % u64::from(fa.buckets.max(1));
-    Some(Check {
-        store_key: format!("kg:fa:2:{bucket}"),
+    let [a, b] = failed_auth_buckets(key, fa.buckets, fa.ipv6_prefix, ip);
+    let bucket = |n: u32| Check {
+        store_key: format!("kg:fa:2:{n}"),
         slot: 0,
         rate: fa.limit.rate,
         kind: LimitKind::FailedAuth,
         shadow: fa.limit.shadow,
+    };
+    if a == b {
+        vec![bucket(a)]
+    } else {
+        vec![bucket(a), bucket(b)]
+    }
+}
+
+fn limiter<'s>(cat: &Catalog, store: &'s dyn SharedStore) -> Limiter<'s, dyn SharedStore + 's> {
+    Limiter {
+        store,
+        max_retries: cat.limits.max_cas_retries,
+        on_store_error: cat.limits.on_store_error,
+    }
+}
+
+/// The failed-auth pre-check, before any secret is compared: 429 `too_many_failed_auth` (with
+/// `Retry-After` until one of the buckets has room again) when both of `ip`'s buckets are
+/// exhausted. Reads one bucket when it has room, two otherwise; writes nothing. A bucket the
+/// store cannot read counts as exhausted under `on_store_error: deny`. `None` when the catalogue
+/// has no failed-auth limit, or the limit is in shadow mode (then counted in
+/// `stats.shadow_limited`).
+pub fn failed_auth_precheck(
+    cat: &Catalog,
+    key: &FailedAuthKey,
+    store: &dyn SharedStore,
+    ip: IpAddr,
+    now_us: u64,
+    stats: &mut GateStats,
+) -> Option<Denial> {
+    let checks = failed_auth_checks(cat, key, ip);
+    let first = checks.first()?;
+    let limiter = limiter(cat, store);
+    let mut retry_after_s = u64::MAX;
+    for c in &checks {
+        // One bucket with room is enough.
+        let r = limiter.would_refuse(c, now_us, &mut stats.counters)?;
+        retry_after_s = retry_after_s.min(r);
+    }
+    if first.shadow {
+        stats.shadow_limited.push(LimitKind::FailedAuth);
+        return None;
+    }
+    Some(Denial {
+        reason: Reason::TooManyFailedAuth,
+        retry_after_s: Some(retry_after_s),
+        quota: Some(Quota {
+            kind: LimitKind::FailedAuth,
+            rate: first.rate,
+            remaining: 0,
+            reset_s: retry_after_s,
+        }),
     })
+}
+
+/// Records one failed authentication from `ip`: takes one from each of its buckets that has
+/// room, independently (an exhausted bucket does not stop the other from filling, so a
+/// guesser's own pair always ends up exhausted).
+pub fn failed_auth_record(
+    cat: &Catalog,
+    key: &FailedAuthKey,
+    store: &dyn SharedStore,
+    ip: IpAddr,
+    now_us: u64,
+    counters: &mut Counters,
+) {
+    let limiter = limiter(cat, store);
+    for c in failed_auth_checks(cat, key, ip) {
+        let _ = limiter.admit(std::slice::from_ref(&c), now_us, counters);
+    }
 }
 
 fn check(store_key: String, slot: u32, limit: LimitRate, kind: LimitKind) -> Check {
@@ -170,28 +343,38 @@ pub fn evaluate_in(
     };
 
     // 1. Failed-auth gate, only for requests that present credentials.
-    let fa_check = match (cat.limits.failed_auth, head.authorization) {
-        (Some(_), AuthorizationHeader::One(_) | AuthorizationHeader::Many) => {
-            host.client_ip().and_then(|ip| failed_auth_check(cat, ip))
-        }
+    let failed_auth = match (cat.limits.failed_auth, head.authorization) {
+        (Some(_), AuthorizationHeader::One(_) | AuthorizationHeader::Many) => host.client_ip(),
         _ => None,
     };
-    if let Some(c) = &fa_check {
-        if let Some(retry_after_s) = limiter.would_refuse(c, now_us, &mut stats.counters) {
-            if c.shadow {
-                stats.shadow_limited.push(LimitKind::FailedAuth);
-            } else {
-                return Verdict::Deny(Denial {
-                    reason: Reason::TooManyFailedAuth,
-                    retry_after_s: Some(retry_after_s),
-                    quota: Some(Quota {
-                        kind: LimitKind::FailedAuth,
-                        rate: c.rate,
-                        remaining: 0,
-                        reset_s: retry_after_s,
-                    }),
-                });
+    let failed_auth = match (failed_auth, cat.limits.failed_auth) {
+        (Some(ip), Some(fa)) => match host.failed_auth_key() {
+            Some(key) => Some((ip, key)),
+            // Without the key the buckets cannot be found: a store failure of the limiter,
+            // answered as an unreadable bucket is.
+            None => {
+                stats.counters.store_errors += 1;
+                if cat.limits.on_store_error == OnStoreError::Deny && !fa.limit.shadow {
+                    return Verdict::Deny(Denial {
+                        reason: Reason::TooManyFailedAuth,
+                        retry_after_s: Some(1),
+                        quota: Some(Quota {
+                            kind: LimitKind::FailedAuth,
+                            rate: fa.limit.rate,
+                            remaining: 0,
+                            reset_s: 1,
+                        }),
+                    });
+                }
+                // Counted in `store_failures_allowed` if the request is let through.
+                None
             }
+        },
+        _ => None,
+    };
+    if let Some((ip, key)) = &failed_auth {
+        if let Some(denial) = failed_auth_precheck(cat, key, host.store(), *ip, now_us, stats) {
+            return Verdict::Deny(denial);
         }
     }
 
@@ -200,8 +383,8 @@ pub fn evaluate_in(
     let allow = match decision {
         Decision::Deny(reason) => {
             if reason == Reason::InvalidCredentials {
-                if let Some(c) = &fa_check {
-                    let _ = limiter.admit(std::slice::from_ref(c), now_us, &mut stats.counters);
+                if let Some((ip, key)) = &failed_auth {
+                    failed_auth_record(cat, key, host.store(), *ip, now_us, &mut stats.counters);
                 }
             }
             return Verdict::Deny(Denial::plain(reason));

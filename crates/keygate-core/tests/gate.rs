@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use keygate_core::compile::compile_doc;
 use keygate_core::config::*;
-use keygate_core::gate::{evaluate, release, GateStats, Host, Verdict};
+use keygate_core::gate::{
+    evaluate, failed_auth_buckets, failed_auth_precheck, release, shared_failed_auth_key,
+    FailedAuthKey, GateStats, Host, Verdict, FAILED_AUTH_KEY_STORE_KEY,
+};
 use keygate_core::headers::{AuthorizationHeader, RequestHead};
 use keygate_core::ratelimit::testing::FakeStore;
 use keygate_core::ratelimit::{Counters, LimitKind, SharedStore};
@@ -24,17 +27,42 @@ struct FakeHost {
     now_us: Cell<u64>,
     ip: Cell<Option<IpAddr>>,
     vm_id: u64,
+    /// What this host's random source gives for the failed-auth key (`None`: it fails).
+    random: Cell<Option<[u8; 16]>>,
 }
 
 impl FakeHost {
     fn new() -> FakeHost {
+        FakeHost::with_key_seed(1)
+    }
+
+    /// A host whose failed-auth key is drawn from a generator seeded with `seed`.
+    fn with_key_seed(seed: u64) -> FakeHost {
         FakeHost {
             store: FakeStore::new(),
             now_us: Cell::new(T0 * 1_000_000),
             ip: Cell::new("203.0.113.9".parse().ok()),
             vm_id: 1,
+            random: Cell::new(Some(key_bytes(seed))),
         }
     }
+}
+
+/// SplitMix64: a fixed, seedable stand-in for a random source.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn key_bytes(seed: u64) -> [u8; 16] {
+    let mut state = seed;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&splitmix(&mut state).to_le_bytes());
+    b[8..].copy_from_slice(&splitmix(&mut state).to_le_bytes());
+    b
 }
 
 impl Host for FakeHost {
@@ -49,6 +77,10 @@ impl Host for FakeHost {
     }
     fn vm_id(&self) -> u64 {
         self.vm_id
+    }
+    // As the filter does: the process's key from the shared store, created on first use.
+    fn failed_auth_key(&self) -> Option<FailedAuthKey> {
+        shared_failed_auth_key(&self.store, &mut || self.random.get())
     }
 }
 
@@ -244,6 +276,336 @@ fn ipv6_clients_share_a_bucket_per_prefix() {
     assert_eq!(
         outcome(&run(&cfg, &host, &guess, CALLS).0),
         Err(Reason::TooManyFailedAuth)
+    );
+}
+
+fn failed_auth_doc(requests: u32, buckets: u32, ipv6_prefix: u8) -> FailedAuthDoc {
+    FailedAuthDoc {
+        requests,
+        per: "1h".into(),
+        shadow: false,
+        buckets: Some(buckets),
+        ipv6_prefix: Some(ipv6_prefix),
+    }
+}
+
+/// Sends wrong secrets from the host's address until it is refused before comparison; returns
+/// how many were compared (401).
+fn guess_until_locked(cfg: &CompiledConfig, host: &FakeHost, limit: u32) -> u32 {
+    let guess = basic("SKmain", "guess");
+    for compared in 0..=2 * limit {
+        match outcome(&run(cfg, host, &guess, CALLS).0) {
+            Err(Reason::InvalidCredentials) => {}
+            Err(Reason::TooManyFailedAuth) => return compared,
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("{:?} was never locked out", host.ip.get())
+}
+
+/// A v4 address in 10/8 from a counter.
+fn v4(i: u32) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 | i))
+}
+
+#[test]
+fn a_client_is_refused_only_when_both_of_its_buckets_are_exhausted() {
+    const B: u32 = 64;
+    let mut doc = fixture_doc();
+    doc.limits.failed_auth = Some(failed_auth_doc(2, B, 64));
+    let cfg = compile_doc(&doc).unwrap();
+    let host = FakeHost::new();
+    let key = FailedAuthKey::from_bytes(key_bytes(1));
+    let victim: IpAddr = "198.51.100.7".parse().unwrap();
+    let [v1, v2] = failed_auth_buckets(&key, B, 64, victim);
+    assert_ne!(v1, v2, "two distinct buckets");
+    // Attackers that share exactly one bucket with the victim (found with the key, which a
+    // real attacker does not have).
+    let sharing = |want: u32, avoid: u32| {
+        (0..100_000)
+            .map(v4)
+            .find(|ip| {
+                let pair = failed_auth_buckets(&key, B, 64, *ip);
+                pair.contains(&want) && !pair.contains(&avoid)
+            })
+            .unwrap()
+    };
+    let right = basic("SKmain", "sk_live_main");
+
+    host.ip.set(Some(sharing(v1, v2)));
+    assert_eq!(guess_until_locked(&cfg, &host, 2), 2);
+    host.ip.set(Some(victim));
+    assert_eq!(
+        outcome(&run(&cfg, &host, &right, CALLS).0),
+        Ok(()),
+        "one exhausted bucket of two does not refuse"
+    );
+
+    host.ip.set(Some(sharing(v2, v1)));
+    assert_eq!(guess_until_locked(&cfg, &host, 2), 2);
+    host.ip.set(Some(victim));
+    match run(&cfg, &host, &right, CALLS).0 {
+        Verdict::Deny(d) => {
+            // 2 per hour: one comes back 30 minutes after the bucket filled.
+            assert_eq!(
+                (d.reason, d.retry_after_s, d.authenticated()),
+                (Reason::TooManyFailedAuth, Some(1800), false)
+            );
+            assert_eq!(d.quota.unwrap().kind, LimitKind::FailedAuth);
+        }
+        other => panic!("both buckets exhausted: {other:?}"),
+    }
+    host.now_us.set(host.now_us.get() + 1800 * 1_000_000);
+    assert_eq!(outcome(&run(&cfg, &host, &right, CALLS).0), Ok(()));
+}
+
+#[test]
+fn a_guesser_is_locked_out_even_when_one_of_its_buckets_is_already_full() {
+    // Its failures still fill the other bucket (taken independently, not all-or-nothing).
+    const B: u32 = 64;
+    let mut doc = fixture_doc();
+    doc.limits.failed_auth = Some(failed_auth_doc(3, B, 64));
+    let cfg = compile_doc(&doc).unwrap();
+    let host = FakeHost::new();
+    let key = FailedAuthKey::from_bytes(key_bytes(1));
+    let first = v4(1);
+    let [a, _] = failed_auth_buckets(&key, B, 64, first);
+    let second = (2..100_000)
+        .map(v4)
+        .find(|ip| failed_auth_buckets(&key, B, 64, *ip)[1] == a)
+        .unwrap();
+    host.ip.set(Some(first));
+    assert_eq!(guess_until_locked(&cfg, &host, 3), 3);
+    host.ip.set(Some(second));
+    assert_eq!(guess_until_locked(&cfg, &host, 3), 3);
+}
+
+#[test]
+fn bucket_pairs_depend_on_the_key() {
+    let ip: IpAddr = "198.51.100.7".parse().unwrap();
+    let pairs: std::collections::HashSet<[u32; 2]> = (0..200)
+        .map(|seed| {
+            failed_auth_buckets(&FailedAuthKey::from_bytes(key_bytes(seed)), 65_536, 64, ip)
+        })
+        .collect();
+    // 200 keys: a collision among random pairs of 65536 buckets has probability ~1e-5.
+    assert_eq!(pairs.len(), 200, "different keys give different pairs");
+    let key = FailedAuthKey::from_bytes(key_bytes(9));
+    for i in 0..10_000 {
+        let [a, b] = failed_auth_buckets(&key, 1000, 64, v4(i));
+        assert!(a != b && a < 1000 && b < 1000, "{a} {b}");
+    }
+    assert_eq!(failed_auth_buckets(&key, 1, 64, ip), [0, 0]);
+    // One IPv6 prefix is one subject; the next prefix is another.
+    let in_48 = |s: &str| failed_auth_buckets(&key, 65_536, 48, s.parse().unwrap());
+    assert_eq!(in_48("2001:db8:7::1"), in_48("2001:db8:7:ffff::9"));
+    assert_ne!(in_48("2001:db8:7::1"), in_48("2001:db8:8::1"));
+}
+
+#[test]
+fn an_attacker_who_finds_a_victims_buckets_offline_has_the_wrong_key() {
+    // With the key, picking addresses that land on the victim's two buckets locks it out; the
+    // same addresses chosen under any other key (all an attacker can compute offline) do not.
+    const B: u32 = 4096;
+    let mut doc = fixture_doc();
+    doc.limits.failed_auth = Some(failed_auth_doc(2, B, 64));
+    let cfg = compile_doc(&doc).unwrap();
+    let victim: IpAddr = "198.51.100.7".parse().unwrap();
+    let right = basic("SKmain", "sk_live_main");
+    let attack = |guessed_seed: u64, host: &FakeHost| {
+        let guessed = FailedAuthKey::from_bytes(key_bytes(guessed_seed));
+        let [v1, v2] = failed_auth_buckets(&guessed, B, 64, victim);
+        for want in [v1, v2] {
+            let ip = (0..1_000_000)
+                .map(v4)
+                .find(|ip| failed_auth_buckets(&guessed, B, 64, *ip).contains(&want))
+                .unwrap();
+            host.ip.set(Some(ip));
+            guess_until_locked(&cfg, host, 2);
+        }
+        host.ip.set(Some(victim));
+        outcome(&run(&cfg, host, &right, CALLS).0)
+    };
+    let real_seed = 77;
+    assert_eq!(
+        attack(real_seed, &FakeHost::with_key_seed(real_seed)),
+        Err(Reason::TooManyFailedAuth)
+    );
+    let locked = (1000..1020)
+        .filter(|&guess| attack(guess, &FakeHost::with_key_seed(real_seed)).is_err())
+        .count();
+    // Under the real key each wrong guess poisons 4 random buckets of 4096: the victim's pair
+    // is among them with probability 6/C(4096, 2) < 1e-6.
+    assert_eq!(locked, 0);
+}
+
+/// P(both of a client's two buckets are among those touched by `n` random distinct pairs of
+/// `b` buckets) = 1 − 2·(1 − 2/b)^n + ((b−2)(b−3) / (b(b−1)))^n ≈ (1 − e^(−2n/b))².
+fn lockout_probability(b: f64, n: f64) -> f64 {
+    1.0 - 2.0 * (1.0 - 2.0 / b).powf(n) + ((b - 2.0) * (b - 3.0) / (b * (b - 1.0))).powf(n)
+}
+
+#[test]
+fn an_attacker_without_the_key_locks_out_a_client_only_with_the_computed_probability() {
+    // Each trial: a fresh process key; 100 attacking IPv6 /48s (one subject each with
+    // ipv6_prefix 48), each guessing until it is itself refused, so every bucket of its pair is
+    // exhausted; then 1000 clients elsewhere present the right secret.
+    const B: u32 = 1024;
+    const L: u32 = 2;
+    const ATTACKERS: u32 = 100;
+    const VICTIMS: u32 = 1000;
+    const TRIALS: u64 = 8;
+    let mut doc = fixture_doc();
+    doc.limits.failed_auth = Some(failed_auth_doc(L, B, 48));
+    let cfg = compile_doc(&doc).unwrap();
+    let right = basic("SKmain", "sk_live_main");
+    let mut locked = 0u32;
+    let mut compared = 0u32;
+    for trial in 0..TRIALS {
+        let host = FakeHost::with_key_seed(0x5eed_0000 + trial);
+        for a in 0..ATTACKERS {
+            // A different address of the same /48 for every guess changes nothing.
+            host.ip.set(Some(
+                format!("2001:db8:{a:x}:{trial:x}::1").parse().unwrap(),
+            ));
+            compared += guess_until_locked(&cfg, &host, L);
+        }
+        for v in 0..VICTIMS {
+            host.ip.set(Some(IpAddr::V4(std::net::Ipv4Addr::new(
+                198,
+                18,
+                (v >> 8) as u8,
+                v as u8,
+            ))));
+            match outcome(&run(&cfg, &host, &right, CALLS).0) {
+                Ok(()) => {}
+                Err(Reason::TooManyFailedAuth) => locked += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let samples = f64::from(VICTIMS) * TRIALS as f64;
+    let measured = f64::from(locked) / samples;
+    let expected = lockout_probability(f64::from(B), f64::from(ATTACKERS));
+    eprintln!("locked out {locked} of {samples}: {measured:.4}, expected {expected:.4}");
+    // Standard error ~6.5 % of the expectation here; ±25 % is about 4 of them. One bucket per
+    // address (0.093) or refusing when either bucket is full (0.32) is far outside.
+    assert!((0.0314 - expected).abs() < 0.0005, "{expected}");
+    assert!(
+        (measured - expected).abs() < 0.25 * expected,
+        "{measured} vs {expected}"
+    );
+    // An attacker spends at most L failures per /48 (fewer where its pair was partly full).
+    assert!(compared <= L * ATTACKERS * TRIALS as u32, "{compared}");
+    assert!(compared >= ATTACKERS * TRIALS as u32, "{compared}");
+}
+
+#[test]
+fn every_vm_of_a_process_uses_the_key_the_first_one_stored() {
+    let store = FakeStore::new();
+    let first = shared_failed_auth_key(&store, &mut || Some([1; 16])).unwrap();
+    let second = shared_failed_auth_key(&store, &mut || Some([2; 16])).unwrap();
+    assert_eq!(first, FailedAuthKey::from_bytes([1; 16]));
+    assert_eq!(second, first, "the second VM reads the stored key");
+    assert_eq!(format!("{first:?}"), "FailedAuthKey(..)", "Debug hides it");
+    // A racing VM that inserts between our read and our write wins; we use its key.
+    let raced = FakeStore::new();
+    raced.raw_set("other", b"");
+    let mut calls = 0;
+    let got = shared_failed_auth_key(&raced, &mut || {
+        calls += 1;
+        if calls == 1 {
+            raced.raw_set(FAILED_AUTH_KEY_STORE_KEY, &[9; 16]);
+        }
+        Some([3; 16])
+    });
+    assert_eq!(got, Some(FailedAuthKey::from_bytes([9; 16])));
+    // A value of the wrong length is replaced; no randomness or no store gives no key.
+    let bad = FakeStore::new();
+    bad.raw_set(FAILED_AUTH_KEY_STORE_KEY, b"short");
+    assert_eq!(
+        shared_failed_auth_key(&bad, &mut || Some([4; 16])),
+        Some(FailedAuthKey::from_bytes([4; 16]))
+    );
+    assert_eq!(
+        shared_failed_auth_key(&FakeStore::new(), &mut || None),
+        None
+    );
+    let down = FakeStore::new();
+    down.fail_gets.set(true);
+    assert_eq!(shared_failed_auth_key(&down, &mut || Some([5; 16])), None);
+}
+
+#[test]
+fn without_a_key_the_limiter_follows_on_store_error() {
+    let mut doc = fixture_doc();
+    doc.limits.failed_auth = Some(failed_auth_doc(3, 65_536, 64));
+    let cfg = compile_doc(&doc).unwrap();
+    let host = FakeHost::new();
+    host.random.set(None);
+    let right = basic("SKmain", "sk_live_main");
+    let (v, stats) = run(&cfg, &host, &right, CALLS);
+    match v {
+        Verdict::Deny(d) => assert_eq!(
+            (d.reason, d.retry_after_s),
+            (Reason::TooManyFailedAuth, Some(1))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stats.counters.store_errors, 1);
+    // Requests without credentials never need it.
+    let head = RequestHead {
+        method: b"GET",
+        path: CALLS.as_bytes(),
+        authorization: AuthorizationHeader::Absent,
+        cors_preflight_headers: false,
+    };
+    let mut stats = GateStats::default();
+    assert_eq!(
+        outcome(&evaluate(&cfg, &head, &host, &mut stats)),
+        Err(Reason::MissingCredentials)
+    );
+    doc.limits.on_store_error = OnStoreErrorDoc::Allow;
+    let cfg = compile_doc(&doc).unwrap();
+    let (v, stats) = run(&cfg, &host, &right, CALLS);
+    assert_eq!(outcome(&v), Ok(()));
+    assert_eq!(stats.store_failures_allowed, 1);
+}
+
+#[test]
+fn the_precheck_reads_one_bucket_when_it_has_room_and_writes_nothing() {
+    let mut doc = fixture_doc();
+    doc.limits.failed_auth = Some(failed_auth_doc(1, 65_536, 64));
+    let cfg = compile_doc(&doc).unwrap();
+    let store = FakeStore::new();
+    let key = FailedAuthKey::from_bytes([6; 16]);
+    let ip: IpAddr = "192.0.2.1".parse().unwrap();
+    let mut stats = GateStats::default();
+    let now = T0 * 1_000_000;
+    assert_eq!(
+        failed_auth_precheck(&cfg.catalog, &key, &store, ip, now, &mut stats),
+        None
+    );
+    assert_eq!(store.sets.get(), 1, "only the anchor was ever written");
+    keygate_core::gate::failed_auth_record(
+        &cfg.catalog,
+        &key,
+        &store,
+        ip,
+        now,
+        &mut stats.counters,
+    );
+    let [a, b] = failed_auth_buckets(&key, 65_536, 64, ip);
+    for n in [a, b] {
+        assert!(
+            store.tat(&format!("kg:fa:2:{n}")).unwrap() > now,
+            "bucket {n} taken"
+        );
+    }
+    let d = failed_auth_precheck(&cfg.catalog, &key, &store, ip, now, &mut stats).unwrap();
+    assert_eq!(
+        (d.reason, d.retry_after_s),
+        (Reason::TooManyFailedAuth, Some(3600))
     );
 }
 
