@@ -1,201 +1,100 @@
-//! Who is calling: the `Authorization` header resolved to a [`Principal`], and what each
-//! principal may do.
+//! Who is calling, and may they: every request to the control plane is judged by keygate-core's
+//! own gate ([`keygate_core::gate::evaluate_in`]), the one the edge runs, so the two doors cannot
+//! disagree.
 //!
-//! - HTTP Basic with an account SID and its auth token: the account itself (main-level);
-//! - HTTP Basic with a key SID and its secret, or Bearer with a key secret: the key (its role);
-//! - Bearer with an operator token: the admin (everything) or an edge (the feed only).
-//!
-//! Presented secrets are digested and compared with the stored digests in constant time, against
-//! every live secret of the SID; an unknown SID costs the same digest and comparison. Every
-//! failure is the same 401.
+//! - The same `Authorization` parser, digest comparison (constant time, every secret of the
+//!   SID), expiry, suspension, the account binding of the path (`{account_sid}`), the key's and
+//!   the account's IP allowlists, role and API permissions, failed-authentication limiter, and
+//!   request rates, with the edge's reason codes and statuses.
+//! - The catalogue it decides with is the control plane's own ([`Catalog::control_doc`]): the
+//!   management routes (Twilio's `Keys.json`, keygate's `/v1/accounts/{sid}/...`) are the
+//!   `keys` management API, so a `main` key limited to `apis: ["calls"]` is refused here exactly
+//!   as at the edge (403 `permission_denied`), and a key limited to some addresses is refused
+//!   from any other (403 `ip_not_allowed`).
+//! - Principals are looked up in the store ([`StoreDirectory`], read connections) and compiled
+//!   with the edge's compiler, record by record.
+//! - Operator tokens (the admin's, the edges') are not keys: a Bearer credential whose digest is
+//!   an operator token's is the operator, checked before the gate.
+//! - The client address is the TCP peer, or, only when the peer is one of `--trusted-proxies`,
+//!   the right-most untrusted `X-Forwarded-For` entry ([`keygate_core::ip::forwarded_client`]).
+//! - The limiter's counters live in this process ([`MemStore`], the core's GCRA over the same
+//!   compare-and-swap interface Envoy's shared data offers).
 
-use axum::http::{header, HeaderMap};
-use base64::Engine as _;
-use keygate_core::config::Role;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use keygate_core::compile::{compile_account_record, compile_key_record, Principal};
+use keygate_core::credential::{parse_authorization, Credential, EnabledSchemes};
+use keygate_core::gate::{self, FailedAuthKey, GateStats, Verdict};
+use keygate_core::headers::{AuthorizationHeader, RequestHead};
+use keygate_core::ip::IpAllowlist;
+use keygate_core::ratelimit::{SetError, SharedStore, StoreError};
+use keygate_core::{Directory, Reason};
 use rusqlite::Connection;
-use subtle::{Choice, ConstantTimeEq};
 
+use crate::catalog::{Catalog, ControlLimits, MANAGEMENT_API};
 use crate::error::ApiError;
-use crate::model::StoredSecret;
+use crate::model::Key;
+use crate::policy::Holdings;
 use crate::secret::{self, OperatorKind};
 use crate::store;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
+/// Who made a request that the gate let through.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Caller {
+    /// The operator's admin token: everything.
     Admin,
+    /// An edge token: the edge feeds only.
     Edge,
-    /// Account SID + auth token.
-    Account {
-        account_sid: String,
-        suspended: bool,
-    },
-    Key {
-        key_sid: String,
-        account_sid: String,
-        role: Role,
-        suspended: bool,
-    },
+    /// An account's credentials or one of its keys.
+    Tenant(Tenant),
 }
 
-enum Presented {
-    Basic { user: String, secret: Vec<u8> },
-    Bearer { token: Vec<u8> },
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    pub account_sid: String,
+    /// The key that authenticated, as stored; `None` for the account's own credentials.
+    pub key: Option<Key>,
+    /// The catalogue API the request matched; `None` for a route outside the tenant's APIs
+    /// (an operator route, or no route at all).
+    pub api: Option<String>,
 }
 
-/// Longest `Authorization` value considered (as at the edge).
-const MAX_AUTHORIZATION: usize = 4096;
-
-fn presented(headers: &HeaderMap) -> Option<Presented> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let value = values.next()?;
-    if values.next().is_some() || value.len() > MAX_AUTHORIZATION {
-        return None;
+impl Caller {
+    /// What the caller holds, for the no-escalation rule.
+    pub fn holdings(&self) -> Holdings {
+        match self {
+            Caller::Admin | Caller::Edge => Holdings::Operator,
+            Caller::Tenant(Tenant { key: None, .. }) => Holdings::Account,
+            Caller::Tenant(Tenant { key: Some(k), .. }) => Holdings::Key(Box::new(k.clone())),
+        }
     }
-    let value = value.as_bytes();
-    let sp = value.iter().position(|&b| b == b' ')?;
-    let (scheme, rest) = (&value[..sp], value[sp + 1..].trim_ascii());
-    if scheme.eq_ignore_ascii_case(b"basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest)
-            .ok()?;
-        let colon = decoded.iter().position(|&b| b == b':')?;
-        let user = String::from_utf8(decoded[..colon].to_vec()).ok()?;
-        Some(Presented::Basic {
-            user,
-            secret: decoded[colon + 1..].to_vec(),
-        })
-    } else if scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty() {
-        Some(Presented::Bearer {
-            token: rest.to_vec(),
-        })
-    } else {
-        None
-    }
-}
 
-fn parse_digest(hex_digest: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    // Stored digests are written by us; a malformed one simply never matches.
-    let _ = hex::decode_to_slice(hex_digest, &mut out);
-    out
-}
-
-/// Whether `digest` equals a live secret; compares against every one, in constant time.
-fn matches(secrets: &[StoredSecret], digest: &[u8; 32], now: i64) -> bool {
-    let mut ok = Choice::from(0);
-    for s in secrets {
-        ok |= parse_digest(&s.digest).ct_eq(digest) & Choice::from(u8::from(s.live_at(now)));
-    }
-    if secrets.is_empty() {
-        // Unknown SID: the same comparison work as a wrong secret, then fail.
-        let _ = bool::from([0u8; 32].ct_eq(digest));
-    }
-    bool::from(ok)
-}
-
-/// Resolves the caller, or 401.
-pub fn authenticate(
-    conn: &Connection,
-    headers: &HeaderMap,
-    now: i64,
-) -> Result<Principal, ApiError> {
-    match presented(headers).ok_or(ApiError::Unauthorized)? {
-        Presented::Basic { user, secret } => {
-            let digest = keygate_core::digest::Digester::Sha256.digest(&secret);
-            if user.starts_with("AC") {
-                let secrets = store::secrets_of(conn, &user)?;
-                let account = store::get_account(conn, &user)?;
-                match account {
-                    Some(a) if matches(&secrets, &digest, now) => Ok(Principal::Account {
-                        suspended: a.suspended(),
-                        account_sid: a.sid,
-                    }),
-                    _ => Err(ApiError::Unauthorized),
-                }
-            } else {
-                let key = store::get_key_by_sid(conn, &user)?;
-                let secrets = match &key {
-                    Some(k) => store::secrets_of(conn, &k.sid)?,
-                    None => Vec::new(),
-                };
-                let ok = matches(&secrets, &digest, now);
-                match key {
-                    Some(k) if ok => key_principal(conn, k, now),
-                    _ => Err(ApiError::Unauthorized),
-                }
+    /// May manage keys and settings of `account_sid`: the admin, or a tenant the gate admitted
+    /// to the management API of that account (the gate already refused anyone else with the
+    /// edge's reason: another account's SID is 404 `account_mismatch`, a standard key 403
+    /// `permission_denied`).
+    pub fn managing(&self, account_sid: &str) -> Result<Holdings, ApiError> {
+        match self {
+            Caller::Admin => Ok(Holdings::Operator),
+            Caller::Edge => Err(ApiError::Forbidden(
+                "edge tokens may only read the edge config",
+            )),
+            Caller::Tenant(t)
+                if t.account_sid == account_sid && t.api.as_deref() == Some(MANAGEMENT_API) =>
+            {
+                Ok(self.holdings())
             }
+            Caller::Tenant(_) => Err(ApiError::NotFound),
         }
-        Presented::Bearer { token } => {
-            let digest = secret::digest(&token);
-            if let Some(s) = store::find_secret(conn, &digest)? {
-                if !s.live_at(now) {
-                    return Err(ApiError::Unauthorized);
-                }
-                let key =
-                    store::get_key_by_sid(conn, &s.owner_sid)?.ok_or(ApiError::Unauthorized)?;
-                return key_principal(conn, key, now);
-            }
-            match store::find_operator_token(conn, &digest)? {
-                Some(OperatorKind::Admin) => Ok(Principal::Admin),
-                Some(OperatorKind::Edge) => Ok(Principal::Edge),
-                None => Err(ApiError::Unauthorized),
-            }
-        }
-    }
-}
-
-fn key_principal(conn: &Connection, k: crate::model::Key, now: i64) -> Result<Principal, ApiError> {
-    if !k.enabled || k.expires_at.is_some_and(|t| now > t) {
-        return Err(ApiError::Unauthorized);
-    }
-    let account = store::get_account(conn, &k.account_sid)?.ok_or(ApiError::Unauthorized)?;
-    Ok(Principal::Key {
-        key_sid: k.sid,
-        account_sid: k.account_sid,
-        role: k.role,
-        suspended: account.suspended(),
-    })
-}
-
-impl Principal {
-    /// May manage keys and settings of `account_sid` (account credentials, a main key, or the
-    /// admin). Another account's SID is 404, as at the edge; a standard or publishable key is 403.
-    pub fn may_manage(&self, account_sid: &str) -> Result<(), ApiError> {
-        let (own, role, suspended) = match self {
-            Principal::Admin => return Ok(()),
-            Principal::Edge => {
-                return Err(ApiError::Forbidden(
-                    "edge tokens may only read the edge config",
-                ))
-            }
-            Principal::Account {
-                account_sid,
-                suspended,
-            } => (account_sid, Role::Main, *suspended),
-            Principal::Key {
-                account_sid,
-                role,
-                suspended,
-                ..
-            } => (account_sid, *role, *suspended),
-        };
-        if own != account_sid {
-            return Err(ApiError::NotFound);
-        }
-        if role != Role::Main {
-            return Err(ApiError::Forbidden(
-                "only account credentials or a main key may manage keys and account settings",
-            ));
-        }
-        if suspended {
-            return Err(ApiError::Forbidden("account suspended"));
-        }
-        Ok(())
     }
 
     pub fn require_admin(&self) -> Result<(), ApiError> {
         match self {
-            Principal::Admin => Ok(()),
+            Caller::Admin => Ok(()),
             _ => Err(ApiError::Forbidden(
                 "only the operator (admin token) may do this",
             )),
@@ -204,10 +103,353 @@ impl Principal {
 
     pub fn may_read_feed(&self) -> Result<(), ApiError> {
         match self {
-            Principal::Admin | Principal::Edge => Ok(()),
+            Caller::Admin | Caller::Edge => Ok(()),
             _ => Err(ApiError::Forbidden(
                 "only edge tokens (or the admin token) may read the edge config",
             )),
         }
+    }
+}
+
+/// The control plane's door: its compiled catalogue, the limiter's counters, the trusted proxies.
+pub struct Door {
+    catalog: keygate_core::Catalog,
+    counters: MemStore,
+    /// This process's key of the failed-auth limiter's hash (random at start).
+    failed_auth_key: FailedAuthKey,
+    trusted_proxies: Option<IpAllowlist>,
+}
+
+impl std::fmt::Debug for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Door")
+            .field("trusted_proxies", &self.trusted_proxies)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Door {
+    /// Compiles the control plane's catalogue (refused with the compiler's message, naming the
+    /// place, if the limits do not compile).
+    pub fn new(
+        cat: &Catalog,
+        limits: &ControlLimits,
+        trusted_proxies: Option<IpAllowlist>,
+    ) -> Result<Door, String> {
+        let doc = cat.control_doc(limits);
+        let catalog = keygate_core::compile::compile_catalog(&doc).map_err(|e| {
+            let flag = if e.path.starts_with("limits.failed_auth") {
+                "--failed-auth-limit"
+            } else {
+                "--credential-rate"
+            };
+            let field = e.path.rsplit('.').next().unwrap_or("");
+            format!(
+                "{flag}: {}{}",
+                if field == "per" { "PERIOD: " } else { "" },
+                e.message
+            )
+        })?;
+        let mut key = [0u8; 16];
+        getrandom::fill(&mut key).map_err(|e| format!("no randomness for the limiter: {e}"))?;
+        Ok(Door {
+            catalog,
+            counters: MemStore::new(),
+            failed_auth_key: FailedAuthKey::from_bytes(key),
+            trusted_proxies,
+        })
+    }
+
+    /// The request's client address: the TCP peer, or from `X-Forwarded-For` when the peer is
+    /// a trusted proxy.
+    pub fn client_ip(&self, peer: IpAddr, forwarded_for: &[&[u8]]) -> Option<IpAddr> {
+        keygate_core::ip::forwarded_client(peer, forwarded_for, self.trusted_proxies.as_ref())
+    }
+
+    /// Judges one request: the operator's tokens, else keygate-core's gate over the store.
+    pub fn judge(
+        &self,
+        conn: &Connection,
+        method: &[u8],
+        path: &[u8],
+        authorization: &[Vec<u8>],
+        client_ip: Option<IpAddr>,
+        now_us: u64,
+    ) -> Result<Caller, ApiError> {
+        let authorization = match authorization {
+            [] => AuthorizationHeader::Absent,
+            [one] => AuthorizationHeader::One(one),
+            _ => AuthorizationHeader::Many,
+        };
+        // A client over the failed-auth limit is refused before any credential is looked at,
+        // operator tokens included (the gate below checks again, as at the edge).
+        if let (Some(ip), false) = (client_ip, authorization == AuthorizationHeader::Absent) {
+            if let Some(d) = gate::failed_auth_precheck(
+                &self.catalog,
+                &self.failed_auth_key,
+                &self.counters,
+                ip,
+                now_us,
+                &mut GateStats::default(),
+            ) {
+                return Err(ApiError::Limited {
+                    reason: d.reason,
+                    retry_after_s: d.retry_after_s.unwrap_or(1),
+                });
+            }
+        }
+        if let AuthorizationHeader::One(value) = authorization {
+            if let Ok(Credential::Bearer { token }) =
+                parse_authorization(value, EnabledSchemes::ALL)
+            {
+                if token.starts_with(b"kg_") {
+                    match store::find_operator_token(conn, &secret::digest(token))? {
+                        Some(OperatorKind::Admin) => return Ok(Caller::Admin),
+                        Some(OperatorKind::Edge) => return Ok(Caller::Edge),
+                        None => {}
+                    }
+                }
+            }
+        }
+        let head = RequestHead {
+            method,
+            path,
+            authorization,
+            cors_preflight_headers: false,
+        };
+        let dir = StoreDirectory::new(conn, &self.catalog);
+        let host = DoorHost {
+            now_us,
+            client_ip,
+            store: &self.counters,
+            failed_auth_key: &self.failed_auth_key,
+        };
+        let verdict =
+            gate::evaluate_in(&self.catalog, &dir, &head, &host, &mut GateStats::default());
+        if let Some(e) = dir.failure.take() {
+            return Err(e);
+        }
+        match verdict {
+            Verdict::Allow { allow, .. } => {
+                let id = allow.identity().ok_or(ApiError::Internal)?;
+                Ok(Caller::Tenant(Tenant {
+                    account_sid: id.account_sid.to_owned(),
+                    key: id.key_sid.and_then(|_| dir.key.take()),
+                    api: id.api.map(str::to_owned),
+                }))
+            }
+            // Authenticated, allowed in from this address, but no API of the tenant's matches:
+            // an operator route (the handler answers 403) or no route at all (404).
+            Verdict::Deny(d) if d.reason == Reason::UnknownRoute => {
+                let account_sid = dir.account_sid.take().ok_or(ApiError::Internal)?;
+                Ok(Caller::Tenant(Tenant {
+                    account_sid,
+                    key: dir.key.take(),
+                    api: None,
+                }))
+            }
+            Verdict::Deny(d) => Err(match d.retry_after_s {
+                Some(retry_after_s) => ApiError::Limited {
+                    reason: d.reason,
+                    retry_after_s,
+                },
+                None => ApiError::Denied(d.reason),
+            }),
+        }
+    }
+}
+
+/// Principals looked up in the store and compiled with the edge's compiler, one record at a
+/// time. Remembers the stored key it resolved (for the escalation rule), and the first store
+/// error (the request then fails with 500, never with a denial).
+struct StoreDirectory<'a> {
+    conn: &'a Connection,
+    cat: &'a keygate_core::Catalog,
+    failure: RefCell<Option<ApiError>>,
+    key: RefCell<Option<Key>>,
+    account_sid: RefCell<Option<String>>,
+}
+
+impl<'a> StoreDirectory<'a> {
+    fn new(conn: &'a Connection, cat: &'a keygate_core::Catalog) -> StoreDirectory<'a> {
+        StoreDirectory {
+            conn,
+            cat,
+            failure: RefCell::new(None),
+            key: RefCell::new(None),
+            account_sid: RefCell::new(None),
+        }
+    }
+
+    fn ok<T>(&self, r: Result<T, ApiError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.failure.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    fn compiled_key(&self, sid: &str) -> Option<Arc<keygate_core::compile::Key>> {
+        let key = self.ok(store::get_key_by_sid(self.conn, sid))??;
+        let secrets = self.ok(store::secrets_of(self.conn, sid))?;
+        // The control plane's own rates apply here, not the key's edge limits.
+        let mut doc = key.to_doc(secrets.iter().map(|s| s.to_doc()).collect());
+        doc.limits = None;
+        let compiled = match compile_key_record(self.cat, &doc) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(key_sid = sid, error = %e, "a stored key does not compile");
+                return None;
+            }
+        };
+        *self.account_sid.borrow_mut() = Some(key.account_sid.clone());
+        *self.key.borrow_mut() = Some(key);
+        Some(Arc::new(compiled))
+    }
+}
+
+impl Directory for StoreDirectory<'_> {
+    fn by_sid(&self, sid: &[u8]) -> Option<Principal> {
+        let sid = std::str::from_utf8(sid).ok()?;
+        if sid.starts_with("AC") {
+            let account = self.account(sid)?;
+            *self.account_sid.borrow_mut() = Some(sid.to_owned());
+            Some(Principal::Account(account))
+        } else {
+            self.compiled_key(sid).map(Principal::Key)
+        }
+    }
+
+    fn by_token(&self, digest: &[u8; 32]) -> Option<Arc<keygate_core::compile::Key>> {
+        let found = self.ok(store::find_secret(self.conn, &hex::encode(digest)))??;
+        if found.owner_sid.starts_with("AC") {
+            return None;
+        }
+        self.compiled_key(&found.owner_sid)
+    }
+
+    fn account(&self, sid: &str) -> Option<Arc<keygate_core::compile::Account>> {
+        let account = self.ok(store::get_account(self.conn, sid))??;
+        let tokens = self.ok(store::secrets_of(self.conn, sid))?;
+        let mut doc = account.to_doc(tokens.iter().map(|s| s.to_doc()).collect());
+        doc.limits = None;
+        match compile_account_record(self.cat, &doc) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                tracing::error!(account_sid = sid, error = %e, "a stored account does not compile");
+                None
+            }
+        }
+    }
+}
+
+struct DoorHost<'a> {
+    now_us: u64,
+    client_ip: Option<IpAddr>,
+    store: &'a MemStore,
+    failed_auth_key: &'a FailedAuthKey,
+}
+
+impl gate::Host for DoorHost<'_> {
+    fn now_us(&self) -> u64 {
+        self.now_us
+    }
+    fn client_ip(&self) -> Option<IpAddr> {
+        self.client_ip
+    }
+    fn store(&self) -> &dyn SharedStore {
+        self.store
+    }
+    fn vm_id(&self) -> u64 {
+        0
+    }
+    fn failed_auth_key(&self) -> Option<FailedAuthKey> {
+        Some(self.failed_auth_key.clone())
+    }
+}
+
+/// Counters of the control plane's limits, in this process: a map with compare-and-swap, the
+/// interface of Envoy's shared data that keygate-core's limiter runs on. Entries not written for
+/// a day (longer than any rate's period, so their state has fully drained) are dropped every
+/// 4,096 writes, so the map stays bounded by the addresses and credentials of the last day
+/// (failed-auth subjects are hashed into a fixed number of buckets).
+pub struct MemStore {
+    map: Mutex<HashMap<String, Entry>>,
+    next_cas: AtomicU32,
+    writes: AtomicU32,
+}
+
+struct Entry {
+    value: Vec<u8>,
+    cas: u32,
+    written: std::time::Instant,
+}
+
+const ANCHOR: &str = "anchor";
+const IDLE: std::time::Duration = std::time::Duration::from_secs(86_400 + 60);
+
+impl MemStore {
+    pub fn new() -> MemStore {
+        let s = MemStore {
+            map: Mutex::new(HashMap::new()),
+            next_cas: AtomicU32::new(1),
+            writes: AtomicU32::new(0),
+        };
+        let _ = s.set(ANCHOR, b"", 0);
+        s
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries in the map (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::new()
+    }
+}
+
+impl SharedStore for MemStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        Ok(self.lock().get(key).map(|e| (e.value.clone(), e.cas)))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let mut map = self.lock();
+        if let Some(e) = map.get(key) {
+            if cas != 0 && cas != e.cas {
+                return Err(SetError::CasMismatch);
+            }
+        }
+        let cas = self.next_cas.fetch_add(1, Ordering::Relaxed).max(1);
+        let now = std::time::Instant::now();
+        map.insert(
+            key.to_owned(),
+            Entry {
+                value: value.to_vec(),
+                cas,
+                written: now,
+            },
+        );
+        if self.writes.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            map.retain(|k, e| k == ANCHOR || now.duration_since(e.written) < IDLE);
+        }
+        Ok(())
+    }
+
+    fn absent_cas(&self) -> u32 {
+        self.lock().get(ANCHOR).map_or(0, |e| e.cas)
     }
 }

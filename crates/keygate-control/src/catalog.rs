@@ -6,8 +6,53 @@
 //! startup by compiling it with keygate-core, and key `apis` permissions are validated against it.
 
 use keygate_core::compile::compile_doc;
-use keygate_core::config::{ApiDoc, ConfigDoc, LimitsDoc, Settings, SCHEMA_V1};
+use keygate_core::config::{
+    ApiDoc, ConfigDoc, FailedAuthDoc, LimitsDoc, RateDoc, RoleRatesDoc, Settings, SCHEMA_V1,
+};
 use serde::Deserialize;
+
+/// The API the control plane's own management routes belong to, in the catalogue it decides its
+/// requests with ([`Catalog::control_doc`]). A key limited by `apis` may manage keys and account
+/// settings at the control plane only if its list names it, as at the edge.
+pub const MANAGEMENT_API: &str = "keys";
+
+/// Methods and path templates of the control plane's management routes: Twilio's Keys resource
+/// and keygate's `/v1/accounts/{sid}/...`. `{account_sid}` binds the path to the caller's
+/// account, as at the edge.
+const MANAGEMENT_METHODS: [&str; 4] = ["GET", "POST", "PATCH", "DELETE"];
+const MANAGEMENT_PATHS: [&str; 4] = [
+    "/2010-04-01/Accounts/{account_sid}/Keys.json",
+    "/2010-04-01/Accounts/{account_sid}/Keys/{key_sid}.json",
+    "/v1/accounts/{account_sid}",
+    "/v1/accounts/{account_sid}/**",
+];
+
+/// The control plane's own limits, decided by keygate-core's gate like the edge's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlLimits {
+    /// Failed authentications per client address (`None`: off).
+    pub failed_auth: Option<RateDoc>,
+    /// Requests per credential (each key, and each account with all its credentials together;
+    /// operator tokens are not limited). `None`: off.
+    pub credential_rate: Option<RateDoc>,
+}
+
+impl Default for ControlLimits {
+    fn default() -> Self {
+        ControlLimits {
+            failed_auth: Some(RateDoc {
+                requests: 30,
+                per: "1m".to_owned(),
+                shadow: false,
+            }),
+            credential_rate: Some(RateDoc {
+                requests: 600,
+                per: "1m".to_owned(),
+                shadow: false,
+            }),
+        }
+    }
+}
 
 /// The catalogue built into the binary.
 pub const BUILT_IN: &str = include_str!("default_catalog.json");
@@ -57,6 +102,53 @@ impl Catalog {
             keys,
             limits: self.limits.clone(),
         }
+    }
+
+    /// The catalogue the control plane decides its own requests with: the management API
+    /// ([`MANAGEMENT_API`], first, so it wins over any catalogue API whose templates overlap the
+    /// control plane's routes; a catalogue API of that name is replaced by it), then every other
+    /// API of this catalogue, so key API lists compile to the same names; unknown routes denied;
+    /// `limits` as the control plane's own (per-credential rates for every role and per account,
+    /// the failed-authentication limiter).
+    pub fn control_doc(&self, limits: &ControlLimits) -> ConfigDoc {
+        let management = ApiDoc {
+            name: MANAGEMENT_API.to_owned(),
+            methods: MANAGEMENT_METHODS.map(str::to_owned).to_vec(),
+            paths: MANAGEMENT_PATHS.map(str::to_owned).to_vec(),
+            publishable: false,
+            management: true,
+            limit: None,
+        };
+        let mut doc = self.doc(0, Vec::new(), Vec::new());
+        doc.apis = std::iter::once(management)
+            .chain(
+                self.apis
+                    .iter()
+                    .filter(|a| a.name != MANAGEMENT_API)
+                    .map(|a| ApiDoc {
+                        limit: None,
+                        ..a.clone()
+                    }),
+            )
+            .collect();
+        let rate = limits.credential_rate.clone();
+        doc.limits = LimitsDoc {
+            key: RoleRatesDoc {
+                main: rate.clone(),
+                standard: rate.clone(),
+                publishable: rate.clone(),
+            },
+            account: rate,
+            failed_auth: limits.failed_auth.as_ref().map(|r| FailedAuthDoc {
+                requests: r.requests,
+                per: r.per.clone(),
+                shadow: false,
+                buckets: None,
+                ipv6_prefix: None,
+            }),
+            ..LimitsDoc::default()
+        };
+        doc
     }
 
     pub fn has_api(&self, name: &str) -> bool {

@@ -20,9 +20,10 @@ use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use std::time::Duration;
 
+use crate::auth::Caller;
 use crate::error::{internal, ApiError};
 use crate::{service, store, AppState};
 
@@ -155,13 +156,14 @@ fn not_modified_response(version: u64) -> Response {
 
 async fn config(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    state.principal(&headers).await?.may_read_feed()?;
+    caller.may_read_feed()?;
     let wait = wait_param(query.as_deref())?;
     let mut versions = state.subscribe();
-    let current = state.db().call(|c| store::version(c)).await?;
+    let current = state.db().read(|c| store::version(c)).await?;
     state.published(current);
     if not_modified(&headers, current) {
         if wait == 0 {
@@ -198,14 +200,14 @@ fn json_response(body: axum::body::Bytes, version: u64) -> Response {
 
 async fn changes(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    state.principal(&headers).await?.may_read_feed()?;
+    caller.may_read_feed()?;
     let q = ChangesQuery::parse(query.as_deref())?;
     if let Some(known) = q.known {
         let mut versions = state.subscribe();
-        let mut current = state.db().call(|c| store::version(c)).await?;
+        let mut current = state.db().read(|c| store::version(c)).await?;
         state.published(current);
         if current <= known && q.wait > 0 {
             let mut closing = state.closing();
@@ -214,7 +216,7 @@ async fn changes(
                 () = tokio::time::sleep(Duration::from_secs(q.wait)) => {}
                 _ = closing.wait_for(|c| *c) => {}
             }
-            current = state.db().call(|c| store::version(c)).await?;
+            current = state.db().read(|c| store::version(c)).await?;
         }
         if current <= known {
             return Ok(not_modified_response(current));
@@ -229,7 +231,7 @@ async fn changes(
     } = q;
     let page = state
         .db()
-        .call(move |c| service::read_changes(c, &cat, since, &after, limit))
+        .read(move |c| service::read_changes(c, &cat, since, &after, limit))
         .await?;
     state.published(page.version);
     // Checking and serializing a page of up to 10 000 records is CPU work: off the runtime, and
@@ -253,7 +255,7 @@ impl AppState {
         let cat = self.catalog().clone();
         let fresh = self
             .db()
-            .call(move |c| {
+            .read(move |c| {
                 if Some(store::version(c)?) == cached {
                     return Ok(None);
                 }

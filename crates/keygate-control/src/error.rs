@@ -4,10 +4,16 @@
 //! safe to show (it names the offending field for 400s and never carries internals: an internal
 //! error is logged where it happens and answered with a fixed 500). Keygate's own paths answer
 //! `{"error":{"code","message"}}` like the edge; the Twilio-compatible paths wrap the same error
-//! in [`TwilioError`], which answers Twilio's `{"code","message","more_info","status"}`.
+//! in [`TwilioError`], which answers Twilio's `{"code","message","more_info","status"}` plus
+//! `"reason"`, keygate's code for the same refusal (Twilio SDKs ignore fields they do not know).
+//!
+//! Refusals of keygate-core's decision ([`ApiError::Denied`]) carry the edge's own reason code,
+//! status and message (`ip_not_allowed` 403, `permission_denied` 403, `invalid_credentials`
+//! 401, ...), so the control plane and the edge refuse alike.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use keygate_core::Reason;
 use serde_json::json;
 
 /// The realm in `WWW-Authenticate` on every 401.
@@ -17,10 +23,21 @@ pub const REALM: &str = "keygate";
 pub enum ApiError {
     /// 400; the message names the field (`FriendlyName: must be at most 64 characters`).
     BadRequest(String),
-    /// 401: no credential, or one that does not authenticate (one reply for every cause).
-    Unauthorized,
+    /// The decision refused the request, with the edge's reason (status, code and message).
+    Denied(Reason),
+    /// 429 with `Retry-After`: the failed-authentication limiter or a credential's request rate.
+    Limited { reason: Reason, retry_after_s: u64 },
     /// 403: authenticated, but not allowed to do this.
     Forbidden(&'static str),
+    /// A refusal with its own stable code: a management change that would give a key more than
+    /// the caller holds (403 `escalation_*`), a cap (409 `too_many_keys`, 429
+    /// `too_many_regenerations`, 413 `body_too_large`, ...).
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        retry_after_s: Option<u64>,
+    },
     /// 404: unknown SID, another account's resource, or no such route.
     NotFound,
     /// 405 on a known path.
@@ -52,11 +69,37 @@ impl ApiError {
         ApiError::BadRequest(format!("{field}: {message}"))
     }
 
+    /// A refusal with its own code and no `Retry-After`.
+    pub fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::Refused {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// 403 for a management change that would escalate: `code` names the rule.
+    pub fn escalation(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::refused(StatusCode::FORBIDDEN, code, message)
+    }
+
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            ApiError::Limited { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::Refused { retry_after_s, .. } => *retry_after_s,
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Denied(r) | ApiError::Limited { reason: r, .. } => {
+                StatusCode::from_u16(r.status() as u16).unwrap_or(StatusCode::FORBIDDEN)
+            }
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Refused { status, .. } => *status,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -69,8 +112,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "invalid_request",
-            ApiError::Unauthorized => "invalid_credentials",
+            ApiError::Denied(r) | ApiError::Limited { reason: r, .. } => r.code(),
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::Refused { code, .. } => code,
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
@@ -82,8 +126,9 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::BadRequest(m) | ApiError::Gone(m) => m.clone(),
-            ApiError::Unauthorized => "Invalid or missing credentials".to_owned(),
+            ApiError::Denied(r) | ApiError::Limited { reason: r, .. } => r.message().to_owned(),
             ApiError::Forbidden(m) | ApiError::Conflict(m) => (*m).to_owned(),
+            ApiError::Refused { message, .. } => message.clone(),
             ApiError::NotFound => "The requested resource was not found".to_owned(),
             ApiError::MethodNotAllowed => "Method not allowed".to_owned(),
             ApiError::Internal => "Internal error".to_owned(),
@@ -94,7 +139,18 @@ impl ApiError {
     pub fn twilio_code(&self) -> u32 {
         match self {
             ApiError::BadRequest(_) => 20001,
-            ApiError::Unauthorized => 20003,
+            ApiError::Denied(_) | ApiError::Limited { .. } | ApiError::Refused { .. } => {
+                match self.status().as_u16() {
+                    400 => 20001,
+                    401 => 20003,
+                    404 => 20404,
+                    409 => 20409,
+                    413 => 20413,
+                    429 => 20429,
+                    503 => 20503,
+                    _ => 20403,
+                }
+            }
             ApiError::Forbidden(_) => 20403,
             ApiError::NotFound => 20404,
             ApiError::MethodNotAllowed => 20004,
@@ -108,7 +164,10 @@ impl ApiError {
         let mut resp = (self.status(), axum::Json(body)).into_response();
         let h = resp.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if *self == ApiError::Unauthorized {
+        if let Some(s) = self.retry_after_s() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status() == StatusCode::UNAUTHORIZED {
             h.append(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"keygate\", charset=\"UTF-8\""),
@@ -154,6 +213,7 @@ impl IntoResponse for TwilioError {
             "message": e.message(),
             "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
             "status": e.status().as_u16(),
+            "reason": e.code(),
         });
         e.finish(body)
     }

@@ -13,16 +13,20 @@
 //!   `/v1/edge/changes` (pages of what changed since a version, from the store's change log);
 //! - [`service`]: the operations (one transaction and one version bump each), used by the
 //!   handlers and the CLI; [`store`]: SQLite; [`model`]: validation against the edge compiler;
-//! - [`auth`]: credentials to principals; [`secret`]: CSPRNG secrets, digests, redaction.
+//! - [`auth`]: every request judged by keygate-core's gate (the edge's own decision) over the
+//!   store, before any handler runs; [`policy`]: no escalation through management, and caps;
+//!   [`secret`]: CSPRNG secrets, digests, redaction.
 
 pub mod auth;
 pub mod catalog;
 pub mod edge;
 pub mod error;
 pub mod model;
+pub mod policy;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod twilio;
 pub mod v1;
 
@@ -31,17 +35,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+use keygate_core::ip::IpAllowlist;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::Principal;
-pub use crate::catalog::Catalog;
-use crate::error::ApiError;
+use crate::auth::Door;
+pub use crate::catalog::{Catalog, ControlLimits};
+use crate::error::{ApiError, TwilioError};
+pub use crate::policy::Caps;
 use crate::store::Db;
 
 /// Settings of a running control plane.
@@ -50,6 +55,12 @@ pub struct Config {
     pub catalog: Catalog,
     /// Region of accounts created without one.
     pub default_region: String,
+    /// The control plane's own failed-authentication limiter and per-credential rate.
+    pub limits: ControlLimits,
+    /// Caps on what a tenant may hold.
+    pub caps: Caps,
+    /// Peers whose `X-Forwarded-For` names the client (`--trusted-proxies`; none by default).
+    pub trusted_proxies: Option<IpAllowlist>,
 }
 
 impl Config {
@@ -57,6 +68,9 @@ impl Config {
         Ok(Config {
             catalog: Catalog::built_in()?,
             default_region: DEFAULT_REGION.to_owned(),
+            limits: ControlLimits::default(),
+            caps: Caps::default(),
+            trusted_proxies: None,
         })
     }
 }
@@ -72,6 +86,7 @@ pub struct AppState {
 struct Inner {
     db: Db,
     config: Config,
+    door: Arc<Door>,
     /// The latest config version known to this process (writes here, and a poll of the file for
     /// writes by other processes such as the CLI).
     version: watch::Sender<u64>,
@@ -113,9 +128,15 @@ impl AppState {
     pub fn open(path: &Path, config: Config) -> Result<AppState, String> {
         let mut conn = store::open(path)?;
         let version = check_stored(&mut conn, &config.catalog)?;
+        let door = Door::new(
+            &config.catalog,
+            &config.limits,
+            config.trusted_proxies.clone(),
+        )?;
         Ok(AppState {
             inner: Arc::new(Inner {
-                db: Db::new(conn),
+                db: Db::new(conn, path)?,
+                door: Arc::new(door),
                 config,
                 version: watch::Sender::new(version),
                 closing: watch::Sender::new(false),
@@ -136,6 +157,10 @@ impl AppState {
         &self.inner.config.default_region
     }
 
+    pub fn caps(&self) -> &Caps {
+        &self.inner.config.caps
+    }
+
     /// Records a committed config version and wakes long-polls.
     pub fn published(&self, version: u64) {
         self.inner.version.send_if_modified(|v| {
@@ -151,17 +176,6 @@ impl AppState {
     pub fn current_version(&self) -> u64 {
         *self.inner.version.borrow()
     }
-
-    /// Resolves the request's credential (401 if it does not authenticate).
-    pub async fn principal(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        let mut auth = HeaderMap::new();
-        for v in headers.get_all(axum::http::header::AUTHORIZATION) {
-            auth.append(axum::http::header::AUTHORIZATION, v.clone());
-        }
-        self.db()
-            .call(move |c| auth::authenticate(c, &auth, model::now()))
-            .await
-    }
 }
 
 /// The router: Twilio-compatible Keys, keygate's `/v1`, the edge feed; JSON 404/405 elsewhere.
@@ -172,8 +186,73 @@ pub fn app(state: AppState) -> Router {
         .merge(edge::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), gatekeeper))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Judges every request before any handler runs (see [`auth`]): the caller reaches handlers as
+/// an [`auth::Caller`] extension; a refusal is answered here, in the Twilio shape on Twilio's
+/// paths. The body is read (up to the cap) only once the caller is admitted.
+async fn gatekeeper(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let twilio = req.uri().path().starts_with("/2010-04-01/");
+    match admit(&state, req).await {
+        Ok(req) => next.run(req).await,
+        Err(e) if twilio => TwilioError(e).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn admit(state: &AppState, req: Request) -> Result<Request, ApiError> {
+    let door = state.inner.door.clone();
+    let client_ip = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .and_then(|ConnectInfo(peer)| {
+            let xff: Vec<&[u8]> = req
+                .headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            door.client_ip(peer.ip(), &xff)
+        });
+    let method = req.method().as_str().as_bytes().to_vec();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .as_bytes()
+        .to_vec();
+    let authorization: Vec<Vec<u8>> = req
+        .headers()
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    let now_us = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros(),
+    )
+    .unwrap_or(u64::MAX);
+    let caller = state
+        .db()
+        .read(move |c| door.judge(c, &method, &path, &authorization, client_ip, now_us))
+        .await?;
+    let limit = state.caps().body_bytes;
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| state.caps().body_too_large())?;
+    let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    req.extensions_mut().insert(caller);
+    Ok(req)
 }
 
 /// One structured line per request: method, route template (never the raw path or query, so a
@@ -197,22 +276,49 @@ async fn log_request(req: Request, next: Next) -> Response {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains in-flight requests.
+/// Handlers get the TCP peer as `ConnectInfo<SocketAddr>`.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_on(listener, state, None, shutdown).await
+}
+
+/// [`run`] over TLS with `tls` (see [`tls::load`]); handlers get the TLS connection's TCP peer
+/// as `ConnectInfo<SocketAddr>`, and shutdown drains the same way.
+pub async fn run_tls(
+    listener: TcpListener,
+    state: AppState,
+    tls: Arc<tls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_on(listener, state, Some(tls), shutdown).await
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<Arc<tls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let poller = tokio::spawn(poll_version(state.clone()));
     let closing = state.inner.closing.clone();
-    let result = axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let shutdown = async move {
         shutdown.await;
         closing.send_replace(true);
-    })
-    .await;
+    };
+    let result = match tls {
+        None => {
+            axum::serve(
+                listener,
+                app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+        Some(config) => tls::serve(listener, config, app(state), shutdown).await,
+    };
     poller.abort();
     result
 }
@@ -222,7 +328,7 @@ async fn poll_version(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if let Ok(v) = state.db().call(|c| store::version(c)).await {
+        if let Ok(v) = state.db().read(|c| store::version(c)).await {
             state.published(v);
         }
     }
@@ -294,8 +400,15 @@ mod tests {
         let out = service::init(&mut conn, &cfg.catalog, "us1", None).unwrap();
         let mut new = service::NewKey::with_role(Role::Standard);
         new.apis = Some(vec!["messages".to_owned()]);
-        let (key, _, _) =
-            service::create_key(&mut conn, &cfg.catalog, &out.account.sid, new).unwrap();
+        let (key, _, _) = service::create_key(
+            &mut conn,
+            &cfg.catalog,
+            &Caps::default(),
+            &policy::Holdings::Operator,
+            &out.account.sid,
+            new,
+        )
+        .unwrap();
         drop(conn);
         let mut narrower = cfg.clone();
         narrower.catalog.apis.retain(|a| a.name != "messages");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keygate_control::secret::OperatorKind;
-use keygate_control::{service, store, AppState, Catalog, Config, DEFAULT_REGION};
+use keygate_control::{service, store, tls, AppState, Catalog, Config, DEFAULT_REGION};
 
 /// keygate control plane: accounts and API keys (Twilio-compatible Keys API, Exotel-style
 /// regeneration with grace), and the edge config feed for keygate's Envoy filter.
@@ -24,6 +24,13 @@ Environment variables (each sets the flag of the same meaning; flags win):
   KEYGATE_LOG             --log             log filter (default info)
   KEYGATE_ACCOUNT_NAME    --account-name    init: first account's name; account create: --name
   KEYGATE_ACCOUNT_REGION  --region          account create: the account's region
+  KEYGATE_TLS_CERT        --tls-cert        serve: TLS certificate chain, PEM (with --tls-key; default plain HTTP)
+  KEYGATE_TLS_KEY         --tls-key         serve: TLS private key, PEM (with --tls-cert)
+  KEYGATE_TRUSTED_PROXIES --trusted-proxies serve: peers whose X-Forwarded-For is believed (default none)
+  KEYGATE_FAILED_AUTH_LIMIT --failed-auth-limit serve: failed authentications per client address (default 30/1m)
+  KEYGATE_CREDENTIAL_RATE --credential-rate serve: requests per key and per account (default 600/1m)
+  KEYGATE_MAX_KEYS_PER_ACCOUNT, KEYGATE_MAX_ALLOWLIST_ENTRIES, KEYGATE_MAX_SECRETS_IN_GRACE,
+  KEYGATE_MAX_REGENERATIONS_PER_HOUR, KEYGATE_MAX_BODY_BYTES: serve: the caps of the same names
 
 Exit status: 0 on success, 1 with a one-line `keygate-control: error: ...` on stderr.";
 
@@ -47,6 +54,10 @@ enum Command {
     /// Manage edge tokens (the credential edges use to read the feed).
     #[command(subcommand, name = "edge-token")]
     EdgeToken(EdgeTokenCommand),
+    /// Make a CA and a server certificate for `serve --tls-cert/--tls-key` (ca.pem, server.pem,
+    /// server.key in --dir). The CA's private key is not kept. Refuses to overwrite.
+    #[command(name = "tls-init")]
+    TlsInit(TlsInitArgs),
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +108,161 @@ struct ServeArgs {
         value_name = "ADDR"
     )]
     listen: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    door: DoorArgs,
+}
+
+/// Who may call the control plane, how often, and how much a tenant may hold.
+#[derive(Debug, Args)]
+struct DoorArgs {
+    /// Comma-separated CIDRs of proxies in front of the control plane. Only when the TCP peer is
+    /// one of them is the client address taken from X-Forwarded-For (its right-most entry that is
+    /// not a trusted proxy); otherwise the peer is the client. Default: none (the peer, always).
+    #[arg(
+        long,
+        env = "KEYGATE_TRUSTED_PROXIES",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<String>,
+    /// Failed authentications allowed per client address (IPv6 per /64), as REQUESTS/PERIOD
+    /// (`30/1m`), or `off`. Past it: 429 too_many_failed_auth with Retry-After.
+    #[arg(
+        long,
+        env = "KEYGATE_FAILED_AUTH_LIMIT",
+        default_value = "30/1m",
+        value_name = "N/PERIOD"
+    )]
+    failed_auth_limit: String,
+    /// Requests per credential: each key, and each account with all its credentials together
+    /// (operator tokens are not limited), as REQUESTS/PERIOD, or `off`. Past it: 429.
+    #[arg(
+        long,
+        env = "KEYGATE_CREDENTIAL_RATE",
+        default_value = "600/1m",
+        value_name = "N/PERIOD"
+    )]
+    credential_rate: String,
+    /// Keys an account may hold (409 too_many_keys beyond).
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_KEYS_PER_ACCOUNT",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
+    max_keys_per_account: u64,
+    /// Entries of one allowlist, a key's or an account's (400 beyond).
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_ALLOWLIST_ENTRIES",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    max_allowlist_entries: usize,
+    /// Rotated secrets a key may keep in their grace period (409 too_many_secrets_in_grace).
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_SECRETS_IN_GRACE",
+        default_value_t = 3,
+        value_name = "N"
+    )]
+    max_secrets_in_grace: u64,
+    /// Regenerations of one key in any hour (429 too_many_regenerations beyond).
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_REGENERATIONS_PER_HOUR",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    max_regenerations_per_hour: u64,
+    /// Largest request body in bytes (413 body_too_large beyond).
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_BODY_BYTES",
+        default_value_t = 65536,
+        value_name = "BYTES"
+    )]
+    max_body_bytes: usize,
+}
+
+/// `N/PERIOD` (`30/1m`) or `off`; the period is checked when the limits compile.
+fn rate_flag(flag: &str, v: &str) -> Result<Option<keygate_core::config::RateDoc>, String> {
+    if v == "off" {
+        return Ok(None);
+    }
+    let (n, per) = v.split_once('/').ok_or_else(|| {
+        format!("{flag}: expected REQUESTS/PERIOD (like 30/1m) or off, got {v:?}")
+    })?;
+    let requests = n
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{flag}: {n:?} is not a number of requests from 1"))?;
+    Ok(Some(keygate_core::config::RateDoc {
+        requests,
+        per: per.to_owned(),
+        shadow: false,
+    }))
+}
+
+impl DoorArgs {
+    fn apply(&self, cfg: &mut Config) -> Result<(), String> {
+        cfg.limits = keygate_control::ControlLimits {
+            failed_auth: rate_flag("--failed-auth-limit", &self.failed_auth_limit)?,
+            credential_rate: rate_flag("--credential-rate", &self.credential_rate)?,
+        };
+        cfg.caps = keygate_control::Caps {
+            keys_per_account: self.max_keys_per_account,
+            allowlist_entries: self.max_allowlist_entries,
+            secrets_in_grace: self.max_secrets_in_grace,
+            regenerations_per_hour: self.max_regenerations_per_hour,
+            body_bytes: self.max_body_bytes,
+        };
+        let proxies: Vec<String> = self
+            .trusted_proxies
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        cfg.trusted_proxies = if proxies.is_empty() {
+            None
+        } else {
+            Some(
+                keygate_core::ip::IpAllowlist::parse(&proxies).map_err(|(i, m)| match i {
+                    Some(i) => format!("--trusted-proxies[{i}]: {m}"),
+                    None => format!("--trusted-proxies: {m}"),
+                })?,
+            )
+        };
+        Ok(())
+    }
+}
+
+/// TLS for the API and the edge feeds: both files or neither (plain HTTP).
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Serve HTTPS with this certificate chain (PEM, server certificate first).
+    #[arg(long, env = "KEYGATE_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "KEYGATE_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TlsInitArgs {
+    /// Directory to write ca.pem, server.pem and server.key into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// A DNS name or IP address the server certificate is for (repeat for more; the first is
+    /// also its common name). Default: keygate-control, localhost, 127.0.0.1, ::1.
+    #[arg(long = "name", value_name = "NAME")]
+    names: Vec<String>,
+    /// Days the certificates stay valid.
+    #[arg(long, default_value_t = 365, value_name = "N")]
+    days: u32,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +323,7 @@ fn config(args: &DataArgs) -> Result<Config, String> {
     Ok(Config {
         catalog,
         default_region: args.default_region.clone(),
+        ..Config::with_built_in_catalog()?
     })
 }
 
@@ -183,7 +350,11 @@ fn print_init(out: &service::Initialized, data: &Path) {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    let cfg = config(&args.data)?;
+    let tls = tls::TlsFiles::from_options(args.tls.tls_cert.clone(), args.tls.tls_key.clone())?
+        .map(|files| tls::load(&files))
+        .transpose()?;
+    let mut cfg = config(&args.data)?;
+    args.door.apply(&mut cfg)?;
     {
         let mut conn = open(&args.data.data)?;
         if !store::has_admin(&conn).map_err(|e| e.message())? {
@@ -198,10 +369,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(addr = %addr, data = %args.data.data.display(), version = state.current_version(), "listening");
-    keygate_control::run(listener, state, keygate_control::shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    tracing::info!(addr = %addr, tls = tls.is_some(), data = %args.data.data.display(), version = state.current_version(), "listening");
+    let shutdown = keygate_control::shutdown_signal();
+    match tls {
+        Some(tls) => keygate_control::run_tls(listener, state, tls, shutdown).await,
+        None => keygate_control::run(listener, state, shutdown).await,
+    }
+    .map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -237,12 +411,43 @@ fn run(cli: Cli) -> Result<(), String> {
                 region,
                 ..Default::default()
             };
-            let (account, token, version) =
-                service::create_account(&mut conn, &cfg.catalog, &cfg.default_region, new)
-                    .map_err(|e| e.message())?;
+            let (account, token, version) = service::create_account(
+                &mut conn,
+                &cfg.catalog,
+                &cfg.caps,
+                &cfg.default_region,
+                new,
+            )
+            .map_err(|e| e.message())?;
             println!("# Account created (config version {version}); the auth token is shown once.");
             println!("ACCOUNT_SID={}", account.sid);
             println!("AUTH_TOKEN={}", token.expose());
+            Ok(())
+        }
+        Command::TlsInit(args) => {
+            let names = if args.names.is_empty() {
+                ["keygate-control", "localhost", "127.0.0.1", "::1"]
+                    .map(str::to_owned)
+                    .to_vec()
+            } else {
+                args.names
+            };
+            let out = tls::init(&args.dir, &names, args.days)?;
+            println!(
+                "# keygate-control tls-init: a new CA and a server certificate for {}, valid {} days.",
+                names.join(", "),
+                args.days
+            );
+            println!("# The CA's private key was not kept: this CA signed this one certificate.");
+            println!(
+                "# Serve: keygate-control serve --tls-cert {} --tls-key {}",
+                out.cert.display(),
+                out.key.display()
+            );
+            println!(
+                "# Trust (Envoy validation_context.trusted_ca, curl --cacert): {}",
+                out.ca.display()
+            );
             Ok(())
         }
         Command::EdgeToken(EdgeTokenCommand::Create { data }) => {

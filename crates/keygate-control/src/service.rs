@@ -14,6 +14,7 @@ use rusqlite::Connection;
 use crate::catalog::Catalog;
 use crate::error::{internal, ApiError};
 use crate::model::{self, now, Account, Key, StoredSecret};
+use crate::policy::{Caps, Holdings};
 use crate::secret::{self, new_operator_token, new_secret, new_sid, OperatorKind, Secret};
 use crate::store;
 
@@ -67,12 +68,14 @@ fn secret_kind(role: Role) -> SecretKind {
 pub fn create_account(
     conn: &mut Connection,
     cat: &Catalog,
+    caps: &Caps,
     default_region: &str,
     new: NewAccount,
 ) -> Result<(Account, Secret, u64), ApiError> {
     if let Some(n) = &new.friendly_name {
         model::validate_friendly_name("friendly_name", n)?;
     }
+    caps.check_allowlist("allowed_ips", &new.allowed_ips)?;
     let region = new.region.unwrap_or_else(|| default_region.to_owned());
     model::validate_region("region", &region)?;
     let t = now();
@@ -102,16 +105,34 @@ pub fn create_account(
     Ok((account, token, version))
 }
 
-/// Applies `patch` to an account, validates the result, stores it.
+/// Applies `patch` to an account, validates the result (caps, and that `holder` does not widen
+/// the account's allowlist beyond what it holds), stores it.
 pub fn update_account(
     conn: &mut Connection,
     cat: &Catalog,
+    caps: &Caps,
+    holder: &Holdings,
     sid: &str,
     patch: impl FnOnce(&mut Account) -> Result<(), ApiError>,
 ) -> Result<(Account, u64), ApiError> {
     let tx = store::write_tx(conn)?;
     let mut account = store::get_account(&tx, sid)?.ok_or(ApiError::NotFound)?;
+    let before = account.clone();
     patch(&mut account)?;
+    if !holder.is_operator()
+        && (account.status != before.status
+            || account.region != before.region
+            || account.limits != before.limits)
+    {
+        return Err(ApiError::escalation(
+            "escalation_denied",
+            "only the operator (admin token) may change an account's status, region or limits",
+        ));
+    }
+    caps.check_allowlist("allowed_ips", &account.allowed_ips)?;
+    if account.allowed_ips != before.allowed_ips {
+        holder.check_account_allowlist(&before.allowed_ips, &account.allowed_ips)?;
+    }
     if let Some(n) = &account.friendly_name {
         model::validate_friendly_name("friendly_name", n)?;
     }
@@ -125,10 +146,13 @@ pub fn update_account(
     Ok((account, version))
 }
 
-/// Creates a key with a fresh secret (returned once).
+/// Creates a key with a fresh secret (returned once), refused if it would hold more than
+/// `holder` or the account is at its key cap.
 pub fn create_key(
     conn: &mut Connection,
     cat: &Catalog,
+    caps: &Caps,
+    holder: &Holdings,
     account_sid: &str,
     new: NewKey,
 ) -> Result<(Key, Secret, u64), ApiError> {
@@ -152,7 +176,10 @@ pub fn create_key(
     if store::get_account(&tx, account_sid)?.is_none() {
         return Err(ApiError::NotFound);
     }
+    caps.check_allowlist("allowed_ips", &key.allowed_ips)?;
     model::validate_key(cat, &key)?;
+    holder.check_key(&key)?;
+    caps.check_key_count(store::count_keys(&tx, account_sid)?)?;
     store::insert_key(&tx, &key)?;
     store::insert_secret(
         &tx,
@@ -166,10 +193,14 @@ pub fn create_key(
     Ok((key, secret, version))
 }
 
-/// Applies `patch` to a key, validates the result, stores it (generation-checked).
+/// Applies `patch` to a key, validates the result (caps; never more than `holder` holds),
+/// stores it (generation-checked).
+#[allow(clippy::too_many_arguments)]
 pub fn update_key(
     conn: &mut Connection,
     cat: &Catalog,
+    caps: &Caps,
+    holder: &Holdings,
     account_sid: &str,
     sid: &str,
     patch: impl FnOnce(&mut Key) -> Result<(), ApiError>,
@@ -187,7 +218,9 @@ pub fn update_key(
     if let Some(n) = &key.friendly_name {
         model::validate_friendly_name("friendly_name", n)?;
     }
+    caps.check_allowlist("allowed_ips", &key.allowed_ips)?;
     model::validate_key(cat, &key)?;
+    holder.check_key(&key)?;
     key.updated_at = now();
     if !store::update_key(&tx, &key)? {
         return Err(ApiError::Conflict(
@@ -228,8 +261,14 @@ pub struct Regenerated {
 /// with `grace == 0` every older secret stops working at once. In one IMMEDIATE transaction with
 /// a generation check, so concurrent regenerations serialize: each caller gets a secret that is
 /// stored, and no secret is stored that its caller did not get back.
+///
+/// Refused if the key holds more than `holder` (its new secret would be a credential the caller
+/// does not hold), if it would keep more secrets in grace than the cap, or if it was regenerated
+/// too often in the last hour.
 pub fn regenerate(
     conn: &mut Connection,
+    caps: &Caps,
+    holder: &Holdings,
     account_sid: &str,
     sid: &str,
     grace: u64,
@@ -242,9 +281,18 @@ pub fn regenerate(
     }
     let tx = store::write_tx(conn)?;
     let mut key = store::get_key(&tx, account_sid, sid)?.ok_or(ApiError::NotFound)?;
-    let secret = new_secret(secret_kind(key.role))?;
+    holder.check_key(&key)?;
     let t = now();
+    let count = store::note_regeneration(&tx, sid, t, t - 3600)?;
+    let oldest = store::oldest_regeneration(&tx, sid)?.unwrap_or(t);
+    caps.check_regenerations(count, oldest, t)?;
+    let secret = new_secret(secret_kind(key.role))?;
     store::delete_previous(&tx, sid, Some(t))?;
+    if grace > 0 {
+        // What remains is the current secret and those still in grace; all of them will be.
+        let in_grace = store::secrets_of(&tx, sid)?.len();
+        caps.check_in_grace(u64::try_from(in_grace).unwrap_or(u64::MAX))?;
+    }
     if grace == 0 {
         store::delete_all_secrets(&tx, sid)?;
     } else {
@@ -353,6 +401,7 @@ pub fn init(
     let (account, auth_token, version) = create_account(
         conn,
         cat,
+        &Caps::default(),
         region,
         NewAccount {
             friendly_name: account_name,
@@ -536,8 +585,15 @@ mod tests {
     fn regenerations_on_separate_connections_serialize() {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::open(&path).unwrap();
-        let (key, first, _) =
-            create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Standard)).unwrap();
+        let (key, first, _) = create_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            NewKey::with_role(Role::Standard),
+        )
+        .unwrap();
         let handed_out =
             std::sync::Mutex::new(BTreeSet::from([secret::digest(first.expose().as_bytes())]));
         std::thread::scope(|s| {
@@ -545,7 +601,20 @@ mod tests {
                 s.spawn(|| {
                     let mut c = store::open(&path).unwrap();
                     for _ in 0..20 {
-                        match regenerate(&mut c, &ac, &key.sid, 3600) {
+                        // Caps off: this test is about concurrent writers.
+                        let caps = Caps {
+                            secrets_in_grace: u64::MAX,
+                            regenerations_per_hour: u64::MAX,
+                            ..Caps::default()
+                        };
+                        match regenerate(
+                            &mut c,
+                            &caps,
+                            &Holdings::Operator,
+                            &ac,
+                            &key.sid,
+                            3600,
+                        ) {
                             Ok(r) => {
                                 handed_out
                                     .lock()
@@ -587,8 +656,24 @@ mod tests {
     fn a_stale_generation_writes_nothing() {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::open(&path).unwrap();
-        let (key, _, _) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
-        regenerate(&mut conn, &ac, &key.sid, 0).unwrap();
+        let (key, _, _) = create_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            NewKey::with_role(Role::Main),
+        )
+        .unwrap();
+        regenerate(
+            &mut conn,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            &key.sid,
+            0,
+        )
+        .unwrap();
         let tx = store::write_tx(&mut conn).unwrap();
         assert!(
             !store::update_key(&tx, &key).unwrap(),
@@ -624,27 +709,59 @@ mod tests {
         let none: Vec<String> = vec![];
         let one = |s: &str| vec![s.to_owned()];
 
-        let (key, _, v1) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
+        let (key, _, v1) = create_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            NewKey::with_role(Role::Main),
+        )
+        .unwrap();
         assert_eq!(
             delta(&mut conn, v0),
             (v1, none.clone(), one(&key.sid), none.clone())
         );
-        let (other, _, v2) =
-            create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Standard)).unwrap();
+        let (other, _, v2) = create_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            NewKey::with_role(Role::Standard),
+        )
+        .unwrap();
         assert_eq!(
             delta(&mut conn, v1),
             (v2, none.clone(), one(&other.sid), none.clone())
         );
-        let (_, v3) = update_key(&mut conn, &cat, &ac, &key.sid, |k| {
-            k.enabled = false;
-            Ok(())
-        })
+        let (_, v3) = update_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            &key.sid,
+            |k| {
+                k.enabled = false;
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(
             delta(&mut conn, v2),
             (v3, none.clone(), one(&key.sid), none.clone())
         );
-        let v4 = regenerate(&mut conn, &ac, &other.sid, 60).unwrap().version;
+        let v4 = regenerate(
+            &mut conn,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            &other.sid,
+            60,
+        )
+        .unwrap()
+        .version;
         assert_eq!(
             delta(&mut conn, v3),
             (v4, none.clone(), one(&other.sid), none.clone())
@@ -657,10 +774,17 @@ mod tests {
             delta(&mut conn, v4),
             (v5, none.clone(), one(&other.sid), none.clone())
         );
-        let (_, v6) = update_account(&mut conn, &cat, &ac, |a| {
-            a.allowed_ips = Some(vec!["10.0.0.0/8".to_owned()]);
-            Ok(())
-        })
+        let (_, v6) = update_account(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            |a| {
+                a.allowed_ips = Some(vec!["10.0.0.0/8".to_owned()]);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(
             delta(&mut conn, v5),
@@ -671,7 +795,14 @@ mod tests {
             delta(&mut conn, v6),
             (v7, none.clone(), none.clone(), one(&key.sid))
         );
-        let (ac2, _, v8) = create_account(&mut conn, &cat, "us1", NewAccount::default()).unwrap();
+        let (ac2, _, v8) = create_account(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            "us1",
+            NewAccount::default(),
+        )
+        .unwrap();
         assert_eq!(
             delta(&mut conn, v7),
             (v8, one(&ac2.sid), none.clone(), none.clone())
@@ -679,9 +810,15 @@ mod tests {
         assert_eq!([v1, v8], [v0 + 1, v0 + 8]);
 
         // Refused and no-op writes record nothing; operator tokens are not in the feed.
-        assert!(update_key(&mut conn, &cat, &ac, &other.sid, |_| Err(
-            ApiError::NotFound
-        ))
+        assert!(update_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            &other.sid,
+            |_| Err(ApiError::NotFound)
+        )
         .is_err());
         assert_eq!(
             revoke_previous(&mut conn, &ac, &other.sid).unwrap(),
@@ -781,7 +918,15 @@ mod tests {
     fn a_page_the_edge_would_refuse_is_not_served() {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::open(&path).unwrap();
-        create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
+        create_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            NewKey::with_role(Role::Main),
+        )
+        .unwrap();
         conn.execute(
             "UPDATE secrets SET digest = 'not hex' WHERE owner_sid LIKE 'SK%'",
             [],
@@ -799,13 +944,38 @@ mod tests {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::open(&path).unwrap();
         let v0 = store::version(&conn).unwrap();
-        let (key, _, v1) = create_key(&mut conn, &cat, &ac, NewKey::with_role(Role::Main)).unwrap();
-        let (_, v2) = update_key(&mut conn, &cat, &ac, &key.sid, |k| {
-            k.enabled = false;
-            Ok(())
-        })
+        let (key, _, v1) = create_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            NewKey::with_role(Role::Main),
+        )
         .unwrap();
-        let v3 = regenerate(&mut conn, &ac, &key.sid, 60).unwrap().version;
+        let (_, v2) = update_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            &key.sid,
+            |k| {
+                k.enabled = false;
+                Ok(())
+            },
+        )
+        .unwrap();
+        let v3 = regenerate(
+            &mut conn,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            &key.sid,
+            60,
+        )
+        .unwrap()
+        .version;
         let (_, v4) = revoke_previous(&mut conn, &ac, &key.sid).unwrap();
         let v5 = delete_key(&mut conn, &ac, &key.sid).unwrap();
         assert_eq!(
@@ -813,7 +983,16 @@ mod tests {
             [v0 + 1, v0 + 2, v0 + 3, v0 + 4, v0 + 5]
         );
         // A refused change bumps nothing.
-        assert!(update_key(&mut conn, &cat, &ac, "SKnope", |_| Ok(())).is_err());
+        assert!(update_key(
+            &mut conn,
+            &cat,
+            &Caps::default(),
+            &Holdings::Operator,
+            &ac,
+            "SKnope",
+            |_| Ok(())
+        )
+        .is_err());
         assert_eq!(store::version(&conn).unwrap(), v5);
     }
 }

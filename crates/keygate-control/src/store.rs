@@ -1,10 +1,13 @@
 //! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so a change is on
 //! disk before it is acknowledged and survives `kill -9` at any moment.
 //!
-//! One connection behind a mutex, used from `spawn_blocking` ([`Db::call`]): every request's
-//! reads and writes run in order, and every write is one `BEGIN IMMEDIATE` transaction that also
-//! increments the config version (one row, `config_version`). Other processes (the CLI) may write
-//! the same file; SQLite's locking and `busy_timeout` serialize them.
+//! One writer connection behind a mutex ([`Db::call`], on `spawn_blocking`): every write is one
+//! `BEGIN IMMEDIATE` transaction that also increments the config version (one row,
+//! `config_version`). Reads that need no write — authentication of every request, the edge
+//! feeds, fetches and lists — go to a pool of read-only connections ([`Db::read`]; WAL lets
+//! them read while the writer writes), so a flood of requests cannot queue the change feed
+//! behind one mutex. Other processes (the CLI) may write the same file; SQLite's locking and
+//! `busy_timeout` serialize them.
 //!
 //! Only digests of secrets are stored (`secrets.digest`, `operator_tokens.digest`).
 
@@ -129,6 +132,12 @@ INSERT INTO changelog (sid, version)
     SELECT sid, (SELECT version FROM config_version WHERE id = 1) FROM keys WHERE true
     ON CONFLICT (sid) DO NOTHING;
 "#,
+    // 3: regenerations per key, for the per-key hourly cap (rows older than an hour are pruned
+    // by each regeneration; a deleted key's rows go with it).
+    r#"
+CREATE TABLE regenerations (key_sid TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE INDEX regenerations_by_key ON regenerations (key_sid, at);
+"#,
 ];
 
 /// Opens (creating if needed) and migrates the database file.
@@ -136,23 +145,30 @@ pub fn open(path: &Path) -> Result<Connection, String> {
     let mut conn = Connection::open(path)
         .map_err(|e| format!("cannot open database {}: {e}", path.display()))?;
     let setup = || -> rusqlite::Result<()> {
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        configure(&conn)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(rusqlite::Error::InvalidQuery);
         }
-        // Reads through a memory map (SQLite caps it at 2 GiB) instead of a pread into its
-        // small page cache per b-tree page: a full walk of the change feed at 1M keys reads
-        // about 650 MB of pages in random order (a fifth faster measured).
-        conn.execute_batch(
-            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA mmap_size = 2147418112;",
-        )?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         Ok(())
     };
     setup().map_err(|e| format!("cannot configure database {}: {e}", path.display()))?;
     migrate(&mut conn).map_err(|e| format!("cannot migrate database {}: {e}", path.display()))?;
     Ok(conn)
 }
+
+/// Settings of every connection, writer or reader.
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Reads through a memory map (SQLite caps it at 2 GiB) instead of a pread into its small
+    // page cache per b-tree page: a full walk of the change feed at 1M keys reads about 650 MB
+    // of pages in random order (a fifth faster measured).
+    conn.execute_batch("PRAGMA mmap_size = 2147418112;")
+}
+
+/// Read connections in the pool (each request holds one only while it reads).
+pub const READERS: u32 = 8;
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -164,17 +180,52 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// The shared connection. Cheap to clone.
+/// The writer and the pool of readers. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
     conn: Arc<Mutex<Connection>>,
+    readers: r2d2::Pool<r2d2_sqlite::SqliteConnectionManager>,
 }
 
 impl Db {
-    pub fn new(conn: Connection) -> Db {
-        Db {
+    /// The writer `conn` (opened by [`open`], so the file exists, is in WAL mode and migrated)
+    /// and a pool of read-only connections to the same file.
+    pub fn new(conn: Connection, path: &Path) -> Result<Db, String> {
+        let manager = r2d2_sqlite::SqliteConnectionManager::file(path)
+            .with_flags(
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .with_init(|c| configure(c).and_then(|()| c.execute_batch("PRAGMA query_only = ON;")));
+        let readers = r2d2::Pool::builder()
+            .max_size(READERS)
+            .min_idle(Some(1))
+            .connection_timeout(std::time::Duration::from_secs(10))
+            .build(manager)
+            .map_err(|e| format!("cannot open read connections to {}: {e}", path.display()))?;
+        Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
-        }
+            readers,
+        })
+    }
+
+    /// Runs `f` on a read-only connection from the pool, on the blocking pool. Writes fail there
+    /// (`query_only`); use [`Db::call`] for anything that writes.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, ApiError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = readers
+                .get()
+                .map_err(|e| internal("no read connection", e))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| internal("database task failed", e))?
     }
 
     /// Runs `f` on the connection on the blocking pool.
@@ -471,7 +522,51 @@ pub fn all_keys(conn: &Connection) -> Result<Vec<Key>, ApiError> {
     Ok(rows)
 }
 
+/// How many keys an account has.
+pub fn count_keys(conn: &Connection, account_sid: &str) -> Result<u64, ApiError> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM keys WHERE account_sid = ?1",
+        [account_sid],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Records a regeneration of `key_sid` at `at`, forgets those before `forget_before`, and
+/// returns how many remain (this one included).
+pub fn note_regeneration(
+    tx: &Transaction<'_>,
+    key_sid: &str,
+    at: i64,
+    forget_before: i64,
+) -> Result<u64, ApiError> {
+    tx.execute(
+        "DELETE FROM regenerations WHERE key_sid = ?1 AND at < ?2",
+        params![key_sid, forget_before],
+    )?;
+    tx.execute(
+        "INSERT INTO regenerations (key_sid, at) VALUES (?1, ?2)",
+        params![key_sid, at],
+    )?;
+    let n: i64 = tx.query_row(
+        "SELECT count(*) FROM regenerations WHERE key_sid = ?1",
+        [key_sid],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// The oldest regeneration of `key_sid` still counted.
+pub fn oldest_regeneration(conn: &Connection, key_sid: &str) -> Result<Option<i64>, ApiError> {
+    Ok(conn.query_row(
+        "SELECT min(at) FROM regenerations WHERE key_sid = ?1",
+        [key_sid],
+        |r| r.get(0),
+    )?)
+}
+
 pub fn delete_key(tx: &Transaction<'_>, sid: &str) -> Result<bool, ApiError> {
+    tx.execute("DELETE FROM regenerations WHERE key_sid = ?1", [sid])?;
     tx.execute("DELETE FROM secrets WHERE owner_sid = ?1", [sid])?;
     Ok(tx.execute("DELETE FROM keys WHERE sid = ?1", [sid])? == 1)
 }

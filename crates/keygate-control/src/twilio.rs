@@ -15,13 +15,14 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use keygate_core::config::Role;
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::error::{ApiError, TwilioError};
 use crate::model::{self, rfc2822, Key};
 use crate::service::{self, NewKey};
@@ -73,21 +74,13 @@ fn key_sid(key_file: &str) -> Result<String, ApiError> {
         .ok_or(ApiError::NotFound)
 }
 
-async fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    account_sid: &str,
-) -> Result<(), ApiError> {
-    state.principal(headers).await?.may_manage(account_sid)
-}
-
 async fn create(
     State(state): State<AppState>,
     Path(account_sid): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, TwilioError> {
-    authorize(&state, &headers, &account_sid).await?;
+    let holder = caller.managing(&account_sid)?;
     let fields = form(&body)?;
     let role = match field(&fields, "KeyType") {
         None => Role::Standard,
@@ -99,10 +92,10 @@ async fn create(
         model::validate_friendly_name("FriendlyName", name)?;
         new.friendly_name = Some(name.to_owned());
     }
-    let cat = state.catalog().clone();
+    let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, secret, version) = state
         .db()
-        .call(move |c| service::create_key(c, &cat, &account_sid, new))
+        .call(move |c| service::create_key(c, &cat, &caps, &holder, &account_sid, new))
         .await?;
     state.published(version);
     let mut body = key_json(&key);
@@ -113,13 +106,13 @@ async fn create(
 async fn fetch(
     State(state): State<AppState>,
     Path((account_sid, key_file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, TwilioError> {
-    authorize(&state, &headers, &account_sid).await?;
+    caller.managing(&account_sid)?;
     let sid = key_sid(&key_file)?;
     let key = state
         .db()
-        .call(move |c| store::get_key(c, &account_sid, &sid))
+        .read(move |c| store::get_key(c, &account_sid, &sid))
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(Value::Object(key_json(&key))))
@@ -128,21 +121,21 @@ async fn fetch(
 async fn update(
     State(state): State<AppState>,
     Path((account_sid, key_file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, TwilioError> {
-    authorize(&state, &headers, &account_sid).await?;
+    let holder = caller.managing(&account_sid)?;
     let sid = key_sid(&key_file)?;
     let fields = form(&body)?;
     let name = field(&fields, "FriendlyName").map(str::to_owned);
     if let Some(n) = &name {
         model::validate_friendly_name("FriendlyName", n)?;
     }
-    let cat = state.catalog().clone();
+    let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, version) = state
         .db()
         .call(move |c| {
-            service::update_key(c, &cat, &account_sid, &sid, |k| {
+            service::update_key(c, &cat, &caps, &holder, &account_sid, &sid, |k| {
                 if name.is_some() {
                     k.friendly_name = name;
                 }
@@ -157,9 +150,9 @@ async fn update(
 async fn delete(
     State(state): State<AppState>,
     Path((account_sid, key_file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<StatusCode, TwilioError> {
-    authorize(&state, &headers, &account_sid).await?;
+    caller.managing(&account_sid)?;
     let sid = key_sid(&key_file)?;
     let version = state
         .db()
@@ -190,9 +183,9 @@ async fn list(
     State(state): State<AppState>,
     Path(account_sid): Path<String>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, TwilioError> {
-    authorize(&state, &headers, &account_sid).await?;
+    caller.managing(&account_sid)?;
     let fields: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|_| ApiError::bad("query", "must be URL-encoded"))?;
     let page_size = page_param(&fields, "PageSize", 1, MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE)?;
@@ -202,7 +195,7 @@ async fn list(
     let acc = account_sid.clone();
     let (account_known, mut keys) = state
         .db()
-        .call(move |c| {
+        .read(move |c| {
             Ok((
                 store::get_account(c, &acc)?.is_some(),
                 store::list_keys(c, &acc, start, page_size + 1)?,

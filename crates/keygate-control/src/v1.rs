@@ -13,15 +13,15 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use keygate_core::config::{AccountLimitsDoc, AccountStatus, KeyLimitsDoc, Role};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
-use crate::auth::Principal;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::model::{self, rfc3339, Account, Key, StoredSecret};
 use crate::service::{self, NewAccount, NewKey, DEFAULT_GRACE_SECONDS};
@@ -91,16 +91,6 @@ fn key_json(k: &Key, secrets: &[StoredSecret]) -> Value {
     })
 }
 
-async fn managing(
-    state: &AppState,
-    headers: &HeaderMap,
-    account_sid: &str,
-) -> Result<Principal, ApiError> {
-    let p = state.principal(headers).await?;
-    p.may_manage(account_sid)?;
-    Ok(p)
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
@@ -113,10 +103,10 @@ struct CreateAccount {
 
 async fn create_account(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    state.principal(&headers).await?.require_admin()?;
+    caller.require_admin()?;
     let req: CreateAccount = parse_json(&body)?;
     let new = NewAccount {
         friendly_name: req.friendly_name,
@@ -126,9 +116,10 @@ async fn create_account(
         limits: req.limits,
     };
     let (cat, region) = (state.catalog().clone(), state.default_region().to_owned());
+    let caps = state.caps().clone();
     let (account, token, version) = state
         .db()
-        .call(move |c| service::create_account(c, &cat, &region, new))
+        .call(move |c| service::create_account(c, &cat, &caps, &region, new))
         .await?;
     state.published(version);
     let mut body = account_json(&account);
@@ -139,12 +130,12 @@ async fn create_account(
 async fn fetch_account(
     State(state): State<AppState>,
     Path(sid): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    caller.managing(&sid)?;
     let account = state
         .db()
-        .call(move |c| store::get_account(c, &sid))
+        .read(move |c| store::get_account(c, &sid))
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(account_json(&account)))
@@ -166,23 +157,16 @@ struct PatchAccount {
 async fn update_account(
     State(state): State<AppState>,
     Path(sid): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let principal = managing(&state, &headers, &sid).await?;
+    let holder = caller.managing(&sid)?;
     let req: PatchAccount = parse_json(&body)?;
-    if principal != Principal::Admin
-        && (req.status.is_some() || req.region.is_some() || req.limits.is_some())
-    {
-        return Err(ApiError::Forbidden(
-            "only the operator (admin token) may change an account's status, region or limits",
-        ));
-    }
-    let cat = state.catalog().clone();
+    let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (account, version) = state
         .db()
         .call(move |c| {
-            service::update_account(c, &cat, &sid, |a| {
+            service::update_account(c, &cat, &caps, &holder, &sid, |a| {
                 if let Some(v) = req.friendly_name {
                     a.friendly_name = v;
                 }
@@ -209,12 +193,12 @@ async fn update_account(
 async fn list_keys(
     State(state): State<AppState>,
     Path(sid): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    caller.managing(&sid)?;
     let keys = state
         .db()
-        .call(move |c| {
+        .read(move |c| {
             if store::get_account(c, &sid)?.is_none() {
                 return Err(ApiError::NotFound);
             }
@@ -245,10 +229,10 @@ struct CreateKey {
 async fn create_key(
     State(state): State<AppState>,
     Path(sid): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    let holder = caller.managing(&sid)?;
     let req: CreateKey = parse_json(&body)?;
     if let Some(n) = &req.friendly_name {
         model::validate_friendly_name("friendly_name", n)?;
@@ -266,11 +250,11 @@ async fn create_key(
             .transpose()?,
         enabled: req.enabled.unwrap_or(true),
     };
-    let cat = state.catalog().clone();
+    let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, secret, secrets, version) = state
         .db()
         .call(move |c| {
-            let (key, secret, version) = service::create_key(c, &cat, &sid, new)?;
+            let (key, secret, version) = service::create_key(c, &cat, &caps, &holder, &sid, new)?;
             let secrets = store::secrets_of(c, &key.sid)?;
             Ok((key, secret, secrets, version))
         })
@@ -284,12 +268,12 @@ async fn create_key(
 async fn fetch_key(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    caller.managing(&sid)?;
     let (key, secrets) = state
         .db()
-        .call(move |c| {
+        .read(move |c| {
             let key = store::get_key(c, &sid, &key_sid)?.ok_or(ApiError::NotFound)?;
             let secrets = store::secrets_of(c, &key.sid)?;
             Ok((key, secrets))
@@ -318,44 +302,45 @@ struct PatchKey {
 async fn update_key(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    let holder = caller.managing(&sid)?;
     let req: PatchKey = parse_json(&body)?;
     let expires_at = match &req.expires_at {
         None => None,
         Some(None) => Some(None),
         Some(Some(t)) => Some(Some(model::parse_rfc3339("expires_at", t)?)),
     };
-    let cat = state.catalog().clone();
+    let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, secrets, version) = state
         .db()
         .call(move |c| {
-            let (key, version) = service::update_key(c, &cat, &sid, &key_sid, |k| {
-                if let Some(v) = req.friendly_name {
-                    k.friendly_name = v;
-                }
-                if let Some(v) = req.role {
-                    k.role = v;
-                }
-                if let Some(v) = req.apis {
-                    k.apis = v;
-                }
-                if let Some(v) = req.allowed_ips {
-                    k.allowed_ips = v;
-                }
-                if let Some(v) = req.limits {
-                    k.limits = v;
-                }
-                if let Some(v) = expires_at {
-                    k.expires_at = v;
-                }
-                if let Some(v) = req.enabled {
-                    k.enabled = v;
-                }
-                Ok(())
-            })?;
+            let (key, version) =
+                service::update_key(c, &cat, &caps, &holder, &sid, &key_sid, |k| {
+                    if let Some(v) = req.friendly_name {
+                        k.friendly_name = v;
+                    }
+                    if let Some(v) = req.role {
+                        k.role = v;
+                    }
+                    if let Some(v) = req.apis {
+                        k.apis = v;
+                    }
+                    if let Some(v) = req.allowed_ips {
+                        k.allowed_ips = v;
+                    }
+                    if let Some(v) = req.limits {
+                        k.limits = v;
+                    }
+                    if let Some(v) = expires_at {
+                        k.expires_at = v;
+                    }
+                    if let Some(v) = req.enabled {
+                        k.enabled = v;
+                    }
+                    Ok(())
+                })?;
             let secrets = store::secrets_of(c, &key.sid)?;
             Ok((key, secrets, version))
         })
@@ -367,9 +352,9 @@ async fn update_key(
 async fn delete_key(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<StatusCode, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    caller.managing(&sid)?;
     let version = state
         .db()
         .call(move |c| service::delete_key(c, &sid, &key_sid))
@@ -387,15 +372,16 @@ struct Regenerate {
 async fn regenerate(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    let holder = caller.managing(&sid)?;
     let req: Regenerate = parse_json(&body)?;
     let grace = req.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
+    let caps = state.caps().clone();
     let r = state
         .db()
-        .call(move |c| service::regenerate(c, &sid, &key_sid, grace))
+        .call(move |c| service::regenerate(c, &caps, &holder, &sid, &key_sid, grace))
         .await?;
     state.published(r.version);
     let mut body = key_json(&r.key, &r.secrets);
@@ -406,9 +392,9 @@ async fn regenerate(
 async fn revoke_previous(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<StatusCode, ApiError> {
-    managing(&state, &headers, &sid).await?;
+    caller.managing(&sid)?;
     let (_, version) = state
         .db()
         .call(move |c| service::revoke_previous(c, &sid, &key_sid))

@@ -56,11 +56,11 @@ async fn every_status_code_and_each_secret_only_in_its_one_response() {
         wrong.text, unknown.text,
         "unknown key and wrong secret are indistinguishable"
     );
+    // The edge's parser and reason: a header that does not parse is 400 malformed_credentials.
+    let r = c.get(&keys_path(&ac), &Auth::Raw("Basic !!!".into())).await;
     assert_eq!(
-        c.get(&keys_path(&ac), &Auth::Raw("Basic !!!".into()))
-            .await
-            .status,
-        401
+        (r.status, r.json()["code"].as_i64(), r.json()["reason"].as_str()),
+        (400, Some(20001), Some("malformed_credentials"))
     );
 
     // 201: keys of each role through the Twilio path (KeyType is keygate's extension).
@@ -562,19 +562,22 @@ async fn accounts_suspend_reactivate_region_allowlist_and_limits() {
         (r.json()["status"].as_str(), r.json()["region"].as_str()),
         (Some("active"), Some("us1"))
     );
-    // Status, region and limits are the operator's; the account may set its own allowlist.
+    // Status, region and limits are the operator's; the account may set its own allowlist
+    // (one that keeps this test's own address in: the account's allowlist binds its
+    // credentials here as at the edge).
+    let r = c
+        .json("PATCH", &path, &auth, json!({"status": "suspended"}))
+        .await;
     assert_eq!(
-        c.json("PATCH", &path, &auth, json!({"status": "suspended"}))
-            .await
-            .status,
-        403
+        (r.status, r.json()["error"]["code"].as_str()),
+        (403, Some("escalation_denied"))
     );
     let r = c
         .json(
             "PATCH",
             &path,
             &auth,
-            json!({"allowed_ips": ["203.0.113.0/24"], "friendly_name": "acme"}),
+            json!({"allowed_ips": ["127.0.0.0/8", "203.0.113.0/24"], "friendly_name": "acme"}),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -603,7 +606,7 @@ async fn accounts_suspend_reactivate_region_allowlist_and_limits() {
     );
     let doc = c.feed(&s.creds.edge).await;
     let acc = &doc["accounts"][0];
-    assert_eq!(acc["allowed_ips"], json!(["203.0.113.0/24"]));
+    assert_eq!(acc["allowed_ips"], json!(["127.0.0.0/8", "203.0.113.0/24"]));
     assert_eq!(acc["limits"]["concurrency"], 5);
 
     // Suspend: the account's credentials are refused (403), the edge sees it; reactivate.

@@ -757,7 +757,7 @@ async fn bad_parameters_are_400_and_the_feed_needs_an_edge_credential() {
 
     let r = c.get(CHANGES, &Auth::None).await;
     assert_eq!(r.status, 401);
-    assert_eq!(r.json()["error"]["code"], "invalid_credentials");
+    assert_eq!(r.json()["error"]["code"], "missing_credentials");
     assert!(r.header("www-authenticate").is_some());
     assert_eq!(
         c.get(CHANGES, &Auth::bearer("kg_edge_00")).await.status,

@@ -33,6 +33,20 @@ impl IpAllowlist {
         let ip = ip.to_canonical();
         self.0.iter().any(|n| n.contains(&ip))
     }
+
+    /// The list's networks, as compiled.
+    pub fn nets(&self) -> &[IpNet] {
+        &self.0
+    }
+
+    /// Whether every address `other` admits, this list admits too (each of `other`'s networks
+    /// lies inside one of ours). The control plane's rule for a restricted principal's new keys.
+    pub fn covers(&self, other: &IpAllowlist) -> bool {
+        other
+            .0
+            .iter()
+            .all(|theirs| self.0.iter().any(|ours| ours.contains(theirs)))
+    }
 }
 
 /// Parses one entry: a CIDR with no host bits set, or a bare address (a /32 or /128).
@@ -77,6 +91,42 @@ pub fn parse_client_address(bytes: &[u8]) -> Option<IpAddr> {
         Err(_) => s.parse::<IpAddr>().ok()?,
     };
     Some(ip.to_canonical())
+}
+
+/// The client address of a request that reached a service directly (the control plane, which
+/// has no Envoy in front to compute `source.address`): the TCP `peer`, unless the peer is one of
+/// the `trusted` proxies; then the right-most `X-Forwarded-For` entry that is not a trusted
+/// proxy (entries left of it were written by the client and prove nothing). Every
+/// `X-Forwarded-For` value is read, in order, as one comma-separated list.
+///
+/// `None` when the peer is trusted but the list has an entry that is not an IP address before
+/// an untrusted one is found: the address cannot be known, so an allowlist refuses it. When
+/// every entry is a trusted proxy (or there is none), the left-most one (or the peer) is the
+/// client.
+pub fn forwarded_client(
+    peer: IpAddr,
+    forwarded_for: &[&[u8]],
+    trusted: Option<&IpAllowlist>,
+) -> Option<IpAddr> {
+    let peer = peer.to_canonical();
+    let Some(trusted) = trusted.filter(|t| t.contains(peer)) else {
+        return Some(peer);
+    };
+    let mut client = peer;
+    for value in forwarded_for.iter().rev() {
+        for entry in value.rsplit(|&b| b == b',') {
+            let entry = entry.trim_ascii();
+            let ip = std::str::from_utf8(entry)
+                .ok()
+                .and_then(|s| s.parse::<IpAddr>().ok())?
+                .to_canonical();
+            if !trusted.contains(ip) {
+                return Some(ip);
+            }
+            client = ip;
+        }
+    }
+    Some(client)
 }
 
 #[cfg(test)]
@@ -162,5 +212,64 @@ mod tests {
         assert_eq!(parse_client_address(b""), None);
         assert_eq!(parse_client_address(b"\xff"), None);
         assert_eq!(parse_client_address(b"/tmp/envoy.sock"), None);
+    }
+
+    #[test]
+    fn a_list_covers_another_only_when_each_of_its_networks_lies_inside_one_of_ours() {
+        let ours = list(&["10.0.0.0/8", "2001:db8::/32"]);
+        assert!(ours.covers(&list(&["10.1.0.0/16", "10.2.3.4"])));
+        assert!(ours.covers(&list(&["2001:db8:1::/48"])));
+        assert!(ours.covers(&ours));
+        assert!(!ours.covers(&list(&["10.0.0.0/7"])));
+        assert!(!ours.covers(&list(&["10.1.0.0/16", "192.0.2.1"])));
+        assert!(!list(&["192.0.2.0/24"]).covers(&list(&["192.0.2.0/23"])));
+    }
+
+    #[test]
+    fn forwarded_for_is_read_only_from_a_trusted_peer_and_from_the_right() {
+        let proxies = list(&["10.0.0.0/8"]);
+        let peer = ip("10.0.0.5");
+        let xff = |vals: &[&'static str]| vals.iter().map(|v| v.as_bytes()).collect::<Vec<_>>();
+        // No trusted proxies configured, or a peer that is not one: the peer, whatever XFF says.
+        assert_eq!(
+            forwarded_client(peer, &xff(&["203.0.113.9"]), None),
+            Some(peer)
+        );
+        assert_eq!(
+            forwarded_client(ip("198.51.100.1"), &xff(&["203.0.113.9"]), Some(&proxies)),
+            Some(ip("198.51.100.1"))
+        );
+        // A trusted peer: the right-most untrusted entry; a forged entry to its left is ignored.
+        assert_eq!(
+            forwarded_client(peer, &xff(&["192.0.2.1, 203.0.113.9"]), Some(&proxies)),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            forwarded_client(
+                peer,
+                &xff(&["192.0.2.1", "203.0.113.9, 10.0.0.7"]),
+                Some(&proxies)
+            ),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            forwarded_client(peer, &xff(&["::ffff:203.0.113.9"]), Some(&proxies)),
+            Some(ip("203.0.113.9"))
+        );
+        // Garbage before an untrusted entry: unknown; garbage left of it: ignored.
+        assert_eq!(
+            forwarded_client(peer, &xff(&["203.0.113.9, nonsense"]), Some(&proxies)),
+            None
+        );
+        assert_eq!(
+            forwarded_client(peer, &xff(&["nonsense, 203.0.113.9"]), Some(&proxies)),
+            Some(ip("203.0.113.9"))
+        );
+        // Only proxies (or nothing): the left-most proxy, or the peer.
+        assert_eq!(
+            forwarded_client(peer, &xff(&["10.0.0.9, 10.0.0.7"]), Some(&proxies)),
+            Some(ip("10.0.0.9"))
+        );
+        assert_eq!(forwarded_client(peer, &[], Some(&proxies)), Some(peer));
     }
 }
