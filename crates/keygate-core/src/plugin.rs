@@ -9,13 +9,17 @@ use crate::compile::{compile, CompiledConfig, ConfigError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStale {
-    /// Keep judging with the last good config (default): revocations made meanwhile are not
-    /// seen, but secrets and keys with an absolute `not_after` / `expires_at` still stop on time.
-    #[default]
+    /// Keep judging with the last good config: revocations made meanwhile are not seen, but
+    /// secrets and keys with an absolute `not_after` / `expires_at` still stop on time.
     Serve,
-    /// Answer 503 `config_stale`.
+    /// Answer 503 `config_stale` (default): a key deleted or suspended while the edge could not
+    /// hear the control plane stops working after `max_staleness_s` at the latest.
+    #[default]
     Deny,
 }
+
+/// Default `max_staleness_s`: one hour.
+pub const DEFAULT_MAX_STALENESS_S: u64 = 3600;
 
 /// The control-plane source, as written in the plugin configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -34,7 +38,7 @@ pub struct ControlPlaneDoc {
     #[serde(default)]
     pub wait_s: Option<u32>,
     /// Past this many seconds without hearing from the control plane, `on_stale` applies
-    /// (default: never).
+    /// (default [`DEFAULT_MAX_STALENESS_S`]).
     #[serde(default)]
     pub max_staleness_s: Option<u64>,
     #[serde(default)]
@@ -66,7 +70,7 @@ pub struct ControlPlane {
     pub token: String,
     pub wait_s: u32,
     pub timeout_ms: u64,
-    pub max_staleness_s: Option<u64>,
+    pub max_staleness_s: u64,
     pub on_stale: OnStale,
     pub debug_version_header: bool,
     pub max_backoff_ms: u64,
@@ -81,12 +85,8 @@ impl ControlPlane {
     /// long-poll legitimately stays open for `wait_s`, so the staleness clock starts when its
     /// answer was due, not when it was sent.
     pub fn is_stale(&self, now_s: u64, contacted_at_s: u64) -> bool {
-        match self.max_staleness_s {
-            Some(max) => {
-                now_s.saturating_sub(contacted_at_s) > max.saturating_add(u64::from(self.wait_s))
-            }
-            None => false,
-        }
+        now_s.saturating_sub(contacted_at_s)
+            > self.max_staleness_s.saturating_add(u64::from(self.wait_s))
     }
 }
 
@@ -150,10 +150,11 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     if !(1..=10_000).contains(&page_size) {
         return Err(cp_err("page_size", "must be between 1 and 10000"));
     }
-    if d.max_staleness_s == Some(0) {
+    let max_staleness_s = d.max_staleness_s.unwrap_or(DEFAULT_MAX_STALENESS_S);
+    if max_staleness_s == 0 {
         return Err(cp_err(
             "max_staleness_s",
-            "must be at least 1 (omit it to never go stale)",
+            "must be at least 1 (on_stale: serve keeps serving a stale config)",
         ));
     }
     Ok(PluginConfig::ControlPlane(ControlPlane {
@@ -163,7 +164,7 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         token: d.token,
         wait_s,
         timeout_ms: u64::from(wait_s) * 1000 + 10_000,
-        max_staleness_s: d.max_staleness_s,
+        max_staleness_s,
         on_stale: d.on_stale,
         debug_version_header: d.debug_version_header,
         max_backoff_ms,
@@ -187,8 +188,8 @@ mod tests {
             PluginConfig::ControlPlane(cp) => {
                 assert_eq!((cp.path.as_str(), cp.page_size), ("/v1/edge/changes", 2000));
                 assert_eq!(
-                    (cp.wait_s, cp.timeout_ms, cp.on_stale),
-                    (20, 30_000, OnStale::Serve)
+                    (cp.wait_s, cp.timeout_ms, cp.on_stale, cp.max_staleness_s),
+                    (20, 30_000, OnStale::Deny, 3600)
                 );
             }
             PluginConfig::Static(_) => panic!("static"),
@@ -237,12 +238,33 @@ mod tests {
             "an idle long-poll is not staleness"
         );
         assert!(cp.is_stale(1013, 1000));
-        let Ok(PluginConfig::ControlPlane(never)) = parse_plugin_config(
-            br#"{"control_plane":{"cluster":"c","authority":"a","token":"t"}}"#,
+        // By default a config goes stale an hour after the answer was due, and is then refused.
+        let Ok(PluginConfig::ControlPlane(default)) = parse_plugin_config(
+            br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","wait_s":10}}"#,
         ) else {
             panic!("control plane")
         };
-        assert!(!never.is_stale(u64::MAX, 0));
+        assert!(!default.is_stale(1000 + 3610, 1000));
+        assert!(default.is_stale(1000 + 3611, 1000));
+        assert_eq!(default.on_stale, OnStale::Deny);
+        // An operator who prefers availability says so.
+        let Ok(PluginConfig::ControlPlane(serve)) = parse_plugin_config(
+            br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","on_stale":"serve","max_staleness_s":86400}}"#,
+        ) else {
+            panic!("control plane")
+        };
+        assert_eq!(
+            (serve.on_stale, serve.max_staleness_s),
+            (OnStale::Serve, 86_400)
+        );
+        assert_eq!(
+            parse_plugin_config(
+                br#"{"control_plane":{"cluster":"c","authority":"a","token":"t","max_staleness_s":0}}"#
+            )
+            .unwrap_err()
+            .to_string(),
+            "control_plane.max_staleness_s: must be at least 1 (on_stale: serve keeps serving a stale config)"
+        );
     }
 
     #[test]

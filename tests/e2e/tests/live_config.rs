@@ -607,7 +607,11 @@ fn on_stale_serve_keeps_judging_with_the_last_config_and_counts_stale_requests()
     let mut cp = ControlPlane::start();
     lift_account_limit(&cp);
     let echo = Echo::start();
-    let envoy = start_envoy(&cp, &echo, json!({"max_staleness_s": 2, "wait_s": 1}));
+    let envoy = start_envoy(
+        &cp,
+        &echo,
+        json!({"max_staleness_s": 2, "on_stale": "serve", "wait_s": 1}),
+    );
     wait_first_config(&envoy, &cp);
     let (sid, secret) = create_key(&cp, "main");
     let req = basic(&cp, &sid, &secret);
