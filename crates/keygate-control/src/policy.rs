@@ -296,3 +296,72 @@ fn check_within(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(role: Role) -> Key {
+        Key {
+            sid: "SK1".into(),
+            account_sid: "AC1".into(),
+            friendly_name: None,
+            role,
+            apis: None,
+            allowed_ips: None,
+            limits: None,
+            expires_at: None,
+            enabled: true,
+            generation: 0,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn code(r: Result<(), ApiError>) -> &'static str {
+        r.err().map_or("ok", |e| e.code())
+    }
+
+    /// Main ⊇ standard ⊇ publishable: no key gives a higher role than its own; account
+    /// credentials and the operator hold every role.
+    #[test]
+    fn no_key_gives_a_higher_role_than_its_own() {
+        let holder = |r| Holdings::Key(Box::new(key(r)));
+        assert_eq!(
+            code(holder(Role::Standard).check_key(&key(Role::Main))),
+            "escalation_role"
+        );
+        assert_eq!(
+            code(holder(Role::Publishable).check_key(&key(Role::Standard))),
+            "escalation_role"
+        );
+        assert_eq!(
+            code(holder(Role::Standard).check_key(&key(Role::Publishable))),
+            "ok"
+        );
+        assert_eq!(code(holder(Role::Main).check_key(&key(Role::Main))), "ok");
+        assert_eq!(code(Holdings::Account.check_key(&key(Role::Main))), "ok");
+        assert_eq!(code(Holdings::Operator.check_key(&key(Role::Main))), "ok");
+    }
+
+    #[test]
+    fn an_allowlist_must_lie_inside_the_holders() {
+        let mut own = key(Role::Main);
+        own.allowed_ips = Some(vec!["10.0.0.0/8".into(), "2001:db8::/32".into()]);
+        let h = Holdings::Key(Box::new(own));
+        let mut t = key(Role::Main);
+        for (list, want) in [
+            (vec!["10.1.0.0/16", "2001:db8:1::/48"], "ok"),
+            (vec!["10.0.0.0/7"], "escalation_allowed_ips"),
+            (vec!["11.0.0.1"], "escalation_allowed_ips"),
+        ] {
+            t.allowed_ips = Some(list.iter().map(|s| s.to_string()).collect());
+            assert_eq!(code(h.check_key(&t)), want, "{list:?}");
+        }
+        let err = h.check_key(&key(Role::Main)).unwrap_err();
+        assert_eq!(
+            err.message(),
+            "allowed_ips: this key's allowlist is [\"10.0.0.0/8\", \"2001:db8::/32\"]; a list within it is required (null would allow every address)"
+        );
+    }
+}

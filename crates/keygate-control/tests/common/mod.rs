@@ -208,9 +208,13 @@ pub struct InProc {
 
 impl InProc {
     pub async fn start() -> InProc {
+        InProc::start_with(Config::with_built_in_catalog().unwrap()).await
+    }
+
+    /// A fresh control plane with `config` (limits, caps, trusted proxies, ...).
+    pub async fn start_with(config: Config) -> InProc {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("keygate.db");
-        let config = Config::with_built_in_catalog().unwrap();
         let mut conn = store::open(&db).unwrap();
         let out = service::init(&mut conn, &config.catalog, &config.default_region, None).unwrap();
         drop(conn);
@@ -220,12 +224,20 @@ impl InProc {
             auth_token: out.auth_token.expose().to_owned(),
             edge: out.edge_token.expose().to_owned(),
         };
-        InProc::serve(dir, db, creds).await
+        InProc::serve_with(dir, db, creds, config).await
     }
 
     /// Serves an existing database (`dir` holds it and is kept until the server is dropped).
     pub async fn serve(dir: tempfile::TempDir, db: PathBuf, creds: Creds) -> InProc {
-        let config = Config::with_built_in_catalog().unwrap();
+        InProc::serve_with(dir, db, creds, Config::with_built_in_catalog().unwrap()).await
+    }
+
+    pub async fn serve_with(
+        dir: tempfile::TempDir,
+        db: PathBuf,
+        creds: Creds,
+        config: Config,
+    ) -> InProc {
         let state = AppState::open(&db, config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
