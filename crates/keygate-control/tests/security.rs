@@ -520,6 +520,20 @@ async fn failed_authentications_and_a_credentials_rate_are_limited_with_429() {
     assert!(r.header("retry-after").is_some());
     let r = c.get(&v1_keys(&ac), &s.account_auth()).await;
     assert_eq!(refusal(&r), (429, "too_many_failed_auth".to_owned()));
+    // Operator tokens never meet the limiter: the admin and the edges behind the same address
+    // as a guesser keep working (the feed must not stall).
+    assert_eq!(c.get(&v1_keys(&ac), &s.admin()).await.status, 200);
+    assert_eq!(
+        c.get("/v1/edge/changes", &Auth::bearer(&s.creds.edge))
+            .await
+            .status,
+        200
+    );
+    // A wrong operator-looking token is a failed authentication like any other.
+    let r = c
+        .get(&v1_keys(&ac), &Auth::bearer("kg_admin_00000000"))
+        .await;
+    assert_eq!(refusal(&r), (429, "too_many_failed_auth".to_owned()));
     // Requests without credentials do not count and are not refused by it.
     let r = c.get(&v1_keys(&ac), &Auth::None).await;
     assert_eq!(refusal(&r), (401, "missing_credentials".to_owned()));
