@@ -39,6 +39,9 @@ pub enum Fault {
     /// [`Fault::FailsValidation`] for the pages of a walk after its first (requests with
     /// `&after=`); the first page passes through.
     FailsValidationOnLaterPages,
+    /// Serve the real change-feed page with its `next` cursor set to this string (one that must
+    /// never reach a request path, such as `SK1&known=0&wait=0`).
+    CraftedNext(&'static str),
 }
 
 struct Shared {
@@ -274,6 +277,12 @@ fn forward(
                     etag = Some(e);
                     body = b;
                 }
+            }
+            Fault::CraftedNext(next) => {
+                let mut doc: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                doc["next"] = serde_json::json!(next);
+                body = serde_json::to_vec(&doc).unwrap_or_default();
             }
             Fault::FailsValidation | Fault::FailsValidationOnLaterPages => {
                 let mut doc: serde_json::Value =

@@ -567,6 +567,54 @@ fn older_and_invalid_feed_documents_change_nothing_at_the_edge() {
     edge.finish();
 }
 
+/// A page whose `next` cursor is not a SID after its own cursor is refused before anything is
+/// asked for with it: the crafted cursor never reaches a request path, the rejection is counted
+/// and logged, and the version in force stays.
+#[test]
+fn a_crafted_next_cursor_is_refused_and_never_put_in_a_request_path() {
+    let mut edge = FaultyEdge::start();
+    let crafted = [
+        "SK1&known=0&wait=0",
+        "SK1/../../v1/accounts",
+        "SKxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    ];
+    for next in crafted {
+        // While the fault is on, a deletion is refused (and counted); the key keeps working.
+        let (sid, secret) = create_key(&edge.cp, "standard");
+        let req = basic(&edge.cp, &sid, &secret);
+        within(Duration::from_secs(15), || all(&edge.envoy, &req, 200)).expect("key admitted");
+        let before = metric(&edge.envoy, "keygate.config.rejected");
+        edge.proxy.set_fault(Fault::CraftedNext(next));
+        edge.cp.delete_key(&sid);
+        within(Duration::from_secs(10), || {
+            metric(&edge.envoy, "keygate.config.rejected") > before
+        })
+        .unwrap_or_else(|| panic!("{next:?}: not refused:\n{}", edge.envoy.logs()));
+        assert!(all(&edge.envoy, &req, 200), "{next:?} changed the edge");
+        edge.proxy.set_fault(Fault::PassThrough);
+        within(Duration::from_secs(20), || all(&edge.envoy, &req, 401))
+            .unwrap_or_else(|| panic!("{next:?}: the deletion never arrived"));
+        edge.secrets.push(secret);
+    }
+    let envoy = &edge.envoy;
+    within(Duration::from_secs(10), || {
+        envoy.logs().contains("next: invalid next cursor")
+    })
+    .unwrap_or_else(|| panic!("the refusal is not logged:\n{}", envoy.logs()));
+    let asked: Vec<String> = edge.proxy.captured().into_iter().map(|r| r.path).collect();
+    for next in crafted {
+        assert!(
+            !asked.iter().any(|p| p.contains(&format!("after={next}"))),
+            "{next:?} was asked for: {asked:?}"
+        );
+    }
+    assert!(
+        asked.iter().all(|p| !p.contains("/v1/accounts")),
+        "{asked:?}"
+    );
+    edge.finish();
+}
+
 #[test]
 fn on_stale_deny_answers_503_config_stale_once_the_control_plane_is_gone_too_long() {
     let mut cp = ControlPlane::start();
