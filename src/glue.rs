@@ -16,7 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
-use crate::host::{now_us, request_header_map, RequestHost, VmState};
+use crate::host::{header_map, now_us, RequestHost, VmState};
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 
@@ -247,6 +247,7 @@ impl RootContext for KeygateRoot {
             quota: None,
             max_cas_retries: 16,
             version_header: None,
+            judged_by: None,
         }))
     }
 
@@ -264,8 +265,12 @@ struct KeygateHttp {
     max_cas_retries: u32,
     /// Quota to report on the response, when configured.
     quota: Option<Quota>,
-    /// `x-keygate-config-version` for the response, when enabled.
+    /// `x-keygate-config-version` for the response, when enabled and the request's credential
+    /// authenticated.
     version_header: Option<String>,
+    /// Control-plane mode: the catalogue that judged the request (its identity header names are
+    /// stripped from request trailers too).
+    judged_by: Option<Arc<Catalog>>,
 }
 
 impl Context for KeygateHttp {}
@@ -385,13 +390,16 @@ impl KeygateHttp {
         }
     }
 
-    /// Runs the gate and acts on its verdict.
+    /// Runs the gate and acts on its verdict. `version` is the `x-keygate-config-version` value
+    /// when enabled: it goes only on replies to requests whose credential authenticated (an
+    /// unauthenticated client learns nothing about the deployment).
     fn judge(
         &mut self,
         cat: &Catalog,
         dir: &dyn keygate_core::Directory,
         pairs: &[(&[u8], &[u8])],
         now_us: u64,
+        version: Option<String>,
     ) -> Action {
         let head = RequestHead::from_pairs(pairs);
         let host = RequestHost::at(&self.vm, now_us);
@@ -404,6 +412,9 @@ impl KeygateHttp {
                 // The request stops here, but access logs and later filters still see its
                 // headers: never leave a client-chosen identity on it.
                 strip_client_identity(cat, pairs);
+                if denial.authenticated() {
+                    self.version_header = version;
+                }
                 self.deny(&denial, cat.www_authenticate())
             }
             Verdict::Allow {
@@ -411,7 +422,12 @@ impl KeygateHttp {
                 quota,
                 inflight,
             } => {
-                self.forward(cat, pairs, allow.identity());
+                let identity = allow.identity();
+                // A CORS preflight passed without credentials has no identity.
+                if identity.is_some() {
+                    self.version_header = version;
+                }
+                self.forward(cat, pairs, identity);
                 if let Some(ticket) = inflight {
                     *self
                         .vm
@@ -443,6 +459,25 @@ fn strip_client_identity(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
     strip_lookalikes(cat, pairs);
 }
 
+/// Removes client-sent identity headers and their `_` look-alikes from the request trailers
+/// (an upstream that merges trailers into headers must not see a client-chosen identity).
+fn strip_identity_trailers(cat: &Catalog) {
+    let raw = header_map(MapType::HttpRequestTrailers);
+    let pairs = parse_header_map(&raw).unwrap_or_default();
+    let names = cat.identity_headers();
+    for (name, _) in pairs {
+        let identity = names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            || is_identity_lookalike(name, names);
+        if identity {
+            if let Ok(n) = std::str::from_utf8(name) {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestTrailers, n);
+            }
+        }
+    }
+}
+
 /// Removes headers that spell an identity header with `_` for `-` (`x_keygate_key_sid`).
 fn strip_lookalikes(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
     for (name, _) in pairs {
@@ -456,19 +491,20 @@ fn strip_lookalikes(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
 
 impl HttpContext for KeygateHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let raw = request_header_map();
+        let raw = header_map(MapType::HttpRequestHeaders);
         let pairs = parse_header_map(&raw).unwrap_or_default();
         match self.source.clone() {
             Source::None => self.deny_plain(Reason::NoConfig),
-            Source::Static(cfg) => self.judge(&cfg.catalog, &cfg.directory, &pairs, now_us()),
+            Source::Static(cfg) => self.judge(&cfg.catalog, &cfg.directory, &pairs, now_us(), None),
             Source::ControlPlane(p) => {
                 let vm = self.vm.clone();
                 let Some(head) = read_head(&*vm) else {
                     return self.deny_plain(Reason::NoConfig);
                 };
-                if p.source.debug_version_header {
-                    self.version_header = Some(head.version.to_string());
-                }
+                let version = p
+                    .source
+                    .debug_version_header
+                    .then(|| head.version.to_string());
                 // One clock read serves the staleness check and the gate.
                 let now = now_us();
                 if p.source.is_stale(now / 1_000_000, head.contacted_at_s) {
@@ -486,9 +522,20 @@ impl HttpContext for KeygateHttp {
                     catalog: &catalog,
                     cache: &p.cache,
                 };
-                self.judge(&catalog, &dir, &pairs, now)
+                let action = self.judge(&catalog, &dir, &pairs, now, version);
+                self.judged_by = Some(catalog);
+                action
             }
         }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match (&self.source, &self.judged_by) {
+            (Source::Static(cfg), _) => strip_identity_trailers(&cfg.catalog),
+            (Source::ControlPlane(_), Some(cat)) => strip_identity_trailers(cat),
+            _ => {}
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -138,15 +138,16 @@ extern "C" {
     ) -> Status;
 }
 
-/// All request headers in proxy-wasm's serialized form, as bytes. The SDK's own getter decodes
-/// names with `unwrap`; this one leaves every byte to the panic-free parser in keygate-core.
-pub fn request_header_map() -> Vec<u8> {
+/// All of a header map (request headers, request trailers, ...) in proxy-wasm's serialized form,
+/// as bytes. The SDK's own getter decodes names with `unwrap`; this one leaves every byte to the
+/// panic-free parser in keygate-core.
+pub fn header_map(map: MapType) -> Vec<u8> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a pointer to a buffer it allocated through this module's exported
     // allocator (proxy_on_memory_allocate) and its size; we take ownership of exactly that.
     unsafe {
-        match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+        match proxy_get_header_map_pairs(map, &mut data, &mut size) {
             Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
             _ => Vec::new(),
         }

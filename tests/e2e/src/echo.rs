@@ -2,6 +2,8 @@
 //! `{"method": .., "path": .., "headers": [[name, value-lossy-utf8], ..]}`, and records each
 //! request (header values as raw bytes) so a test can assert exactly what got past the filter.
 //!
+//! Trailers of a chunked request are recorded too ([`Echo::captured_trailers`]), not echoed.
+//!
 //! A path starting with `/__slow/<ms>` is answered after `<ms>` milliseconds, for tests that need
 //! requests in flight at the same time; [`Echo::in_flight`] and [`Echo::max_in_flight`] count them.
 //!
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::wire::{self, Framing, Wire};
+use crate::wire::{self, Framing, Headers, Wire};
 
 /// A request as the upstream received it.
 #[derive(Clone, PartialEq, Eq)]
@@ -68,6 +70,8 @@ impl std::fmt::Debug for CapturedRequest {
 #[derive(Default)]
 struct Shared {
     captured: Mutex<Vec<CapturedRequest>>,
+    /// The trailers of each captured request, in the same order (empty for most).
+    trailers: Mutex<Vec<Headers>>,
     record: bool,
     verbose: bool,
     stop: Arc<AtomicBool>,
@@ -144,12 +148,25 @@ impl Echo {
     }
 
     /// Forgets the captured requests and resets [`Echo::max_in_flight`].
-    pub fn clear(&self) {
+    /// The trailer fields of every request received so far, in the order of
+    /// [`Echo::captured`]: names as sent, values as raw bytes (empty without trailers).
+    pub fn captured_trailers(&self) -> Vec<Vec<(String, Vec<u8>)>> {
         self.shared
-            .captured
+            .trailers
+            .lock()
+            .expect("echo capture lock")
+            .clone()
+    }
+
+    pub fn clear(&self) {
+        let mut captured = self.shared.captured.lock().expect("echo capture lock");
+        captured.clear();
+        self.shared
+            .trailers
             .lock()
             .expect("echo capture lock")
             .clear();
+        drop(captured);
         self.shared
             .max_in_flight
             .store(self.in_flight(), Ordering::SeqCst);
@@ -245,10 +262,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         let Some((method, path, headers)) = head else {
             return Ok(());
         };
-        let body = match wire::framing(&headers)? {
-            Framing::Chunked => wire.take_chunked()?,
-            Framing::Length(n) => wire.take(n)?,
-            Framing::None => Vec::new(),
+        let (body, trailers) = match wire::framing(&headers)? {
+            Framing::Chunked => wire.take_chunked_with_trailers()?,
+            Framing::Length(n) => (wire.take(n)?, Headers::new()),
+            Framing::None => (Vec::new(), Headers::new()),
         };
         let close = wire::find_header(&headers, "connection")
             .is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
@@ -269,11 +286,14 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         }
         let delay = slow_delay(&request.path);
         if shared.record {
+            // Both lists under the captured lock's order: one push each, captured first.
+            let mut captured = shared.captured.lock().expect("echo capture lock");
+            captured.push(request);
             shared
-                .captured
+                .trailers
                 .lock()
                 .expect("echo capture lock")
-                .push(request);
+                .push(trailers);
         }
 
         let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;

@@ -59,6 +59,8 @@ pub struct EnvoyBuilder {
     envoy_bin: Option<PathBuf>,
     wasm: Option<PathBuf>,
     ready_timeout: Duration,
+    /// The `upstream` cluster sends HTTP/1.1 trailers ([`EnvoyBuilder::http1_trailers`]).
+    upstream_trailers: bool,
 }
 
 impl Default for EnvoyBuilder {
@@ -84,6 +86,7 @@ impl EnvoyBuilder {
             envoy_bin: None,
             wasm: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            upstream_trailers: false,
         }
     }
 
@@ -135,6 +138,13 @@ impl EnvoyBuilder {
     pub fn upstream_port(mut self, port: u16) -> Self {
         self.upstream_port = port;
         self
+    }
+
+    /// HTTP/1.1 trailers end to end: the listener parses them and the `upstream` cluster sends
+    /// them (Envoy drops HTTP/1.1 trailers unless `enable_trailers` is set on both sides).
+    pub fn http1_trailers(mut self) -> Self {
+        self.upstream_trailers = true;
+        self.hcm_field("http_protocol_options", json!({"enable_trailers": true}))
     }
 
     /// Adds another static cluster `name` = 127.0.0.1:`port` (e.g. for the filter's HTTP calls).
@@ -195,7 +205,17 @@ impl EnvoyBuilder {
                 }
             })
         };
-        let mut clusters = vec![cluster("upstream", self.upstream_port)];
+        let mut upstream = cluster("upstream", self.upstream_port);
+        if let (true, Some(obj)) = (self.upstream_trailers, upstream.as_object_mut()) {
+            obj.insert(
+                "typed_extension_protocol_options".to_string(),
+                json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {"enable_trailers": true}}
+                }}),
+            );
+        }
+        let mut clusters = vec![upstream];
         clusters.extend(
             self.clusters
                 .iter()

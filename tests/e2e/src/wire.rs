@@ -96,6 +96,11 @@ impl Wire {
 
     /// Decodes a chunked body (trailers are read and dropped).
     pub(crate) fn take_chunked(&mut self) -> io::Result<Vec<u8>> {
+        self.take_chunked_with_trailers().map(|(body, _)| body)
+    }
+
+    /// Decodes a chunked body and its trailer fields (`name: value` lines, as sent).
+    pub(crate) fn take_chunked_with_trailers(&mut self) -> io::Result<(Vec<u8>, Headers)> {
         let mut body = Vec::new();
         loop {
             let line = self.take_line()?;
@@ -108,8 +113,19 @@ impl Wire {
                 )
             })?;
             if size == 0 {
-                while !self.take_line()?.is_empty() {}
-                return Ok(body);
+                let mut trailers = Headers::new();
+                loop {
+                    let line = self.take_line()?;
+                    if line.is_empty() {
+                        return Ok((body, trailers));
+                    }
+                    let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
+                    let value = line.get(colon + 1..).unwrap_or_default();
+                    trailers.push((
+                        String::from_utf8_lossy(&line[..colon]).into_owned(),
+                        value.trim_ascii().to_vec(),
+                    ));
+                }
             }
             body.extend(self.take(size)?);
             if !self.take_line()?.is_empty() {
