@@ -1,14 +1,18 @@
 //! A real keygate control plane (the `keygate-control` binary) for end-to-end tests: started on a
 //! temporary database and a free loopback port, killed on drop, restartable on the same data.
+//! [`ControlPlane::start_tls`] serves HTTPS (`--tls-cert`/`--tls-key`); the harness then talks
+//! to it over TLS, trusting the CA it is given.
 
 use std::collections::HashMap;
-use std::io::Read as _;
-use std::net::TcpListener;
+use std::io::{self, Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::client::READ_TIMEOUT;
 use crate::paths;
 use crate::{Req, Response};
 
@@ -34,6 +38,127 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// TLS for [`ControlPlane::start_tls`]: what the server presents and what the harness trusts.
+#[derive(Clone, Debug)]
+pub struct ControlTls {
+    /// `--tls-cert`: the server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// `--tls-key`: its private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificate (PEM) the harness's client trusts.
+    pub ca: PathBuf,
+    /// The name the client asks for (SNI) and requires in the certificate.
+    pub server_name: String,
+}
+
+/// HTTPS, one request per connection (`connection: close`), for a control plane serving TLS.
+struct TlsClient {
+    server_name: rustls::pki_types::ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl TlsClient {
+    fn new(tls: &ControlTls) -> TlsClient {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&tls.ca)
+            .unwrap_or_else(|e| panic!("read CA {}: {e}", tls.ca.display()))
+        {
+            roots
+                .add(cert.expect("a CA certificate"))
+                .expect("a usable CA");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        TlsClient {
+            server_name: rustls::pki_types::ServerName::try_from(tls.server_name.clone())
+                .expect("a server name"),
+            config: Arc::new(config),
+        }
+    }
+
+    fn send(&self, req: &Req, port: u16) -> io::Result<Response> {
+        let conn = rustls::ClientConnection::new(self.config.clone(), self.server_name.clone())
+            .map_err(io::Error::other)?;
+        let tcp = TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(READ_TIMEOUT))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(&req.clone().header("connection", "close").to_bytes(port))?;
+        tls.flush()?;
+        let mut raw = Vec::new();
+        match tls.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // Closed without close_notify after a whole response: the framing below decides.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        parse_response(&raw, req.is_head())
+    }
+}
+
+/// One complete response from `raw` (framed by Content-Length, chunked, or the end).
+fn parse_response(raw: &[u8], head_request: bool) -> io::Result<Response> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_owned());
+    let mut headers = vec![httparse::EMPTY_HEADER; 64];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(raw).map_err(io::Error::other)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Err(bad("incomplete response head")),
+    };
+    let headers: Vec<(String, Vec<u8>)> = res
+        .headers
+        .iter()
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect();
+    let status = res.code.unwrap_or(0);
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+    };
+    let rest = &raw[len..];
+    let body = if head_request || status == 204 || status == 304 {
+        Vec::new()
+    } else if find("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else if let Some(n) = find("content-length") {
+        let n: usize = n.parse().map_err(|_| bad("bad content-length"))?;
+        rest.get(..n)
+            .ok_or_else(|| bad("body shorter than content-length"))?
+            .to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response {
+        status,
+        reason: res.reason.unwrap_or("").to_owned(),
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
 /// A running control plane.
 pub struct ControlPlane {
     dir: tempfile::TempDir,
@@ -41,17 +166,31 @@ pub struct ControlPlane {
     child: Option<Child>,
     /// `NAME=value` credentials printed once at initialization.
     pub creds: HashMap<String, String>,
+    /// Set by [`ControlPlane::start_tls`]: serve HTTPS, and talk to it over TLS.
+    tls: Option<(ControlTls, TlsClient)>,
 }
 
 impl ControlPlane {
     /// Starts a control plane on a new database and waits until it answers.
     pub fn start() -> ControlPlane {
+        ControlPlane::start_with(None)
+    }
+
+    /// Starts a control plane serving HTTPS with `tls.cert` / `tls.key`, and waits until it
+    /// answers over TLS (the harness trusts `tls.ca` and asks for `tls.server_name`).
+    pub fn start_tls(tls: ControlTls) -> ControlPlane {
+        let client = TlsClient::new(&tls);
+        ControlPlane::start_with(Some((tls, client)))
+    }
+
+    fn start_with(tls: Option<(ControlTls, TlsClient)>) -> ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cp = ControlPlane {
             dir,
             port: free_port(),
             child: None,
             creds: HashMap::new(),
+            tls,
         };
         let stdout = cp.spawn();
         for line in stdout.lines() {
@@ -78,6 +217,7 @@ impl ControlPlane {
             port: free_port(),
             child: None,
             creds: HashMap::new(),
+            tls: None,
         };
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -123,10 +263,17 @@ impl ControlPlane {
             .append(true)
             .open(self.dir.path().join("control.log"))
             .expect("log");
-        let child = Command::new(control_bin())
-            .args(["serve", "--data"])
+        let mut cmd = Command::new(control_bin());
+        cmd.args(["serve", "--data"])
             .arg(self.db())
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+        if let Some((tls, _)) = &self.tls {
+            cmd.arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key);
+        }
+        let child = cmd
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(log))
             .spawn()
@@ -134,7 +281,7 @@ impl ControlPlane {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if Req::get("/v1/edge/config").try_send(self.port).is_ok() {
+            if self.try_send(&Req::get("/v1/edge/config")).is_ok() {
                 let mut s = String::new();
                 let _ = std::fs::File::open(&out).and_then(|mut f| f.read_to_string(&mut s));
                 return s;
@@ -164,8 +311,30 @@ impl ControlPlane {
         req.basic(self.cred("ACCOUNT_SID"), self.cred("AUTH_TOKEN"))
     }
 
+    /// Sends `req` (over TLS after [`ControlPlane::start_tls`]); panics on I/O errors.
     pub fn send(&self, req: &Req) -> Response {
-        req.send(self.port)
+        match &self.tls {
+            None => req.send(self.port),
+            Some(_) => self.try_send(req).unwrap_or_else(|e| {
+                panic!(
+                    "{} {} to the control plane over TLS failed: {e}",
+                    String::from_utf8_lossy(req.method()),
+                    String::from_utf8_lossy(req.target())
+                )
+            }),
+        }
+    }
+
+    pub fn try_send(&self, req: &Req) -> io::Result<Response> {
+        match &self.tls {
+            None => req.try_send(self.port),
+            Some((_, client)) => client.send(req, self.port),
+        }
+    }
+
+    /// The TLS files it serves with ([`ControlPlane::start_tls`]).
+    pub fn tls(&self) -> Option<&ControlTls> {
+        self.tls.as_ref().map(|(t, _)| t)
     }
 
     /// Kills the process (SIGKILL) and waits for it.

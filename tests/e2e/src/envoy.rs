@@ -52,6 +52,7 @@ pub struct EnvoyBuilder {
     concurrency: u32,
     upstream_port: u16,
     clusters: Vec<(String, u16)>,
+    transport_sockets: Map<String, Value>,
     hcm: Map<String, Value>,
     log_level: String,
     component_log_level: Option<String>,
@@ -79,6 +80,7 @@ impl EnvoyBuilder {
             concurrency: 1,
             upstream_port: NO_UPSTREAM_PORT,
             clusters: Vec::new(),
+            transport_sockets: Map::new(),
             hcm: Map::new(),
             log_level: "info".to_string(),
             component_log_level: None,
@@ -153,6 +155,16 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Adds a static cluster `name` = 127.0.0.1:`port` reached over TLS: the server must present
+    /// a certificate for `sni` (sent as SNI, required among its DNS SANs) issued by the CA in
+    /// `trusted_ca` (a PEM file), as the control plane's reference bootstrap does.
+    pub fn tls_cluster(mut self, name: &str, port: u16, trusted_ca: &Path, sni: &str) -> Self {
+        self.clusters.push((name.to_string(), port));
+        self.transport_sockets
+            .insert(name.to_string(), upstream_tls(trusted_ca, sni));
+        self
+    }
+
     /// Envoy's log level (`-l`), default `info`.
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_string();
@@ -221,6 +233,14 @@ impl EnvoyBuilder {
                 .iter()
                 .map(|(name, port)| cluster(name, *port)),
         );
+        for c in &mut clusters {
+            let name = c["name"].as_str().unwrap_or_default().to_string();
+            if let (Some(socket), Some(obj)) =
+                (self.transport_sockets.get(&name), c.as_object_mut())
+            {
+                obj.insert("transport_socket".to_string(), socket.clone());
+            }
+        }
 
         let mut hcm = json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -398,6 +418,31 @@ impl EnvoyBuilder {
         })?;
         Ok(envoy)
     }
+}
+
+/// A TLS transport socket for an upstream cluster: TLS 1.3 (Envoy's upstream default maximum is
+/// 1.2, so both bounds are set), SNI `sni`, the peer's chain checked against `trusted_ca` and
+/// `sni` required among its DNS SANs.
+pub fn upstream_tls(trusted_ca: &Path, sni: &str) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": sni,
+            "common_tls_context": {
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_3",
+                    "tls_maximum_protocol_version": "TLSv1_3"
+                },
+                "validation_context": {
+                    "trusted_ca": {"filename": trusted_ca},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": sni}}
+                    ]
+                }
+            }
+        }
+    })
 }
 
 /// Envoy did not start: it exited (`exited`, e.g. it refused the config) or was not ready in
