@@ -21,7 +21,7 @@ ECHO_PORT := 18080
 export CARGO_TERM_COLOR ?= never
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := authorization path template cidr config header_map decide
+FUZZ_TARGETS := authorization path template cidr config header_map decide changes_page control_auth
 
 .PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run run-static validate \
         test test-core test-control test-core-wasm test-e2e lint fmt clean

@@ -23,6 +23,8 @@ pub mod edge;
 pub mod error;
 pub mod model;
 pub mod policy;
+#[doc(hidden)]
+pub mod props;
 pub mod secret;
 pub mod service;
 pub mod store;

@@ -271,6 +271,75 @@ pub fn decide_request(data: &[u8]) {
     });
 }
 
+/// Arbitrary bytes as the answer to an edge's first change-feed request, on an empty store
+/// (the first publication): the page parser and the whole page check never panic, a refused
+/// page writes nothing that is in force, and an accepted page answers the request it was sent
+/// for, names only a next cursor that may go into a request path, and holds only records that
+/// compile on their own with its catalogue. A page that completes the walk is in force at its
+/// version.
+pub fn changes_page(data: &[u8]) {
+    use crate::compile::{compile_account_record, compile_catalog, compile_key_record};
+    use crate::published::{read_head, valid_next_cursor, Step, Sync};
+    use crate::ratelimit::testing::FakeStore;
+
+    let store = FakeStore::new();
+    let Ok(mut sync) = Sync::begin(&store) else {
+        panic!("an empty store begins an update")
+    };
+    let Ok(page) = Sync::parse(data) else {
+        return;
+    };
+    let (since, after) = {
+        let (s, a) = sync.request();
+        (s, a.to_owned())
+    };
+    let ahead = sync.request_after(&page);
+    let step = match sync.apply_page(&store, &page, 1_800_000_000) {
+        Ok(step) => step,
+        Err(_) => {
+            assert!(
+                read_head(&store).is_none(),
+                "a refused page put something in force"
+            );
+            return;
+        }
+    };
+    assert_eq!((page.since, page.after.as_str()), (since, after.as_str()));
+    if let Some(next) = &page.next {
+        assert!(
+            valid_next_cursor(&page.after, next),
+            "accepted a next cursor {next:?} that may not go into a request path"
+        );
+        assert_eq!(ahead, Some((since, next.clone())));
+    }
+    let Ok(cat) = compile_catalog(&page.meta()) else {
+        panic!("accepted a page whose catalogue does not compile")
+    };
+    for k in &page.keys {
+        assert!(
+            compile_key_record(&cat, k).is_ok(),
+            "accepted key {:?} that does not compile",
+            k.sid
+        );
+    }
+    for a in &page.accounts {
+        assert!(
+            compile_account_record(&cat, a).is_ok(),
+            "accepted account {:?} that does not compile",
+            a.sid
+        );
+    }
+    match step {
+        Step::Done(v) => {
+            assert_eq!(v, page.version);
+            assert!(page.next.is_none(), "done before the last page");
+            assert_eq!(read_head(&store).map(|h| h.version), Some(v));
+        }
+        Step::More => assert!(page.next.is_some() || read_head(&store).is_none()),
+        Step::Ready(_) => panic!("a first publication is not a warm-up"),
+    }
+}
+
 /// Dispatches by fuzz target name (used by the corpus replay test).
 pub fn run(target: &str, data: &[u8]) -> bool {
     match target {
@@ -281,13 +350,14 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "config" => config(data),
         "header_map" => header_map(data),
         "decide" => decide_request(data),
+        "changes_page" => changes_page(data),
         _ => return false,
     }
     true
 }
 
 /// Every fuzz target name.
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "authorization",
     "path",
     "template",
@@ -295,4 +365,5 @@ pub const TARGETS: [&str; 7] = [
     "config",
     "header_map",
     "decide",
+    "changes_page",
 ];
