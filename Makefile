@@ -73,6 +73,9 @@ run-static: setup build ## the demo without a control plane: static config (envo
 	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) scripts/demo.sh static
 
 validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy/ (loads the filter)
+	@# envoy-control-plane.yaml trusts the CA that `make run` makes in .run/tls: make one if missing.
+	@test -f .run/tls/ca.pem || { cargo build -q -p keygate-control && mkdir -p -m 700 .run && \
+	  target/debug/keygate-control tls-init --dir .run/tls >/dev/null; }
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The keygate demo. Run from anywhere; it works from the repository root. Ctrl-C stops everything.
 #
-#   scripts/demo.sh            (`make run`) the control plane (keygate-control on 127.0.0.1:8088,
-#                              database .run/keygate.db), the echo upstream, and Envoy with the
-#                              filter in control-plane mode (envoy/envoy-control-plane.yaml,
-#                              rendered with the edge token into .run/envoy.yaml)
+#   scripts/demo.sh            (`make run`) the control plane (keygate-control on 127.0.0.1:8088
+#                              over TLS, database .run/keygate.db, a CA and certificate made
+#                              afresh in .run/tls), the echo upstream, and Envoy with the filter
+#                              in control-plane mode (envoy/envoy-control-plane.yaml, rendered
+#                              with the edge token into .run/envoy.yaml)
 #   scripts/demo.sh static     (`make run-static`) the echo upstream and Envoy with the static demo
 #                              config (envoy/envoy.yaml): no control plane
 #
@@ -75,14 +76,23 @@ chmod 700 "$RUN_DIR"
 DB=$RUN_DIR/keygate.db
 CREDS=$RUN_DIR/credentials.env
 FIRST_OUT=$RUN_DIR/first-start.out
+TLS_DIR=$RUN_DIR/tls
 
 if listening "${CONTROL##*:}"; then
   echo "demo: $CONTROL is already in use (another keygate-control?)" >&2
   exit 1
 fi
 
+# The feed goes over TLS. A new CA and server certificate (for keygate-control, localhost,
+# 127.0.0.1, ::1) on every start: the CA's private key is never written, so nothing can be
+# signed with it later, and nothing here expires between runs.
+rm -rf "$TLS_DIR"
+"$CONTROL_BIN" tls-init --dir "$TLS_DIR" >/dev/null 2>>"$RUN_DIR/control.log" \
+  || { echo "demo: keygate-control tls-init failed; see $RUN_DIR/control.log" >&2; exit 1; }
+
 # On an empty database `serve` initializes it and prints the credentials once, on stdout.
 "$CONTROL_BIN" serve --data "$DB" --listen "$CONTROL" --log-format text \
+  --tls-cert "$TLS_DIR/server.pem" --tls-key "$TLS_DIR/server.key" \
   >"$FIRST_OUT" 2>>"$RUN_DIR/control.log" &
 pids+=($!)
 for _ in $(seq 100); do
@@ -110,8 +120,10 @@ chmod 600 "$CREDS"
 EDGE_TOKEN=$(grep -E '^KEYGATE_EDGE_TOKEN=' "$CREDS" | tail -1 | cut -d= -f2-)
 [[ $EDGE_TOKEN =~ ^[A-Za-z0-9_]+$ ]] || { echo "demo: unexpected edge token format in $CREDS" >&2; exit 1; }
 
-# The edge token goes into the rendered bootstrap only, never into the committed template.
-sed "s|kg_edge_REPLACE_ME|$EDGE_TOKEN|" envoy/envoy-control-plane.yaml >"$RUN_DIR/envoy.yaml"
+# The edge token goes into the rendered bootstrap only, never into the committed template; the
+# CA to trust is the one just made.
+sed -e "s|kg_edge_REPLACE_ME|$EDGE_TOKEN|" -e "s|\.run/tls/ca\.pem|$TLS_DIR/ca.pem|" \
+  envoy/envoy-control-plane.yaml >"$RUN_DIR/envoy.yaml"
 
 start_echo
 
@@ -119,14 +131,15 @@ cat <<TRY
 
 keygate demo with its control plane:
   gate     $GATE   (Envoy, filter in control-plane mode; admin http://127.0.0.1:9901)
-  control  http://$CONTROL   (keygate-control; log $RUN_DIR/control.log, database $DB)
+  control  https://$CONTROL   (keygate-control over TLS, CA $TLS_DIR/ca.pem; log $RUN_DIR/control.log, database $DB)
   upstream 127.0.0.1:$ECHO_PORT   (keygate-echo)
 
 Credentials (admin token, first account SID + auth token, edge token) are in $CREDS
 (mode 600). In another terminal:
 
   set -a; source $CREDS; set +a
-  curl -s -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X POST http://$CONTROL/v1/accounts/\$ACCOUNT_SID/keys \\
+  curl -s --cacert $TLS_DIR/ca.pem -u "\$ACCOUNT_SID:\$AUTH_TOKEN" \\
+       -X POST https://$CONTROL/v1/accounts/\$ACCOUNT_SID/keys \\
        -H 'content-type: application/json' -d '{"role":"main"}' | tee key.json
   curl -i -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" $GATE/v2/accounts/\$ACCOUNT_SID/calls
 

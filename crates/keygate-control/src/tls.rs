@@ -193,6 +193,10 @@ async fn accept_loop(
                     drop(slot);
                     let _ = ready.send((tls, peer)).await;
                 }
+                // Closed before a handshake: a port probe or health check, not worth a line.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                }
                 Ok(Err(e)) => tracing::info!(peer = %peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::info!(peer = %peer, "TLS handshake timed out"),
             }

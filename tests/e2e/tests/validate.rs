@@ -9,6 +9,24 @@ use keygate_e2e::paths;
 
 const WASM_IN_BOOTSTRAPS: &str = "target/wasm32-wasip1/release/keygate_filter.wasm";
 
+/// The CA the control-plane bootstrap's TLS cluster trusts; `make run` makes it
+/// (`keygate-control tls-init --dir .run/tls`). Here a CA made by the test stands in for it.
+const CA_IN_BOOTSTRAPS: &str = ".run/tls/ca.pem";
+
+/// A CA certificate (PEM) made with rcgen in `dir`.
+fn test_ca(dir: &Path) -> PathBuf {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keygate validate CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, params.self_signed(&key).unwrap().pem()).unwrap();
+    path
+}
+
 /// The top-level `envoy/*.yaml` files (subdirectories hold non-Envoy manifests, e.g. Istio).
 fn bootstraps() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(paths::envoy_dir())
@@ -76,7 +94,12 @@ fn every_envoy_bootstrap_validates_with_the_filter_loaded() {
             .join(WASM_IN_BOOTSTRAPS)
             .canonicalize()
             .ok();
-        let out = if default == paths::wasm_path().canonicalize().ok() {
+        // A bootstrap that trusts `make run`'s CA validates with one the test makes.
+        let out = if text.contains(CA_IN_BOOTSTRAPS) {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = test_ca(dir.path());
+            validate_text(&with_built_filter(&text).replace(CA_IN_BOOTSTRAPS, ca.to_str().unwrap()))
+        } else if default == paths::wasm_path().canonicalize().ok() {
             validate_file(&file)
         } else {
             validate_text(&with_built_filter(&text))
@@ -121,6 +144,42 @@ fn validation_runs_the_filter_config_step_and_fails_on_a_bad_plugin_config() {
     assert!(
         describe(&out).contains("Unable to create Wasm"),
         "{}",
+        describe(&out)
+    );
+}
+
+/// The control-plane bootstrap reaches the control plane over TLS: Envoy loads the CA its
+/// `keygate_control` cluster trusts, so the bootstrap does not validate without a CA there.
+#[test]
+fn the_control_plane_bootstrap_loads_the_ca_its_tls_cluster_trusts() {
+    let text =
+        std::fs::read_to_string(paths::envoy_dir().join("envoy-control-plane.yaml")).unwrap();
+    assert!(
+        text.contains(CA_IN_BOOTSTRAPS),
+        "envoy-control-plane.yaml no longer trusts {CA_IN_BOOTSTRAPS}"
+    );
+    let text = with_built_filter(&text);
+    let dir = tempfile::tempdir().unwrap();
+
+    let missing = dir.path().join("missing.pem");
+    let out = validate_text(&text.replace(CA_IN_BOOTSTRAPS, missing.to_str().unwrap()));
+    assert!(
+        !out.status.success(),
+        "validated without its CA: {}",
+        describe(&out)
+    );
+    assert!(
+        describe(&out).contains(&format!("Invalid path: {}", missing.display())),
+        "{}",
+        describe(&out)
+    );
+
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let out = validate_text(&text.replace(CA_IN_BOOTSTRAPS, junk.to_str().unwrap()));
+    assert!(
+        !out.status.success(),
+        "validated with a CA file that is no certificate: {}",
         describe(&out)
     );
 }
