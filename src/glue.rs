@@ -460,7 +460,8 @@ fn strip_client_identity(cat: &Catalog, pairs: &[(&[u8], &[u8])]) {
 }
 
 /// Removes client-sent identity headers and their `_` look-alikes from the request trailers
-/// (an upstream that merges trailers into headers must not see a client-chosen identity).
+/// (an upstream that merges trailers into headers must not see a client-chosen identity), and an
+/// `Authorization` trailer unless `forward_authorization` is on.
 fn strip_identity_trailers(cat: &Catalog) {
     let raw = header_map(MapType::HttpRequestTrailers);
     let pairs = parse_header_map(&raw).unwrap_or_default();
@@ -470,7 +471,10 @@ fn strip_identity_trailers(cat: &Catalog) {
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
             || is_identity_lookalike(name, names);
-        if identity {
+        // A credential sent as a trailer goes no further than one sent as a header.
+        let credential =
+            !cat.forward_authorization() && name.eq_ignore_ascii_case(b"authorization");
+        if identity || credential {
             if let Ok(n) = std::str::from_utf8(name) {
                 let _ = hostcalls::remove_map_value(MapType::HttpRequestTrailers, n);
             }

@@ -63,8 +63,9 @@ fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// A chunked POST whose trailers carry forged identity headers, their `_` look-alikes, and one
-/// harmless field that must go through (proof that trailers reach the upstream at all).
+/// A chunked POST whose trailers carry forged identity headers, their `_` look-alikes, a
+/// credential (removed like the `Authorization` header, since `forward_authorization` is off),
+/// and one harmless field that must go through (proof that trailers reach the upstream at all).
 fn post_with_forged_trailers(path: &str, user: &str, secret: &str) -> Req {
     Req::post(path)
         .basic(user, secret)
@@ -76,6 +77,7 @@ fn post_with_forged_trailers(path: &str, user: &str, secret: &str) -> Req {
               x_keygate_role: main\r\n\
               X_KEYGATE_API: keys\r\n\
               x-keygate-api: keys\r\n\
+              authorization: Basic dXNlcjpzZWNyZXQ=\r\n\
               x-checksum: abc123\r\n\r\n"
                 .to_vec(),
         )
