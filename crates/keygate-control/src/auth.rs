@@ -168,6 +168,35 @@ impl Door {
         keygate_core::ip::forwarded_client(peer, forwarded_for, self.trusted_proxies.as_ref())
     }
 
+    /// The failed-auth limiter's answer for a request, from memory, before a database
+    /// connection is taken: a flood from an address over its limit is refused without touching
+    /// the pool the change feed reads from. Requests without credentials and operator-looking
+    /// tokens (`Bearer kg_...`, looked up before the gate so an edge behind a guesser's address
+    /// keeps its feed) are left to [`Door::judge`], which runs the same limiter in the gate.
+    pub fn refused_early(
+        &self,
+        authorization: &[Vec<u8>],
+        client_ip: Option<IpAddr>,
+        now_us: u64,
+    ) -> Option<ApiError> {
+        let ip = client_ip?;
+        if authorization.is_empty() || operator_looking(authorization) {
+            return None;
+        }
+        let d = gate::failed_auth_precheck(
+            &self.catalog,
+            &self.failed_auth_key,
+            &self.counters,
+            ip,
+            now_us,
+            &mut GateStats::default(),
+        )?;
+        Some(ApiError::Limited {
+            reason: d.reason,
+            retry_after_s: d.retry_after_s.unwrap_or(1),
+        })
+    }
+
     /// Judges one request: the operator's tokens, else keygate-core's gate over the store.
     pub fn judge(
         &self,
@@ -184,15 +213,11 @@ impl Door {
             _ => AuthorizationHeader::Many,
         };
         if let AuthorizationHeader::One(value) = authorization {
-            if let Ok(Credential::Bearer { token }) =
-                parse_authorization(value, EnabledSchemes::ALL)
-            {
-                if token.starts_with(b"kg_") {
-                    match store::find_operator_token(conn, &secret::digest(token))? {
-                        Some(OperatorKind::Admin) => return Ok(Caller::Admin),
-                        Some(OperatorKind::Edge) => return Ok(Caller::Edge),
-                        None => {}
-                    }
+            if let Some(token) = operator_token(value) {
+                match store::find_operator_token(conn, &secret::digest(token))? {
+                    Some(OperatorKind::Admin) => return Ok(Caller::Admin),
+                    Some(OperatorKind::Edge) => return Ok(Caller::Edge),
+                    None => {}
                 }
             }
         }
@@ -246,6 +271,19 @@ impl Door {
             }),
         }
     }
+}
+
+/// The token of a `Bearer kg_...` credential (the operator's and edges' token format), parsed
+/// by the edge's parser.
+fn operator_token(value: &[u8]) -> Option<&[u8]> {
+    match parse_authorization(value, EnabledSchemes::ALL) {
+        Ok(Credential::Bearer { token }) if token.starts_with(b"kg_") => Some(token),
+        _ => None,
+    }
+}
+
+fn operator_looking(authorization: &[Vec<u8>]) -> bool {
+    matches!(authorization, [one] if operator_token(one).is_some())
 }
 
 /// Principals looked up in the store and compiled with the edge's compiler, one record at a

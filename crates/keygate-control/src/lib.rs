@@ -243,6 +243,9 @@ async fn admit(state: &AppState, req: Request) -> Result<Request, ApiError> {
             .as_micros(),
     )
     .unwrap_or(u64::MAX);
+    if let Some(refused) = door.refused_early(&authorization, client_ip, now_us) {
+        return Err(refused);
+    }
     let caller = state
         .db()
         .read(move |c| door.judge(c, &method, &path, &authorization, client_ip, now_us))
