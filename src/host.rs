@@ -8,15 +8,9 @@ use std::time::UNIX_EPOCH;
 
 use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, Host};
 use keygate_core::ip::parse_client_address;
-use keygate_core::ratelimit::{SetError, SharedStore, StoreError};
+use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY, VM_SEQ_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MapType, Status};
-
-/// Shared-data key written at VM start; its CAS serves as the "absent CAS" (see
-/// `keygate_core::ratelimit`).
-const ANCHOR_KEY: &str = "kg:anchor";
-/// Shared-data counter handing out VM identities for concurrency leases.
-const VM_SEQ_KEY: &str = "kg:vmseq";
 
 /// Per-VM state shared by the root context and every HTTP context of this VM.
 pub struct VmState {

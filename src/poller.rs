@@ -21,14 +21,13 @@ use std::time::Duration;
 use keygate_core::config::ChangesPage;
 use keygate_core::plugin::ControlPlane;
 use keygate_core::published::{self, read_head, Rejection, Step, Sync};
-use keygate_core::ratelimit::SharedStore;
+use keygate_core::store::{SharedStore, POLLER_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
 use crate::host::{now_us, VmState};
 use crate::metrics::Metrics;
 
-const POLLER_KEY: &str = "kg:cfg:poller";
 /// A poller whose heartbeat is older than this is replaced.
 pub const POLLER_LEASE_S: u64 = 5;
 /// Tick period in control-plane mode (election, retries, heartbeats).

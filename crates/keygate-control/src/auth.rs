@@ -31,7 +31,7 @@ use keygate_core::credential::{parse_authorization, Credential, EnabledSchemes};
 use keygate_core::gate::{self, FailedAuthKey, GateStats, Verdict};
 use keygate_core::headers::{AuthorizationHeader, RequestHead};
 use keygate_core::ip::IpAllowlist;
-use keygate_core::ratelimit::{SetError, SharedStore, StoreError};
+use keygate_core::store::{SetError, SharedStore, StoreError};
 use keygate_core::{Directory, Reason};
 use rusqlite::Connection;
 

@@ -23,8 +23,9 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use keygate_core::digest::Digester;
 use keygate_core::gate::{self, FailedAuthKey, GateStats, Host, Verdict};
 use keygate_core::headers::parse_header_map;
-use keygate_core::ratelimit::testing::FakeStore;
-use keygate_core::ratelimit::{Counters, SharedStore};
+use keygate_core::ratelimit::Counters;
+use keygate_core::store::testing::FakeStore;
+use keygate_core::store::SharedStore;
 use keygate_core::{compile, decide, CompiledConfig, Decision, RequestHead};
 
 const HUGE: &str = r#"{"requests":1000000000,"per":"1h"}"#;

@@ -8,10 +8,10 @@
 //! dead VM cannot hold slots forever. The table is bounded by the number of live VMs (plus dead
 //! ones until pruned), never by the number of requests or by time.
 
-use crate::ratelimit::{Counters, SetError, SharedStore, StoreError};
+use crate::ratelimit::Counters;
+use crate::store::{SetError, SharedStore, StoreError, LEASES_TAG};
 
-/// Value format: tag byte 2, then entries of `vm_id u64, count u32, heartbeat_s u64` (LE).
-const TAG: u8 = 2;
+/// Value format: [`LEASES_TAG`], then entries of `vm_id u64, count u32, heartbeat_s u64` (LE).
 const ENTRY: usize = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ struct Lease {
 
 fn encode(leases: &[Lease]) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + leases.len() * ENTRY);
-    v.push(TAG);
+    v.push(LEASES_TAG);
     for l in leases {
         v.extend_from_slice(&l.vm_id.to_le_bytes());
         v.extend_from_slice(&l.count.to_le_bytes());
@@ -34,7 +34,7 @@ fn encode(leases: &[Lease]) -> Vec<u8> {
 
 fn decode(bytes: &[u8]) -> Option<Vec<Lease>> {
     let (&tag, rest) = bytes.split_first()?;
-    if tag != TAG || rest.len() % ENTRY != 0 {
+    if tag != LEASES_TAG || rest.len() % ENTRY != 0 {
         return None;
     }
     let u64_at = |c: &[u8], at: usize| {
@@ -187,7 +187,7 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::testing::FakeStore;
+    use crate::store::testing::FakeStore;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -24,7 +24,7 @@
 //! with `n` client subjects it exhausts at most `2n` buckets, and a given client is locked out
 //! with probability about `(1 − e^(−2n/B))²` (README, "Limits"). The key is per Envoy process
 //! (every VM of the process shares the buckets, so they share the key):
-//! [`shared_failed_auth_key`] stores it once under [`FAILED_AUTH_KEY_STORE_KEY`].
+//! [`shared_failed_auth_key`] stores it once under [`FAILED_AUTH_KEY`].
 
 use std::fmt;
 use std::net::IpAddr;
@@ -35,10 +35,12 @@ use crate::compile::{Catalog, CompiledConfig, Directory, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
 use crate::decision::{decide_in, denied_after_authentication, Allow, Decision};
 use crate::headers::{AuthorizationHeader, RequestHead};
-use crate::ratelimit::{
-    Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, SetError, SharedStore,
-};
+use crate::ratelimit::{Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota};
 use crate::reason::Reason;
+use crate::store::{
+    account_inflight_key, account_rate_key, compare_and_swap, failed_auth_bucket_key, key_rate_key,
+    Change, SharedStore, FAILED_AUTH_KEY,
+};
 
 /// Seconds after which a VM's in-flight lease stops counting unless refreshed.
 pub const INFLIGHT_LEASE_S: u64 = 10;
@@ -78,35 +80,25 @@ impl fmt::Debug for FailedAuthKey {
     }
 }
 
-/// Shared-data key holding the process's [`FailedAuthKey`] (16 raw bytes).
-pub const FAILED_AUTH_KEY_STORE_KEY: &str = "kg:fa:key";
-
-/// The process's failed-auth key from `store`, created on first use: the first caller stores 16
-/// bytes from `random` with an insert-if-absent (the store's absent CAS), and every caller then
-/// uses whatever the store holds, so all VMs sharing the store agree. A value of the wrong length
-/// is replaced the same way (with its own CAS). `None` if the store fails or `random` does.
+/// The process's failed-auth key from `store` ([`FAILED_AUTH_KEY`]), created on first use: the
+/// first caller stores 16 bytes from `random` with an insert-if-absent (the store's absent CAS),
+/// and every caller then uses whatever the store holds, so all VMs sharing the store agree. A
+/// value of the wrong length is replaced the same way (with its own CAS). `None` if the store
+/// fails or `random` does.
 pub fn shared_failed_auth_key(
     store: &dyn SharedStore,
     random: &mut dyn FnMut() -> Option<[u8; 16]>,
 ) -> Option<FailedAuthKey> {
-    for _ in 0..8 {
-        let cas = match store.get(FAILED_AUTH_KEY_STORE_KEY) {
-            Ok(Some((v, cas))) => match <[u8; 16]>::try_from(v.as_slice()) {
-                Ok(bytes) => return Some(FailedAuthKey(bytes)),
-                Err(_) => cas,
-            },
-            Ok(None) => store.absent_cas(),
-            Err(_) => return None,
-        };
-        let fresh = random()?;
-        match store.set(FAILED_AUTH_KEY_STORE_KEY, &fresh, cas) {
-            Ok(()) => return Some(FailedAuthKey(fresh)),
-            // Another VM stored one first: read it on the next round.
-            Err(SetError::CasMismatch) => continue,
-            Err(SetError::Other) => return None,
+    // Another VM may store one first: it is read on the next round.
+    compare_and_swap(store, FAILED_AUTH_KEY, 8, |value| {
+        match value.map(<[u8; 16]>::try_from) {
+            Some(Ok(bytes)) => Some(Change::Keep(FailedAuthKey(bytes))),
+            Some(Err(_)) | None => {
+                let fresh = random()?;
+                Some(Change::Write(fresh.to_vec(), FailedAuthKey(fresh)))
+            }
         }
-    }
-    None
+    })
 }
 
 /// A slot held for the request's lifetime; give it back with [`release`] when the stream ends.
@@ -230,7 +222,7 @@ fn failed_auth_checks(cat: &Catalog, key: &FailedAuthKey, ip: IpAddr) -> Vec<Che
     };
     let [a, b] = failed_auth_buckets(key, fa.buckets, fa.ipv6_prefix, ip);
     let bucket = |n: u32| Check {
-        store_key: format!("kg:fa:2:{n}"),
+        store_key: failed_auth_bucket_key(n),
         slot: 0,
         rate: fa.limit.rate,
         kind: LimitKind::FailedAuth,
@@ -414,7 +406,7 @@ pub fn evaluate_in(
         let api = &cat.apis[api_idx as usize];
         if let Some(limit) = own.or(api.limit) {
             checks.push(check(
-                format!("kg:rl:2:k:{}", key.sid),
+                key_rate_key(&key.sid),
                 api_slot(&api.name),
                 limit,
                 LimitKind::KeyApi,
@@ -423,7 +415,7 @@ pub fn evaluate_in(
     }
     if let Some(limit) = key.and_then(|k| k.rate) {
         checks.push(check(
-            format!("kg:rl:2:k:{}", key.map_or("", |k| &*k.sid)),
+            key_rate_key(key.map_or("", |k| &*k.sid)),
             0,
             limit,
             LimitKind::Key,
@@ -431,7 +423,7 @@ pub fn evaluate_in(
     }
     if let Some(limit) = account.rate {
         checks.push(check(
-            format!("kg:rl:2:a:{}", account.sid),
+            account_rate_key(&account.sid),
             0,
             limit,
             LimitKind::Account,
@@ -480,7 +472,7 @@ pub fn evaluate_in(
     // 4. Concurrency.
     let mut inflight = None;
     if let Some(limit) = account.concurrency {
-        let store_key = format!("kg:cc:1:a:{}", account.sid);
+        let store_key = account_inflight_key(&account.sid);
         let slots = Inflight {
             store: host.store(),
             max_retries: cat.limits.max_cas_retries,

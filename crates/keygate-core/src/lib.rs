@@ -26,6 +26,7 @@ pub mod published;
 pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;
+pub mod store;
 
 pub use compile::{compile, Catalog, CompiledConfig, ConfigError, Directory};
 pub use decision::{decide, decide_in, Allow, Decision, Identity, PrincipalKind};

@@ -280,7 +280,7 @@ pub fn decide_request(data: &[u8]) {
 pub fn changes_page(data: &[u8]) {
     use crate::compile::{compile_account_record, compile_catalog, compile_key_record};
     use crate::published::{read_head, valid_next_cursor, Step, Sync};
-    use crate::ratelimit::testing::FakeStore;
+    use crate::store::testing::FakeStore;
 
     let store = FakeStore::new();
     let Ok(mut sync) = Sync::begin(&store) else {

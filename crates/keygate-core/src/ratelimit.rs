@@ -21,26 +21,7 @@
 
 use std::fmt;
 
-/// Errors of the shared store other than a CAS mismatch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreError;
-
-/// Outcome of a conditional write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetError {
-    CasMismatch,
-    Other,
-}
-
-/// The host's shared key-value store with compare-and-swap (Envoy shared data).
-pub trait SharedStore {
-    /// The value and its CAS, or `None` if the key does not exist.
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
-    /// Writes `value` if the key's current CAS is `cas`; a missing key is always inserted.
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
-    /// A non-zero CAS that belongs to another key, used to create missing subjects.
-    fn absent_cas(&self) -> u32;
-}
+use crate::store::{SetError, SharedStore, StoreError, RATE_TAG};
 
 /// One rate limit: `requests` per `period_us`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,9 +127,8 @@ pub enum Admission {
     StoreFailure,
 }
 
-/// Value format: tag byte 2, then `(slot: u32, TAT in µs: u64)` entries, little-endian. A slot
+/// Value format: [`RATE_TAG`], then `(slot: u32, TAT in µs: u64)` entries, little-endian. A slot
 /// that is absent (or whose TAT has passed) has its whole quota.
-const TAG: u8 = 2;
 const ENTRY: usize = 12;
 /// Entries kept per record: a key's own rate plus per-API rates; beyond that the entries whose
 /// TAT is furthest in the past are dropped first (they are the closest to a full quota anyway).
@@ -158,7 +138,7 @@ type Entries = Vec<(u32, u64)>;
 
 fn encode(entries: &[(u32, u64)]) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + entries.len() * ENTRY);
-    v.push(TAG);
+    v.push(RATE_TAG);
     for (slot, tat) in entries {
         v.extend_from_slice(&slot.to_le_bytes());
         v.extend_from_slice(&tat.to_le_bytes());
@@ -166,9 +146,9 @@ fn encode(entries: &[(u32, u64)]) -> Vec<u8> {
     v
 }
 
-fn decode(bytes: &[u8]) -> Option<Entries> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<Entries> {
     match bytes {
-        [TAG, rest @ ..] if rest.len() % ENTRY == 0 => Some(
+        [RATE_TAG, rest @ ..] if rest.len() % ENTRY == 0 => Some(
             rest.chunks_exact(ENTRY)
                 .map(|c| {
                     let mut slot = [0u8; 4];
@@ -183,7 +163,7 @@ fn decode(bytes: &[u8]) -> Option<Entries> {
     }
 }
 
-fn tat_of(entries: &[(u32, u64)], slot: u32) -> u64 {
+pub(crate) fn tat_of(entries: &[(u32, u64)], slot: u32) -> u64 {
     entries
         .iter()
         .find(|(s, _)| *s == slot)
@@ -451,95 +431,6 @@ fn groups_of(checks: &[Check], indices: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
-/// Test support: a fake of Envoy shared data with the host's exact CAS rules and fault injection.
-pub mod testing {
-    use super::{decode, tat_of, SetError, SharedStore, StoreError};
-    use std::cell::{Cell, RefCell};
-    use std::collections::HashMap;
-
-    /// A fake of Envoy shared data with the host's exact CAS rules, and fault injection.
-    #[derive(Default)]
-    pub struct FakeStore {
-        pub map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        next_cas: Cell<u32>,
-        /// Number of upcoming `set`s that fail with a CAS mismatch (a racing writer).
-        pub conflicts: Cell<u32>,
-        pub fail_gets: Cell<bool>,
-        pub sets: Cell<u32>,
-    }
-
-    impl FakeStore {
-        pub fn new() -> FakeStore {
-            let s = FakeStore {
-                next_cas: Cell::new(1),
-                ..FakeStore::default()
-            };
-            // The anchor whose CAS serves as the absent CAS.
-            let _ = s.set("anchor", b"", 0);
-            s
-        }
-        fn cas(&self) -> u32 {
-            let c = self.next_cas.get();
-            self.next_cas.set(c + 1);
-            c
-        }
-        pub fn raw_set(&self, key: &str, v: &[u8]) {
-            let c = self.cas();
-            self.map
-                .borrow_mut()
-                .insert(key.to_owned(), (v.to_vec(), c));
-        }
-        /// The TAT of slot 0 of a subject (`None` if the record is absent or unreadable).
-        pub fn tat(&self, key: &str) -> Option<u64> {
-            self.tat_at(key, 0)
-        }
-        /// The TAT of `slot` of a subject.
-        pub fn tat_at(&self, key: &str, slot: u32) -> Option<u64> {
-            self.map
-                .borrow()
-                .get(key)
-                .and_then(|(v, _)| decode(v))
-                .map(|e| tat_of(&e, slot))
-        }
-    }
-
-    impl SharedStore for FakeStore {
-        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-            if self.fail_gets.get() {
-                return Err(StoreError);
-            }
-            Ok(self.map.borrow().get(key).cloned())
-        }
-        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-            self.sets.set(self.sets.get() + 1);
-            if self.conflicts.get() > 0 {
-                self.conflicts.set(self.conflicts.get() - 1);
-                // A racing writer got there first: it bumps the CAS.
-                let current = self.map.borrow().get(key).cloned();
-                if let Some((v, _)) = current {
-                    let c = self.cas();
-                    self.map.borrow_mut().insert(key.to_owned(), (v, c));
-                }
-                return Err(SetError::CasMismatch);
-            }
-            let current = self.map.borrow().get(key).map(|(_, c)| *c);
-            if let Some(cur) = current {
-                if cas != 0 && cas != cur {
-                    return Err(SetError::CasMismatch);
-                }
-            }
-            let c = self.cas();
-            self.map
-                .borrow_mut()
-                .insert(key.to_owned(), (value.to_vec(), c));
-            Ok(())
-        }
-        fn absent_cas(&self) -> u32 {
-            self.map.borrow().get("anchor").map_or(0, |(_, c)| *c)
-        }
-    }
-}
-
 impl fmt::Display for LimitKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -548,8 +439,8 @@ impl fmt::Display for LimitKind {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::FakeStore;
     use super::*;
+    use crate::store::testing::FakeStore;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

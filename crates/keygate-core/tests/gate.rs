@@ -10,11 +10,12 @@ use keygate_core::compile::compile_doc;
 use keygate_core::config::*;
 use keygate_core::gate::{
     evaluate, failed_auth_buckets, failed_auth_precheck, release, shared_failed_auth_key,
-    FailedAuthKey, GateStats, Host, Verdict, FAILED_AUTH_KEY_STORE_KEY,
+    FailedAuthKey, GateStats, Host, Verdict,
 };
 use keygate_core::headers::{AuthorizationHeader, RequestHead};
-use keygate_core::ratelimit::testing::FakeStore;
-use keygate_core::ratelimit::{Counters, LimitKind, SharedStore};
+use keygate_core::ratelimit::{Counters, LimitKind};
+use keygate_core::store::testing::FakeStore;
+use keygate_core::store::{SharedStore, FAILED_AUTH_KEY};
 use keygate_core::{CompiledConfig, Reason};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -515,14 +516,14 @@ fn every_vm_of_a_process_uses_the_key_the_first_one_stored() {
     let got = shared_failed_auth_key(&raced, &mut || {
         calls += 1;
         if calls == 1 {
-            raced.raw_set(FAILED_AUTH_KEY_STORE_KEY, &[9; 16]);
+            raced.raw_set(FAILED_AUTH_KEY, &[9; 16]);
         }
         Some([3; 16])
     });
     assert_eq!(got, Some(FailedAuthKey::from_bytes([9; 16])));
     // A value of the wrong length is replaced; no randomness or no store gives no key.
     let bad = FakeStore::new();
-    bad.raw_set(FAILED_AUTH_KEY_STORE_KEY, b"short");
+    bad.raw_set(FAILED_AUTH_KEY, b"short");
     assert_eq!(
         shared_failed_auth_key(&bad, &mut || Some([4; 16])),
         Some(FailedAuthKey::from_bytes([4; 16]))

@@ -2,18 +2,11 @@
 //! the epoch counter, and the buckets of entries (how each is encoded, and which entries a head
 //! sees).
 
-use super::update::Rejection;
-use crate::ratelimit::{SetError, SharedStore};
+use crate::store::{
+    compare_and_swap, slot_settings_key, slot_state_key, Change, SetError, SharedStore, BUCKET_TAG,
+    EPOCH_KEY, EPOCH_TAG, HEAD_TAG, RECORD_TAG, STATE_TAG,
+};
 
-pub const HEAD_KEY: &str = "kg:cfg:head";
-pub(super) const EPOCH_KEY: &str = "kg:cfg:epoch";
-pub(super) const RECORD_TAG: u8 = 7;
-pub(super) const EPOCH_TAG: u8 = 9;
-/// This layout's head, slot state and buckets. The head and state of the layout before buckets
-/// (tags 6 and 8) read as absent, so a filter upgraded in a running Envoy starts over.
-pub(super) const HEAD_TAG: u8 = 10;
-pub(super) const STATE_TAG: u8 = 11;
-pub(super) const BUCKET_TAG: u8 = 12;
 /// Entry kinds: an account or key by SID; a Bearer token by digest.
 pub(super) const PRINCIPAL: u8 = b'p';
 pub(super) const TOKEN: u8 = b't';
@@ -96,12 +89,8 @@ pub(super) struct SlotState {
     pub(super) count: u64,
 }
 
-pub(super) fn state_key(slot: u8) -> String {
-    format!("kg:cfg:{slot}:state")
-}
-
 pub(super) fn read_state(store: &dyn SharedStore, slot: u8) -> Option<SlotState> {
-    let (bytes, _) = store.get(&state_key(slot)).ok()??;
+    let (bytes, _) = store.get(&slot_state_key(slot)).ok()??;
     match bytes.as_slice() {
         [STATE_TAG, rest @ ..] if rest.len() == 33 && valid_bits(rest[24]) => Some(SlotState {
             floor: le_u64(&rest[..8])?,
@@ -118,7 +107,7 @@ pub(super) fn write_state(
     store: &dyn SharedStore,
     slot: u8,
     st: SlotState,
-) -> Result<(), Rejection> {
+) -> Result<(), SetError> {
     let mut v = [0u8; 34];
     v[0] = STATE_TAG;
     v[1..9].copy_from_slice(&st.floor.to_le_bytes());
@@ -126,37 +115,24 @@ pub(super) fn write_state(
     v[17..25].copy_from_slice(&st.base.to_le_bytes());
     v[25] = st.bits;
     v[26..].copy_from_slice(&st.count.to_le_bytes());
-    store
-        .set(&state_key(slot), &v, 0)
-        .map_err(|_| Rejection::Store)
+    store.set(&slot_state_key(slot), &v, 0)
 }
 
-/// Hands out a new epoch (compare-and-swap on a counter, so two VMs never share one).
-pub(super) fn next_epoch(store: &dyn SharedStore) -> Result<u64, Rejection> {
-    for _ in 0..8 {
-        let (last, cas) = match store.get(EPOCH_KEY) {
-            Ok(Some((b, cas))) => match b.as_slice() {
-                [EPOCH_TAG, rest @ ..] => (le_u64(rest).ok_or(Rejection::Store)?, cas),
-                _ => return Err(Rejection::Store),
-            },
-            Ok(None) => (0, store.absent_cas()),
-            Err(_) => return Err(Rejection::Store),
+/// Hands out a new epoch (compare-and-swap on a counter, so two VMs never share one); `None`
+/// if the store fails or holds something else there.
+pub(super) fn next_epoch(store: &dyn SharedStore) -> Option<u64> {
+    compare_and_swap(store, EPOCH_KEY, 8, |value| {
+        let last = match value {
+            Some([EPOCH_TAG, rest @ ..]) => le_u64(rest)?,
+            Some(_) => return None,
+            None => 0,
         };
         let next = last.saturating_add(1);
-        let mut v = [0u8; 9];
+        let mut v = vec![0u8; 9];
         v[0] = EPOCH_TAG;
         v[1..].copy_from_slice(&next.to_le_bytes());
-        match store.set(EPOCH_KEY, &v, cas) {
-            Ok(()) => return Ok(next),
-            Err(SetError::CasMismatch) => continue,
-            Err(SetError::Other) => return Err(Rejection::Store),
-        }
-    }
-    Err(Rejection::Store)
-}
-
-pub(super) fn meta_key(slot: u8) -> String {
-    format!("kg:cfg:{slot}:meta:-")
+        Some(Change::Write(v, next))
+    })
 }
 
 /// A record: [`RECORD_TAG`], its epoch (8 bytes, little-endian), the payload.
@@ -175,7 +151,7 @@ pub(super) fn read_meta(
     floor: u64,
     upto: u64,
 ) -> Option<Vec<u8>> {
-    let (bytes, _) = store.get(&meta_key(slot)).ok()??;
+    let (bytes, _) = store.get(&slot_settings_key(slot)).ok()??;
     match bytes.as_slice() {
         [RECORD_TAG, rest @ ..] if rest.len() >= 8 => {
             let epoch = le_u64(&rest[..8])?;
@@ -199,13 +175,6 @@ pub(super) fn bucket_of(kind: u8, id: &[u8], bits: u8) -> u32 {
     h ^= h >> 33;
     let mask = (1u64 << bits.min(MAX_BUCKET_BITS)) - 1;
     u32::try_from(h & mask).unwrap_or(0)
-}
-
-/// Writes `kg:cfg:<slot>:b:<n>` into `key` (reusing its buffer).
-pub(super) fn put_bucket_key(key: &mut String, slot: u8, n: u32) {
-    use std::fmt::Write as _;
-    key.clear();
-    let _ = write!(key, "kg:cfg:{}:b:{n}", if slot == 0 { 0 } else { 1 });
 }
 
 /// One entry of a bucket, borrowed from its encoded value.

@@ -50,6 +50,6 @@ mod read;
 mod tests;
 mod update;
 
-pub use layout::{Head, HEAD_KEY, MAX_BUCKET_BITS, MIN_BUCKET_BITS};
+pub use layout::{Head, MAX_BUCKET_BITS, MIN_BUCKET_BITS};
 pub use read::{load_catalog, read_head, RecordCache, SharedDirectory, CACHE_CAPACITY};
 pub use update::{publish, touch, valid_next_cursor, Rejection, Step, Sync, MAX_LOAD, MAX_WALKS};

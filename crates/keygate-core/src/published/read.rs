@@ -12,7 +12,7 @@ use crate::compile::{
 };
 use crate::config::{AccountDoc, ConfigDoc, KeyDoc};
 use crate::digest::Digest32;
-use crate::ratelimit::SharedStore;
+use crate::store::{put_bucket_key, SharedStore, HEAD_KEY};
 
 /// Reads the head; `None` before the first publication (or if unreadable).
 pub fn read_head(store: &dyn SharedStore) -> Option<Head> {

@@ -7,8 +7,8 @@ use crate::compile::{Directory, Principal};
 use crate::config::{AccountDoc, ChangesPage, KeyDoc, CHANGES_SCHEMA_V1};
 use crate::config::{AccountStatus, ApiDoc, Role, SecretDoc, Settings};
 use crate::headers::{AuthorizationHeader, RequestHead};
-use crate::ratelimit::testing::FakeStore;
-use crate::ratelimit::{SetError, SharedStore};
+use crate::store::testing::FakeStore;
+use crate::store::{slot_state_key, SetError, SharedStore, StoreError};
 use crate::{decide_in, Decision, Reason};
 use std::collections::BTreeMap;
 #[cfg(target_arch = "wasm32")]
@@ -420,7 +420,7 @@ struct Watched<'a> {
 }
 
 impl SharedStore for Watched<'_> {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::ratelimit::StoreError> {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         self.inner.get(key)
     }
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
@@ -1006,7 +1006,7 @@ fn a_warm_up_fills_the_free_slot_at_the_version_in_force_so_the_first_change_is_
     // force from an older edge build, a fill that never finished) is empty.
     assert!(!Sync::free_slot_is_empty(&store));
     let free = 1 - read_head(&store).unwrap().slot;
-    store.map.borrow_mut().remove(&state_key(free));
+    store.map.borrow_mut().remove(&slot_state_key(free));
     assert!(Sync::free_slot_is_empty(&store));
     // Without a warm-up the version in force is refused as "not newer".
     assert!(matches!(
@@ -1035,7 +1035,7 @@ fn a_warm_up_fills_the_free_slot_at_the_version_in_force_so_the_first_change_is_
     m.put_key("SK1", "a");
     m.sync(&fresh, 5, |_, _| {}).unwrap();
     let free = 1 - read_head(&fresh).unwrap().slot;
-    fresh.map.borrow_mut().remove(&state_key(free));
+    fresh.map.borrow_mut().remove(&slot_state_key(free));
     let (v3, _) = m
         .walk(&fresh, 1, Sync::prepare(&fresh).unwrap(), |m, n| {
             if n == 1 {

@@ -11,7 +11,7 @@ use crate::compile::{
     ConfigError,
 };
 use crate::config::{ChangesPage, ConfigDoc, KeyDoc, Scheme, CHANGES_SCHEMA_V1};
-use crate::ratelimit::SharedStore;
+use crate::store::{put_bucket_key, slot_settings_key, SharedStore, HEAD_KEY};
 
 /// Live entries per bucket (on average) above which a slot is refilled with more buckets.
 pub const MAX_LOAD: u64 = 4;
@@ -440,11 +440,11 @@ impl Sync {
             if let Some(bits) = grow_to {
                 t.bits = t.bits.max(bits);
             }
-            let epoch = next_epoch(store)?;
+            let epoch = next_epoch(store).ok_or(Rejection::Store)?;
             t.floor = epoch;
             t.epoch = epoch;
             t.count = 0;
-            write_state(store, t.slot, t.state(0))?;
+            write_state(store, t.slot, t.state(0)).map_err(|_| Rejection::Store)?;
         }
         self.fresh = true;
         self.base = 0;
@@ -596,7 +596,7 @@ impl Sync {
         if !self.fresh {
             // Above every epoch a head of this slot ever named: requests still reading the
             // slot by an older head see none of what this update writes.
-            self.target.epoch = next_epoch(store)?;
+            self.target.epoch = next_epoch(store).ok_or(Rejection::Store)?;
             self.fresh = true;
         }
         // Into the slot, and on a first publication the same entries into the other slot, at
@@ -605,7 +605,7 @@ impl Sync {
             let (written, emptied) = t.write(store, &ops)?;
             self.records += written;
             self.emptied += emptied;
-            write_state(store, t.slot, t.state(self.base))?;
+            write_state(store, t.slot, t.state(self.base)).map_err(|_| Rejection::Store)?;
         }
         self.pages += 1;
         self.newest = page.version;
@@ -654,10 +654,10 @@ impl Sync {
         let json = to_json(meta)?;
         for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
             store
-                .set(&meta_key(t.slot), &record(t.epoch, &json), 0)
+                .set(&slot_settings_key(t.slot), &record(t.epoch, &json), 0)
                 .map_err(|_| Rejection::Store)?;
             t.sweep(store)?;
-            write_state(store, t.slot, t.state(v))?;
+            write_state(store, t.slot, t.state(v)).map_err(|_| Rejection::Store)?;
         }
         if self.in_force.is_some_and(|h| h.version >= v) {
             return Ok(Step::Ready(v));
