@@ -7,7 +7,7 @@
 //! away (worker VM replaced, crash), another VM takes over within a few seconds. This works the
 //! same in plain Envoy and under Istio's `WasmPlugin`, which has no bootstrap singleton.
 //!
-//! Fetch: the change feed, page by page ([`keygate_core::published::Sync`]): `GET
+//! Fetch: the change feed, page by page ([`keygate_core::published::Update`]): `GET
 //! <path>?since=<version the free slot is complete at>&limit=<page_size>`, plus
 //! `&known=<version in force>&wait=<s>` on the first page (the long poll: the control plane holds
 //! it until something changes) and `&after=<cursor>` on the following ones, with the edge token
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use keygate_core::config::ChangesPage;
 use keygate_core::plugin::ControlPlane;
-use keygate_core::published::{self, read_head, Rejection, Step, Sync};
+use keygate_core::published::{self, read_head, Rejection, Step, Update};
 use keygate_core::store::{SharedStore, POLLER_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
@@ -46,9 +46,9 @@ pub struct Poller {
     failures: u32,
     next_attempt_ms: u64,
     /// The update under way (the free slot being brought to the newest version).
-    sync: Option<Sync>,
+    update: Option<Update>,
     /// When the update's first page arrived (a long poll's wait is not part of the update).
-    sync_started_us: u64,
+    update_started_us: u64,
     /// A page received but not yet checked: its successor is already asked for (the fetch in
     /// flight), and the page is checked and written on the next tick, so that the control plane
     /// reads the next page while this VM checks this one.
@@ -103,18 +103,18 @@ impl Poller {
             return;
         }
         let mut long_poll = true;
-        if self.sync.is_none() {
+        if self.update.is_none() {
             // An empty free slot is filled at the version in force right away, so that the
             // first change after start travels alone instead of refetching everything.
-            let warm_up = Sync::free_slot_is_empty(vm);
+            let warm_up = Update::free_slot_is_empty(vm);
             long_poll = !warm_up;
             let begun = if warm_up {
-                Sync::prepare(vm)
+                Update::warm_up(vm)
             } else {
-                Sync::begin(vm)
+                Update::begin(vm)
             };
             match begun {
-                Ok(s) => self.sync = Some(s),
+                Ok(u) => self.update = Some(u),
                 Err(_) => {
                     log(
                         LogLevel::Error,
@@ -131,11 +131,11 @@ impl Poller {
     /// Asks for the page the update needs next (`long_poll`: the first one, held by the
     /// control plane until something changes).
     fn send(&mut self, vm: &VmState, cp: &ControlPlane, metrics: &Metrics, long_poll: bool) {
-        let Some(sync) = &self.sync else {
+        let Some(update) = &self.update else {
             return;
         };
-        let (since, after) = sync.request();
-        let known = sync.in_force().map(|h| h.version).filter(|_| long_poll);
+        let (since, after) = update.request();
+        let known = update.in_force().map(|h| h.version).filter(|_| long_poll);
         let after = after.to_owned();
         self.fetch(vm, cp, metrics, since, &after, known);
     }
@@ -153,7 +153,7 @@ impl Poller {
         let mut path = format!("{}?since={since}&limit={}", cp.path, cp.page_size);
         if !after.is_empty() {
             // Only a SID ([A-Za-z0-9_-], at most 64 bytes) goes into the path: nothing to escape.
-            // Sync never names anything else (a page whose next cursor is not one is refused);
+            // Update never names anything else (a page whose next cursor is not one is refused);
             // this keeps it so whatever changes there.
             if !published::valid_next_cursor("", after) {
                 self.rejected(
@@ -206,7 +206,7 @@ impl Poller {
 
     /// Forgets the update under way, a page waiting to be checked and a fetch in flight.
     fn drop_update(&mut self) {
-        self.sync = None;
+        self.update = None;
         self.pending = None;
         self.in_flight = None;
     }
@@ -234,12 +234,12 @@ impl Poller {
         let Some(page) = self.pending.take() else {
             return;
         };
-        let Some(sync) = self.sync.as_mut() else {
+        let Some(update) = self.update.as_mut() else {
             return;
         };
         // What the fetch in flight asks for (it was sent ahead of this check).
-        let ahead = sync.request_after(&page);
-        let outcome = sync.apply_page(vm, &page, now_us() / 1_000_000);
+        let ahead = update.request_after(&page);
+        let outcome = update.apply_page(vm, &page, now_us() / 1_000_000);
         drop(page);
         self.applied(vm, cp, metrics, outcome, ahead);
     }
@@ -255,13 +255,13 @@ impl Poller {
         ahead: Option<(u64, String)>,
     ) {
         let now_s = now_us() / 1_000_000;
-        let Some(sync) = self.sync.as_mut() else {
+        let Some(update) = self.update.as_mut() else {
             return;
         };
         match outcome {
             Ok(Step::More) => {
                 published::touch(vm, now_s);
-                let (since, after) = sync.request();
+                let (since, after) = update.request();
                 let wanted = ahead
                     .as_ref()
                     .is_some_and(|(s, a)| *s == since && a == after);
@@ -283,8 +283,8 @@ impl Poller {
                     published::touch(vm, now_s);
                     format!("config slot warmed up at version {v}")
                 };
-                let ms = now_us().saturating_sub(self.sync_started_us) / 1000;
-                let both = if sync.fills_both_slots() {
+                let ms = now_us().saturating_sub(self.update_started_us) / 1000;
+                let both = if update.fills_both_slots() {
                     ", both slots"
                 } else {
                     ""
@@ -293,7 +293,7 @@ impl Poller {
                     LogLevel::Info,
                     &format!(
                         "{what} ({} pages, {} records written, {} Bearer entries emptied, {ms} ms{both})",
-                        sync.pages, sync.records, sync.emptied
+                        update.pages, update.records, update.emptied
                     ),
                 );
                 self.drop_update();
@@ -328,7 +328,7 @@ impl Poller {
             // first (if it is refused, or the walk went elsewhere, this answer is dropped).
             self.in_flight = Some(token);
             self.apply_pending(vm, cp, metrics);
-            if self.in_flight != Some(token) || self.sync.is_none() {
+            if self.in_flight != Some(token) || self.update.is_none() {
                 return;
             }
             self.in_flight = None;
@@ -343,13 +343,13 @@ impl Poller {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                let Some(sync) = self.sync.as_mut() else {
+                let Some(update) = self.update.as_mut() else {
                     return;
                 };
-                if sync.pages == 0 {
-                    self.sync_started_us = now_us();
+                if update.pages == 0 {
+                    self.update_started_us = now_us();
                 }
-                let page = match Sync::parse(&body) {
+                let page = match Update::parse(&body) {
                     Ok(page) => page,
                     Err(e) => {
                         self.rejected(vm, cp, metrics, e);
@@ -357,7 +357,7 @@ impl Poller {
                     }
                 };
                 drop(body);
-                if let Some((since, after)) = sync.request_after(&page) {
+                if let Some((since, after)) = update.request_after(&page) {
                     // Ask for the next page now and check this one on the next tick (right
                     // after this callback returns and the request is on its way).
                     self.fetch(vm, cp, metrics, since, &after, None);
@@ -370,7 +370,7 @@ impl Poller {
                     }
                     return;
                 }
-                let outcome = sync.apply_page(vm, &page, now_s);
+                let outcome = update.apply_page(vm, &page, now_s);
                 drop(page);
                 self.applied(vm, cp, metrics, outcome, None);
             }
@@ -381,7 +381,7 @@ impl Poller {
                     LogLevel::Warn,
                     "the control plane cannot list changes since the edge's version; fetching everything",
                 );
-                let restarted = self.sync.as_mut().map(|s| s.start_over(vm));
+                let restarted = self.update.as_mut().map(|s| s.start_over(vm));
                 match restarted {
                     Some(Ok(())) => self.send(vm, cp, metrics, false),
                     _ => {

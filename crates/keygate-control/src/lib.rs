@@ -109,7 +109,7 @@ fn check_stored(conn: &mut rusqlite::Connection, cat: &Catalog) -> Result<u64, S
     loop {
         let page = service::read_changes(conn, cat, 0, &after, service::MAX_CHANGES_LIMIT)
             .map_err(|e| e.message())?;
-        let compiled = compile_catalog(&page.meta())
+        let compiled = compile_catalog(&page.settings_doc())
             .map_err(|e| format!("the catalogue does not compile: {e}"))?;
         for a in &page.accounts {
             compile_account_record(&compiled, a).map_err(|e| refused(&a.sid, e))?;

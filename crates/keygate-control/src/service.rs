@@ -544,7 +544,7 @@ pub fn read_changes(
 /// `compile_catalog`, then each account and key on its own against them. A record the edge
 /// would refuse is an internal error (logged with its SID), never served.
 pub fn check_page(page: &ChangesPage) -> Result<(), ApiError> {
-    let compiled = compile::compile_catalog(&page.meta())
+    let compiled = compile::compile_catalog(&page.settings_doc())
         .map_err(|e| internal("change feed catalogue does not compile", e))?;
     for a in &page.accounts {
         compile::compile_account_record(&compiled, a).map_err(|e| {
@@ -607,14 +607,7 @@ mod tests {
                             regenerations_per_hour: u64::MAX,
                             ..Caps::default()
                         };
-                        match regenerate(
-                            &mut c,
-                            &caps,
-                            &Holdings::Operator,
-                            &ac,
-                            &key.sid,
-                            3600,
-                        ) {
+                        match regenerate(&mut c, &caps, &Holdings::Operator, &ac, &key.sid, 3600) {
                             Ok(r) => {
                                 handed_out
                                     .lock()

@@ -65,8 +65,9 @@ pub struct ChangesPage {
 }
 
 impl ChangesPage {
-    /// The version's settings, APIs and limits as a document without accounts and keys.
-    pub fn meta(&self) -> ConfigDoc {
+    /// The version's settings, APIs and limits as a document without accounts and keys (what
+    /// the edge keeps as a published slot's settings record).
+    pub fn settings_doc(&self) -> ConfigDoc {
         ConfigDoc {
             schema: SCHEMA_V1.to_owned(),
             version: self.version,

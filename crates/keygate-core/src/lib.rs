@@ -20,6 +20,7 @@ pub mod headers;
 pub mod ip;
 pub mod path;
 pub mod plugin;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod props;
 pub mod published;

@@ -279,22 +279,22 @@ pub fn decide_request(data: &[u8]) {
 /// version.
 pub fn changes_page(data: &[u8]) {
     use crate::compile::{compile_account_record, compile_catalog, compile_key_record};
-    use crate::published::{read_head, valid_next_cursor, Step, Sync};
+    use crate::published::{read_head, valid_next_cursor, Step, Update};
     use crate::store::testing::FakeStore;
 
     let store = FakeStore::new();
-    let Ok(mut sync) = Sync::begin(&store) else {
+    let Ok(mut update) = Update::begin(&store) else {
         panic!("an empty store begins an update")
     };
-    let Ok(page) = Sync::parse(data) else {
+    let Ok(page) = Update::parse(data) else {
         return;
     };
     let (since, after) = {
-        let (s, a) = sync.request();
+        let (s, a) = update.request();
         (s, a.to_owned())
     };
-    let ahead = sync.request_after(&page);
-    let step = match sync.apply_page(&store, &page, 1_800_000_000) {
+    let ahead = update.request_after(&page);
+    let step = match update.apply_page(&store, &page, 1_800_000_000) {
         Ok(step) => step,
         Err(_) => {
             assert!(
@@ -312,7 +312,7 @@ pub fn changes_page(data: &[u8]) {
         );
         assert_eq!(ahead, Some((since, next.clone())));
     }
-    let Ok(cat) = compile_catalog(&page.meta()) else {
+    let Ok(cat) = compile_catalog(&page.settings_doc()) else {
         panic!("accepted a page whose catalogue does not compile")
     };
     for k in &page.keys {

@@ -153,7 +153,9 @@ pub const HEAD_TAG: u8 = 10;
 pub const STATE_TAG: u8 = 11;
 pub const BUCKET_TAG: u8 = 12;
 
-/// Test support: a fake of Envoy shared data with the host's exact CAS rules and fault injection.
+/// Test support (the `testing` feature): a fake of Envoy shared data with the host's exact CAS
+/// rules and fault injection.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::{SetError, SharedStore, StoreError};
     use crate::ratelimit::{decode, tat_of};

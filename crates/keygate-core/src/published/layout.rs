@@ -144,8 +144,9 @@ pub(super) fn record(epoch: u64, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// The slot's meta record if it was written at an epoch in `floor..=upto`.
-pub(super) fn read_meta(
+/// The slot's settings record (its version's settings, APIs and limits as JSON) if it was
+/// written at an epoch in `floor..=upto`.
+pub(super) fn read_settings(
     store: &dyn SharedStore,
     slot: u8,
     floor: u64,

@@ -38,7 +38,7 @@ pub(super) fn read_entry(
 
 /// Loads and compiles the catalogue of the version a head names.
 pub fn load_catalog(store: &dyn SharedStore, head: &Head) -> Option<Catalog> {
-    let bytes = read_meta(store, head.slot, head.floor, head.epoch)?;
+    let bytes = read_settings(store, head.slot, head.floor, head.epoch)?;
     let doc: ConfigDoc = serde_json::from_slice(&bytes).ok()?;
     (doc.version == head.version).then_some(())?;
     compile_catalog(&doc).ok()

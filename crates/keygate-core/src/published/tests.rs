@@ -154,22 +154,22 @@ impl Model {
         p
     }
     /// One whole update, fetching pages of `limit`; `between` runs before each page.
-    fn sync(
+    fn update(
         &mut self,
         store: &dyn SharedStore,
         limit: usize,
         between: impl FnMut(&mut Model, u64),
-    ) -> Result<(u64, Sync), Rejection> {
-        let sync = Sync::begin(store)?;
+    ) -> Result<(u64, Update), Rejection> {
+        let sync = Update::begin(store)?;
         self.walk(store, limit, sync, between)
     }
     fn walk(
         &mut self,
         store: &dyn SharedStore,
         limit: usize,
-        mut sync: Sync,
+        mut sync: Update,
         mut between: impl FnMut(&mut Model, u64),
-    ) -> Result<(u64, Sync), Rejection> {
+    ) -> Result<(u64, Update), Rejection> {
         for n in 0.. {
             between(self, n);
             let (since, after) = sync.request();
@@ -331,7 +331,7 @@ fn memory_is_two_slots_whatever_the_number_of_versions() {
     m.put_key("SK2", "two");
     for i in 0..20 {
         m.put_key("SK1", &format!("one-{i}"));
-        m.sync(&store, 2, |_, _| {}).unwrap();
+        m.update(&store, 2, |_, _| {}).unwrap();
     }
     // Each slot holds the account, the two keys and their two Bearer entries: the digests
     // SK1 held in earlier versions are gone, not piled up.
@@ -360,14 +360,14 @@ fn churn_leaves_only_live_entries_under_a_bounded_set_of_names() {
     let cache = RefCell::new(RecordCache::default());
     let mut m = Model::new();
     m.put_key("SKsteady", "steady");
-    m.sync(&store, 50, |_, _| {}).unwrap();
+    m.update(&store, 50, |_, _| {}).unwrap();
     let mut after_warm_up = (0, 0);
     for i in 0..600 {
         let sid = format!("SKc{i:05}");
         m.put_key(&sid, &format!("first{i}"));
-        m.sync(&store, 50, |_, _| {}).unwrap();
+        m.update(&store, 50, |_, _| {}).unwrap();
         m.put_key(&sid, &format!("second{i}"));
-        m.sync(&store, 50, |_, _| {}).unwrap();
+        m.update(&store, 50, |_, _| {}).unwrap();
         assert_eq!(
             judge(&store, &cache, format!("Bearer second{i}").as_bytes()),
             Ok(m.version)
@@ -377,7 +377,7 @@ fn churn_leaves_only_live_entries_under_a_bounded_set_of_names() {
             Err(Reason::InvalidCredentials)
         );
         m.delete(&sid);
-        m.sync(&store, 50, |_, _| {}).unwrap();
+        m.update(&store, 50, |_, _| {}).unwrap();
         if i == 99 {
             after_warm_up = footprint(&store);
         }
@@ -468,14 +468,15 @@ fn a_request_holding_the_old_head_never_sees_the_next_version_while_it_is_writte
     for i in 0..10 {
         m.put_key(&format!("SK{i:02}"), &format!("a{i}"));
     }
-    m.sync(&store, 4, |_, _| {}).unwrap();
+    m.update(&store, 4, |_, _| {}).unwrap();
     let old_head = read_head(&store).unwrap();
     let old = m.rows.clone();
     let old_digests = digests_of(&m);
-    let old_meta = read_meta(&store, old_head.slot, old_head.floor, old_head.epoch).unwrap();
+    let old_settings =
+        read_settings(&store, old_head.slot, old_head.floor, old_head.epoch).unwrap();
     // The head moves to the other slot (one change), so the old head's slot is free.
     m.put_key("SK09", "b9");
-    m.sync(&store, 4, |_, _| {}).unwrap();
+    m.update(&store, 4, |_, _| {}).unwrap();
     let in_force = read_head(&store).unwrap();
     assert_ne!(in_force.slot, old_head.slot);
     let at_v2 = m.rows.clone();
@@ -520,16 +521,16 @@ fn a_request_holding_the_old_head_never_sees_the_next_version_while_it_is_writte
                     assert_eq!(read_entry(s, &old_head, TOKEN, &d), None, "a new digest");
                 }
             }
-            let meta = read_meta(s, old_head.slot, old_head.floor, old_head.epoch);
+            let settings = read_settings(s, old_head.slot, old_head.floor, old_head.epoch);
             assert!(
-                meta.is_none() || meta.as_ref() == Some(&old_meta),
-                "newer meta"
+                settings.is_none() || settings.as_ref() == Some(&old_settings),
+                "newer settings record"
             );
         })),
         steps: std::cell::Cell::new(0),
     };
     let (v, sync) = m
-        .sync(&watched, 2, |m, n| {
+        .update(&watched, 2, |m, n| {
             if n == 1 {
                 m.put_key("SK03", "b3");
                 *rows_now.borrow_mut() = m.rows.clone();
@@ -582,7 +583,7 @@ fn a_slot_that_outgrows_its_buckets_is_refilled_with_more() {
     for i in 0..600 {
         m.put_key(&format!("SK{i:04}"), &format!("s{i}"));
     }
-    let (v, sync) = m.sync(&store, 100, |_, _| {}).unwrap();
+    let (v, sync) = m.update(&store, 100, |_, _| {}).unwrap();
     let head = read_head(&store).unwrap();
     assert_eq!(head.bits, 15, "1201 entries: 2^15 buckets");
     assert!(
@@ -633,11 +634,11 @@ fn a_next_cursor_that_is_not_a_sid_after_the_cursor_refuses_the_page() {
     for i in 0..6 {
         m.put_key(&format!("SK{i}"), "s");
     }
-    m.sync(&store, 100, |_, _| {}).unwrap();
+    m.update(&store, 100, |_, _| {}).unwrap();
     for i in 0..6 {
         m.put_key(&format!("SK{i}"), "t");
     }
-    let mut sync = Sync::begin(&store).unwrap();
+    let mut sync = Update::begin(&store).unwrap();
     let (since, after) = sync.request();
     let first = m.page(since, after, 2);
     assert_eq!(first.next.as_deref(), Some("SK1"));
@@ -714,7 +715,7 @@ fn paged_full_sync_then_deltas_write_only_what_changed() {
     for i in 0..25 {
         m.put_key(&format!("SK{i:02}"), &format!("secret{i}"));
     }
-    let (v, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+    let (v, sync) = m.update(&store, 4, |_, _| {}).unwrap();
     assert_eq!(v, m.version);
     assert_eq!(sync.pages, 7, "26 SIDs in pages of 4");
     assert_eq!(m.predicted, 6, "every page but the last names the next one");
@@ -723,7 +724,7 @@ fn paged_full_sync_then_deltas_write_only_what_changed() {
         2 * (1 + 25 + 25),
         "the first walk fills both slots: every account, key and token twice"
     );
-    assert!(!Sync::free_slot_is_empty(&store), "no warm-up needed");
+    assert!(!Update::free_slot_is_empty(&store), "no warm-up needed");
     for i in 0..25 {
         assert_eq!(
             judge(
@@ -736,7 +737,7 @@ fn paged_full_sync_then_deltas_write_only_what_changed() {
     }
     // The free slot is complete at v too: the first change travels alone.
     m.put_key("SK99", "new");
-    let (v2, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+    let (v2, sync) = m.update(&store, 4, |_, _| {}).unwrap();
     assert_eq!(
         (sync.pages, sync.records),
         (1, 2),
@@ -746,7 +747,7 @@ fn paged_full_sync_then_deltas_write_only_what_changed() {
     // From now on each slot is complete at an older version: only changes travel.
     m.delete("SK03");
     m.put_key("SK04", "rotated");
-    let (v3, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+    let (v3, sync) = m.update(&store, 4, |_, _| {}).unwrap();
     // Slot 0 is complete at v: since then SK99 was created, SK03 deleted, SK04 rotated.
     assert_eq!((sync.pages, sync.records), (1, 1 + 2 + 2));
     assert_eq!(
@@ -767,7 +768,7 @@ fn paged_full_sync_then_deltas_write_only_what_changed() {
     assert_eq!(judge(&store, &cache, b"Bearer rotated"), Ok(v3));
     // And the slot just freed catches up the same way (one more change).
     m.put_key("SK05", "again");
-    let (v4, sync) = m.sync(&store, 4, |_, _| {}).unwrap();
+    let (v4, sync) = m.update(&store, 4, |_, _| {}).unwrap();
     assert_eq!(sync.pages, 1);
     assert_eq!(
         judge(&store, &cache, &basic("SK03", "secret3")),
@@ -792,7 +793,7 @@ fn changes_during_a_walk_are_fetched_again_until_one_walk_sees_one_version() {
     // While the first walk is under way, an early key (already fetched) is rotated and a
     // late one is deleted; the edge must not publish the mixed state.
     let (v, sync) = m
-        .sync(&store, 3, |m, n| {
+        .update(&store, 3, |m, n| {
             if n == 3 {
                 m.put_key("SK00", "new");
                 m.delete("SK19");
@@ -821,10 +822,10 @@ fn a_bad_page_writes_nothing_and_a_failed_update_leaves_the_version_in_force() {
     for i in 0..6 {
         m.put_key(&format!("SK{i}"), "s");
     }
-    let (v, _) = m.sync(&store, 100, |_, _| {}).unwrap();
+    let (v, _) = m.update(&store, 100, |_, _| {}).unwrap();
     m.delete("SK1");
     m.put_key("SK7", "s");
-    let mut sync = Sync::begin(&store).unwrap();
+    let mut sync = Update::begin(&store).unwrap();
     let (since, after) = sync.request();
     let good = m.page(since, after, 100);
     let before = store.map.borrow().clone();
@@ -918,7 +919,7 @@ fn a_bad_page_writes_nothing_and_a_failed_update_leaves_the_version_in_force() {
         assert_eq!(*store.map.borrow(), before, "{want}: nothing written");
     }
     assert!(matches!(
-        Sync::parse(b"{\"schema\":\"keygate.changes/v1\",\"version\":"),
+        Update::parse(b"{\"schema\":\"keygate.changes/v1\",\"version\":"),
         Err(Rejection::Invalid(_))
     ));
     assert_eq!(judge(&store, &cache, &basic("SK1", "s")), Ok(v));
@@ -942,12 +943,12 @@ fn an_update_abandoned_half_way_is_completed_by_the_next_one() {
     for i in 0..10 {
         m.put_key(&format!("SK{i}"), "a");
     }
-    m.sync(&store, 100, |_, _| {}).unwrap();
+    m.update(&store, 100, |_, _| {}).unwrap();
     for i in 0..10 {
         m.put_key(&format!("SK{i}"), "b");
     }
     // First attempt: two pages written into the free slot, then the poller goes away.
-    let mut sync = Sync::begin(&store).unwrap();
+    let mut sync = Update::begin(&store).unwrap();
     for _ in 0..2 {
         let (since, after) = sync.request();
         let page = m.page(since, after, 3);
@@ -958,7 +959,7 @@ fn an_update_abandoned_half_way_is_completed_by_the_next_one() {
         Ok(m.version - 10)
     );
     m.delete("SK0");
-    let (v, _) = m.sync(&store, 3, |_, _| {}).unwrap();
+    let (v, _) = m.update(&store, 3, |_, _| {}).unwrap();
     assert_eq!(
         judge(&store, &cache, &basic("SK0", "b")),
         Err(Reason::InvalidCredentials)
@@ -974,14 +975,14 @@ fn a_changed_api_catalogue_refills_the_slot_from_scratch() {
     let cache = RefCell::new(RecordCache::default());
     let mut m = Model::new();
     m.put_key("SK1", "a");
-    m.sync(&store, 100, |_, _| {}).unwrap();
+    m.update(&store, 100, |_, _| {}).unwrap();
     m.put_key("SK2", "b");
-    m.sync(&store, 100, |_, _| {}).unwrap();
+    m.update(&store, 100, |_, _| {}).unwrap();
     // Both slots are complete; now the catalogue changes (a control plane restarted with
     // another catalogue file) and one key changes.
     m.apis[0].methods = vec!["GET".into(), "POST".into()];
     m.put_key("SK3", "c");
-    let (v, sync) = m.sync(&store, 100, |_, _| {}).unwrap();
+    let (v, sync) = m.update(&store, 100, |_, _| {}).unwrap();
     assert_eq!(
         sync.records,
         1 + 3 + 3,
@@ -1000,29 +1001,29 @@ fn a_warm_up_fills_the_free_slot_at_the_version_in_force_so_the_first_change_is_
     for i in 0..12 {
         m.put_key(&format!("SK{i:02}"), "a");
     }
-    assert!(!Sync::free_slot_is_empty(&store), "nothing in force yet");
-    let (v, _) = m.sync(&store, 5, |_, _| {}).unwrap();
+    assert!(!Update::free_slot_is_empty(&store), "nothing in force yet");
+    let (v, _) = m.update(&store, 5, |_, _| {}).unwrap();
     // The first walk filled both slots; a free slot that lost its state (a version in
     // force from an older edge build, a fill that never finished) is empty.
-    assert!(!Sync::free_slot_is_empty(&store));
+    assert!(!Update::free_slot_is_empty(&store));
     let free = 1 - read_head(&store).unwrap().slot;
     store.map.borrow_mut().remove(&slot_state_key(free));
-    assert!(Sync::free_slot_is_empty(&store));
+    assert!(Update::free_slot_is_empty(&store));
     // Without a warm-up the version in force is refused as "not newer".
     assert!(matches!(
-        m.sync(&store, 5, |_, _| {}),
+        m.update(&store, 5, |_, _| {}),
         Err(Rejection::NotNewer { .. })
     ));
     let head = read_head(&store);
     let (ready, sync) = m
-        .walk(&store, 5, Sync::prepare(&store).unwrap(), |_, _| {})
+        .walk(&store, 5, Update::warm_up(&store).unwrap(), |_, _| {})
         .unwrap();
     assert_eq!((ready, sync.pages), (v, 3));
     assert_eq!(read_head(&store), head, "a warm-up does not move the head");
-    assert!(!Sync::free_slot_is_empty(&store));
+    assert!(!Update::free_slot_is_empty(&store));
     // The next change travels alone, into the warmed slot.
     m.delete("SK05");
-    let (v2, sync) = m.sync(&store, 5, |_, _| {}).unwrap();
+    let (v2, sync) = m.update(&store, 5, |_, _| {}).unwrap();
     assert_eq!((sync.pages, sync.records), (1, 1));
     assert_eq!(
         judge(&store, &cache, &basic("SK05", "a")),
@@ -1033,11 +1034,11 @@ fn a_warm_up_fills_the_free_slot_at_the_version_in_force_so_the_first_change_is_
     let fresh = FakeStore::new();
     let mut m = Model::new();
     m.put_key("SK1", "a");
-    m.sync(&fresh, 5, |_, _| {}).unwrap();
+    m.update(&fresh, 5, |_, _| {}).unwrap();
     let free = 1 - read_head(&fresh).unwrap().slot;
     fresh.map.borrow_mut().remove(&slot_state_key(free));
     let (v3, _) = m
-        .walk(&fresh, 1, Sync::prepare(&fresh).unwrap(), |m, n| {
+        .walk(&fresh, 1, Update::warm_up(&fresh).unwrap(), |m, n| {
             if n == 1 {
                 m.put_key("SK2", "b");
             }
@@ -1054,11 +1055,11 @@ fn starting_over_empties_the_free_slot_and_walks_from_zero() {
     let mut m = Model::new();
     m.put_key("SK1", "a");
     m.put_key("SK2", "a");
-    m.sync(&store, 10, |_, _| {}).unwrap();
-    m.walk(&store, 10, Sync::prepare(&store).unwrap(), |_, _| {})
+    m.update(&store, 10, |_, _| {}).unwrap();
+    m.walk(&store, 10, Update::warm_up(&store).unwrap(), |_, _| {})
         .unwrap();
     m.delete("SK2");
-    let mut sync = Sync::begin(&store).unwrap();
+    let mut sync = Update::begin(&store).unwrap();
     assert_ne!(sync.request().0, 0, "a delta");
     // The control plane answered 410: changes since that version are unknown.
     sync.start_over(&store).unwrap();

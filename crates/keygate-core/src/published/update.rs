@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use super::layout::*;
 use super::read::read_head;
 use crate::compile::{
-    compile_account_record_at, compile_catalog, compile_doc, compile_key_record_at, Catalog,
-    ConfigError,
+    compile_account_record_at, compile_catalog, compile_key_record_at, Catalog, ConfigError,
 };
 use crate::config::{ChangesPage, ConfigDoc, KeyDoc, Scheme, CHANGES_SCHEMA_V1};
 use crate::store::{put_bucket_key, slot_settings_key, SharedStore, HEAD_KEY};
@@ -60,10 +59,10 @@ pub(super) fn principal_payload<T: serde::Serialize>(
 
 /// A version's settings, APIs and limits without its version number (to tell whether the
 /// catalogue changed between two versions).
-pub(super) fn meta_fingerprint(meta: &ConfigDoc) -> Result<Vec<u8>, Rejection> {
+pub(super) fn settings_fingerprint(settings: &ConfigDoc) -> Result<Vec<u8>, Rejection> {
     to_json(&ConfigDoc {
         version: 0,
-        ..meta.clone()
+        ..settings.clone()
     })
 }
 
@@ -307,22 +306,45 @@ pub(super) fn bits_for(count: u64) -> u8 {
 /// What the caller does after a page was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Fetch the page [`Sync::request`] names now.
+    /// Fetch the page [`Update::request`] names now.
     More,
     /// The version is complete and in force.
     Done(u64),
-    /// The free slot is complete at the version in force (a warm-up, [`Sync::prepare`]); the
+    /// The free slot is complete at the version in force (a warm-up, [`Update::warm_up`]); the
     /// head did not move.
     Ready(u64),
+}
+
+/// What an update is for.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Nothing is in force yet: one walk of the whole feed fills the free slot and, with the
+    /// same entries at its own epoch, the other one (`mirror`), so that the first change after
+    /// the first publication travels alone (no second walk to warm it up).
+    FirstFill { mirror: Target },
+    /// A version newer than the one in force is written into the free slot, then the head moves.
+    Delta,
+    /// The free slot is filled up to (at least) the version in force, which is acceptable
+    /// itself ([`Step::Ready`]); a newer version arriving during the walk is published as usual.
+    WarmUp,
+}
+
+impl Mode {
+    /// The other slot a first fill writes too.
+    fn mirror(&mut self) -> Option<&mut Target> {
+        match self {
+            Mode::FirstFill { mirror } => Some(mirror),
+            Mode::Delta | Mode::WarmUp => None,
+        }
+    }
 }
 
 /// Progress of one update: the free slot being brought to the newest version, page by page.
 /// Lives in the poller's VM; if that VM goes away, the next poller starts over from the slot's
 /// state (anything written since is rewritten).
-pub struct Sync {
+pub struct Update {
     in_force: Option<Head>,
-    /// A warm-up: the version in force itself is acceptable.
-    prepare: bool,
+    mode: Mode,
     target: Target,
     /// `target.epoch` was handed out to this update (a delta takes a fresh one when it writes
     /// its first page, so that no head that ever named the slot sees what it writes).
@@ -338,12 +360,11 @@ pub struct Sync {
     walks: u32,
     newest: u64,
     /// The update's settings, APIs and limits (fingerprint) and their compiled form.
-    meta: Option<Vec<u8>>,
+    settings: Option<Vec<u8>>,
     catalog: Option<Catalog>,
-    checked_slot_meta: bool,
-    /// Nothing is in force yet: the walk fills the other slot too, with its own epoch, so that
-    /// the first change after the first publication travels alone (no second walk to warm it up).
-    mirror: Option<Target>,
+    /// The slot's settings record was compared with the update's (a slot whose catalogue
+    /// differs is filled from scratch).
+    checked_slot_settings: bool,
     /// Pages applied, records written (a deletion counts as one) and Bearer entries emptied so
     /// far (for logs).
     pub pages: u64,
@@ -351,14 +372,20 @@ pub struct Sync {
     pub emptied: u64,
 }
 
-impl Sync {
-    /// Starts an update of the free slot from the version it is complete at.
-    pub fn begin(store: &dyn SharedStore) -> Result<Sync, Rejection> {
+impl Update {
+    /// Starts an update of the free slot from the version it is complete at (with nothing in
+    /// force, the first fill of both slots).
+    pub fn begin(store: &dyn SharedStore) -> Result<Update, Rejection> {
         let in_force = read_head(store);
         let slot = in_force.map_or(0, |h| 1 - h.slot);
-        let mut sync = Sync {
+        let mut sync = Update {
             in_force,
-            prepare: false,
+            mode: match in_force {
+                None => Mode::FirstFill {
+                    mirror: Target::new(1 - slot),
+                },
+                Some(_) => Mode::Delta,
+            },
             target: Target::new(slot),
             fresh: false,
             base: 0,
@@ -369,17 +396,15 @@ impl Sync {
             walk_consistent: true,
             walks: 0,
             newest: 0,
-            meta: None,
+            settings: None,
             catalog: None,
-            checked_slot_meta: false,
-            mirror: None,
+            checked_slot_settings: false,
             pages: 0,
             records: 0,
             emptied: 0,
         };
         if in_force.is_none() {
             // The first publication: one walk of the whole feed fills both slots.
-            sync.mirror = Some(Target::new(1 - slot));
             sync.restart_from_scratch(store)?;
             return Ok(sync);
         }
@@ -403,7 +428,7 @@ impl Sync {
 
     /// Whether the free slot holds nothing usable yet (it has never been filled, or its filling
     /// from scratch did not finish) while a version is in force. The first update after start
-    /// would then have to fetch everything again; [`Sync::prepare`] does that ahead of time.
+    /// would then have to fetch everything again; [`Update::warm_up`] does that ahead of time.
     pub fn free_slot_is_empty(store: &dyn SharedStore) -> bool {
         match read_head(store) {
             Some(h) => read_state(store, 1 - h.slot).is_none_or(|st| st.epoch == 0 || st.base == 0),
@@ -412,12 +437,15 @@ impl Sync {
     }
 
     /// Starts filling the free slot up to (at least) the version in force, so that later
-    /// updates only carry changes. If a newer version arrives during the walk, it is published
-    /// as usual when the walk completes.
-    pub fn prepare(store: &dyn SharedStore) -> Result<Sync, Rejection> {
-        let mut sync = Sync::begin(store)?;
-        sync.prepare = true;
-        Ok(sync)
+    /// updates only carry changes (a warm-up). If a newer version arrives during the walk, it is
+    /// published as usual when the walk completes. With nothing in force there is nothing to
+    /// warm up: this is the first fill ([`Update::begin`]).
+    pub fn warm_up(store: &dyn SharedStore) -> Result<Update, Rejection> {
+        let mut update = Update::begin(store)?;
+        if let Mode::Delta = update.mode {
+            update.mode = Mode::WarmUp;
+        }
+        Ok(update)
     }
 
     /// Starts this update over from scratch (the control plane no longer knows the changes
@@ -431,7 +459,7 @@ impl Sync {
     /// Empties the free slot (a new floor) and fetches everything.
     fn restart_from_scratch(&mut self, store: &dyn SharedStore) -> Result<(), Rejection> {
         let grow_to = self.grow_to.take();
-        for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
+        for t in std::iter::once(&mut self.target).chain(self.mode.mirror()) {
             // What the slot held before is swept when the refill completes.
             let before = read_state(store, t.slot).map(|st| st.bits);
             if let Some(bits) = before.into_iter().chain(t.sweep).max() {
@@ -452,8 +480,8 @@ impl Sync {
         self.after.clear();
         self.walk_version = None;
         self.walk_consistent = true;
-        self.checked_slot_meta = true;
-        self.meta = None;
+        self.checked_slot_settings = true;
+        self.settings = None;
         self.catalog = None;
         Ok(())
     }
@@ -465,7 +493,7 @@ impl Sync {
 
     /// Whether this update fills both slots (the first publication).
     pub fn fills_both_slots(&self) -> bool {
-        self.mirror.is_some()
+        matches!(self.mode, Mode::FirstFill { .. })
     }
 
     /// The version in force when this update began.
@@ -482,11 +510,11 @@ impl Sync {
         Ok(page)
     }
 
-    /// The request that follows `page` if [`Sync::apply_page`] accepts it and the walk goes on
-    /// as it is: `page` answers [`Sync::request`] and names a next cursor that is a SID after
+    /// The request that follows `page` if [`Update::apply_page`] accepts it and the walk goes on
+    /// as it is: `page` answers [`Update::request`] and names a next cursor that is a SID after
     /// its own ([`valid_next_cursor`]; any other cursor refuses the page, so nothing is asked
     /// for with it). The poller asks for it before checking `page`, so that the control plane
-    /// reads the next page meanwhile; if after the check [`Sync::request`] is something else,
+    /// reads the next page meanwhile; if after the check [`Update::request`] is something else,
     /// that answer is dropped.
     pub fn request_after(&self, page: &ChangesPage) -> Option<(u64, String)> {
         let next = page.next.as_ref()?;
@@ -496,7 +524,7 @@ impl Sync {
         .then(|| (self.since, next.clone()))
     }
 
-    /// Validates one page (from [`Sync::parse`]) completely and, if it is acceptable, writes its
+    /// Validates one page (from [`Update::parse`]) completely and, if it is acceptable, writes its
     /// records into the free slot; after the last page of a consistent walk, moves the head.
     pub fn apply_page(
         &mut self,
@@ -514,7 +542,9 @@ impl Sync {
             ));
         }
         let in_force = self.in_force.map_or(0, |h| h.version);
-        if page.version < in_force || (page.version == in_force && !self.prepare) {
+        if page.version < in_force
+            || (page.version == in_force && !matches!(self.mode, Mode::WarmUp))
+        {
             return Err(Rejection::NotNewer {
                 offered: page.version,
                 in_force,
@@ -547,28 +577,28 @@ impl Sync {
                 ));
             }
         }
-        let meta = page.meta();
-        let fingerprint = meta_fingerprint(&meta)?;
-        // The catalogue is compiled once per update: later pages repeat the same meta.
-        let compiled = match (&self.meta, &self.catalog) {
+        let settings = page.settings_doc();
+        let fingerprint = settings_fingerprint(&settings)?;
+        // The catalogue is compiled once per update: later pages repeat the same settings.
+        let compiled = match (&self.settings, &self.catalog) {
             (Some(m), Some(_)) if *m == fingerprint => None,
-            _ => Some(compile_catalog(&meta).map_err(Rejection::Invalid)?),
+            _ => Some(compile_catalog(&settings).map_err(Rejection::Invalid)?),
         };
-        if !self.checked_slot_meta {
+        if !self.checked_slot_settings {
             // The slot's records were validated against its own catalogue: if that changed,
             // they must all be fetched and checked again.
-            self.checked_slot_meta = true;
+            self.checked_slot_settings = true;
             let t = &self.target;
-            let same = read_meta(store, t.slot, t.floor, u64::MAX)
+            let same = read_settings(store, t.slot, t.floor, u64::MAX)
                 .and_then(|b| serde_json::from_slice::<ConfigDoc>(&b).ok())
-                .and_then(|d| meta_fingerprint(&d).ok())
+                .and_then(|d| settings_fingerprint(&d).ok())
                 .is_some_and(|f| f == fingerprint);
             if !same {
                 self.restart_from_scratch(store)?;
                 return Ok(Step::More);
             }
         }
-        match &self.meta {
+        match &self.settings {
             Some(m) if *m != fingerprint => {
                 return Err(invalid(
                     "",
@@ -576,7 +606,7 @@ impl Sync {
                 ))
             }
             Some(_) => {}
-            None => self.meta = Some(fingerprint),
+            None => self.settings = Some(fingerprint),
         }
         if let Some(c) = compiled {
             self.catalog = Some(c);
@@ -601,7 +631,7 @@ impl Sync {
         }
         // Into the slot, and on a first publication the same entries into the other slot, at
         // its own epoch.
-        for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
+        for t in std::iter::once(&mut self.target).chain(self.mode.mirror()) {
             let (written, emptied) = t.write(store, &ops)?;
             self.records += written;
             self.emptied += emptied;
@@ -641,18 +671,18 @@ impl Sync {
             self.walk_consistent = true;
             return Ok(Step::More);
         }
-        self.finish(store, &meta, now_s)
+        self.finish(store, &settings, now_s)
     }
 
     fn finish(
         &mut self,
         store: &dyn SharedStore,
-        meta: &ConfigDoc,
+        settings: &ConfigDoc,
         now_s: u64,
     ) -> Result<Step, Rejection> {
-        let v = meta.version;
-        let json = to_json(meta)?;
-        for t in std::iter::once(&mut self.target).chain(self.mirror.as_mut()) {
+        let v = settings.version;
+        let json = to_json(settings)?;
+        for t in std::iter::once(&mut self.target).chain(self.mode.mirror()) {
             store
                 .set(&slot_settings_key(t.slot), &record(t.epoch, &json), 0)
                 .map_err(|_| Rejection::Store)?;
@@ -784,11 +814,13 @@ pub(super) fn page_ops<'p>(
 }
 
 /// Validates a whole `keygate.config/v1` document and publishes it as the complete new version
-/// (a fresh floor in the free slot, one page). Returns the published version.
+/// (a fresh floor in the free slot, one page). Returns the published version. Test support: the
+/// filter publishes from the change feed ([`Update`]).
+#[cfg(any(test, feature = "testing"))]
 pub fn publish(store: &dyn SharedStore, json: &[u8], now_s: u64) -> Result<u64, Rejection> {
     let doc = crate::compile::parse(json).map_err(Rejection::Invalid)?;
-    compile_doc(&doc).map_err(Rejection::Invalid)?;
-    let mut sync = Sync::begin(store)?;
+    crate::compile::compile_doc(&doc).map_err(Rejection::Invalid)?;
+    let mut sync = Update::begin(store)?;
     let in_force = sync.in_force.map_or(0, |h| h.version);
     if doc.version <= in_force {
         return Err(Rejection::NotNewer {
