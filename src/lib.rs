@@ -1,8 +1,13 @@
 //! keygate-filter: the proxy-wasm glue around `keygate-core`.
 //!
 //! This is the only crate that talks to the host. It reads the request headers with one host
-//! call, asks [`keygate_core::decide`], and either sends the denial or rewrites the request's
-//! identity headers. It holds no decision logic of its own.
+//! call, asks the gate ([`keygate_core::gate::evaluate_in`]: failed-auth limiter, decision,
+//! rates, concurrency), and either sends the denial or rewrites the request's identity headers.
+//! It holds no decision logic of its own.
+//!
+//! Modules: `contexts` (the root and HTTP contexts), `host` (shared data as the core's
+//! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (control-plane mode:
+//! the elected poller feeding the published config), `metrics`.
 //!
 //! Invariants kept here:
 //! - every host call goes through the `Result`-returning `hostcalls` functions or our own
@@ -11,7 +16,7 @@
 //! - client-sent copies of identity headers never reach the upstream;
 //! - secrets are never logged (only SIDs, counts and versions are).
 
-mod glue;
+mod contexts;
 mod host;
 mod metrics;
 mod poller;
@@ -19,6 +24,6 @@ mod poller;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(glue::KeygateRoot::default())
+        Box::new(contexts::KeygateRoot::default())
     });
 }}

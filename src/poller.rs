@@ -1,8 +1,8 @@
 //! Control-plane mode: exactly one VM per Envoy process long-polls the control plane's edge feed
 //! and publishes each new version into shared data for every worker.
 //!
-//! Election: `kg:cfg:poller` holds `(vm_id, heartbeat_s)`. Every VM's root context ticks each
-//! second; a VM claims the role (compare-and-swap) when the slot is empty or its heartbeat is
+//! Election: `kg:cfg:poller` holds `(vm_id, heartbeat_s)`. Every VM's root context ticks every
+//! [`TICK_MS`] (250 ms; 1 ms while a page waits to be checked); a VM claims the role (compare-and-swap) when the slot is empty or its heartbeat is
 //! older than [`POLLER_LEASE_S`], and the holder refreshes it each tick. If the poller's VM goes
 //! away (worker VM replaced, crash), another VM takes over within a few seconds. This works the
 //! same in plain Envoy and under Istio's `WasmPlugin`, which has no bootstrap singleton.
