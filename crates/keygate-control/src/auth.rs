@@ -6,7 +6,7 @@
 //!   SID), expiry, suspension, the account binding of the path (`{account_sid}`), the key's and
 //!   the account's IP allowlists, role and API permissions, failed-authentication limiter, and
 //!   request rates, with the edge's reason codes and statuses.
-//! - The catalogue it decides with is the control plane's own ([`Catalog::control_doc`]): the
+//! - The catalogue it decides with is the control plane's own ([`ApiCatalog::control_doc`]): the
 //!   management routes (Twilio's `Keys.json`, keygate's `/v1/accounts/{sid}/...`) are the
 //!   `keys` management API, so a `main` key limited to `apis: ["calls"]` is refused here exactly
 //!   as at the edge (403 `permission_denied`), and a key limited to some addresses is refused
@@ -35,7 +35,7 @@ use keygate_core::store::{SetError, SharedStore, StoreError};
 use keygate_core::{Directory, Reason};
 use rusqlite::Connection;
 
-use crate::catalog::{Catalog, ControlLimits, MANAGEMENT_API};
+use crate::catalog::{ApiCatalog, ControlLimits, MANAGEMENT_API};
 use crate::error::ApiError;
 use crate::model::Key;
 use crate::policy::Holdings;
@@ -134,7 +134,7 @@ impl Door {
     /// Compiles the control plane's catalogue (refused with the compiler's message, naming the
     /// place, if the limits do not compile).
     pub fn new(
-        cat: &Catalog,
+        cat: &ApiCatalog,
         limits: &ControlLimits,
         trusted_proxies: Option<IpAllowlist>,
     ) -> Result<Door, String> {

@@ -12,7 +12,7 @@ use keygate_core::config::{
 use serde::Deserialize;
 
 /// The API the control plane's own management routes belong to, in the catalogue it decides its
-/// requests with ([`Catalog::control_doc`]). A key limited by `apis` may manage keys and account
+/// requests with ([`ApiCatalog::control_doc`]). A key limited by `apis` may manage keys and account
 /// settings at the control plane only if its list names it, as at the edge.
 pub const MANAGEMENT_API: &str = "keys";
 
@@ -57,23 +57,26 @@ impl Default for ControlLimits {
 /// The catalogue built into the binary.
 pub const BUILT_IN: &str = include_str!("default_catalog.json");
 
+/// The operator's API catalogue and limit defaults (`--catalog`), which every published version
+/// carries; keygate-core compiles it into a `keygate_core::Catalog` (what a request is judged
+/// against).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Catalog {
+pub struct ApiCatalog {
     pub apis: Vec<ApiDoc>,
     #[serde(default)]
     pub limits: LimitsDoc,
 }
 
-impl Catalog {
-    pub fn built_in() -> Result<Catalog, String> {
-        Catalog::parse(BUILT_IN.as_bytes())
+impl ApiCatalog {
+    pub fn built_in() -> Result<ApiCatalog, String> {
+        ApiCatalog::parse(BUILT_IN.as_bytes())
     }
 
     /// Parses and validates a catalogue; the error names the place (`apis[2].paths[0]: ...`).
-    pub fn parse(json: &[u8]) -> Result<Catalog, String> {
+    pub fn parse(json: &[u8]) -> Result<ApiCatalog, String> {
         let mut de = serde_json::Deserializer::from_slice(json);
-        let cat: Catalog = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let cat: ApiCatalog = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             match e.path().to_string().as_str() {
                 ".." | "." => e.inner().to_string(),
                 path => format!("{path}: {}", e.inner()),
@@ -162,7 +165,7 @@ mod tests {
 
     #[test]
     fn built_in_catalog_compiles_and_has_the_demo_apis() {
-        let cat = Catalog::built_in().unwrap();
+        let cat = ApiCatalog::built_in().unwrap();
         let demo: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -178,10 +181,10 @@ mod tests {
 
     #[test]
     fn bad_catalog_is_refused_with_its_path() {
-        let err = Catalog::parse(br#"{"apis":[{"name":"x","methods":["get"],"paths":["/x"]}]}"#)
+        let err = ApiCatalog::parse(br#"{"apis":[{"name":"x","methods":["get"],"paths":["/x"]}]}"#)
             .unwrap_err();
         assert!(err.starts_with("apis[0].methods[0]: "), "{err}");
-        let err = Catalog::parse(br#"{"apis":[],"extra":1}"#).unwrap_err();
+        let err = ApiCatalog::parse(br#"{"apis":[],"extra":1}"#).unwrap_err();
         assert!(err.contains("extra"), "{err}");
     }
 }

@@ -46,7 +46,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Door;
-pub use crate::catalog::{Catalog, ControlLimits};
+pub use crate::catalog::{ApiCatalog, ControlLimits};
 use crate::error::{ApiError, TwilioError};
 pub use crate::policy::Caps;
 use crate::store::Db;
@@ -54,7 +54,7 @@ use crate::store::Db;
 /// Settings of a running control plane.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub catalog: Catalog,
+    pub catalog: ApiCatalog,
     /// Region of accounts created without one.
     pub default_region: String,
     /// The control plane's own failed-authentication limiter and per-credential rate.
@@ -68,7 +68,7 @@ pub struct Config {
 impl Config {
     pub fn with_built_in_catalog() -> Result<Config, String> {
         Ok(Config {
-            catalog: Catalog::built_in()?,
+            catalog: ApiCatalog::built_in()?,
             default_region: DEFAULT_REGION.to_owned(),
             limits: ControlLimits::default(),
             caps: Caps::default(),
@@ -100,7 +100,7 @@ struct Inner {
 
 /// Checks every stored account and key with the edge's compiler against this catalogue, page
 /// by page (memory bounded whatever the number of keys); returns the config version.
-fn check_stored(conn: &mut rusqlite::Connection, cat: &Catalog) -> Result<u64, String> {
+fn check_stored(conn: &mut rusqlite::Connection, cat: &ApiCatalog) -> Result<u64, String> {
     use keygate_core::compile::{compile_account_record, compile_catalog, compile_key_record};
     let refused = |sid: &str, e: keygate_core::compile::ConfigError| {
         format!("the stored keys do not compile with this catalogue: {sid}: {e}")
@@ -151,7 +151,7 @@ impl AppState {
         &self.inner.db
     }
 
-    pub fn catalog(&self) -> &Catalog {
+    pub fn catalog(&self) -> &ApiCatalog {
         &self.inner.config.catalog
     }
 

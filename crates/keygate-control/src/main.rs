@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keygate_control::secret::OperatorKind;
-use keygate_control::{service, store, tls, AppState, Catalog, Config, DEFAULT_REGION};
+use keygate_control::{service, store, tls, ApiCatalog, AppState, Config, DEFAULT_REGION};
 
 /// keygate control plane: accounts and API keys (Twilio-compatible Keys API, Exotel-style
 /// regeneration with grace), and the edge config feed for keygate's Envoy filter.
@@ -313,11 +313,11 @@ fn init_logs(args: &DataArgs) {
 
 fn config(args: &DataArgs) -> Result<Config, String> {
     let catalog = match &args.catalog {
-        None => Catalog::built_in()?,
+        None => ApiCatalog::built_in()?,
         Some(path) => {
             let bytes = std::fs::read(path)
                 .map_err(|e| format!("cannot read catalogue {}: {e}", path.display()))?;
-            Catalog::parse(&bytes).map_err(|e| format!("catalogue {}: {e}", path.display()))?
+            ApiCatalog::parse(&bytes).map_err(|e| format!("catalogue {}: {e}", path.display()))?
         }
     };
     Ok(Config {

@@ -12,7 +12,7 @@ use keygate_core::config::{
     AccountDoc, AccountLimitsDoc, AccountStatus, KeyDoc, KeyLimitsDoc, Role, SecretDoc,
 };
 
-use crate::catalog::Catalog;
+use crate::catalog::ApiCatalog;
 use crate::error::ApiError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,7 +167,7 @@ fn strip(path: &str, prefix: &str) -> String {
 }
 
 /// Checks a key exactly as the edge will: compiles it alone with the catalogue.
-pub fn validate_key(cat: &Catalog, key: &Key) -> Result<(), ApiError> {
+pub fn validate_key(cat: &ApiCatalog, key: &Key) -> Result<(), ApiError> {
     let account = AccountDoc {
         sid: key.account_sid.clone(),
         status: AccountStatus::Active,
@@ -189,7 +189,7 @@ pub fn validate_key(cat: &Catalog, key: &Key) -> Result<(), ApiError> {
 }
 
 /// Checks an account exactly as the edge will.
-pub fn validate_account(cat: &Catalog, account: &Account) -> Result<(), ApiError> {
+pub fn validate_account(cat: &ApiCatalog, account: &Account) -> Result<(), ApiError> {
     let doc = cat.doc(0, vec![account.to_doc(Vec::new())], Vec::new());
     compile_doc(&doc)
         .map(|_| ())

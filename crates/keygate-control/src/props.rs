@@ -23,7 +23,7 @@ use keygate_core::{decide, Decision, Reason};
 use rusqlite::Connection;
 
 use crate::auth::{Caller, Door};
-use crate::catalog::{Catalog, ControlLimits};
+use crate::catalog::{ApiCatalog, ControlLimits};
 use crate::error::ApiError;
 use crate::policy::{Caps, Holdings};
 use crate::service::{self, NewAccount, NewKey};
@@ -61,7 +61,7 @@ impl Fixture {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        let cat = Catalog::built_in().unwrap();
+        let cat = ApiCatalog::built_in().unwrap();
         let caps = Caps::default();
         let op = Holdings::Operator;
         let mut conn = store::open(&path).unwrap();

@@ -11,7 +11,7 @@ use keygate_core::config::{
 use keygate_core::secret_format::SecretKind;
 use rusqlite::Connection;
 
-use crate::catalog::Catalog;
+use crate::catalog::ApiCatalog;
 use crate::error::{internal, ApiError};
 use crate::model::{self, now, Account, Key, StoredSecret};
 use crate::policy::{Caps, Holdings};
@@ -67,7 +67,7 @@ fn secret_kind(role: Role) -> SecretKind {
 /// Creates an account and its auth token (returned once).
 pub fn create_account(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     caps: &Caps,
     default_region: &str,
     new: NewAccount,
@@ -109,7 +109,7 @@ pub fn create_account(
 /// the account's allowlist beyond what it holds), stores it.
 pub fn update_account(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     caps: &Caps,
     holder: &Holdings,
     sid: &str,
@@ -150,7 +150,7 @@ pub fn update_account(
 /// `holder` or the account is at its key cap.
 pub fn create_key(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     caps: &Caps,
     holder: &Holdings,
     account_sid: &str,
@@ -198,7 +198,7 @@ pub fn create_key(
 #[allow(clippy::too_many_arguments)]
 pub fn update_key(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     caps: &Caps,
     holder: &Holdings,
     account_sid: &str,
@@ -388,7 +388,7 @@ pub struct Initialized {
 /// Bootstraps an empty database: an admin token, a first account, an edge token.
 pub fn init(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     region: &str,
     account_name: Option<String>,
 ) -> Result<Initialized, ApiError> {
@@ -438,7 +438,7 @@ fn to_docs(
 }
 
 /// The complete edge config at the current version, read in one transaction.
-pub fn snapshot(conn: &mut Connection, cat: &Catalog) -> Result<ConfigDoc, ApiError> {
+pub fn snapshot(conn: &mut Connection, cat: &ApiCatalog) -> Result<ConfigDoc, ApiError> {
     let tx = conn.transaction()?;
     let version = store::version(&tx)?;
     let accounts = store::all_accounts(&tx)?;
@@ -458,7 +458,7 @@ pub const MAX_CHANGES_LIMIT: usize = 10_000;
 /// checked with the edge's compiler first (500 if one would not compile).
 pub fn changes(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     since: u64,
     after: &str,
     limit: usize,
@@ -472,7 +472,7 @@ pub fn changes(
 /// connection): one read transaction.
 pub fn read_changes(
     conn: &mut Connection,
-    cat: &Catalog,
+    cat: &ApiCatalog,
     since: u64,
     after: &str,
     limit: usize,
@@ -570,10 +570,10 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    fn setup() -> (tempfile::TempDir, std::path::PathBuf, Catalog, String) {
+    fn setup() -> (tempfile::TempDir, std::path::PathBuf, ApiCatalog, String) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.db");
-        let cat = Catalog::built_in().unwrap();
+        let cat = ApiCatalog::built_in().unwrap();
         let mut conn = store::open(&path).unwrap();
         let out = init(&mut conn, &cat, "us1", None).unwrap();
         (dir, path, cat, out.account.sid)
