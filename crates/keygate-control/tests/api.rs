@@ -59,7 +59,11 @@ async fn every_status_code_and_each_secret_only_in_its_one_response() {
     // The edge's parser and reason: a header that does not parse is 400 malformed_credentials.
     let r = c.get(&keys_path(&ac), &Auth::Raw("Basic !!!".into())).await;
     assert_eq!(
-        (r.status, r.json()["code"].as_i64(), r.json()["reason"].as_str()),
+        (
+            r.status,
+            r.json()["code"].as_i64(),
+            r.json()["reason"].as_str()
+        ),
         (400, Some(20001), Some("malformed_credentials"))
     );
 
