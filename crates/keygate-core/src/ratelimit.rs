@@ -146,7 +146,7 @@ fn encode(entries: &[(u32, u64)]) -> Vec<u8> {
     v
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Option<Entries> {
+fn decode(bytes: &[u8]) -> Option<Entries> {
     match bytes {
         [RATE_TAG, rest @ ..] if rest.len() % ENTRY == 0 => Some(
             rest.chunks_exact(ENTRY)
@@ -163,7 +163,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Entries> {
     }
 }
 
-pub(crate) fn tat_of(entries: &[(u32, u64)], slot: u32) -> u64 {
+fn tat_of(entries: &[(u32, u64)], slot: u32) -> u64 {
     entries
         .iter()
         .find(|(s, _)| *s == slot)
@@ -429,6 +429,24 @@ fn groups_of(checks: &[Check], indices: &[usize]) -> Vec<Vec<usize>> {
         }
     }
     out
+}
+
+/// Test support: what a rate record in the fake store holds.
+#[cfg(any(test, feature = "testing"))]
+impl crate::store::testing::FakeStore {
+    /// The TAT of slot 0 of a subject (`None` if the record is absent or unreadable).
+    pub fn tat(&self, key: &str) -> Option<u64> {
+        self.tat_at(key, 0)
+    }
+
+    /// The TAT of `slot` of a subject.
+    pub fn tat_at(&self, key: &str, slot: u32) -> Option<u64> {
+        self.map
+            .borrow()
+            .get(key)
+            .and_then(|(v, _)| decode(v))
+            .map(|e| tat_of(&e, slot))
+    }
 }
 
 impl fmt::Display for LimitKind {

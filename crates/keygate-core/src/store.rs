@@ -158,11 +158,11 @@ pub const BUCKET_TAG: u8 = 12;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::{SetError, SharedStore, StoreError};
-    use crate::ratelimit::{decode, tat_of};
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
-    /// A fake of Envoy shared data with the host's exact CAS rules, and fault injection.
+    /// A fake of Envoy shared data with the host's exact CAS rules, and fault injection (what a
+    /// rate record holds: `ratelimit`'s `FakeStore::tat`).
     #[derive(Default)]
     pub struct FakeStore {
         pub map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
@@ -193,18 +193,6 @@ pub mod testing {
             self.map
                 .borrow_mut()
                 .insert(key.to_owned(), (v.to_vec(), c));
-        }
-        /// The TAT of slot 0 of a subject (`None` if the record is absent or unreadable).
-        pub fn tat(&self, key: &str) -> Option<u64> {
-            self.tat_at(key, 0)
-        }
-        /// The TAT of `slot` of a subject.
-        pub fn tat_at(&self, key: &str, slot: u32) -> Option<u64> {
-            self.map
-                .borrow()
-                .get(key)
-                .and_then(|(v, _)| decode(v))
-                .map(|e| tat_of(&e, slot))
         }
     }
 
