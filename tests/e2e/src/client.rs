@@ -40,19 +40,17 @@ pub struct Response {
 }
 
 impl Response {
-    /// First value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        wire::find_header(&self.headers, name)
-    }
+    wire::header_accessors!();
 
-    /// First value of header `name` as UTF-8 text, if present and valid UTF-8.
-    pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
-    }
-
-    /// Every value of header `name`, in wire order.
-    pub fn header_all(&self, name: &str) -> Vec<&[u8]> {
-        wire::find_all_headers(&self.headers, name)
+    /// The reply without its `date` header (any case), which changes from second to second:
+    /// what two replies must share to be byte-identical (status line, headers in wire order,
+    /// body).
+    pub fn without_date(&self) -> Response {
+        let mut reply = self.clone();
+        reply
+            .headers
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("date"));
+        reply
     }
 
     /// The body as text (lossy UTF-8).

@@ -4,6 +4,14 @@
 
 use crate::paths;
 
+/// Request paths of the demo config's APIs on [`ACCOUNT_SID`]: `calls` (standard keys may call
+/// it, and anything below it), `messages`, the management API `keys`, and the publishable
+/// `balance`.
+pub const CALLS: &str = "/v2/accounts/ACdemo0001/calls";
+pub const MESSAGES: &str = "/2010-04-01/Accounts/ACdemo0001/Messages.json";
+pub const KEYS: &str = "/2010-04-01/Accounts/ACdemo0001/Keys.json";
+pub const BALANCE: &str = "/api/account/balance";
+
 /// A demo API key and its plaintext secret.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DemoKey {

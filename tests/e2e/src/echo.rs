@@ -7,17 +7,17 @@
 //! A path starting with `/__slow/<ms>` is answered after `<ms>` milliseconds, for tests that need
 //! requests in flight at the same time; [`Echo::in_flight`] and [`Echo::max_in_flight`] count them.
 //!
-//! One thread accepts, one thread serves each connection (keep-alive supported). The server
-//! stops when the [`Echo`] is dropped.
+//! Served by the shared loop of `server.rs` (one thread accepts, one thread serves each
+//! connection, keep-alive supported); the server stops when the [`Echo`] is dropped.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::wire::{self, Framing, Headers, Wire};
+use crate::server::{Handler, Server};
+use crate::wire::{self, Headers, Wire};
 
 /// A request as the upstream received it.
 #[derive(Clone, PartialEq, Eq)]
@@ -31,24 +31,7 @@ pub struct CapturedRequest {
 }
 
 impl CapturedRequest {
-    /// First value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        wire::find_header(&self.headers, name)
-    }
-
-    /// First value of header `name` as UTF-8 text, if present and valid UTF-8.
-    pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
-    }
-
-    /// Every value of header `name`, in wire order.
-    pub fn header_all(&self, name: &str) -> Vec<&[u8]> {
-        wire::find_all_headers(&self.headers, name)
-    }
-
-    pub fn has_header(&self, name: &str) -> bool {
-        self.header(name).is_some()
-    }
+    wire::header_accessors!();
 
     /// The JSON the echo answers with for this request.
     pub fn to_json(&self) -> serde_json::Value {
@@ -74,7 +57,6 @@ struct Shared {
     trailers: Mutex<Vec<Headers>>,
     record: bool,
     verbose: bool,
-    stop: Arc<AtomicBool>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -83,9 +65,8 @@ struct Shared {
 pub struct Echo {
     /// The port it listens on (same as [`Echo::port`]).
     pub port: u16,
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: Option<thread::JoinHandle<()>>,
+    server: Server,
 }
 
 impl Echo {
@@ -102,35 +83,22 @@ impl Echo {
     /// Serves forever without recording, printing one line per request (the `keygate-echo`
     /// binary).
     pub fn serve_forever(bind: &str, port: u16) -> io::Result<()> {
-        let mut echo = Echo::spawn(bind, port, false, true)?;
-        println!("keygate-echo listening on http://{}", echo.addr);
-        match echo.acceptor.take() {
-            Some(handle) => handle
-                .join()
-                .map_err(|_| io::Error::other("echo acceptor thread panicked")),
-            None => Ok(()),
-        }
+        let echo = Echo::spawn(bind, port, false, true)?;
+        println!("keygate-echo listening on http://{}", echo.server.addr());
+        echo.server.join()
     }
 
     fn spawn(bind: &str, port: u16, record: bool, verbose: bool) -> io::Result<Echo> {
-        let listener = TcpListener::bind((bind, port))?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             record,
             verbose,
             ..Shared::default()
         });
-        let acceptor = {
-            let shared = Arc::clone(&shared);
-            thread::Builder::new()
-                .name(format!("echo-accept-{}", addr.port()))
-                .spawn(move || accept_loop(listener, shared))?
-        };
+        let server = Server::start(bind, port, "echo", Arc::clone(&shared))?;
         Ok(Echo {
-            port: addr.port(),
-            addr,
+            port: server.addr().port(),
             shared,
-            acceptor: Some(acceptor),
+            server,
         })
     }
 
@@ -202,81 +170,18 @@ impl Echo {
     }
 }
 
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept so the acceptor sees the flag.
-        let wake = match self.addr {
-            SocketAddr::V4(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
-            }
-            other => other,
-        };
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        if let Some(handle) = self.acceptor.take() {
-            let _ = handle.join();
-        }
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
-        let shared = Arc::clone(&shared);
-        let _ = thread::Builder::new()
-            .name("echo-conn".to_string())
-            .spawn(move || {
-                if let Err(e) = serve_connection(stream, &shared) {
-                    if shared.verbose && !shared.stop.load(Ordering::SeqCst) {
-                        eprintln!("keygate-echo: connection error: {e}");
-                    }
-                }
-            });
-    }
-}
-
-fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    // Short timeouts let idle keep-alive connections notice shutdown.
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    stream.set_nodelay(true)?;
-    let mut wire = Wire::new(stream, Some(Arc::clone(&shared.stop)));
-    loop {
-        let head = wire.take_head(|buf| {
-            let mut headers = vec![httparse::EMPTY_HEADER; wire::MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            Ok(match req.parse(buf)? {
-                httparse::Status::Complete(len) => Some((
-                    len,
-                    (
-                        req.method.unwrap_or("").to_string(),
-                        req.path.unwrap_or("").to_string(),
-                        wire::copy_headers(req.headers),
-                    ),
-                )),
-                httparse::Status::Partial => None,
-            })
-        })?;
-        let Some((method, path, headers)) = head else {
-            return Ok(());
-        };
-        let (body, trailers) = match wire::framing(&headers)? {
-            Framing::Chunked => wire.take_chunked_with_trailers()?,
-            Framing::Length(n) => (wire.take(n)?, Headers::new()),
-            Framing::None => (Vec::new(), Headers::new()),
-        };
-        let close = wire::find_header(&headers, "connection")
+impl Handler for Shared {
+    fn handle(
+        &self,
+        wire: &mut Wire,
+        request: CapturedRequest,
+        trailers: Headers,
+    ) -> io::Result<bool> {
+        let close = request
+            .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-        let request = CapturedRequest {
-            method,
-            path,
-            headers,
-            body,
-        };
         let reply = request.to_json().to_string();
-        if shared.verbose {
+        if self.verbose {
             println!(
                 "{} {} ({} headers)",
                 request.method,
@@ -285,19 +190,18 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             );
         }
         let delay = slow_delay(&request.path);
-        if shared.record {
+        if self.record {
             // Both lists under the captured lock's order: one push each, captured first.
-            let mut captured = shared.captured.lock().expect("echo capture lock");
+            let mut captured = self.captured.lock().expect("echo capture lock");
             captured.push(request);
-            shared
-                .trailers
+            self.trailers
                 .lock()
                 .expect("echo capture lock")
                 .push(trailers);
         }
 
-        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         if let Some(delay) = delay {
             thread::sleep(delay);
         }
@@ -308,10 +212,14 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         );
         // Out of flight once answered: decrementing after the write would race a client that
         // reads the answer and checks the count at once.
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         wire.write_all(response.as_bytes())?;
-        if close {
-            return Ok(());
+        Ok(!close)
+    }
+
+    fn connection_error(&self, error: io::Error) {
+        if self.verbose {
+            eprintln!("keygate-echo: connection error: {error}");
         }
     }
 }

@@ -6,18 +6,16 @@
 //!
 //! It records every request it forwarded (for secret scans) and how many feed requests were in
 //! flight at once (one poller per Envoy means at most one). One thread accepts, one thread serves
-//! each connection; stops when dropped.
+//! each connection (the loop of `server.rs`); stops when dropped.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::Duration;
 
 use crate::client::Conn;
 use crate::echo::CapturedRequest;
-use crate::wire::{self, Framing, Wire};
+use crate::server::{Handler, Server};
+use crate::wire::{Headers, Wire};
 
 /// What the proxy does to a 200 answer from the feed (other answers always pass unchanged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,22 +51,18 @@ struct Shared {
     forwarded_ok: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
-    stop: Arc<AtomicBool>,
 }
 
 /// A running proxy in front of 127.0.0.1:`target`.
 pub struct FaultyProxy {
     port: u16,
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: Option<thread::JoinHandle<()>>,
+    _server: Server,
 }
 
 impl FaultyProxy {
     /// Starts on 127.0.0.1 (free port), forwarding to 127.0.0.1:`target`, in pass-through mode.
     pub fn start(target: u16) -> FaultyProxy {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind the faulty proxy");
-        let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             target,
             fault: Mutex::new(Fault::PassThrough),
@@ -78,20 +72,13 @@ impl FaultyProxy {
             forwarded_ok: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
-            stop: Arc::new(AtomicBool::new(false)),
         });
-        let acceptor = {
-            let shared = Arc::clone(&shared);
-            thread::Builder::new()
-                .name(format!("faulty-accept-{}", addr.port()))
-                .spawn(move || accept_loop(listener, shared))
-                .expect("spawn the proxy acceptor")
-        };
+        let server = Server::start("127.0.0.1", 0, "faulty", Arc::clone(&shared))
+            .expect("start the faulty proxy on 127.0.0.1:0");
         FaultyProxy {
-            port: addr.port(),
-            addr,
+            port: server.addr().port(),
             shared,
-            acceptor: Some(acceptor),
+            _server: server,
         }
     }
 
@@ -131,77 +118,15 @@ impl FaultyProxy {
     }
 }
 
-impl Drop for FaultyProxy {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let wake = SocketAddr::from((Ipv4Addr::LOCALHOST, self.addr.port()));
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        if let Some(handle) = self.acceptor.take() {
-            let _ = handle.join();
-        }
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
-        let shared = Arc::clone(&shared);
-        let _ = thread::Builder::new()
-            .name("faulty-conn".to_string())
-            .spawn(move || {
-                let _ = serve_connection(stream, &shared);
-            });
-    }
-}
-
-fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    stream.set_nodelay(true)?;
-    let mut wire = Wire::new(stream, Some(Arc::clone(&shared.stop)));
-    loop {
-        let head = wire.take_head(|buf| {
-            let mut headers = vec![httparse::EMPTY_HEADER; wire::MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            Ok(match req.parse(buf)? {
-                httparse::Status::Complete(len) => Some((
-                    len,
-                    (
-                        req.method.unwrap_or("").to_string(),
-                        req.path.unwrap_or("").to_string(),
-                        wire::copy_headers(req.headers),
-                    ),
-                )),
-                httparse::Status::Partial => None,
-            })
-        })?;
-        let Some((method, path, headers)) = head else {
-            return Ok(());
-        };
-        let body = match wire::framing(&headers)? {
-            Framing::Chunked => wire.take_chunked()?,
-            Framing::Length(n) => wire.take(n)?,
-            Framing::None => Vec::new(),
-        };
-        let request = CapturedRequest {
-            method,
-            path,
-            headers,
-            body,
-        };
-        shared
-            .captured
+impl Handler for Shared {
+    fn handle(&self, wire: &mut Wire, request: CapturedRequest, _: Headers) -> io::Result<bool> {
+        self.captured
             .lock()
             .expect("capture lock")
             .push(request.clone());
-        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let result = forward(&mut wire, &request, shared, InFlight(shared));
-        if !result? {
-            return Ok(());
-        }
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        forward(wire, &request, self, InFlight(self))
     }
 }
 

@@ -23,6 +23,7 @@ pub mod envoy;
 pub mod faulty;
 pub mod paths;
 
+mod server;
 mod wire;
 
 pub use client::{Conn, Req, Response};

@@ -194,6 +194,32 @@ pub(crate) fn find_all_headers<'a>(headers: &'a [(String, Vec<u8>)], name: &str)
         .collect()
 }
 
+/// The header accessors of a message with a `headers: Vec<(String, Vec<u8>)>` field (a
+/// [`crate::Response`], a [`crate::CapturedRequest`]), as inherent methods.
+macro_rules! header_accessors {
+    () => {
+        /// First value of header `name` (case-insensitive).
+        pub fn header(&self, name: &str) -> Option<&[u8]> {
+            $crate::wire::find_header(&self.headers, name)
+        }
+
+        /// First value of header `name` as UTF-8 text, if present and valid UTF-8.
+        pub fn header_str(&self, name: &str) -> Option<&str> {
+            self.header(name).and_then(|v| std::str::from_utf8(v).ok())
+        }
+
+        /// Every value of header `name`, in wire order.
+        pub fn header_all(&self, name: &str) -> Vec<&[u8]> {
+            $crate::wire::find_all_headers(&self.headers, name)
+        }
+
+        pub fn has_header(&self, name: &str) -> bool {
+            self.header(name).is_some()
+        }
+    };
+}
+pub(crate) use header_accessors;
+
 pub(crate) fn copy_headers(parsed: &[httparse::Header<'_>]) -> Headers {
     parsed
         .iter()

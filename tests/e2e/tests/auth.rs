@@ -7,13 +7,9 @@
 
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
+use keygate_e2e::demo::{DemoKey, BALANCE, CALLS, KEYS, MESSAGES};
 use keygate_e2e::{demo, Echo, Envoy, EnvoyBuilder, Req, Response};
 use serde_json::json;
-
-const CALLS: &str = "/v2/accounts/ACdemo0001/calls";
-const MESSAGES: &str = "/2010-04-01/Accounts/ACdemo0001/Messages.json";
-const KEYS: &str = "/2010-04-01/Accounts/ACdemo0001/Keys.json";
-const BALANCE: &str = "/api/account/balance";
 
 fn code(r: &Response) -> String {
     r.body_json()["error"]["code"]
@@ -36,128 +32,53 @@ struct Denied {
     code: &'static str,
 }
 
+fn denied(status: u16, code: &'static str, name: &'static str, req: Req) -> Denied {
+    Denied {
+        name,
+        req,
+        status,
+        code,
+    }
+}
+
+/// The denial cases: status, reason code, name, request.
+#[rustfmt::skip]
+fn denial_cases() -> Vec<Denied> {
+    let m = demo::MAIN;
+    let auth = |value: &[u8]| Req::get(CALLS).header("authorization", value);
+    let as_main = |path: &str| Req::get(path).basic(m.sid, m.secret);
+    let as_key = |k: DemoKey, path: &str| Req::get(path).basic(k.sid, k.secret);
+    let bearer = |token: &str| Req::get(CALLS).bearer(token);
+    let other_account = "/v2/accounts/ACdemo0002/calls";
+    let comma_joined = format!("Bearer {}, Basic abc", m.secret);
+    vec![
+        denied(401, "missing_credentials", "no credentials", Req::get(CALLS)),
+        denied(401, "invalid_credentials", "unknown key", Req::get(CALLS).basic("SKnope", m.secret)),
+        denied(401, "invalid_credentials", "wrong secret", Req::get(CALLS).basic(m.sid, "sk_live_wrong")),
+        denied(401, "invalid_credentials", "unknown bearer", bearer("sk_live_nope")),
+        denied(401, "unsupported_scheme", "unsupported scheme", auth(b"Digest username=\"x\"")),
+        denied(400, "multiple_credentials", "two Authorization headers", as_main(CALLS).bearer(m.secret)),
+        denied(400, "multiple_credentials", "comma-joined schemes", auth(comma_joined.as_bytes())),
+        denied(400, "malformed_credentials", "not token68", auth(b"Bearer a b")),
+        denied(400, "malformed_credentials", "bad base64", auth(b"Basic !!!!")),
+        denied(400, "malformed_credentials", "non-UTF-8 credential", auth(b"Bearer \xff\xfe")),
+        denied(400, "malformed_path", "dot segments", as_main(&format!("{CALLS}/../../ACdemo0002/calls"))),
+        denied(400, "malformed_path", "encoded slash", as_main("/v2/accounts/ACdemo0001%2Fcalls")),
+        denied(404, "account_mismatch", "wrong account SID", as_main(other_account)),
+        denied(404, "unknown_route", "unknown route", as_main("/v9/unknown")),
+        denied(403, "permission_denied", "standard key, management API", as_key(demo::STANDARD, KEYS)),
+        denied(403, "permission_denied", "key limited to calls, messages", as_key(demo::STANDARD, MESSAGES)),
+        denied(403, "permission_denied", "publishable key, secret API", bearer(demo::PUBLISHABLE.secret)),
+        denied(403, "ip_not_allowed", "IP allowlist", as_key(demo::IP_LOCKED, CALLS)),
+        denied(403, "account_suspended", "suspended account", as_key(demo::SUSPENDED, other_account)),
+    ]
+}
+
 #[test]
 fn every_denial_class_has_its_status_code_and_never_reaches_the_upstream() {
     let (echo, envoy) = start();
     let m = demo::MAIN;
-    let cases = vec![
-        Denied {
-            name: "no credentials",
-            req: Req::get(CALLS),
-            status: 401,
-            code: "missing_credentials",
-        },
-        Denied {
-            name: "unknown key",
-            req: Req::get(CALLS).basic("SKnope", m.secret),
-            status: 401,
-            code: "invalid_credentials",
-        },
-        Denied {
-            name: "wrong secret",
-            req: Req::get(CALLS).basic(m.sid, "sk_live_wrong"),
-            status: 401,
-            code: "invalid_credentials",
-        },
-        Denied {
-            name: "unknown bearer",
-            req: Req::get(CALLS).bearer("sk_live_nope"),
-            status: 401,
-            code: "invalid_credentials",
-        },
-        Denied {
-            name: "unsupported scheme",
-            req: Req::get(CALLS).header("authorization", "Digest username=\"x\""),
-            status: 401,
-            code: "unsupported_scheme",
-        },
-        Denied {
-            name: "two Authorization headers",
-            req: Req::get(CALLS).basic(m.sid, m.secret).bearer(m.secret),
-            status: 400,
-            code: "multiple_credentials",
-        },
-        Denied {
-            name: "comma-joined schemes",
-            req: Req::get(CALLS).header("authorization", format!("Bearer {}, Basic abc", m.secret)),
-            status: 400,
-            code: "multiple_credentials",
-        },
-        Denied {
-            name: "not token68",
-            req: Req::get(CALLS).header("authorization", "Bearer a b"),
-            status: 400,
-            code: "malformed_credentials",
-        },
-        Denied {
-            name: "bad base64",
-            req: Req::get(CALLS).header("authorization", "Basic !!!!"),
-            status: 400,
-            code: "malformed_credentials",
-        },
-        Denied {
-            name: "non-UTF-8 credential",
-            req: Req::get(CALLS).header("authorization", b"Bearer \xff\xfe"),
-            status: 400,
-            code: "malformed_credentials",
-        },
-        Denied {
-            name: "dot segments",
-            req: Req::get("/v2/accounts/ACdemo0001/calls/../../ACdemo0002/calls")
-                .basic(m.sid, m.secret),
-            status: 400,
-            code: "malformed_path",
-        },
-        Denied {
-            name: "encoded slash",
-            req: Req::get("/v2/accounts/ACdemo0001%2Fcalls").basic(m.sid, m.secret),
-            status: 400,
-            code: "malformed_path",
-        },
-        Denied {
-            name: "wrong account SID",
-            req: Req::get("/v2/accounts/ACdemo0002/calls").basic(m.sid, m.secret),
-            status: 404,
-            code: "account_mismatch",
-        },
-        Denied {
-            name: "unknown route",
-            req: Req::get("/v9/unknown").basic(m.sid, m.secret),
-            status: 404,
-            code: "unknown_route",
-        },
-        Denied {
-            name: "standard key, management API",
-            req: Req::get(KEYS).basic(demo::STANDARD.sid, demo::STANDARD.secret),
-            status: 403,
-            code: "permission_denied",
-        },
-        Denied {
-            name: "key limited to calls, messages",
-            req: Req::get(MESSAGES).basic(demo::STANDARD.sid, demo::STANDARD.secret),
-            status: 403,
-            code: "permission_denied",
-        },
-        Denied {
-            name: "publishable key, secret API",
-            req: Req::get(CALLS).bearer(demo::PUBLISHABLE.secret),
-            status: 403,
-            code: "permission_denied",
-        },
-        Denied {
-            name: "IP allowlist",
-            req: Req::get(CALLS).basic(demo::IP_LOCKED.sid, demo::IP_LOCKED.secret),
-            status: 403,
-            code: "ip_not_allowed",
-        },
-        Denied {
-            name: "suspended account",
-            req: Req::get("/v2/accounts/ACdemo0002/calls")
-                .basic(demo::SUSPENDED.sid, demo::SUSPENDED.secret),
-            status: 403,
-            code: "account_suspended",
-        },
-    ];
+    let cases = denial_cases();
     for c in &cases {
         let r = c.req.send(envoy.port());
         assert_eq!(
@@ -219,20 +140,6 @@ fn every_denial_class_has_its_status_code_and_never_reaches_the_upstream() {
     );
 }
 
-/// The reply minus the `date` header, which changes from second to second.
-/// Status, headers (in wire order), body.
-type ReplyBytes = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
-
-fn reply_bytes(r: &Response) -> ReplyBytes {
-    let headers = r
-        .headers
-        .iter()
-        .filter(|(n, _)| n != "date")
-        .cloned()
-        .collect();
-    (r.status, headers, r.body.clone())
-}
-
 #[test]
 fn unknown_key_wrong_secret_expired_and_disabled_are_byte_identical() {
     let mut cfg = demo::config();
@@ -252,8 +159,11 @@ fn unknown_key_wrong_secret_expired_and_disabled_are_byte_identical() {
         .upstream_port(echo.port())
         .start();
     let p = envoy.port();
-    let reference = reply_bytes(&Req::get(CALLS).basic("SKnope", "sk_live_x").send(p));
-    assert_eq!(reference.0, 401);
+    let reference = Req::get(CALLS)
+        .basic("SKnope", "sk_live_x")
+        .send(p)
+        .without_date();
+    assert_eq!(reference.status, 401);
     for (name, req) in [
         (
             "wrong secret",
@@ -277,7 +187,7 @@ fn unknown_key_wrong_secret_expired_and_disabled_are_byte_identical() {
         ),
         ("unknown bearer", Req::get(CALLS).bearer("sk_live_x")),
     ] {
-        assert_eq!(reply_bytes(&req.send(p)), reference, "{name}");
+        assert_eq!(req.send(p).without_date(), reference, "{name}");
     }
     assert_eq!(
         Req::get(CALLS)

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
+use keygate_e2e::demo::CALLS;
 use keygate_e2e::{demo, Echo, EnvoyBuilder, Req};
-
-const CALLS: &str = "/v2/accounts/ACdemo0001/calls";
 
 #[test]
 fn demo_config_denies_anonymous_and_admits_the_main_key_without_forwarding_its_credential() {

@@ -15,13 +15,10 @@ use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use keygate_e2e::demo::{self, DemoKey, MAIN, PUBLISHABLE, STANDARD};
+use keygate_e2e::demo::{self, DemoKey, BALANCE, CALLS, MAIN, MESSAGES, PUBLISHABLE, STANDARD};
 use keygate_e2e::{Conn, Echo, Envoy, EnvoyBuilder, Req, Response};
 use serde_json::{json, Value};
 
-const CALLS: &str = "/v2/accounts/ACdemo0001/calls";
-const MESSAGES: &str = "/2010-04-01/Accounts/ACdemo0001/Messages.json";
-const BALANCE: &str = "/api/account/balance";
 const WORKERS: u32 = 4;
 /// Generous bound for anything we wait for (never an assertion about speed).
 const PATIENCE: Duration = Duration::from_secs(20);

@@ -15,6 +15,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use keygate_e2e::demo::{CALLS, MESSAGES};
 use keygate_e2e::{demo, Conn, Echo, Envoy, EnvoyBuilder, Req};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
@@ -24,8 +25,6 @@ const ROUNDS: usize = 8;
 const CONNS: usize = 8;
 const PER_KEY_PER_ROUND: usize = 2;
 const ROUND_SPACING: Duration = Duration::from_millis(1200);
-const CALLS: &str = "/v2/accounts/ACdemo0001/calls";
-const MESSAGES: &str = "/2010-04-01/Accounts/ACdemo0001/Messages.json";
 const MIB: i64 = 1024 * 1024;
 
 /// (sid, secret) of generated key `i`.

@@ -15,10 +15,10 @@
 
 use std::time::{Duration, Instant};
 
+use keygate_e2e::demo::CALLS;
 use keygate_e2e::{demo, ControlPlane, Echo, EnvoyBuilder, Req, Response};
 use serde_json::{json, Value};
 
-const CALLS: &str = "/v2/accounts/ACdemo0001/calls";
 const OTHER_CALLS: &str = "/v2/accounts/ACdemo0002/calls";
 const VERSION: &str = "x-keygate-config-version";
 const WORKERS: u32 = 4;
