@@ -19,6 +19,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -189,6 +190,16 @@ impl Req {
 
     pub fn is_head(&self) -> bool {
         self.method.eq_ignore_ascii_case(b"HEAD")
+    }
+
+    /// Sends the request to `port` as if from a client address no other request of this process
+    /// used (`X-Forwarded-For: 198.18.x.y`, for an Envoy trusting one hop), so the edge's
+    /// per-address failed-authentication limit never answers for a test's own probes.
+    pub fn send_from_new_client(&self, port: u16) -> Response {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let client = format!("198.18.{}.{}", (n >> 8) & 0xff, n & 0xff);
+        self.clone().header("x-forwarded-for", client).send(port)
     }
 
     /// The exact bytes `send` writes when talking to `port`.

@@ -306,6 +306,11 @@ impl ControlPlane {
         self.cred("ACCOUNT_SID")
     }
 
+    /// The `calls` API path of [`ControlPlane::account_sid`].
+    pub fn calls_path(&self) -> String {
+        format!("/v2/accounts/{}/calls", self.account_sid())
+    }
+
     /// Basic with the first account's SID and auth token.
     pub fn as_account(&self, req: Req) -> Req {
         req.basic(self.cred("ACCOUNT_SID"), self.cred("AUTH_TOKEN"))

@@ -20,6 +20,16 @@ pub struct DemoKey {
     pub secret: &'static str,
 }
 
+impl DemoKey {
+    const fn new(sid: &'static str, account_sid: &'static str, secret: &'static str) -> DemoKey {
+        DemoKey {
+            sid,
+            account_sid,
+            secret,
+        }
+    }
+}
+
 /// The active demo account.
 pub const ACCOUNT_SID: &str = "ACdemo0001";
 /// Auth token of [`ACCOUNT_SID`] (Basic `ACdemo0001:demo_auth_token_0001`).
@@ -28,35 +38,20 @@ pub const ACCOUNT_AUTH_TOKEN: &str = "demo_auth_token_0001";
 pub const SUSPENDED_ACCOUNT_SID: &str = "ACdemo0002";
 
 /// Role `main`: everything on ACdemo0001, management APIs included.
-pub const MAIN: DemoKey = DemoKey {
-    sid: "SKdemomain01",
-    account_sid: ACCOUNT_SID,
-    secret: "sk_live_demoMain0001",
-};
+pub const MAIN: DemoKey = DemoKey::new("SKdemomain01", ACCOUNT_SID, "sk_live_demoMain0001");
 /// Role `standard`, limited to the `calls` API.
-pub const STANDARD: DemoKey = DemoKey {
-    sid: "SKdemostd01",
-    account_sid: ACCOUNT_SID,
-    secret: "sk_live_demoStandard0001",
-};
+pub const STANDARD: DemoKey = DemoKey::new("SKdemostd01", ACCOUNT_SID, "sk_live_demoStandard0001");
 /// Role `publishable`: only APIs marked `publishable` (balance).
-pub const PUBLISHABLE: DemoKey = DemoKey {
-    sid: "SKdemopub01",
-    account_sid: ACCOUNT_SID,
-    secret: "pk_live_demoPublishable0001",
-};
+pub const PUBLISHABLE: DemoKey =
+    DemoKey::new("SKdemopub01", ACCOUNT_SID, "pk_live_demoPublishable0001");
 /// Role `standard`, only from 192.0.2.0/24.
-pub const IP_LOCKED: DemoKey = DemoKey {
-    sid: "SKdemoip01",
-    account_sid: ACCOUNT_SID,
-    secret: "sk_live_demoIpLocked0001",
-};
+pub const IP_LOCKED: DemoKey = DemoKey::new("SKdemoip01", ACCOUNT_SID, "sk_live_demoIpLocked0001");
 /// A key of the suspended account ACdemo0002.
-pub const SUSPENDED: DemoKey = DemoKey {
-    sid: "SKdemosusp01",
-    account_sid: SUSPENDED_ACCOUNT_SID,
-    secret: "sk_live_demoSuspended0001",
-};
+pub const SUSPENDED: DemoKey = DemoKey::new(
+    "SKdemosusp01",
+    SUSPENDED_ACCOUNT_SID,
+    "sk_live_demoSuspended0001",
+);
 
 pub const ALL_KEYS: [DemoKey; 5] = [MAIN, STANDARD, PUBLISHABLE, IP_LOCKED, SUSPENDED];
 

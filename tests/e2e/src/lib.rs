@@ -9,6 +9,7 @@
 //!   readiness and exposes the admin API (stats, counters, logs). Killed on drop.
 //! - [`demo`]: the documented demo account, keys and secrets, and the demo plugin config.
 //! - [`paths`]: where the workspace, the Envoy binary and the built filter live.
+//! - [`wait`]: polled waits ([`wait::within`]).
 //!
 //! This crate is test support: failing loudly with a helpful message is its job, so the
 //! workspace's `panic`/`expect`/`unwrap` denials (meant for code on the request path) are lifted
@@ -22,6 +23,7 @@ pub mod echo;
 pub mod envoy;
 pub mod faulty;
 pub mod paths;
+pub mod wait;
 
 mod server;
 mod wire;

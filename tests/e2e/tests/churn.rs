@@ -15,7 +15,6 @@
 //! `KEYGATE_CHURN_CYCLES` overrides the number of cycles (10,000).
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -40,12 +39,7 @@ fn cycles() -> usize {
 /// `X-Forwarded-For`), so the failed-authentication limit never refuses the probes of revoked
 /// keys.
 fn send(envoy: &Envoy, req: &Req) -> Response {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let client = format!("198.18.{}.{}", (n >> 8) & 0xff, n & 0xff);
-    req.clone()
-        .header("x-forwarded-for", client)
-        .send(envoy.port())
+    req.send_from_new_client(envoy.port())
 }
 
 /// Polls until the edge answers `status` to `req`.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keygate_e2e::{ControlPlane, Echo, Envoy, EnvoyBuilder, Req};
+use keygate_e2e::{wait, ControlPlane, Echo, Envoy, EnvoyBuilder, Req};
 use serde_json::json;
 
 const WORKERS: u32 = 2;
@@ -34,29 +34,12 @@ fn start_envoy(cp: &ControlPlane, echo: &Echo) -> Envoy {
 /// Every one of 2 × WORKERS fresh connections gets `status` (each from its own client address,
 /// so the edge's failed-auth limiter never answers for the test's own probes).
 fn all(envoy: &Envoy, req: &Req, status: u16) -> bool {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    (0..2 * WORKERS).all(|_| {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let r = req
-            .clone()
-            .header(
-                "x-forwarded-for",
-                format!("198.18.{}.{}", (n >> 8) & 0xff, n & 0xff),
-            )
-            .send(envoy.port());
-        r.status == status
-    })
+    (0..2 * WORKERS).all(|_| req.send_from_new_client(envoy.port()).status == status)
 }
 
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took.
+fn within(limit: Duration, f: impl FnMut() -> bool) -> Option<Duration> {
+    wait::within_every(Duration::from_millis(20), limit, f)
 }
 
 #[test]

@@ -8,10 +8,10 @@
 
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keygate_e2e::faulty::{Fault, FaultyProxy};
+use keygate_e2e::wait::within;
 use keygate_e2e::{CapturedRequest, ControlPlane, Echo, Envoy, EnvoyBuilder, Req, Response};
 use serde_json::json;
 
@@ -39,18 +39,6 @@ fn start_envoy(cp: &ControlPlane, echo: &Echo, extra: serde_json::Value) -> Envo
     start_envoy_via(cp.port(), cp, echo, extra)
 }
 
-/// Polls `f` every 50 ms until it returns true or `limit` passes; returns the time it took.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
 /// A rate no test reaches: these tests poll the edge many times a second, and the catalogue's
 /// defaults (200 a minute per key and per account) are not what they test.
 fn unlimited() -> serde_json::Value {
@@ -67,24 +55,15 @@ fn create_key(cp: &ControlPlane, role: &str) -> (String, String) {
     cp.create_key_v1(json!({"role": role, "friendly_name": "e2e", "limits": {"rate": unlimited()}}))
 }
 
-fn calls_path(cp: &ControlPlane) -> String {
-    format!("/v2/accounts/{}/calls", cp.account_sid())
-}
-
 fn basic(cp: &ControlPlane, sid: &str, secret: &str) -> Req {
-    Req::get(calls_path(cp)).basic(sid, secret)
+    Req::get(cp.calls_path()).basic(sid, secret)
 }
 
 /// Sends `req` as if from a client address no other request used (a trusted hop's
 /// `X-Forwarded-For`), so the per-address failed-authentication limit (30 a minute in the
 /// control plane's catalogue) never refuses the test's own probes of revoked keys.
 fn send(envoy: &Envoy, req: &Req) -> Response {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let client = format!("198.18.{}.{}", (n >> 8) & 0xff, n & 0xff);
-    req.clone()
-        .header("x-forwarded-for", client)
-        .send(envoy.port())
+    req.send_from_new_client(envoy.port())
 }
 
 /// Sends `n` requests on fresh connections (spread over Envoy's workers).
@@ -110,7 +89,7 @@ fn metric(envoy: &Envoy, name: &str) -> u64 {
 /// Waits for the first config (the account's path stops answering 503).
 fn wait_first_config(envoy: &Envoy, cp: &ControlPlane) {
     within(Duration::from_secs(15), || {
-        send(envoy, &Req::get(calls_path(cp))).status != 503
+        send(envoy, &Req::get(cp.calls_path())).status != 503
     })
     .unwrap_or_else(|| panic!("no first config; Envoy log:\n{}", envoy.logs()));
 }
@@ -232,7 +211,7 @@ fn a_created_key_works_at_the_edge_within_two_seconds_and_a_deleted_one_stops() 
         within(Duration::from_secs(10), || all(&envoy, &req, 200)).expect("new key admitted");
     eprintln!("create → admitted on every worker: {took:?}");
     assert!(took <= Duration::from_secs(2), "took {took:?}");
-    let bearer = Req::get(calls_path(&cp)).bearer(&secret);
+    let bearer = Req::get(cp.calls_path()).bearer(&secret);
     assert!(all(&envoy, &bearer, 200));
 
     cp.delete_key(&sid);
@@ -279,8 +258,8 @@ fn a_regenerated_key_takes_both_secrets_until_the_grace_deadline_then_only_the_n
         all(&envoy, &old_req, 200),
         "old secret refused during its grace"
     );
-    assert!(all(&envoy, &Req::get(calls_path(&cp)).bearer(&new), 200));
-    assert!(all(&envoy, &Req::get(calls_path(&cp)).bearer(&old), 200));
+    assert!(all(&envoy, &Req::get(cp.calls_path()).bearer(&new), 200));
+    assert!(all(&envoy, &Req::get(cp.calls_path()).bearer(&old), 200));
 
     // The old secret stops at its deadline, with no further config change.
     within(Duration::from_secs(10), || all(&envoy, &old_req, 401)).expect("old secret refused");
@@ -296,7 +275,7 @@ fn a_regenerated_key_takes_both_secrets_until_the_grace_deadline_then_only_the_n
         late <= 2.0,
         "still admitted {late:.2} s after its grace ended"
     );
-    assert!(all(&envoy, &Req::get(calls_path(&cp)).bearer(&old), 401));
+    assert!(all(&envoy, &Req::get(cp.calls_path()).bearer(&old), 401));
     let after = responses(&envoy, &new_req, 2 * WORKERS as usize);
     assert!(
         after.iter().all(|r| r.status == 200),
@@ -306,7 +285,7 @@ fn a_regenerated_key_takes_both_secrets_until_the_grace_deadline_then_only_the_n
             .map(|r| (r.status, r.body_text()))
             .collect::<Vec<_>>()
     );
-    assert!(all(&envoy, &Req::get(calls_path(&cp)).bearer(&new), 200));
+    assert!(all(&envoy, &Req::get(cp.calls_path()).bearer(&new), 200));
     assert_no_leaks(&[&old, &new], &cp, &envoy, &echo, None);
 }
 

@@ -13,10 +13,10 @@
 
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keygate_e2e::demo::CALLS;
-use keygate_e2e::{demo, ControlPlane, Echo, EnvoyBuilder, Req, Response};
+use keygate_e2e::{demo, wait, ControlPlane, Echo, EnvoyBuilder, Req, Response};
 use serde_json::{json, Value};
 
 const OTHER_CALLS: &str = "/v2/accounts/ACdemo0002/calls";
@@ -52,15 +52,8 @@ fn edge(config: &Value, echo: &Echo) -> EnvoyBuilder {
 }
 
 /// Polls `f` every 50 ms until it holds or `limit` passes.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
+fn within(limit: Duration, f: impl FnMut() -> bool) -> bool {
+    wait::within(limit, f).is_some()
 }
 
 /// A chunked POST whose trailers carry forged identity headers, their `_` look-alikes, a

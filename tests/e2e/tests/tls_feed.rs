@@ -10,10 +10,10 @@
 #![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keygate_e2e::control::ControlTls;
-use keygate_e2e::{ControlPlane, Echo, Envoy, EnvoyBuilder, Req};
+use keygate_e2e::{wait, ControlPlane, Echo, Envoy, EnvoyBuilder, Req};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -67,20 +67,9 @@ fn edge(cp: &ControlPlane, echo: &Echo, ca: &Path, sni: &str) -> Envoy {
         .start()
 }
 
-/// Polls `f` every 50 ms until it returns true or `limit` passes.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-fn calls(cp: &ControlPlane) -> String {
-    format!("/v2/accounts/{}/calls", cp.account_sid())
+/// Polls `f` every 50 ms until it holds or `limit` passes.
+fn within(limit: Duration, f: impl FnMut() -> bool) -> bool {
+    wait::within(limit, f).is_some()
 }
 
 fn fetch_errors(envoy: &Envoy) -> u64 {
@@ -114,7 +103,7 @@ fn a_key_created_at_the_control_plane_is_admitted_at_the_edge_over_the_tls_feed(
     );
 
     let (sid, secret) = cp.create_key_v1(json!({"role": "main", "friendly_name": "tls"}));
-    let req = Req::get(calls(&cp)).basic(&sid, &secret);
+    let req = Req::get(cp.calls_path()).basic(&sid, &secret);
     assert!(
         within(Duration::from_secs(15), || req.send(envoy.port()).status
             == 200),
@@ -162,7 +151,9 @@ fn an_edge_that_does_not_trust_the_ca_or_asks_another_name_never_gets_a_config()
         // Meanwhile the feed is served over TLS to a client that trusts the CA.
         assert!(cp.feed_version() >= 1);
         for _ in 0..4 {
-            let r = Req::get(calls(&cp)).basic(&sid, &secret).send(envoy.port());
+            let r = Req::get(cp.calls_path())
+                .basic(&sid, &secret)
+                .send(envoy.port());
             assert_eq!(r.status, 503, "{label}: {r:?}");
             assert_eq!(r.body_json()["error"]["code"], "no_config", "{label}");
         }

@@ -31,57 +31,33 @@ pub struct Canary {
     pub secret: &'static str,
 }
 
+impl Canary {
+    const fn new(sid: &'static str, secret: &'static str) -> Canary {
+        Canary { sid, secret }
+    }
+}
+
 /// Standard key limited to `calls`. `SKcanarystd01:<secret>` is 43 bytes, so its standard
 /// base64 ends in `==`, and it contains a `+` (so the URL-safe form differs).
-pub const STD: Canary = Canary {
-    sid: "SKcanarystd01",
-    secret: "sk_live_CANARYadv0001_std~?>!",
-};
+pub const STD: Canary = Canary::new("SKcanarystd01", "sk_live_CANARYadv0001_std~?>!");
 /// Main key.
-pub const MAIN: Canary = Canary {
-    sid: "SKcanarymain1",
-    secret: "sk_live_CANARYadv0002_main",
-};
+pub const MAIN: Canary = Canary::new("SKcanarymain1", "sk_live_CANARYadv0002_main");
 /// Publishable key (balance only).
-pub const PUBLISHABLE: Canary = Canary {
-    sid: "SKcanarypub01",
-    secret: "pk_live_CANARYadv0003_pub",
-};
+pub const PUBLISHABLE: Canary = Canary::new("SKcanarypub01", "pk_live_CANARYadv0003_pub");
 /// A second auth token of the demo account (account credentials: Basic `ACdemo0001:<token>`).
-pub const ACCOUNT_TOKEN: Canary = Canary {
-    sid: ACCOUNT,
-    secret: "CANARYadv0004_auth_token",
-};
+pub const ACCOUNT_TOKEN: Canary = Canary::new(ACCOUNT, "CANARYadv0004_auth_token");
 /// `enabled: false`.
-pub const DISABLED: Canary = Canary {
-    sid: "SKcanarydis01",
-    secret: "sk_live_CANARYadv0005_disabled",
-};
+pub const DISABLED: Canary = Canary::new("SKcanarydis01", "sk_live_CANARYadv0005_disabled");
 /// `expires_at` in 2020.
-pub const EXPIRED: Canary = Canary {
-    sid: "SKcanaryexp01",
-    secret: "sk_live_CANARYadv0006_expired",
-};
+pub const EXPIRED: Canary = Canary::new("SKcanaryexp01", "sk_live_CANARYadv0006_expired");
 /// Rotated key: this old secret's grace ended in 2020 ...
-pub const ROTATED_OLD: Canary = Canary {
-    sid: "SKcanaryrot01",
-    secret: "sk_live_CANARYadv0007_rot_old",
-};
+pub const ROTATED_OLD: Canary = Canary::new("SKcanaryrot01", "sk_live_CANARYadv0007_rot_old");
 /// ... and this is its current secret.
-pub const ROTATED_NEW: Canary = Canary {
-    sid: "SKcanaryrot01",
-    secret: "sk_live_CANARYadv0008_rot_new",
-};
+pub const ROTATED_NEW: Canary = Canary::new("SKcanaryrot01", "sk_live_CANARYadv0008_rot_new");
 /// A revoked key: removed from the config, so simply unknown.
-pub const REVOKED: Canary = Canary {
-    sid: "SKcanaryrev01",
-    secret: "sk_live_CANARYadv0009_revoked",
-};
+pub const REVOKED: Canary = Canary::new("SKcanaryrev01", "sk_live_CANARYadv0009_revoked");
 /// Standard key allowed only from 192.0.2.0/24.
-pub const IP_LOCKED: Canary = Canary {
-    sid: "SKcanaryip01",
-    secret: "sk_live_CANARYadv0010_iplocked",
-};
+pub const IP_LOCKED: Canary = Canary::new("SKcanaryip01", "sk_live_CANARYadv0010_iplocked");
 
 pub const CANARIES: [Canary; 10] = [
     STD,
