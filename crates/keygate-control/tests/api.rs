@@ -663,7 +663,7 @@ async fn per_key_role_permissions_allowlist_limits_expiry_and_enable_reach_the_e
     let sid = r.json()["sid"].as_str().unwrap().to_owned();
     let secret = r.json()["secret"].as_str().unwrap().to_owned();
     let key = Auth::basic(&sid, &secret);
-    let calls = format!("/v2/accounts/{ac}/calls");
+    let calls = calls_path(&ac);
     let messages = format!("/2010-04-01/Accounts/{ac}/Messages.json");
     let now = now_unix();
 

@@ -89,7 +89,7 @@ async fn kill_9_during_a_burst_of_creates_loses_no_acknowledged_key() {
         .map(|k| k["sid"].as_str().unwrap().to_owned())
         .collect();
     let doc = c.feed(&creds.edge).await;
-    let calls = format!("/v2/accounts/{ac}/calls");
+    let calls = calls_path(&ac);
     let now = now_unix();
     for (sid, secret) in &acked {
         assert!(listed.contains(sid), "acknowledged key {sid} lost");

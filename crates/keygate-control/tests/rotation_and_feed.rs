@@ -87,7 +87,7 @@ async fn regeneration_keeps_the_old_secret_for_48_hours_by_default() {
         "not_after {grace_end} ≈ now + 48 h"
     );
 
-    let calls = format!("/v2/accounts/{}/calls", s.creds.account_sid);
+    let calls = calls_path(&s.creds.account_sid);
     let now = now_unix();
     assert!(edge_decides(&doc, "GET", &calls, &Auth::basic(&sid, &old), now).is_ok());
     assert!(edge_decides(&doc, "GET", &calls, &Auth::bearer(&new), now).is_ok());
@@ -197,7 +197,7 @@ async fn grace_zero_revokes_the_old_secret_at_once_and_previous_secrets_can_be_r
             .status,
         401
     );
-    let calls = format!("/v2/accounts/{ac}/calls");
+    let calls = calls_path(&ac);
     assert_eq!(
         edge_decides(&doc, "GET", &calls, &Auth::basic(&sid, &new), now_unix()),
         Err("invalid_credentials".into())
@@ -441,27 +441,8 @@ async fn long_poll_sees_changes_made_by_the_cli_in_another_process() {
         )
         .await
     });
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate-control"))
-        .args(["account", "create", "--name", "from the cli", "--data"])
-        .arg(&s.db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let sid = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ACCOUNT_SID="))
-        .unwrap()
-        .to_owned();
-    let token = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("AUTH_TOKEN="))
-        .unwrap()
-        .to_owned();
+    let printed = cli(&["account", "create", "--name", "from the cli"], &s.db);
+    let (sid, token) = (printed.get("ACCOUNT_SID"), printed.get("AUTH_TOKEN"));
     let started = Instant::now();
     let r = poll.await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -480,7 +461,7 @@ async fn long_poll_sees_changes_made_by_the_cli_in_another_process() {
             .status,
         200
     );
-    let calls = format!("/v2/accounts/{sid}/calls");
+    let calls = calls_path(&sid);
     assert_eq!(
         edge_decides(&doc, "POST", &calls, &Auth::basic(&sid, &token), now_unix()),
         Ok("calls".into())
@@ -507,7 +488,7 @@ async fn round_trip_the_served_document_compiles_and_admits_the_created_keys() {
     assert!(!r.text.contains(&main) && !r.text.contains(&std) && !r.text.contains(&publ));
 
     let now = now_unix();
-    let calls = format!("/v2/accounts/{ac}/calls");
+    let calls = calls_path(&ac);
     let keys = keys_path(&ac);
     let d = |m: &str, p: &str, a: Auth| edge_decides(&doc, m, p, &a, now);
     assert_eq!(

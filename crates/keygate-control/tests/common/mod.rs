@@ -193,6 +193,10 @@ pub fn keys_path(account: &str) -> String {
     format!("/2010-04-01/Accounts/{account}/Keys.json")
 }
 
+pub fn calls_path(account: &str) -> String {
+    format!("/v2/accounts/{account}/calls")
+}
+
 pub fn key_path(account: &str, sid: &str) -> String {
     format!("/2010-04-01/Accounts/{account}/Keys/{sid}.json")
 }
@@ -337,10 +341,29 @@ impl Drop for Binary {
     }
 }
 
-/// Runs `keygate-control init` and parses the credentials it prints.
-pub fn init_with_binary(db: &Path) -> (Creds, String) {
+/// What a `keygate-control` command printed.
+pub struct Printed {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Printed {
+    /// The value of the `NAME=value` line `name`; panics if it was not printed.
+    pub fn get(&self, name: &str) -> String {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} not printed: {}", self.stdout))
+            .to_owned()
+    }
+}
+
+/// Runs the real binary's command `args` on the database `db` (`--data <db>` appended, no
+/// `KEYGATE_CATALOG`); panics with its stderr unless it succeeds.
+pub fn cli(args: &[&str], db: &Path) -> Printed {
     let out = Command::new(env!("CARGO_BIN_EXE_keygate-control"))
-        .args(["init", "--data"])
+        .args(args)
+        .arg("--data")
         .arg(db)
         .env_remove("KEYGATE_CATALOG")
         .output()
@@ -350,21 +373,22 @@ pub fn init_with_binary(db: &Path) -> (Creds, String) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let get = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("{name} not printed: {stdout}"))
-            .to_owned()
-    };
+    Printed {
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `keygate-control init` and parses the credentials it prints.
+pub fn init_with_binary(db: &Path) -> (Creds, String) {
+    let printed = cli(&["init"], db);
     let creds = Creds {
-        admin: get("KEYGATE_ADMIN_TOKEN"),
-        account_sid: get("ACCOUNT_SID"),
-        auth_token: get("AUTH_TOKEN"),
-        edge: get("KEYGATE_EDGE_TOKEN"),
+        admin: printed.get("KEYGATE_ADMIN_TOKEN"),
+        account_sid: printed.get("ACCOUNT_SID"),
+        auth_token: printed.get("AUTH_TOKEN"),
+        edge: printed.get("KEYGATE_EDGE_TOKEN"),
     };
-    (creds, String::from_utf8_lossy(&out.stderr).into_owned())
+    (creds, printed.stderr)
 }
 
 /// What the edge decides for a request, with the control plane's document compiled by the
