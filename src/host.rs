@@ -1,14 +1,14 @@
 //! The host as keygate-core sees it: Envoy shared data as a [`SharedStore`], the request's view
 //! ([`Host`]), and the byte-level reads the request path needs.
 
-use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::HashMap;
+use std::cell::{Cell, OnceCell};
 use std::net::IpAddr;
 use std::time::UNIX_EPOCH;
 
-use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, Host};
+use keygate_core::concurrency::next_vm_id;
+use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, HeldSlots, Host};
 use keygate_core::ip::parse_client_address;
-use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY, VM_SEQ_KEY};
+use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MapType, Status};
 
@@ -16,8 +16,8 @@ use proxy_wasm::types::{MapType, Status};
 pub struct VmState {
     anchor_cas: Cell<u32>,
     pub vm_id: Cell<u64>,
-    /// Requests of each account (by concurrency store key) in flight on this VM.
-    pub inflight: RefCell<HashMap<String, u32>>,
+    /// The concurrency slots requests on this VM hold.
+    pub held: HeldSlots,
     /// The process's failed-auth hashing key, once this VM has read (or created) it.
     failed_auth_key: OnceCell<FailedAuthKey>,
 }
@@ -51,31 +51,14 @@ impl VmState {
         let state = VmState {
             anchor_cas: Cell::new(0),
             vm_id: Cell::new(0),
-            inflight: RefCell::new(HashMap::new()),
+            held: HeldSlots::default(),
             failed_auth_key: OnceCell::new(),
         };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
         if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {
             state.anchor_cas.set(cas);
         }
-        // Take the next VM identity with a CAS loop (insert-if-absent through the anchor CAS).
-        let store = &state;
-        for _ in 0..64 {
-            let (next, cas) = match store.get(VM_SEQ_KEY) {
-                Ok(Some((v, cas))) => {
-                    let prev = <[u8; 8]>::try_from(v.as_slice())
-                        .map(u64::from_le_bytes)
-                        .unwrap_or(0);
-                    (prev.wrapping_add(1), cas)
-                }
-                Ok(None) => (1, store.absent_cas()),
-                Err(_) => break,
-            };
-            if store.set(VM_SEQ_KEY, &next.to_le_bytes(), cas).is_ok() {
-                state.vm_id.set(next);
-                break;
-            }
-        }
+        state.vm_id.set(next_vm_id(&state));
         state
     }
 }

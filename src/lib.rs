@@ -1,13 +1,15 @@
 //! keygate-filter: the proxy-wasm glue around `keygate-core`.
 //!
-//! This is the only crate that talks to the host. It reads the request headers with one host
-//! call, asks the gate ([`keygate_core::gate::evaluate_in`]: failed-auth limiter, decision,
-//! rates, concurrency), and either sends the denial or rewrites the request's identity headers.
-//! It holds no decision logic of its own.
+//! This is the only crate that talks to the host, and it decides nothing. It reads the request
+//! headers with one host call, asks the core for the view in force
+//! ([`keygate_core::view::Source::view`]) and the verdict ([`keygate_core::gate::evaluate`]:
+//! failed-auth limiter, decision, rates, concurrency), and sends the reply or forwards the
+//! request as [`keygate_core::view::View::answer`] says. In control-plane mode it drives the
+//! core's poller ([`keygate_core::poller`]) with ticks and answers and makes its host calls.
 //!
 //! Modules: `contexts` (the root and HTTP contexts), `host` (shared data as the core's
-//! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (control-plane mode:
-//! the elected poller feeding the published config), `metrics`.
+//! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (the poller's
+//! `dispatch_http_call`, answers, tick period, logs and stats), `metrics`.
 //!
 //! Invariants kept here:
 //! - every host call goes through the `Result`-returning `hostcalls` functions or our own

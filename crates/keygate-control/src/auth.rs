@@ -1,5 +1,5 @@
 //! Who is calling, and may they: every request to the control plane is judged by keygate-core's
-//! own gate ([`keygate_core::gate::evaluate_in`]), the one the edge runs, so the two doors cannot
+//! own gate ([`keygate_core::gate::evaluate`]), the one the edge runs, so the two doors cannot
 //! disagree.
 //!
 //! - The same `Authorization` parser, digest comparison (constant time, every secret of the
@@ -238,8 +238,11 @@ impl Door {
             store: &self.counters,
             failed_auth_key: &self.failed_auth_key,
         };
-        let verdict =
-            gate::evaluate_in(&self.catalog, &dir, &head, &host, &mut GateStats::default());
+        let judged = gate::Parts {
+            catalog: &self.catalog,
+            directory: &dir,
+        };
+        let verdict = gate::evaluate(&judged, &head, &host, &mut GateStats::default());
         if let Some(e) = dir.failure.take() {
             return Err(e);
         }

@@ -244,12 +244,7 @@ fn bench_gate(c: &mut Criterion) {
                 Verdict::Allow {
                     inflight: Some(ticket),
                     ..
-                } => gate::release(
-                    cfg.max_cas_retries(),
-                    &ticket,
-                    &host,
-                    &mut Counters::default(),
-                ),
+                } => gate::release(&ticket, &host, &mut Counters::default()),
                 other => panic!("the benchmark key must be admitted: {other:?}"),
             }
         })

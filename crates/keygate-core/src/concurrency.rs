@@ -9,7 +9,9 @@
 //! ones until pruned), never by the number of requests or by time.
 
 use crate::ratelimit::Counters;
-use crate::store::{SetError, SharedStore, StoreError, LEASES_TAG};
+use crate::store::{
+    compare_and_swap, Change, SetError, SharedStore, StoreError, LEASES_TAG, VM_SEQ_KEY,
+};
 
 /// Value format: [`LEASES_TAG`], then entries of `vm_id u64, count u32, heartbeat_s u64` (LE).
 const ENTRY: usize = 20;
@@ -56,6 +58,19 @@ fn decode(bytes: &[u8]) -> Option<Vec<Lease>> {
             })
         })
         .collect()
+}
+
+/// This VM's identity for leases: the next value of the process's counter ([`VM_SEQ_KEY`],
+/// created with an insert-if-absent), or 0 if the store does not answer.
+pub fn next_vm_id(store: &dyn SharedStore) -> u64 {
+    compare_and_swap(store, VM_SEQ_KEY, 64, |value| {
+        let prev = value
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map_or(0, u64::from_le_bytes);
+        let next = prev.wrapping_add(1);
+        Some(Change::Write(next.to_le_bytes().to_vec(), next))
+    })
+    .unwrap_or(0)
 }
 
 /// Outcome of taking a slot.

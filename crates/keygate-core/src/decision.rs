@@ -90,18 +90,30 @@ pub enum Decision {
     Deny(Reason),
 }
 
+/// Where the decision reads the client address (in the filter, a host call through
+/// [`crate::gate::Host`]): asked at most once, and only when an allowlist applies (reading it is
+/// a host call the common case should not pay). Any `FnMut() -> Option<IpAddr>` is one.
+pub trait ClientAddress {
+    fn client_ip(&mut self) -> Option<IpAddr>;
+}
+
+impl<F: FnMut() -> Option<IpAddr>> ClientAddress for F {
+    fn client_ip(&mut self) -> Option<IpAddr> {
+        self()
+    }
+}
+
 /// Compared against when the SID is unknown, so that path costs what a wrong secret costs.
 const DUMMY_DIGEST: Digest32 = [0u8; 32];
 
-/// Decides one request against a static config. `client_ip` is called at most once, and only
-/// when an allowlist applies (reading it is a host call the common case should not pay).
+/// Decides one request against a static config (a test convenience over [`decide_in`]).
 pub fn decide(
     cfg: &CompiledConfig,
     req: &RequestHead<'_>,
     now_unix: u64,
-    client_ip: &mut dyn FnMut() -> Option<IpAddr>,
+    client: &mut dyn ClientAddress,
 ) -> Decision {
-    decide_in(&cfg.catalog, &cfg.directory, req, now_unix, client_ip)
+    decide_in(&cfg.catalog, &cfg.directory, req, now_unix, client)
 }
 
 /// Decides one request with principals looked up in `dir`.
@@ -110,9 +122,9 @@ pub fn decide_in(
     dir: &dyn Directory,
     req: &RequestHead<'_>,
     now_unix: u64,
-    client_ip: &mut dyn FnMut() -> Option<IpAddr>,
+    client: &mut dyn ClientAddress,
 ) -> Decision {
-    match decide_inner(cat, dir, req, now_unix, client_ip) {
+    match decide_inner(cat, dir, req, now_unix, client) {
         Ok(allow) => Decision::Allow(allow),
         Err(reason) => Decision::Deny(reason),
     }
@@ -123,7 +135,7 @@ fn decide_inner(
     dir: &dyn Directory,
     req: &RequestHead<'_>,
     now: u64,
-    client_ip: &mut dyn FnMut() -> Option<IpAddr>,
+    client: &mut dyn ClientAddress,
 ) -> Result<Allow, Reason> {
     if cat.cors_preflight == CorsPreflight::Allow
         && req.method == b"OPTIONS"
@@ -155,7 +167,7 @@ fn decide_inner(
 
     let key_list = key.as_ref().and_then(|k| k.allowed_ips.as_ref());
     if key_list.is_some() || account.allowed_ips.is_some() {
-        let ip = client_ip().ok_or(Reason::IpNotAllowed)?;
+        let ip = client.client_ip().ok_or(Reason::IpNotAllowed)?;
         let admitted = key_list.is_none_or(|l| l.contains(ip))
             && account.allowed_ips.as_ref().is_none_or(|l| l.contains(ip));
         if !admitted {

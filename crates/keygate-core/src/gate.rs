@@ -26,6 +26,8 @@
 //! (every VM of the process shares the buckets, so they share the key):
 //! [`shared_failed_auth_key`] stores it once under [`FAILED_AUTH_KEY`].
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -33,7 +35,7 @@ use siphasher::sip128::SipHasher24;
 
 use crate::compile::{Catalog, CompiledConfig, Directory, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
-use crate::decision::{decide_in, denied_after_authentication, Allow, Decision};
+use crate::decision::{decide_in, denied_after_authentication, Allow, ClientAddress, Decision};
 use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::ratelimit::{Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota};
 use crate::reason::Reason;
@@ -102,9 +104,101 @@ pub fn shared_failed_auth_key(
 }
 
 /// A slot held for the request's lifetime; give it back with [`release`] when the stream ends.
+/// It carries what giving it back needs, so the stream's end needs no config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InflightTicket {
     pub store_key: String,
+    /// The compare-and-swap tries of the config that took the slot.
+    pub max_cas_retries: u32,
+}
+
+/// The concurrency slots this VM holds, counted by account: whose leases its heartbeat
+/// refreshes ([`HeldSlots::heartbeat`]).
+#[derive(Debug, Default)]
+pub struct HeldSlots(RefCell<HashMap<String, u32>>);
+
+impl HeldSlots {
+    /// Counts a slot an allowed request took.
+    pub fn hold(&self, ticket: &InflightTicket) {
+        *self
+            .0
+            .borrow_mut()
+            .entry(ticket.store_key.clone())
+            .or_insert(0) += 1;
+    }
+
+    /// Gives the slot back when the request's stream ends, however it ends.
+    pub fn release(&self, ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
+        release(ticket, host, counters);
+        if let Some(n) = self.0.borrow_mut().get_mut(&ticket.store_key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Refreshes this VM's lease on every account with requests in flight here;
+    /// `max_cas_retries` is asked only if there is one.
+    pub fn heartbeat(
+        &self,
+        max_cas_retries: &mut dyn FnMut() -> u32,
+        host: &dyn Host,
+        counters: &mut Counters,
+    ) {
+        let held: Vec<String> = (self.0.borrow().iter())
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let retries = max_cas_retries();
+        for key in held {
+            heartbeat(retries, &key, host, counters);
+        }
+    }
+}
+
+/// What a request is judged against: a catalogue and where its principals are looked up. A
+/// static config ([`CompiledConfig`]), the published version in force ([`crate::view::View`]),
+/// or the two held apart ([`Parts`]).
+pub trait InForce {
+    fn catalog(&self) -> &Catalog;
+    fn directory(&self) -> &dyn Directory;
+}
+
+impl InForce for CompiledConfig {
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn directory(&self) -> &dyn Directory {
+        &self.directory
+    }
+}
+
+/// A catalogue and a directory held apart (the control plane's door reads principals from its
+/// database).
+pub struct Parts<'a> {
+    pub catalog: &'a Catalog,
+    pub directory: &'a dyn Directory,
+}
+
+impl InForce for Parts<'_> {
+    fn catalog(&self) -> &Catalog {
+        self.catalog
+    }
+
+    fn directory(&self) -> &dyn Directory {
+        self.directory
+    }
+}
+
+/// The host as the decision's source of the client address.
+struct ViaHost<'h>(&'h dyn Host);
+
+impl ClientAddress for ViaHost<'_> {
+    fn client_ip(&mut self) -> Option<IpAddr> {
+        self.0.client_ip()
+    }
 }
 
 /// A denial with what the reply needs beyond the reason.
@@ -309,24 +403,15 @@ fn check(store_key: String, slot: u32, limit: LimitRate, kind: LimitKind) -> Che
     }
 }
 
-/// Runs the whole gate for one request against a static config.
+/// Runs the whole gate for one request against the config in force, static or published: the
+/// one entry point (the edge's filter and the control plane's door). The clock is read once.
 pub fn evaluate(
-    cfg: &CompiledConfig,
+    config: &dyn InForce,
     head: &RequestHead<'_>,
     host: &dyn Host,
     stats: &mut GateStats,
 ) -> Verdict {
-    evaluate_in(&cfg.catalog, &cfg.directory, head, host, stats)
-}
-
-/// Runs the whole gate for one request, looking principals up in `dir`.
-pub fn evaluate_in(
-    cat: &Catalog,
-    dir: &dyn Directory,
-    head: &RequestHead<'_>,
-    host: &dyn Host,
-    stats: &mut GateStats,
-) -> Verdict {
+    let (cat, dir) = (config.catalog(), config.directory());
     let now_us = host.now_us();
     let limiter = Limiter {
         store: host.store(),
@@ -371,7 +456,7 @@ pub fn evaluate_in(
     }
 
     // 2. Authentication and authorization.
-    let decision = decide_in(cat, dir, head, now_us / 1_000_000, &mut || host.client_ip());
+    let decision = decide_in(cat, dir, head, now_us / 1_000_000, &mut ViaHost(host));
     let allow = match decision {
         Decision::Deny(reason) => {
             if reason == Reason::InvalidCredentials {
@@ -480,7 +565,12 @@ pub fn evaluate_in(
             vm_id: host.vm_id(),
         };
         match slots.acquire(&store_key, limit, now_us / 1_000_000, &mut stats.counters) {
-            Acquire::Acquired => inflight = Some(InflightTicket { store_key }),
+            Acquire::Acquired => {
+                inflight = Some(InflightTicket {
+                    store_key,
+                    max_cas_retries: cat.limits.max_cas_retries,
+                })
+            }
             Acquire::Refused => {
                 limiter.give_back(&checks, &taken, now_us, &mut stats.counters);
                 return Verdict::Deny(Denial {
@@ -509,15 +599,10 @@ pub fn evaluate_in(
 }
 
 /// Gives back a concurrency slot when the request's stream ends, however it ends.
-pub fn release(
-    cfg_max_retries: u32,
-    ticket: &InflightTicket,
-    host: &dyn Host,
-    counters: &mut Counters,
-) {
+pub fn release(ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
     let slots = Inflight {
         store: host.store(),
-        max_retries: cfg_max_retries,
+        max_retries: ticket.max_cas_retries,
         lease_s: INFLIGHT_LEASE_S,
         vm_id: host.vm_id(),
     };

@@ -133,6 +133,28 @@ pub fn forwarded_headers<'a>(
     out
 }
 
+/// The names among `pairs` (a request's headers or trailers) that keygate removes: client copies
+/// of the identity headers `names`, their `_` look-alikes and, unless `keep_authorization`,
+/// `Authorization`. Each name once, in order of first appearance.
+pub fn client_copies<'a>(
+    pairs: &[(&'a [u8], &'a [u8])],
+    names: &[Box<str>; 4],
+    keep_authorization: bool,
+) -> Vec<&'a [u8]> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for &(name, _) in pairs {
+        let identity = names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            || is_identity_lookalike(name, names);
+        let auth = !keep_authorization && name.eq_ignore_ascii_case(b"authorization");
+        if (identity || auth) && !out.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// Serializes pairs in proxy-wasm's map format (used by tests and fakes of the host).
 pub fn serialize_header_map(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -288,5 +310,25 @@ mod tests {
         );
         assert!(!is_identity_lookalike(b"x_keygate_key_sid_", &names));
         assert!(!is_identity_lookalike(b"x_keygate_key", &names));
+    }
+
+    #[test]
+    fn client_copies_name_identity_headers_lookalikes_and_authorization_once() {
+        let names: [Box<str>; 4] = [
+            "x-keygate-account-sid".into(),
+            "x-keygate-key-sid".into(),
+            "x-keygate-role".into(),
+            "x-keygate-api".into(),
+        ];
+        let pairs: [(&[u8], &[u8]); 5] = [
+            (b"X-Keygate-Role", b"main"),
+            (b"x_keygate_key_sid", b"SK1"),
+            (b"authorization", b"Basic x"),
+            (b"x-keygate-role", b"admin"),
+            (b"accept", b"*/*"),
+        ];
+        let all: [&[u8]; 3] = [b"X-Keygate-Role", b"x_keygate_key_sid", b"authorization"];
+        assert_eq!(client_copies(&pairs, &names, false), all);
+        assert_eq!(client_copies(&pairs, &names, true), all[..2]);
     }
 }

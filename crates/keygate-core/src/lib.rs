@@ -20,6 +20,7 @@ pub mod headers;
 pub mod ip;
 pub mod path;
 pub mod plugin;
+pub mod poller;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod props;
@@ -28,6 +29,7 @@ pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;
 pub mod store;
+pub mod view;
 
 pub use compile::{compile, Catalog, CompiledConfig, ConfigError, Directory};
 pub use decision::{decide, decide_in, Allow, Decision, Identity, PrincipalKind};

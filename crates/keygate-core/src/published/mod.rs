@@ -54,7 +54,7 @@
 mod layout;
 mod read;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod update;
 
 pub use layout::{Head, MAX_BUCKET_BITS, MIN_BUCKET_BITS};

@@ -36,7 +36,7 @@ fn doc(version: u64, keys: &[(&str, &str)]) -> Vec<u8> {
     .unwrap()
 }
 
-fn judge(
+pub(crate) fn judge(
     store: &dyn SharedStore,
     cache: &RefCell<RecordCache>,
     auth: &[u8],
@@ -61,7 +61,7 @@ fn judge(
     }
 }
 
-fn basic(user: &str, secret: &str) -> Vec<u8> {
+pub(crate) fn basic(user: &str, secret: &str) -> Vec<u8> {
     use base64::Engine as _;
     format!(
         "Basic {}",
@@ -78,9 +78,9 @@ enum Rec {
 
 /// A control plane in miniature: every SID with the version it last changed at and its
 /// state (`None` once deleted), served as change-feed pages like `/v1/edge/changes`.
-struct Model {
-    version: u64,
-    apis: Vec<ApiDoc>,
+pub(crate) struct Model {
+    pub(crate) version: u64,
+    pub(crate) apis: Vec<ApiDoc>,
     rows: BTreeMap<String, (u64, Option<Rec>)>,
     /// Pages whose follow-up request was asked for before the page was checked (as the
     /// poller does) and turned out to be the right one.
@@ -88,7 +88,7 @@ struct Model {
 }
 
 impl Model {
-    fn new() -> Model {
+    pub(crate) fn new() -> Model {
         let mut m = Model {
             version: 1,
             apis: serde_json::from_value(serde_json::json!([{"name": "calls", "methods": ["GET"], "paths": ["/v2/accounts/{account_sid}/calls"]}])).unwrap(),
@@ -98,7 +98,7 @@ impl Model {
         m.put_account("AC1");
         m
     }
-    fn put_account(&mut self, sid: &str) {
+    pub(crate) fn put_account(&mut self, sid: &str) {
         self.version += 1;
         let a = AccountDoc {
             sid: sid.into(),
@@ -110,18 +110,18 @@ impl Model {
         self.rows
             .insert(sid.into(), (self.version, Some(Rec::Account(a))));
     }
-    fn put_key(&mut self, sid: &str, secret: &str) {
+    pub(crate) fn put_key(&mut self, sid: &str, secret: &str) {
         self.version += 1;
         self.rows.insert(
             sid.into(),
             (self.version, Some(Rec::Key(key_doc(sid, secret)))),
         );
     }
-    fn delete(&mut self, sid: &str) {
+    pub(crate) fn delete(&mut self, sid: &str) {
         self.version += 1;
         self.rows.insert(sid.into(), (self.version, None));
     }
-    fn page(&self, since: u64, after: &str, limit: usize) -> ChangesPage {
+    pub(crate) fn page(&self, since: u64, after: &str, limit: usize) -> ChangesPage {
         let mut p = ChangesPage {
             schema: CHANGES_SCHEMA_V1.into(),
             version: self.version,
