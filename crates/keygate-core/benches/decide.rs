@@ -8,7 +8,8 @@
 //! - `decide`: `keygate_core::decide` (Basic/Bearer parsing, path canonicalisation, SHA-256,
 //!   lookups, allowlist, route match, permissions) at 1k and 100k keys, and a wrong secret;
 //! - `gate`: the whole `gate::evaluate` (decide + every rate limit + concurrency slot) against
-//!   the in-memory fake of Envoy shared data, then the slot's release;
+//!   the core's fake host (`testing::FakeHost`: the in-memory fake of Envoy shared data), then
+//!   the slot's release;
 //! - `headers`: splitting proxy-wasm's serialized header map into a `RequestHead`;
 //! - `compile`: the config compile step at 1k keys.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -18,14 +19,12 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use keygate_core::digest::Digester;
-use keygate_core::gate::{self, FailedAuthKey, GateStats, Host, Verdict};
-use keygate_core::headers::parse_header_map;
+use keygate_core::gate::{self, FailedAuthKey, GateStats, Verdict};
+use keygate_core::headers::{parse_header_map, serialize_header_map};
 use keygate_core::ratelimit::Counters;
-use keygate_core::store::testing::FakeStore;
-use keygate_core::store::SharedStore;
+use keygate_core::testing::{self, FakeHost};
 use keygate_core::{compile, decide, CompiledConfig, Decision, RequestHead};
 
 const HUGE: &str = r#"{"requests":1000000000,"per":"1h"}"#;
@@ -100,13 +99,9 @@ fn config_json(n: usize) -> String {
     s
 }
 
+/// `Authorization: Basic` for key `i`.
 fn basic(i: usize, secret: &str) -> Vec<u8> {
-    let raw = format!("{}:{secret}", key_sid(i));
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(raw)
-    )
-    .into_bytes()
+    testing::basic(&key_sid(i), secret)
 }
 
 fn path() -> Vec<u8> {
@@ -124,23 +119,6 @@ fn pairs<'a>(path: &'a [u8], auth: &'a [u8]) -> Vec<(&'a [u8], &'a [u8])> {
         (b"x-forwarded-proto", b"http"),
         (b"x-request-id", b"c5faed7d-5c11-44b7-8d1c-0c19ad4e9614"),
     ]
-}
-
-/// proxy-wasm's serialized header map, as the host hands it over.
-fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (n, v) in pairs {
-        out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (n, v) in pairs {
-        out.extend_from_slice(n);
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
-    out
 }
 
 fn now_unix() -> u64 {
@@ -198,32 +176,15 @@ fn bench_decide(c: &mut Criterion) {
     group.finish();
 }
 
-struct BenchHost {
-    store: FakeStore,
-}
-
-impl Host for BenchHost {
-    fn now_us(&self) -> u64 {
-        u64::try_from(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_micros(),
-        )
-        .unwrap()
-    }
-    fn client_ip(&self) -> Option<IpAddr> {
-        Some(LOOPBACK)
-    }
-    fn store(&self) -> &dyn SharedStore {
-        &self.store
-    }
-    fn vm_id(&self) -> u64 {
-        1
-    }
-    fn failed_auth_key(&self) -> Option<FailedAuthKey> {
-        Some(FailedAuthKey::from_bytes([7; 16]))
-    }
+/// Microseconds since the Unix epoch, now.
+fn now_us() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap()
 }
 
 fn bench_gate(c: &mut Criterion) {
@@ -233,11 +194,13 @@ fn bench_gate(c: &mut Criterion) {
     let auth = basic(0, &secret(0));
     let p = pairs(&path, &auth);
     let head = RequestHead::from_pairs(&p);
-    let host = BenchHost {
-        store: FakeStore::new(),
-    };
+    // The wall clock, read at every request as the filter does; a fixed key (no store read).
+    let host = FakeHost::new()
+        .with_client_ip(Some(LOOPBACK))
+        .with_failed_auth_key(FailedAuthKey::from_bytes([7; 16]));
     group.bench_function("evaluate_full_pipeline/1000", |b| {
         b.iter(|| {
+            host.now_us.set(now_us());
             let mut stats = GateStats::default();
             let verdict = gate::evaluate(&cfg, black_box(&head), &host, &mut stats);
             match verdict {
@@ -255,7 +218,7 @@ fn bench_gate(c: &mut Criterion) {
 fn bench_headers(c: &mut Criterion) {
     let path = path();
     let auth = basic(0, &secret(0));
-    let raw = serialize(&pairs(&path, &auth));
+    let raw = serialize_header_map(&pairs(&path, &auth));
     c.bench_function("headers/parse_header_map+from_pairs", |b| {
         b.iter(|| {
             let p = parse_header_map(black_box(&raw)).unwrap_or_default();

@@ -29,6 +29,8 @@ pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod view;
 
 pub use compile::{compile, Catalog, CompiledConfig, ConfigError, Directory};

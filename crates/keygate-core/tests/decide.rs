@@ -16,9 +16,9 @@
 
 use std::net::IpAddr;
 
-use base64::Engine as _;
 use keygate_core::config::{CorsPreflight, UnknownRoutes};
 use keygate_core::headers::{AuthorizationHeader, RequestHead};
+use keygate_core::testing::basic;
 use keygate_core::{
     compile::compile_doc, decide, CompiledConfig, Decision, Identity, PrincipalKind, Reason,
 };
@@ -30,14 +30,6 @@ use common::{fixture_doc, T0};
 
 fn fixture() -> CompiledConfig {
     compile_doc(&fixture_doc()).unwrap()
-}
-
-fn basic(user: &str, secret: &str) -> Vec<u8> {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
-    )
-    .into_bytes()
 }
 
 fn bearer(token: &str) -> Vec<u8> {
@@ -57,6 +49,49 @@ struct Case<'a> {
     want: Result<Expect<'a>, Reason>,
 }
 
+/// A case at `T0 - 100` from an unknown client address.
+fn case<'a>(
+    name: &'a str,
+    method: &'a str,
+    path: &'a str,
+    auth: impl Into<Option<Vec<u8>>>,
+    want: Result<Expect<'a>, Reason>,
+) -> Case<'a> {
+    Case {
+        name,
+        method,
+        path,
+        auth: auth.into(),
+        ip: None,
+        now: T0 - 100,
+        want,
+    }
+}
+
+impl<'a> Case<'a> {
+    /// From client address `ip`.
+    fn client(mut self, ip: &'a str) -> Case<'a> {
+        self.ip = Some(ip);
+        self
+    }
+
+    /// At `now` (Unix seconds).
+    fn at(mut self, now: u64) -> Case<'a> {
+        self.now = now;
+        self
+    }
+}
+
+/// Allowed as (account SID, key SID, role, API).
+fn ok<'a>(
+    acct: &'a str,
+    key: Option<&'a str>,
+    role: &'a str,
+    api: Option<&'a str>,
+) -> Result<Expect<'a>, Reason> {
+    Ok((acct, key, role, api))
+}
+
 fn run(cfg: &CompiledConfig, c: &Case<'_>) -> Decision {
     let head = RequestHead {
         method: c.method.as_bytes(),
@@ -71,385 +106,68 @@ fn run(cfg: &CompiledConfig, c: &Case<'_>) -> Decision {
     decide(cfg, &head, c.now, &mut || ip)
 }
 
+/// The decision table: name, method, path, `Authorization`, outcome, then the client address
+/// and the time where they matter.
+#[rustfmt::skip]
+fn decision_cases() -> Vec<Case<'static>> {
+    use Reason::*;
+    let calls = "/v2/accounts/AC1/calls";
+    let (ac2_calls, ac3_calls) = ("/v2/accounts/AC2/calls", "/v2/accounts/AC3/calls");
+    let keys = "/2010-04-01/Accounts/AC1/Keys.json";
+    let main = || basic("SKmain", "sk_live_main");
+    let ip_key = || basic("SKip", "sk_live_ip");
+    let ac3_key = || basic("SKac3", "sk_live_ac3");
+    let main_calls = || ok("AC1", Some("SKmain"), "main", Some("calls"));
+    let std_calls = |acct, key| ok(acct, Some(key), "standard", Some("calls"));
+    vec![
+        case("main key via Basic", "GET", calls, main(), main_calls()),
+        case("main key via Bearer", "POST", "/v2/accounts/AC1/calls/CA9", bearer("sk_live_main"), main_calls()),
+        case("query string ignored", "GET", "/v2/accounts/AC1/calls?limit=1", main(), main_calls()),
+        case("account credentials are main-level", "DELETE", "/2010-04-01/Accounts/AC1/Keys/SKstd.json", basic("AC1", "tok_ac1"), ok("AC1", None, "account", Some("keys"))),
+        case("main key may manage keys", "POST", keys, main(), ok("AC1", Some("SKmain"), "main", Some("keys"))),
+        case("standard key may not manage keys", "POST", keys, ac3_key(), Err(AccountMismatch)).client("10.1.1.1"),
+        case("standard key on management API", "GET", keys, basic("SKrot", "sk_live_new"), Err(PermissionDenied)),
+        case("key restricted to calls", "GET", calls, basic("SKstd", "sk_live_std"), std_calls("AC1", "SKstd")),
+        case("key restricted to calls, messages", "GET", "/2010-04-01/Accounts/AC1/Messages.json", basic("SKstd", "sk_live_std"), Err(PermissionDenied)),
+        case("publishable key, publishable API", "GET", "/api/account/balance", bearer("pk_live_pub"), ok("AC1", Some("SKpub"), "publishable", Some("balance"))),
+        case("publishable key, secret API", "GET", calls, bearer("pk_live_pub"), Err(PermissionDenied)),
+        case("wrong account SID in path", "GET", ac2_calls, main(), Err(AccountMismatch)),
+        case("unknown route", "GET", "/v3/other", main(), Err(UnknownRoute)),
+        case("method not in API", "PUT", calls, main(), Err(UnknownRoute)),
+        case("missing credentials", "GET", calls, None, Err(MissingCredentials)),
+        case("unknown key", "GET", calls, basic("SKnope", "sk_live_main"), Err(InvalidCredentials)),
+        case("wrong secret", "GET", calls, basic("SKmain", "sk_live_mainX"), Err(InvalidCredentials)),
+        case("another key's secret", "GET", calls, basic("SKmain", "sk_live_std"), Err(InvalidCredentials)),
+        case("unknown bearer", "GET", calls, bearer("sk_live_nope"), Err(InvalidCredentials)),
+        case("auth token as bearer", "GET", calls, bearer("tok_ac1"), Err(InvalidCredentials)),
+        case("disabled key", "GET", calls, basic("SKoff", "sk_live_off"), Err(InvalidCredentials)),
+        case("key before expiry", "GET", calls, basic("SKexp", "sk_live_exp"), std_calls("AC1", "SKexp")).at(T0),
+        case("key after expiry", "GET", calls, basic("SKexp", "sk_live_exp"), Err(InvalidCredentials)).at(T0 + 1),
+        case("rotated: old secret in grace", "GET", calls, basic("SKrot", "sk_live_old"), std_calls("AC1", "SKrot")).at(T0),
+        case("rotated: old secret after grace", "GET", calls, basic("SKrot", "sk_live_old"), Err(InvalidCredentials)).at(T0 + 1),
+        case("rotated: old secret as bearer after grace", "GET", calls, bearer("sk_live_old"), Err(InvalidCredentials)).at(T0 + 1),
+        case("rotated: new secret after grace", "GET", calls, basic("SKrot", "sk_live_new"), std_calls("AC1", "SKrot")).at(T0 + 1),
+        case("suspended account", "GET", ac2_calls, basic("SKsusp", "sk_live_susp"), Err(AccountSuspended)),
+        case("suspended account, wrong secret is still 401", "GET", ac2_calls, basic("SKsusp", "x"), Err(InvalidCredentials)),
+        case("key allowlist, inside", "GET", calls, ip_key(), std_calls("AC1", "SKip")).client("192.0.2.9"),
+        case("key allowlist, mapped IPv4 inside", "GET", calls, ip_key(), std_calls("AC1", "SKip")).client("::ffff:192.0.2.9"),
+        case("key allowlist, IPv6 inside", "GET", calls, ip_key(), std_calls("AC1", "SKip")).client("2001:db8::5"),
+        case("key allowlist, outside", "GET", calls, ip_key(), Err(IpNotAllowed)).client("127.0.0.1"),
+        case("key allowlist, address unknown", "GET", calls, ip_key(), Err(IpNotAllowed)),
+        case("account allowlist, inside", "GET", ac3_calls, ac3_key(), std_calls("AC3", "SKac3")).client("10.2.3.4"),
+        case("account allowlist, outside", "GET", ac3_calls, ac3_key(), Err(IpNotAllowed)).client("11.2.3.4"),
+        case("dot segments refused", "GET", "/v2/accounts/AC1/calls/../../AC2/calls", main(), Err(MalformedPath)),
+        case("encoded slash refused", "GET", "/v2/accounts/AC1%2Fcalls", main(), Err(MalformedPath)),
+        case("malformed credentials", "GET", calls, b"Basic !!!".to_vec(), Err(MalformedCredentials)),
+        case("unsupported scheme", "GET", calls, b"Digest abc".to_vec(), Err(UnsupportedScheme)),
+        case("percent-encoded unreserved matches", "GET", "/v2/%61ccounts/AC1/calls", main(), main_calls()),
+    ]
+}
+
 #[test]
 fn decision_table() {
     let cfg = fixture();
-    let now = T0 - 100;
-    let ok = |acct: &'static str,
-              key: Option<&'static str>,
-              role: &'static str,
-              api: Option<&'static str>| Ok((acct, key, role, api));
-    let cases = vec![
-        Case {
-            name: "main key via Basic",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKmain"), "main", Some("calls")),
-        },
-        Case {
-            name: "main key via Bearer",
-            method: "POST",
-            path: "/v2/accounts/AC1/calls/CA9",
-            auth: Some(bearer("sk_live_main")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKmain"), "main", Some("calls")),
-        },
-        Case {
-            name: "query string ignored",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls?limit=1",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKmain"), "main", Some("calls")),
-        },
-        Case {
-            name: "account credentials are main-level",
-            method: "DELETE",
-            path: "/2010-04-01/Accounts/AC1/Keys/SKstd.json",
-            auth: Some(basic("AC1", "tok_ac1")),
-            ip: None,
-            now,
-            want: ok("AC1", None, "account", Some("keys")),
-        },
-        Case {
-            name: "main key may manage keys",
-            method: "POST",
-            path: "/2010-04-01/Accounts/AC1/Keys.json",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKmain"), "main", Some("keys")),
-        },
-        Case {
-            name: "standard key may not manage keys",
-            method: "POST",
-            path: "/2010-04-01/Accounts/AC1/Keys.json",
-            auth: Some(basic("SKac3", "sk_live_ac3")),
-            ip: Some("10.1.1.1"),
-            now,
-            want: Err(Reason::AccountMismatch),
-        },
-        Case {
-            name: "standard key on management API",
-            method: "GET",
-            path: "/2010-04-01/Accounts/AC1/Keys.json",
-            auth: Some(basic("SKrot", "sk_live_new")),
-            ip: None,
-            now,
-            want: Err(Reason::PermissionDenied),
-        },
-        Case {
-            name: "key restricted to calls",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKstd", "sk_live_std")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKstd"), "standard", Some("calls")),
-        },
-        Case {
-            name: "key restricted to calls, messages",
-            method: "GET",
-            path: "/2010-04-01/Accounts/AC1/Messages.json",
-            auth: Some(basic("SKstd", "sk_live_std")),
-            ip: None,
-            now,
-            want: Err(Reason::PermissionDenied),
-        },
-        Case {
-            name: "publishable key, publishable API",
-            method: "GET",
-            path: "/api/account/balance",
-            auth: Some(bearer("pk_live_pub")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKpub"), "publishable", Some("balance")),
-        },
-        Case {
-            name: "publishable key, secret API",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(bearer("pk_live_pub")),
-            ip: None,
-            now,
-            want: Err(Reason::PermissionDenied),
-        },
-        Case {
-            name: "wrong account SID in path",
-            method: "GET",
-            path: "/v2/accounts/AC2/calls",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: Err(Reason::AccountMismatch),
-        },
-        Case {
-            name: "unknown route",
-            method: "GET",
-            path: "/v3/other",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: Err(Reason::UnknownRoute),
-        },
-        Case {
-            name: "method not in API",
-            method: "PUT",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: Err(Reason::UnknownRoute),
-        },
-        Case {
-            name: "missing credentials",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: None,
-            ip: None,
-            now,
-            want: Err(Reason::MissingCredentials),
-        },
-        Case {
-            name: "unknown key",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKnope", "sk_live_main")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "wrong secret",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKmain", "sk_live_mainX")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "another key's secret",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKmain", "sk_live_std")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "unknown bearer",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(bearer("sk_live_nope")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "auth token as bearer",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(bearer("tok_ac1")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "disabled key",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKoff", "sk_live_off")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "key before expiry",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKexp", "sk_live_exp")),
-            ip: None,
-            now: T0,
-            want: ok("AC1", Some("SKexp"), "standard", Some("calls")),
-        },
-        Case {
-            name: "key after expiry",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKexp", "sk_live_exp")),
-            ip: None,
-            now: T0 + 1,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "rotated: old secret in grace",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKrot", "sk_live_old")),
-            ip: None,
-            now: T0,
-            want: ok("AC1", Some("SKrot"), "standard", Some("calls")),
-        },
-        Case {
-            name: "rotated: old secret after grace",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKrot", "sk_live_old")),
-            ip: None,
-            now: T0 + 1,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "rotated: old secret as bearer after grace",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(bearer("sk_live_old")),
-            ip: None,
-            now: T0 + 1,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "rotated: new secret after grace",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKrot", "sk_live_new")),
-            ip: None,
-            now: T0 + 1,
-            want: ok("AC1", Some("SKrot"), "standard", Some("calls")),
-        },
-        Case {
-            name: "suspended account",
-            method: "GET",
-            path: "/v2/accounts/AC2/calls",
-            auth: Some(basic("SKsusp", "sk_live_susp")),
-            ip: None,
-            now,
-            want: Err(Reason::AccountSuspended),
-        },
-        Case {
-            name: "suspended account, wrong secret is still 401",
-            method: "GET",
-            path: "/v2/accounts/AC2/calls",
-            auth: Some(basic("SKsusp", "x")),
-            ip: None,
-            now,
-            want: Err(Reason::InvalidCredentials),
-        },
-        Case {
-            name: "key allowlist, inside",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKip", "sk_live_ip")),
-            ip: Some("192.0.2.9"),
-            now,
-            want: ok("AC1", Some("SKip"), "standard", Some("calls")),
-        },
-        Case {
-            name: "key allowlist, mapped IPv4 inside",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKip", "sk_live_ip")),
-            ip: Some("::ffff:192.0.2.9"),
-            now,
-            want: ok("AC1", Some("SKip"), "standard", Some("calls")),
-        },
-        Case {
-            name: "key allowlist, IPv6 inside",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKip", "sk_live_ip")),
-            ip: Some("2001:db8::5"),
-            now,
-            want: ok("AC1", Some("SKip"), "standard", Some("calls")),
-        },
-        Case {
-            name: "key allowlist, outside",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKip", "sk_live_ip")),
-            ip: Some("127.0.0.1"),
-            now,
-            want: Err(Reason::IpNotAllowed),
-        },
-        Case {
-            name: "key allowlist, address unknown",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(basic("SKip", "sk_live_ip")),
-            ip: None,
-            now,
-            want: Err(Reason::IpNotAllowed),
-        },
-        Case {
-            name: "account allowlist, inside",
-            method: "GET",
-            path: "/v2/accounts/AC3/calls",
-            auth: Some(basic("SKac3", "sk_live_ac3")),
-            ip: Some("10.2.3.4"),
-            now,
-            want: ok("AC3", Some("SKac3"), "standard", Some("calls")),
-        },
-        Case {
-            name: "account allowlist, outside",
-            method: "GET",
-            path: "/v2/accounts/AC3/calls",
-            auth: Some(basic("SKac3", "sk_live_ac3")),
-            ip: Some("11.2.3.4"),
-            now,
-            want: Err(Reason::IpNotAllowed),
-        },
-        Case {
-            name: "dot segments refused",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls/../../AC2/calls",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: Err(Reason::MalformedPath),
-        },
-        Case {
-            name: "encoded slash refused",
-            method: "GET",
-            path: "/v2/accounts/AC1%2Fcalls",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: Err(Reason::MalformedPath),
-        },
-        Case {
-            name: "malformed credentials",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(b"Basic !!!".to_vec()),
-            ip: None,
-            now,
-            want: Err(Reason::MalformedCredentials),
-        },
-        Case {
-            name: "unsupported scheme",
-            method: "GET",
-            path: "/v2/accounts/AC1/calls",
-            auth: Some(b"Digest abc".to_vec()),
-            ip: None,
-            now,
-            want: Err(Reason::UnsupportedScheme),
-        },
-        Case {
-            name: "percent-encoded unreserved matches",
-            method: "GET",
-            path: "/v2/%61ccounts/AC1/calls",
-            auth: Some(basic("SKmain", "sk_live_main")),
-            ip: None,
-            now,
-            want: ok("AC1", Some("SKmain"), "main", Some("calls")),
-        },
-    ];
+    let cases = decision_cases();
     for c in &cases {
         let got = match run(&cfg, c) {
             Decision::Allow(a) => {

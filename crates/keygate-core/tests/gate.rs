@@ -2,20 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::cell::Cell;
 use std::net::IpAddr;
 
-use base64::Engine as _;
 use keygate_core::compile::compile_doc;
 use keygate_core::config::*;
 use keygate_core::gate::{
     evaluate, failed_auth_buckets, failed_auth_precheck, release, shared_failed_auth_key,
-    FailedAuthKey, GateStats, Host, Verdict,
+    FailedAuthKey, GateStats, Verdict,
 };
 use keygate_core::headers::{AuthorizationHeader, RequestHead};
 use keygate_core::ratelimit::{Counters, LimitKind};
-use keygate_core::store::testing::FakeStore;
-use keygate_core::store::{SharedStore, FAILED_AUTH_KEY};
+use keygate_core::store::FAILED_AUTH_KEY;
+use keygate_core::testing::{basic, key_bytes, FakeHost, FakeStore};
 use keygate_core::{CompiledConfig, Reason};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -23,82 +21,12 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 mod common;
 use common::{fixture_doc, T0};
 
-struct FakeHost {
-    store: FakeStore,
-    now_us: Cell<u64>,
-    ip: Cell<Option<IpAddr>>,
-    vm_id: u64,
-    /// What this host's random source gives for the failed-auth key (`None`: it fails).
-    random: Cell<Option<[u8; 16]>>,
-}
-
-impl FakeHost {
-    fn new() -> FakeHost {
-        FakeHost::with_key_seed(1)
-    }
-
-    /// A host whose failed-auth key is drawn from a generator seeded with `seed`.
-    fn with_key_seed(seed: u64) -> FakeHost {
-        FakeHost {
-            store: FakeStore::new(),
-            now_us: Cell::new(T0 * 1_000_000),
-            ip: Cell::new("203.0.113.9".parse().ok()),
-            vm_id: 1,
-            random: Cell::new(Some(key_bytes(seed))),
-        }
-    }
-}
-
-/// SplitMix64: a fixed, seedable stand-in for a random source.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn key_bytes(seed: u64) -> [u8; 16] {
-    let mut state = seed;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&splitmix(&mut state).to_le_bytes());
-    b[8..].copy_from_slice(&splitmix(&mut state).to_le_bytes());
-    b
-}
-
-impl Host for FakeHost {
-    fn now_us(&self) -> u64 {
-        self.now_us.get()
-    }
-    fn client_ip(&self) -> Option<IpAddr> {
-        self.ip.get()
-    }
-    fn store(&self) -> &dyn SharedStore {
-        &self.store
-    }
-    fn vm_id(&self) -> u64 {
-        self.vm_id
-    }
-    // As the filter does: the process's key from the shared store, created on first use.
-    fn failed_auth_key(&self) -> Option<FailedAuthKey> {
-        shared_failed_auth_key(&self.store, &mut || self.random.get())
-    }
-}
-
 fn rate(requests: u32, per: &str) -> RateDoc {
     RateDoc {
         requests,
         per: per.into(),
         shadow: false,
     }
-}
-
-fn basic(user: &str, secret: &str) -> Vec<u8> {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
-    )
-    .into_bytes()
 }
 
 fn run(cfg: &CompiledConfig, host: &FakeHost, auth: &[u8], path: &str) -> (Verdict, GateStats) {
@@ -429,11 +357,11 @@ fn an_attacker_who_finds_a_victims_buckets_offline_has_the_wrong_key() {
     };
     let real_seed = 77;
     assert_eq!(
-        attack(real_seed, &FakeHost::with_key_seed(real_seed)),
+        attack(real_seed, &FakeHost::new().with_key_seed(real_seed)),
         Err(Reason::TooManyFailedAuth)
     );
     let locked = (1000..1020)
-        .filter(|&guess| attack(guess, &FakeHost::with_key_seed(real_seed)).is_err())
+        .filter(|&guess| attack(guess, &FakeHost::new().with_key_seed(real_seed)).is_err())
         .count();
     // Under the real key each wrong guess poisons 4 random buckets of 4096: the victim's pair
     // is among them with probability 6/C(4096, 2) < 1e-6.
@@ -463,7 +391,7 @@ fn an_attacker_without_the_key_locks_out_a_client_only_with_the_computed_probabi
     let mut locked = 0u32;
     let mut compared = 0u32;
     for trial in 0..TRIALS {
-        let host = FakeHost::with_key_seed(0x5eed_0000 + trial);
+        let host = FakeHost::new().with_key_seed(0x5eed_0000 + trial);
         for a in 0..ATTACKERS {
             // A different address of the same /48 for every guess changes nothing.
             host.ip.set(Some(

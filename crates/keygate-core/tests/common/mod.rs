@@ -4,9 +4,9 @@
 use keygate_core::config::*;
 use keygate_core::digest::Digester;
 
-/// 2026-11-24T10:00:00Z
-pub const T0: u64 = 1_795_514_400;
-pub const T0_STR: &str = "2026-11-24T10:00:00Z";
+/// 2026-11-24T10:00:00Z (the core's test clock starts there).
+pub const T0: u64 = keygate_core::testing::T0;
+pub const T0_STR: &str = keygate_core::testing::T0_STR;
 
 pub fn d(secret: &str) -> SecretDoc {
     SecretDoc {
