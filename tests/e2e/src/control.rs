@@ -193,17 +193,7 @@ impl ControlPlane {
             tls,
         };
         let stdout = cp.spawn();
-        for line in stdout.lines() {
-            if let Some((k, v)) = line.split_once('=') {
-                if !k.starts_with('#') {
-                    cp.creds.insert(k.trim().to_owned(), v.trim().to_owned());
-                }
-            }
-        }
-        assert!(
-            cp.creds.contains_key("KEYGATE_EDGE_TOKEN"),
-            "no credentials printed: {stdout}"
-        );
+        cp.read_creds(&stdout);
         cp
     }
 
@@ -232,18 +222,23 @@ impl ControlPlane {
             .expect("run keygate-control init");
         assert!(out.status.success(), "init failed; log:\n{}", cp.logs());
         let stdout = String::from_utf8_lossy(&out.stdout);
+        cp.read_creds(&stdout);
+        cp
+    }
+
+    /// Keeps the `NAME=value` credentials `init` printed; panics if there are none.
+    fn read_creds(&mut self, stdout: &str) {
         for line in stdout.lines() {
             if let Some((k, v)) = line.split_once('=') {
                 if !k.starts_with('#') {
-                    cp.creds.insert(k.trim().to_owned(), v.trim().to_owned());
+                    self.creds.insert(k.trim().to_owned(), v.trim().to_owned());
                 }
             }
         }
         assert!(
-            cp.creds.contains_key("KEYGATE_EDGE_TOKEN"),
+            self.creds.contains_key("KEYGATE_EDGE_TOKEN"),
             "no credentials printed: {stdout}"
         );
-        cp
     }
 
     fn db(&self) -> PathBuf {
