@@ -51,6 +51,19 @@ pub struct Identity<'a> {
     pub api: Option<&'a str>,
 }
 
+impl<'a> Identity<'a> {
+    /// The identity headers' values, in `identity_headers` order: account SID, key SID, role,
+    /// API (`None`: the header is not set).
+    pub fn header_values(self) -> [Option<&'a str>; 4] {
+        [
+            Some(self.account_sid),
+            self.key_sid,
+            Some(self.role),
+            self.api,
+        ]
+    }
+}
+
 /// An authenticated principal and the API it may call.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Admitted {

@@ -28,6 +28,7 @@ pub mod published;
 pub mod ratelimit;
 pub mod reason;
 pub mod secret_format;
+pub mod stats;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -1,7 +1,7 @@
 //! Control-plane mode's poller as a state machine: exactly one VM per Envoy process long-polls
 //! the control plane's change feed and publishes each new version into the shared store for
-//! every worker. The filter's glue only does the host calls ([`Dispatch`], [`Clock`]) and turns
-//! [`Event`]s into logs and stats.
+//! every worker. The filter's glue only does the host calls ([`Dispatch`], [`Clock`]) and logs
+//! and records [`Event`]s ([`Event::log_line`], [`Event::stats`]).
 //!
 //! Election: [`POLLER_KEY`] holds `(vm_id, heartbeat_s)`. Every VM ticks every [`TICK_MS`]
 //! (1 ms while a page waits to be checked) and calls [`Poller::on_tick`]; a VM claims the role
