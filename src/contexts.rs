@@ -8,37 +8,27 @@ use std::time::Duration;
 use keygate_core::compile::Catalog;
 use keygate_core::gate::{self, GateStats, InflightTicket};
 use keygate_core::headers::{client_copies, forwarded_headers, parse_header_map};
-use keygate_core::poller::Poller;
+use keygate_core::poller::{Level, Poller};
 use keygate_core::ratelimit::Counters;
+use keygate_core::stats::Stat;
 use keygate_core::view::{refusal, Answer, Reply, Source};
 use keygate_core::{Identity, RequestHead};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
-use crate::host::{header_map, now_us, RequestHost, VmState};
-use crate::metrics::Metrics;
+use crate::host::{header_map, log, now_us, RequestHost, VmState};
 use crate::poller;
-
-fn log(level: LogLevel, msg: &str) {
-    let _ = hostcalls::log(level, msg);
-}
 
 #[derive(Default)]
 pub struct KeygateRoot {
     source: Rc<Source>,
-    metrics: Option<Rc<Metrics>>,
+    /// Set when the VM starts.
     vm: Option<Rc<VmState>>,
     poller: Poller,
 }
 
 impl KeygateRoot {
-    fn metrics(&mut self) -> Rc<Metrics> {
-        self.metrics
-            .get_or_insert_with(|| Rc::new(Metrics::define()))
-            .clone()
-    }
-
     fn vm(&mut self) -> Rc<VmState> {
         self.vm
             .get_or_insert_with(|| Rc::new(VmState::start()))
@@ -54,13 +44,11 @@ impl Context for KeygateRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let (Some(vm), Some(metrics)) = (self.vm.clone(), self.metrics.clone()) else {
-            return;
-        };
         // Then long-poll again right away (nothing is asked while backing off).
-        if let Source::Published(p) = &*self.source {
+        if let (Some(vm), Source::Published(p)) = (&self.vm, &*self.source) {
+            let poller = &mut self.poller;
             let cp = &p.control_plane;
-            poller::on_response(&mut self.poller, &vm, cp, &metrics, token_id, body_size);
+            poller::run(vm, cp, body_size, |env| poller.on_response(env, token_id));
         }
     }
 }
@@ -68,53 +56,40 @@ impl Context for KeygateRoot {
 impl RootContext for KeygateRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
         let _ = self.vm();
-        let _ = self.metrics();
         true
     }
 
     fn on_tick(&mut self) {
-        let (Some(vm), Some(metrics)) = (self.vm.clone(), self.metrics.clone()) else {
+        let Some(vm) = self.vm.clone() else {
             return;
         };
         if let Source::Published(p) = &*self.source {
-            poller::on_tick(&mut self.poller, &vm, &p.control_plane, &metrics);
+            let poller = &mut self.poller;
+            poller::run(&vm, &p.control_plane, 0, |env| poller.on_tick(env));
         }
         // Refresh this VM's concurrency leases for accounts with requests in flight here.
         let mut counters = Counters::default();
         let mut retries = || self.source.max_cas_retries(&*vm);
         vm.held
             .heartbeat(&mut retries, &RequestHost::new(&vm), &mut counters);
-        metrics.counters(&counters);
+        vm.metrics.record(counters.stats());
     }
 
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let metrics = self.metrics();
-        let _ = self.vm();
-        let bytes = match hostcalls::get_buffer(
-            BufferType::PluginConfiguration,
-            0,
-            plugin_configuration_size,
-        ) {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let vm = self.vm();
+        let read = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size);
+        let bytes = match read {
             Ok(b) => b.unwrap_or_default(),
             Err(status) => {
-                log(
-                    LogLevel::Error,
-                    &format!("cannot read plugin configuration: {status:?}"),
-                );
+                let msg = format!("cannot read plugin configuration: {status:?}");
+                log(Level::Error, &msg);
                 return false;
             }
         };
         let configured = self.source.configure(&bytes);
-        let (level, line) = configured.log;
-        log(poller::log_level(level), &line);
-        if !configured.accepted {
-            Metrics::bump(metrics.config_rejected);
-        } else if configured.source.is_some() {
-            Metrics::bump(metrics.config_loaded);
-        }
-        if let Some(version) = configured.version {
-            Metrics::set(metrics.config_version, version);
-        }
+        let (level, line) = &configured.log;
+        log(*level, line);
+        vm.metrics.record(configured.stats());
         if let Some(ms) = configured.tick_ms {
             let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
         }
@@ -127,10 +102,6 @@ impl RootContext for KeygateRoot {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(KeygateHttp {
             source: self.source.clone(),
-            metrics: self
-                .metrics
-                .clone()
-                .unwrap_or_else(|| Rc::new(Metrics::default())),
             vm: self.vm.clone()?,
             ticket: None,
             response_headers: Vec::new(),
@@ -145,7 +116,6 @@ impl RootContext for KeygateRoot {
 
 struct KeygateHttp {
     source: Rc<Source>,
-    metrics: Rc<Metrics>,
     vm: Rc<VmState>,
     /// A concurrency slot held until the stream ends.
     ticket: Option<InflightTicket>,
@@ -164,10 +134,8 @@ impl KeygateHttp {
         if let Err(status) =
             hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()))
         {
-            log(
-                LogLevel::Error,
-                &format!("cannot send local reply: {status:?}"),
-            );
+            let msg = format!("cannot send local reply: {status:?}");
+            log(Level::Error, &msg);
             let _ = hostcalls::reset_http_request();
         }
         Action::Pause
@@ -178,39 +146,23 @@ impl KeygateHttp {
     /// whole-map write (one host call and one route-cache clear instead of one per header).
     fn forward(&self, cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
         let names = cat.identity_headers();
-        let values: [Option<&str>; 4] = match identity {
-            Some(id) => [Some(id.account_sid), id.key_sid, Some(id.role), id.api],
-            None => [None; 4],
-        };
+        let values = identity.map_or([None; 4], Identity::header_values);
         let out = forwarded_headers(pairs, names, values, cat.forward_authorization());
-        if out != pairs {
-            // Envoy validated every header name, so each is a token (ASCII).
-            let map: Option<Vec<(&str, &[u8])>> = out
-                .iter()
-                .map(|(n, v)| std::str::from_utf8(n).ok().map(|n| (n, *v)))
-                .collect();
-            match map {
-                Some(map) => {
-                    let _ = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, map);
-                }
-                // A header name that is not UTF-8: the same edits one host call each.
-                None => {
-                    remove(
-                        MapType::HttpRequestHeaders,
-                        pairs,
-                        cat,
-                        cat.forward_authorization(),
-                    );
-                    for (name, value) in names.iter().zip(values) {
-                        if let Some(v) = value {
-                            let _ = hostcalls::set_map_value(
-                                MapType::HttpRequestHeaders,
-                                name,
-                                Some(v),
-                            );
-                        }
-                    }
-                }
+        // Envoy validated every header name, so each is a token (ASCII).
+        let utf8 = out
+            .iter()
+            .map(|(n, v)| Some((std::str::from_utf8(n).ok()?, *v)));
+        let map = MapType::HttpRequestHeaders;
+        match utf8.collect::<Option<Vec<_>>>() {
+            _ if out == pairs => {}
+            Some(headers) => {
+                let _ = hostcalls::set_map_bytes(map, headers);
+            }
+            // A header name that is not UTF-8: the same edits one host call each.
+            None => {
+                remove(map, pairs, cat, cat.forward_authorization());
+                let set = names.iter().zip(values);
+                set_each(map, set.filter_map(|(n, v)| Some((&**n, v?))));
             }
         }
         if let Some(id) = identity {
@@ -222,6 +174,13 @@ impl KeygateHttp {
                 let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
             }
         }
+    }
+}
+
+/// Sets each `(name, value)` in `map`.
+fn set_each<'a>(map: MapType, headers: impl Iterator<Item = (&'a str, &'a str)>) {
+    for (name, value) in headers {
+        let _ = hostcalls::set_map_value(map, name, Some(value));
     }
 }
 
@@ -244,24 +203,19 @@ impl HttpContext for KeygateHttp {
         let view = match self.source.view(&*self.vm, now) {
             Ok(view) => view,
             Err(reason) => {
-                self.metrics.denied(reason);
+                self.vm.metrics.bump(Stat::Denied(reason));
                 return self.send(&refusal(reason));
             }
         };
-        if view.stale_served {
-            Metrics::bump(self.metrics.config_stale_served);
-        }
-        if let Some(version) = view.compiled {
-            Metrics::set(self.metrics.config_version, version);
-        }
+        self.vm.metrics.record(view.stats());
         let host = RequestHost::at(&self.vm, now);
         let mut stats = GateStats::default();
         let verdict = gate::evaluate(&view, &RequestHead::from_pairs(&pairs), &host, &mut stats);
-        self.metrics.gate(&stats);
+        self.vm.metrics.record(stats.stats());
         let cat = view.catalog().clone();
         let action = match view.answer(verdict) {
             Answer::Deny { reason, reply } => {
-                self.metrics.denied(reason);
+                self.vm.metrics.bump(Stat::Denied(reason));
                 // The request stops here, but access logs and later filters still see its
                 // headers: never leave a client-chosen identity on it.
                 remove(MapType::HttpRequestHeaders, &pairs, &cat, true);
@@ -278,7 +232,7 @@ impl HttpContext for KeygateHttp {
                 }
                 self.ticket = ticket;
                 self.response_headers = response_headers;
-                Metrics::bump(self.metrics.allowed);
+                self.vm.metrics.bump(Stat::Allowed);
                 Action::Continue
             }
         };
@@ -293,20 +247,15 @@ impl HttpContext for KeygateHttp {
         if let Some(cat) = &self.judged_by {
             let raw = header_map(MapType::HttpRequestTrailers);
             let pairs = parse_header_map(&raw).unwrap_or_default();
-            remove(
-                MapType::HttpRequestTrailers,
-                &pairs,
-                cat,
-                cat.forward_authorization(),
-            );
+            let map = MapType::HttpRequestTrailers;
+            remove(map, &pairs, cat, cat.forward_authorization());
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in &self.response_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
-        }
+        let headers = self.response_headers.iter().map(|(n, v)| (*n, &**v));
+        set_each(MapType::HttpResponseHeaders, headers);
         Action::Continue
     }
 
@@ -315,7 +264,7 @@ impl HttpContext for KeygateHttp {
         if let Some(ticket) = self.ticket.take() {
             let mut counters = Counters::default();
             (self.vm.held).release(&ticket, &RequestHost::new(&self.vm), &mut counters);
-            self.metrics.counters(&counters);
+            self.vm.metrics.record(counters.stats());
         }
     }
 }

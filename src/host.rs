@@ -8,11 +8,15 @@ use std::time::UNIX_EPOCH;
 use keygate_core::concurrency::next_vm_id;
 use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, HeldSlots, Host};
 use keygate_core::ip::parse_client_address;
+use keygate_core::poller::Level;
 use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MapType, Status};
+use proxy_wasm::types::{LogLevel, MapType, Status};
 
-/// Per-VM state shared by the root context and every HTTP context of this VM.
+use crate::metrics::Metrics;
+
+/// Per-VM state shared by the root context and every HTTP context of this VM: the shared-data
+/// anchor, the VM id, held concurrency slots, the failed-auth key and the stats' ids.
 pub struct VmState {
     anchor_cas: Cell<u32>,
     pub vm_id: Cell<u64>,
@@ -20,6 +24,7 @@ pub struct VmState {
     pub held: HeldSlots,
     /// The process's failed-auth hashing key, once this VM has read (or created) it.
     failed_auth_key: OnceCell<FailedAuthKey>,
+    pub metrics: Metrics,
 }
 
 /// Envoy shared data as keygate-core's [`SharedStore`]; the anchor CAS lives in the VM state.
@@ -53,6 +58,7 @@ impl VmState {
             vm_id: Cell::new(0),
             held: HeldSlots::default(),
             failed_auth_key: OnceCell::new(),
+            metrics: Metrics::define(),
         };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
         if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {
@@ -65,9 +71,26 @@ impl VmState {
 
 /// The gate's view of the host for one request.
 pub struct RequestHost<'a> {
-    pub vm: &'a VmState,
-    pub now_us: u64,
-    pub client_ip: OnceCell<Option<IpAddr>>,
+    vm: &'a VmState,
+    now_us: u64,
+    /// The client address, read when the gate first asks.
+    client_ip: OnceCell<Option<IpAddr>>,
+}
+
+impl<'a> RequestHost<'a> {
+    pub fn new(vm: &'a VmState) -> RequestHost<'a> {
+        RequestHost::at(vm, now_us())
+    }
+
+    /// A view at a clock reading the caller already has (one host call per request, not two).
+    pub fn at(vm: &'a VmState, now_us: u64) -> RequestHost<'a> {
+        let client_ip = OnceCell::new();
+        RequestHost {
+            vm,
+            now_us,
+            client_ip,
+        }
+    }
 }
 
 impl Host for RequestHost<'_> {
@@ -76,7 +99,10 @@ impl Host for RequestHost<'_> {
     }
 
     fn client_ip(&self) -> Option<IpAddr> {
-        *self.client_ip.get_or_init(client_ip)
+        *self.client_ip.get_or_init(|| {
+            let address = hostcalls::get_property(vec!["source", "address"]).ok()??;
+            parse_client_address(&address)
+        })
     }
 
     fn store(&self) -> &dyn SharedStore {
@@ -131,6 +157,16 @@ pub fn header_map(map: MapType) -> Vec<u8> {
     }
 }
 
+/// Logs `msg` at the core's `level`.
+pub fn log(level: Level, msg: &str) {
+    let level = match level {
+        Level::Info => LogLevel::Info,
+        Level::Warn => LogLevel::Warn,
+        Level::Error => LogLevel::Error,
+    };
+    let _ = hostcalls::log(level, msg);
+}
+
 pub fn now_us() -> u64 {
     // Without a clock every time-limited secret must fail closed: pretend it is the far future.
     hostcalls::get_current_time()
@@ -139,26 +175,4 @@ pub fn now_us() -> u64 {
         .map_or(u64::MAX, |d| {
             u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
         })
-}
-
-pub fn client_ip() -> Option<IpAddr> {
-    let bytes = hostcalls::get_property(vec!["source", "address"])
-        .ok()
-        .flatten()?;
-    parse_client_address(&bytes)
-}
-
-impl<'a> RequestHost<'a> {
-    pub fn new(vm: &'a VmState) -> RequestHost<'a> {
-        RequestHost::at(vm, now_us())
-    }
-
-    /// A view at a clock reading the caller already has (one host call per request, not two).
-    pub fn at(vm: &'a VmState, now_us: u64) -> RequestHost<'a> {
-        RequestHost {
-            vm,
-            now_us,
-            client_ip: OnceCell::new(),
-        }
-    }
 }

@@ -9,7 +9,8 @@
 //!
 //! Modules: `contexts` (the root and HTTP contexts), `host` (shared data as the core's
 //! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (the poller's
-//! `dispatch_http_call`, answers, tick period, logs and stats), `metrics`.
+//! `dispatch_http_call`, answers, tick period, logs and stats), `metrics` (an Envoy metric per
+//! [`keygate_core::stats::Stat`], recording what the core counts).
 //!
 //! Invariants kept here:
 //! - every host call goes through the `Result`-returning `hostcalls` functions or our own

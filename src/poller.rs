@@ -5,17 +5,12 @@
 use std::time::Duration;
 
 use keygate_core::plugin::ControlPlane;
-use keygate_core::poller::{Clock, Dispatch, Env, Event, Level, Poller, Request};
-use keygate_core::published::Rejection;
+use keygate_core::poller::{Clock, Dispatch, Env, Event, Level, Request};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use proxy_wasm::types::{BufferType, MapType};
 
-use crate::host::{now_us, VmState};
+use crate::host::{log, now_us, VmState};
 use crate::metrics::Metrics;
-
-fn log(level: LogLevel, msg: &str) {
-    let _ = hostcalls::log(level, msg);
-}
 
 /// Envoy as the poller's host, for one callback.
 struct Host<'a> {
@@ -50,7 +45,7 @@ impl Dispatch for Host<'_> {
             Err(status) => {
                 let cluster = &cp.cluster;
                 let msg = format!("control plane fetch not sent (cluster {cluster:?}): {status:?}");
-                log(LogLevel::Warn, &msg);
+                log(Level::Warn, &msg);
                 None
             }
         }
@@ -75,73 +70,26 @@ impl Dispatch for Host<'_> {
     }
 
     fn report(&mut self, event: Event) {
-        let m = self.metrics;
-        match &event {
-            Event::Age(s) => Metrics::set(m.config_age, *s),
-            Event::Fetch => Metrics::bump(m.config_fetches),
-            Event::Failed => Metrics::bump(m.config_fetch_errors),
-            Event::NotModified => Metrics::bump(m.config_not_modified),
-            Event::Published(f) => {
-                Metrics::bump(m.config_published);
-                Metrics::set(m.config_version, f.version);
-            }
-            Event::Rejected(Rejection::NotNewer { .. } | Rejection::Invalid(_)) => {
-                Metrics::bump(m.config_rejected)
-            }
-            _ => {}
-        }
+        self.metrics.record(event.stats());
         if let Some((level, line)) = event.log_line() {
-            log(log_level(level), &line);
+            log(level, &line);
         }
     }
 }
 
-pub fn log_level(level: Level) -> LogLevel {
-    match level {
-        Level::Info => LogLevel::Info,
-        Level::Warn => LogLevel::Warn,
-        Level::Error => LogLevel::Error,
-    }
-}
-
-/// Runs `f` on the poller with Envoy as its host (`body_size`: of the answer being handled).
-fn with_env(
-    vm: &VmState,
-    cp: &ControlPlane,
-    metrics: &Metrics,
-    body_size: usize,
-    f: impl FnOnce(&mut Env<'_>),
-) {
+/// Runs `f` (a tick, or the answer to a call whose body is `body_size` bytes) on the poller
+/// with Envoy as its host.
+pub fn run(vm: &VmState, cp: &ControlPlane, body_size: usize, f: impl FnOnce(&mut Env<'_>)) {
     let mut host = Host {
         cp,
-        metrics,
+        metrics: &vm.metrics,
         body_size,
     };
-    let mut env = Env {
+    f(&mut Env {
         store: vm,
         vm_id: vm.vm_id.get(),
         control_plane: cp,
         clock: &EnvoyClock,
         dispatch: &mut host,
-    };
-    f(&mut env);
-}
-
-/// Every tick in control-plane mode.
-pub fn on_tick(poller: &mut Poller, vm: &VmState, cp: &ControlPlane, metrics: &Metrics) {
-    with_env(vm, cp, metrics, 0, |env| poller.on_tick(env));
-}
-
-/// The answer to call `token`, whose body is `body_size` bytes.
-pub fn on_response(
-    poller: &mut Poller,
-    vm: &VmState,
-    cp: &ControlPlane,
-    metrics: &Metrics,
-    token: u32,
-    body_size: usize,
-) {
-    with_env(vm, cp, metrics, body_size, |env| {
-        poller.on_response(env, token)
     });
 }
