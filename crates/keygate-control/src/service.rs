@@ -283,8 +283,7 @@ pub fn regenerate(
     let mut key = store::get_key(&tx, account_sid, sid)?.ok_or(ApiError::NotFound)?;
     holder.check_key(&key)?;
     let t = now();
-    let count = store::note_regeneration(&tx, sid, t, t - 3600)?;
-    let oldest = store::oldest_regeneration(&tx, sid)?.unwrap_or(t);
+    let (count, oldest) = store::note_regeneration(&tx, sid, t, t - 3600)?;
     caps.check_regenerations(count, oldest, t)?;
     let secret = new_secret(secret_kind(key.role))?;
     store::delete_previous(&tx, sid, Some(t))?;

@@ -533,13 +533,13 @@ pub fn count_keys(conn: &Connection, account_sid: &str) -> Result<u64, ApiError>
 }
 
 /// Records a regeneration of `key_sid` at `at`, forgets those before `forget_before`, and
-/// returns how many remain (this one included).
+/// returns how many remain (this one included) and when the oldest of them was.
 pub fn note_regeneration(
     tx: &Transaction<'_>,
     key_sid: &str,
     at: i64,
     forget_before: i64,
-) -> Result<u64, ApiError> {
+) -> Result<(u64, i64), ApiError> {
     tx.execute(
         "DELETE FROM regenerations WHERE key_sid = ?1 AND at < ?2",
         params![key_sid, forget_before],
@@ -548,21 +548,12 @@ pub fn note_regeneration(
         "INSERT INTO regenerations (key_sid, at) VALUES (?1, ?2)",
         params![key_sid, at],
     )?;
-    let n: i64 = tx.query_row(
-        "SELECT count(*) FROM regenerations WHERE key_sid = ?1",
+    let (n, oldest): (i64, Option<i64>) = tx.query_row(
+        "SELECT count(*), min(at) FROM regenerations WHERE key_sid = ?1",
         [key_sid],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    Ok(u64::try_from(n).unwrap_or(0))
-}
-
-/// The oldest regeneration of `key_sid` still counted.
-pub fn oldest_regeneration(conn: &Connection, key_sid: &str) -> Result<Option<i64>, ApiError> {
-    Ok(conn.query_row(
-        "SELECT min(at) FROM regenerations WHERE key_sid = ?1",
-        [key_sid],
-        |r| r.get(0),
-    )?)
+    Ok((u64::try_from(n).unwrap_or(0), oldest.unwrap_or(at)))
 }
 
 pub fn delete_key(tx: &Transaction<'_>, sid: &str) -> Result<bool, ApiError> {

@@ -43,30 +43,7 @@ async fn new_key(s: &InProc, body: Value) -> (String, String, Value) {
 }
 
 fn rfc3339(t: u64) -> String {
-    chrono_like(t)
-}
-
-/// RFC 3339 UTC without pulling chrono into the tests.
-fn chrono_like(t: u64) -> String {
-    let days = t / 86_400;
-    let secs = t % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    keygate_control::model::rfc3339(i64::try_from(t).unwrap())
 }
 
 /// The attacks of the issue, tried against a running control plane: a `main` key limited to an
