@@ -33,14 +33,13 @@ use keygate_core::headers::{AuthorizationHeader, RequestHead};
 use keygate_core::ip::IpAllowlist;
 use keygate_core::store::{SetError, SharedStore, StoreError};
 use keygate_core::{Directory, Reason};
-use rusqlite::Connection;
 
 use crate::catalog::{ApiCatalog, ControlLimits, MANAGEMENT_API};
 use crate::error::ApiError;
 use crate::model::Key;
 use crate::policy::Holdings;
 use crate::secret::{self, OperatorKind};
-use crate::store;
+use crate::store::Tx;
 
 /// Who made a request that the gate let through.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,7 +199,7 @@ impl Door {
     /// Judges one request: the operator's tokens, else keygate-core's gate over the store.
     pub fn judge(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         method: &[u8],
         path: &[u8],
         authorization: &[Vec<u8>],
@@ -214,7 +213,7 @@ impl Door {
         };
         if let AuthorizationHeader::One(value) = authorization {
             if let Some(token) = operator_token(value) {
-                match store::find_operator_token(conn, &secret::digest(token))? {
+                match tx.find_operator_token(&secret::digest(token))? {
                     Some(OperatorKind::Admin) => return Ok(Caller::Admin),
                     Some(OperatorKind::Edge) => return Ok(Caller::Edge),
                     None => {}
@@ -231,7 +230,7 @@ impl Door {
             authorization,
             cors_preflight_headers: false,
         };
-        let dir = StoreDirectory::new(conn, &self.catalog);
+        let dir = StoreDirectory::new(tx, &self.catalog);
         let host = DoorHost {
             now_us,
             client_ip,
@@ -293,7 +292,7 @@ fn operator_looking(authorization: &[Vec<u8>]) -> bool {
 /// time. Remembers the stored key it resolved (for the escalation rule), and the first store
 /// error (the request then fails with 500, never with a denial).
 struct StoreDirectory<'a> {
-    conn: &'a Connection,
+    tx: RefCell<&'a mut dyn Tx>,
     cat: &'a keygate_core::Catalog,
     failure: RefCell<Option<ApiError>>,
     key: RefCell<Option<Key>>,
@@ -301,9 +300,9 @@ struct StoreDirectory<'a> {
 }
 
 impl<'a> StoreDirectory<'a> {
-    fn new(conn: &'a Connection, cat: &'a keygate_core::Catalog) -> StoreDirectory<'a> {
+    fn new(tx: &'a mut dyn Tx, cat: &'a keygate_core::Catalog) -> StoreDirectory<'a> {
         StoreDirectory {
-            conn,
+            tx: RefCell::new(tx),
             cat,
             failure: RefCell::new(None),
             key: RefCell::new(None),
@@ -322,8 +321,8 @@ impl<'a> StoreDirectory<'a> {
     }
 
     fn compiled_key(&self, sid: &str) -> Option<Arc<keygate_core::compile::Key>> {
-        let key = self.ok(store::get_key_by_sid(self.conn, sid))??;
-        let secrets = self.ok(store::secrets_of(self.conn, sid))?;
+        let key = self.ok(self.tx.borrow_mut().get_key_by_sid(sid))??;
+        let secrets = self.ok(self.tx.borrow_mut().secrets_of(sid))?;
         // The control plane's own rates apply here, not the key's edge limits.
         let mut doc = key.to_doc(secrets.iter().map(|s| s.to_doc()).collect());
         doc.limits = None;
@@ -353,7 +352,7 @@ impl Directory for StoreDirectory<'_> {
     }
 
     fn by_token(&self, digest: &[u8; 32]) -> Option<Arc<keygate_core::compile::Key>> {
-        let found = self.ok(store::find_secret(self.conn, &hex::encode(digest)))??;
+        let found = self.ok(self.tx.borrow_mut().find_secret(&hex::encode(digest)))??;
         if found.owner_sid.starts_with("AC") {
             return None;
         }
@@ -361,8 +360,8 @@ impl Directory for StoreDirectory<'_> {
     }
 
     fn account(&self, sid: &str) -> Option<Arc<keygate_core::compile::Account>> {
-        let account = self.ok(store::get_account(self.conn, sid))??;
-        let tokens = self.ok(store::secrets_of(self.conn, sid))?;
+        let account = self.ok(self.tx.borrow_mut().get_account(sid))??;
+        let tokens = self.ok(self.tx.borrow_mut().secrets_of(sid))?;
         let mut doc = account.to_doc(tokens.iter().map(|s| s.to_doc()).collect());
         doc.limits = None;
         match compile_account_record(self.cat, &doc) {

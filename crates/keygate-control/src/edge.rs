@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::auth::Caller;
 use crate::error::{internal, ApiError};
-use crate::{service, store, AppState};
+use crate::{service, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -163,7 +163,7 @@ async fn config(
     caller.may_read_feed()?;
     let wait = wait_param(query.as_deref())?;
     let mut versions = state.subscribe();
-    let current = state.db().read(|c| store::version(c)).await?;
+    let current = state.db().read(|c| c.version()).await?;
     state.published(current);
     if not_modified(&headers, current) {
         if wait == 0 {
@@ -207,7 +207,7 @@ async fn changes(
     let q = ChangesQuery::parse(query.as_deref())?;
     if let Some(known) = q.known {
         let mut versions = state.subscribe();
-        let mut current = state.db().read(|c| store::version(c)).await?;
+        let mut current = state.db().read(|c| c.version()).await?;
         state.published(current);
         if current <= known && q.wait > 0 {
             let mut closing = state.closing();
@@ -216,7 +216,7 @@ async fn changes(
                 () = tokio::time::sleep(Duration::from_secs(q.wait)) => {}
                 _ = closing.wait_for(|c| *c) => {}
             }
-            current = state.db().read(|c| store::version(c)).await?;
+            current = state.db().read(|c| c.version()).await?;
         }
         if current <= known {
             return Ok(not_modified_response(current));
@@ -256,7 +256,7 @@ impl AppState {
         let fresh = self
             .db()
             .read(move |c| {
-                if Some(store::version(c)?) == cached {
+                if Some(c.version()?) == cached {
                     return Ok(None);
                 }
                 service::snapshot(c, &cat).map(Some)

@@ -33,7 +33,6 @@ pub mod twilio;
 pub mod v1;
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +48,7 @@ use crate::auth::Door;
 pub use crate::catalog::{ApiCatalog, ControlLimits};
 use crate::error::{ApiError, TwilioError};
 pub use crate::policy::Caps;
+pub use crate::store::Database;
 use crate::store::Db;
 
 /// Settings of a running control plane.
@@ -100,14 +100,17 @@ struct Inner {
 
 /// Checks every stored account and key with the edge's compiler against this catalogue, page
 /// by page (memory bounded whatever the number of keys); returns the config version.
-fn check_stored(conn: &mut rusqlite::Connection, cat: &ApiCatalog) -> Result<u64, String> {
+fn check_stored(db: &Db, cat: &ApiCatalog) -> Result<u64, String> {
     use keygate_core::compile::{compile_account_record, compile_catalog, compile_key_record};
     let refused = |sid: &str, e: keygate_core::compile::ConfigError| {
         format!("the stored keys do not compile with this catalogue: {sid}: {e}")
     };
     let mut after = String::new();
     loop {
-        let page = service::read_changes(conn, cat, 0, &after, service::MAX_CHANGES_LIMIT)
+        let page = db
+            .read_blocking(|tx| {
+                service::read_changes(tx, cat, 0, &after, service::MAX_CHANGES_LIMIT)
+            })
             .map_err(|e| e.message())?;
         let compiled = compile_catalog(&page.settings_doc())
             .map_err(|e| format!("the catalogue does not compile: {e}"))?;
@@ -127,9 +130,14 @@ fn check_stored(conn: &mut rusqlite::Connection, cat: &ApiCatalog) -> Result<u64
 impl AppState {
     /// Opens (creating and migrating) the database and checks that what it holds compiles as an
     /// edge config with this catalogue; refuses to start otherwise (the error names the place).
-    pub fn open(path: &Path, config: Config) -> Result<AppState, String> {
-        let mut conn = store::open(path)?;
-        let version = check_stored(&mut conn, &config.catalog)?;
+    /// Call from inside the tokio runtime that will serve (Postgres connections run on it).
+    pub async fn open(database: &Database, config: Config) -> Result<AppState, String> {
+        let db = Db::open(database).await?;
+        let checked = db.clone();
+        let cat = config.catalog.clone();
+        let version = tokio::task::spawn_blocking(move || check_stored(&checked, &cat))
+            .await
+            .map_err(|e| format!("start-up check failed: {e}"))??;
         let door = Door::new(
             &config.catalog,
             &config.limits,
@@ -137,7 +145,7 @@ impl AppState {
         )?;
         Ok(AppState {
             inner: Arc::new(Inner {
-                db: Db::new(conn, path)?,
+                db,
                 door: Arc::new(door),
                 config,
                 version: watch::Sender::new(version),
@@ -248,7 +256,7 @@ async fn admit(state: &AppState, req: Request) -> Result<Request, ApiError> {
     }
     let caller = state
         .db()
-        .read(move |c| door.judge(c, &method, &path, &authorization, client_ip, now_us))
+        .read(move |tx| door.judge(tx, &method, &path, &authorization, client_ip, now_us))
         .await?;
     let limit = state.caps().body_bytes;
     let (parts, body) = req.into_parts();
@@ -308,6 +316,13 @@ async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let poller = tokio::spawn(poll_version(state.clone()));
+    let listener_task = match state.db() {
+        Db::Postgres(pg) => {
+            let s = state.clone();
+            Some(tokio::spawn(pg.clone().listen(move |v| s.published(v))))
+        }
+        Db::Sqlite(_) => None,
+    };
     let closing = state.inner.closing.clone();
     let shutdown = async move {
         shutdown.await;
@@ -325,15 +340,19 @@ async fn serve_on(
         Some(config) => tls::serve(listener, config, app(state), shutdown).await,
     };
     poller.abort();
+    if let Some(t) = listener_task {
+        t.abort();
+    }
     result
 }
 
-/// Picks up versions committed by other processes (the CLI) within half a second.
+/// Picks up versions committed by other processes (the CLI, other replicas) within half a
+/// second: on SQLite the only way, on Postgres a backstop behind LISTEN/NOTIFY.
 async fn poll_version(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if let Ok(v) = state.db().read(|c| store::version(c)).await {
+        if let Ok(v) = state.db().read(|tx| tx.version()).await {
             state.published(v);
         }
     }
@@ -396,28 +415,33 @@ mod tests {
 
     /// A catalogue that no longer has an API some key is limited to would make the feed one the
     /// edge refuses: the server refuses to start instead, naming the key.
-    #[test]
-    fn serve_refuses_a_catalogue_the_stored_keys_do_not_compile_with() {
+    #[tokio::test]
+    async fn serve_refuses_a_catalogue_the_stored_keys_do_not_compile_with() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.db");
         let cfg = Config::with_built_in_catalog().unwrap();
-        let mut conn = store::open(&path).unwrap();
-        let out = service::init(&mut conn, &cfg.catalog, "us1", None).unwrap();
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let out =
+            store::sqlite::write(&mut conn, |tx| service::init(tx, &cfg.catalog, "us1", None))
+                .unwrap();
         let mut new = service::NewKey::with_role(Role::Standard);
         new.apis = Some(vec!["messages".to_owned()]);
-        let (key, _, _) = service::create_key(
-            &mut conn,
-            &cfg.catalog,
-            &Caps::default(),
-            &policy::Holdings::Operator,
-            &out.account.sid,
-            new,
-        )
+        let (key, _, _) = store::sqlite::write(&mut conn, |tx| {
+            service::create_key(
+                tx,
+                &cfg.catalog,
+                &Caps::default(),
+                &policy::Holdings::Operator,
+                &out.account.sid,
+                new,
+            )
+        })
         .unwrap();
         drop(conn);
         let mut narrower = cfg.clone();
         narrower.catalog.apis.retain(|a| a.name != "messages");
-        let err = AppState::open(&path, narrower).err().unwrap();
+        let database = Database::Sqlite(path);
+        let err = AppState::open(&database, narrower).await.err().unwrap();
         assert_eq!(
             err,
             format!(
@@ -425,6 +449,6 @@ mod tests {
                 key.sid
             )
         );
-        assert!(AppState::open(&path, cfg).is_ok());
+        assert!(AppState::open(&database, cfg).await.is_ok());
     }
 }

@@ -1,12 +1,13 @@
 //! `keygate-control`: the control plane binary. Flags only; everything else is in the library.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keygate_control::secret::OperatorKind;
-use keygate_control::{service, store, tls, ApiCatalog, AppState, Config, DEFAULT_REGION};
+use keygate_control::store::{Database, Db};
+use keygate_control::{service, tls, ApiCatalog, AppState, Config, DEFAULT_REGION};
 
 /// keygate control plane: accounts and API keys (Twilio-compatible Keys API, Exotel-style
 /// regeneration with grace), and the edge config feed for keygate's Envoy filter.
@@ -17,6 +18,7 @@ use keygate_control::{service, store, tls, ApiCatalog, AppState, Config, DEFAULT
 const ENV_HELP: &str = "\
 Environment variables (each sets the flag of the same meaning; flags win):
   KEYGATE_DATA            --data            database file (default ./keygate.db)
+  KEYGATE_DATABASE        --database        Postgres URL instead of the file (postgres://user:pw@host:port/db)
   KEYGATE_LISTEN          --listen          serve: listen address (default 127.0.0.1:8088)
   KEYGATE_CATALOG         --catalog         API catalogue JSON (default: built in)
   KEYGATE_DEFAULT_REGION  --default-region  region of new accounts (default us1)
@@ -70,6 +72,10 @@ struct DataArgs {
         value_name = "FILE"
     )]
     data: PathBuf,
+    /// Postgres instead of the SQLite file: `postgres://user:password@host:port/db`. Every
+    /// replica of a fleet names the same database; its schema is created on first start.
+    #[arg(long, env = "KEYGATE_DATABASE", value_name = "URL")]
+    database: Option<String>,
     /// API catalogue and limit defaults (JSON `{"apis": [...], "limits": {...}}`, the edge
     /// config's schema). Default: the built-in catalogue (the demo's APIs).
     #[arg(long, env = "KEYGATE_CATALOG", value_name = "FILE")]
@@ -327,14 +333,33 @@ fn config(args: &DataArgs) -> Result<Config, String> {
     })
 }
 
-fn open(path: &Path) -> Result<rusqlite::Connection, String> {
-    store::open(path)
+impl DataArgs {
+    fn database(&self) -> Result<Database, String> {
+        match &self.database {
+            None => Ok(Database::Sqlite(self.data.clone())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Database::Postgres(url.clone()))
+            }
+            Some(_) => Err(
+                "--database: must be a postgres:// or postgresql:// URL (use --data FILE for SQLite)"
+                    .to_owned(),
+            ),
+        }
+    }
 }
 
-fn print_init(out: &service::Initialized, data: &Path) {
+/// Opens the database on a runtime of its own and runs `f` (a CLI command) against it.
+fn with_db<R>(args: &DataArgs, f: impl FnOnce(&Db) -> Result<R, String>) -> Result<R, String> {
+    let database = args.database()?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
+    let db = rt.block_on(Db::open(&database))?;
+    f(&db)
+}
+
+fn print_init(out: &service::Initialized, database: &Database) {
     println!(
         "# keygate-control initialized {} (config version {})",
-        data.display(),
+        database.display(),
         out.version
     );
     println!("# Shown once, stored only as digests. Keep them in a secrets manager.");
@@ -355,21 +380,32 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .transpose()?;
     let mut cfg = config(&args.data)?;
     args.door.apply(&mut cfg)?;
+    let database = args.data.database()?;
     {
-        let mut conn = open(&args.data.data)?;
-        if !store::has_admin(&conn).map_err(|e| e.message())? {
-            tracing::info!(data = %args.data.data.display(), "empty database: initializing (credentials on stdout)");
-            let out = service::init(&mut conn, &cfg.catalog, &cfg.default_region, None)
-                .map_err(|e| e.message())?;
-            print_init(&out, &args.data.data);
+        let db = Db::open(&database).await?;
+        let (cat, region) = (cfg.catalog.clone(), cfg.default_region.clone());
+        // One transaction: replicas that start together on an empty database initialize once
+        // (the others see the admin token and skip).
+        let out = db
+            .write(move |tx| {
+                if tx.has_admin()? {
+                    return Ok(None);
+                }
+                service::init(tx, &cat, &region, None).map(Some)
+            })
+            .await
+            .map_err(|e| e.message())?;
+        if let Some(out) = out {
+            tracing::info!(database = %database.display(), "empty database: initialized (credentials on stdout)");
+            print_init(&out, &database);
         }
     }
-    let state = AppState::open(&args.data.data, cfg)?;
+    let state = AppState::open(&database, cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(addr = %addr, tls = tls.is_some(), data = %args.data.data.display(), version = state.current_version(), "listening");
+    tracing::info!(addr = %addr, tls = tls.is_some(), database = %database.display(), version = state.current_version(), "listening");
     let shutdown = keygate_control::shutdown_signal();
     match tls {
         Some(tls) => keygate_control::run_tls(listener, state, tls, shutdown).await,
@@ -391,34 +427,29 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Init(args) => {
             init_logs(&args.data);
             let cfg = config(&args.data)?;
-            let mut conn = open(&args.data.data)?;
-            let out = service::init(
-                &mut conn,
-                &cfg.catalog,
-                &cfg.default_region,
-                args.account_name,
-            )
-            .map_err(|e| e.message())?;
-            print_init(&out, &args.data.data);
+            let out = with_db(&args.data, |db| {
+                db.write_blocking(|tx| {
+                    service::init(tx, &cfg.catalog, &cfg.default_region, args.account_name)
+                })
+                .map_err(|e| e.message())
+            })?;
+            print_init(&out, &args.data.database()?);
             Ok(())
         }
         Command::Account(AccountCommand::Create { data, name, region }) => {
             init_logs(&data);
             let cfg = config(&data)?;
-            let mut conn = open(&data.data)?;
             let new = service::NewAccount {
                 friendly_name: name,
                 region,
                 ..Default::default()
             };
-            let (account, token, version) = service::create_account(
-                &mut conn,
-                &cfg.catalog,
-                &cfg.caps,
-                &cfg.default_region,
-                new,
-            )
-            .map_err(|e| e.message())?;
+            let (account, token, version) = with_db(&data, |db| {
+                db.write_blocking(|tx| {
+                    service::create_account(tx, &cfg.catalog, &cfg.caps, &cfg.default_region, new)
+                })
+                .map_err(|e| e.message())
+            })?;
             println!("# Account created (config version {version}); the auth token is shown once.");
             println!("ACCOUNT_SID={}", account.sid);
             println!("AUTH_TOKEN={}", token.expose());
@@ -452,9 +483,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::EdgeToken(EdgeTokenCommand::Create { data }) => {
             init_logs(&data);
-            let mut conn = open(&data.data)?;
-            let (sid, token) = service::create_operator_token(&mut conn, OperatorKind::Edge)
-                .map_err(|e| e.message())?;
+            let (sid, token) = with_db(&data, |db| {
+                db.write_blocking(|tx| service::create_operator_token(tx, OperatorKind::Edge))
+                    .map_err(|e| e.message())
+            })?;
             println!("# Edge token {sid} created; shown once.");
             println!("KEYGATE_EDGE_TOKEN={}", token.expose());
             Ok(())

@@ -33,7 +33,7 @@ use crate::store;
 /// same state compiled as one document.
 pub struct Fixture {
     door: Door,
-    conn: Connection,
+    conn: std::sync::Mutex<Connection>,
     reference: CompiledConfig,
     /// `{AC}`, `{AC2}`, `{SK0}`, ... and their SIDs.
     names: Vec<(String, String)>,
@@ -64,8 +64,9 @@ impl Fixture {
         let cat = ApiCatalog::built_in().unwrap();
         let caps = Caps::default();
         let op = Holdings::Operator;
-        let mut conn = store::open(&path).unwrap();
-        let init = service::init(&mut conn, &cat, "us1", None).unwrap();
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let init =
+            store::sqlite::write(&mut conn, |tx| service::init(tx, &cat, "us1", None)).unwrap();
         let ac = init.account.sid.clone();
         let mut names = vec![("{AC}".to_owned(), ac.clone())];
         let mut credentials = vec![basic(&ac, init.auth_token.expose())];
@@ -77,8 +78,10 @@ impl Fixture {
                        f: &dyn Fn(&mut NewKey)| {
             let mut new = NewKey::with_role(Role::Main);
             f(&mut new);
-            let (key, secret, _) =
-                service::create_key(conn, &cat, &caps, &op, account, new).unwrap();
+            let (key, secret, _) = store::sqlite::write(conn, |tx| {
+                service::create_key(tx, &cat, &caps, &op, account, new)
+            })
+            .unwrap();
             names.push((format!("{{SK{}}}", names.len() - 1), key.sid.clone()));
             credentials.push(basic(&key.sid, secret.expose()));
             credentials.push(format!("Bearer {}", secret.expose()));
@@ -105,18 +108,23 @@ impl Fixture {
             k.enabled = false
         });
         // A rotation: the old secret (already a known credential) stays valid in its grace.
-        let r = service::regenerate(&mut conn, &caps, &op, &ac, &main, 3600).unwrap();
+        let r = store::sqlite::write(&mut conn, |tx| {
+            service::regenerate(tx, &caps, &op, &ac, &main, 3600)
+        })
+        .unwrap();
         credentials.push(format!("Bearer {}", r.secret.expose()));
-        let (second, token, _) = service::create_account(
-            &mut conn,
-            &cat,
-            &caps,
-            "us1",
-            NewAccount {
-                allowed_ips: Some(vec!["198.51.100.0/24".into(), "127.0.0.1".into()]),
-                ..NewAccount::default()
-            },
-        )
+        let (second, token, _) = store::sqlite::write(&mut conn, |tx| {
+            service::create_account(
+                tx,
+                &cat,
+                &caps,
+                "us1",
+                NewAccount {
+                    allowed_ips: Some(vec!["198.51.100.0/24".into(), "127.0.0.1".into()]),
+                    ..NewAccount::default()
+                },
+            )
+        })
         .unwrap();
         credentials.push(basic(&second.sid, token.expose()));
         add_key(
@@ -126,8 +134,10 @@ impl Fixture {
             &second.sid,
             &|_| {},
         );
-        let (suspended, token, _) =
-            service::create_account(&mut conn, &cat, &caps, "us1", NewAccount::default()).unwrap();
+        let (suspended, token, _) = store::sqlite::write(&mut conn, |tx| {
+            service::create_account(tx, &cat, &caps, "us1", NewAccount::default())
+        })
+        .unwrap();
         credentials.push(basic(&suspended.sid, token.expose()));
         add_key(
             &mut conn,
@@ -136,9 +146,11 @@ impl Fixture {
             &suspended.sid,
             &|_| {},
         );
-        service::update_account(&mut conn, &cat, &caps, &op, &suspended.sid, |a| {
-            a.status = keygate_core::config::AccountStatus::Suspended;
-            Ok(())
+        store::sqlite::write(&mut conn, |tx| {
+            service::update_account(tx, &cat, &caps, &op, &suspended.sid, |a| {
+                a.status = keygate_core::config::AccountStatus::Suspended;
+                Ok(())
+            })
         })
         .unwrap();
         names.push(("{AC2}".to_owned(), second.sid.clone()));
@@ -150,7 +162,7 @@ impl Fixture {
             credential_rate: None,
         };
         let door = Door::new(&cat, &limits, None).unwrap();
-        let snapshot = service::snapshot(&mut conn, &cat).unwrap();
+        let snapshot = store::sqlite::write(&mut conn, |tx| service::snapshot(tx, &cat)).unwrap();
         let mut doc = cat.control_doc(&limits);
         doc.accounts = snapshot.accounts;
         doc.keys = snapshot.keys;
@@ -162,12 +174,12 @@ impl Fixture {
         }
         let reference = compile_doc(&doc).unwrap();
         drop(conn);
-        let conn = store::open(&path).unwrap();
+        let conn = store::sqlite::open(&path).unwrap();
         // The file stays open through `conn`; its name is not needed any more.
         let _ = std::fs::remove_file(&path);
         Fixture {
             door,
-            conn,
+            conn: std::sync::Mutex::new(conn),
             reference,
             names,
             credentials,
@@ -245,14 +257,12 @@ pub fn control_auth(fixture: &Fixture, data: &[u8]) {
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let now_s = u64::try_from(crate::model::now()).unwrap_or(0);
     let headers: Vec<Vec<u8>> = auth.iter().cloned().collect();
-    let judged = match fixture.door.judge(
-        &fixture.conn,
-        &method,
-        &path,
-        &headers,
-        Some(ip),
-        now_s * 1_000_000,
-    ) {
+    let mut conn = fixture.conn.lock().unwrap_or_else(|p| p.into_inner());
+    let judged = match store::sqlite::read(&mut conn, |tx| {
+        fixture
+            .door
+            .judge(tx, &method, &path, &headers, Some(ip), now_s * 1_000_000)
+    }) {
         Ok(Caller::Admin) => Outcome::Operator("admin"),
         Ok(Caller::Edge) => Outcome::Operator("edge"),
         Ok(Caller::Tenant(t)) => Outcome::Admitted(t.account_sid, t.key.map(|k| k.sid), t.api),

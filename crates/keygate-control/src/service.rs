@@ -1,5 +1,7 @@
-//! What the control plane does, independent of HTTP: every operation is one function over the
-//! connection, one write transaction, one config version bump. Handlers and the CLI call these.
+//! What the control plane does, independent of HTTP and of the database: every operation is
+//! one function over a store transaction ([`Tx`]: SQLite or Postgres), run by
+//! [`store::Db::write`] as one write transaction with one config version bump. Handlers and the
+//! CLI call these.
 
 use std::collections::{HashMap, HashSet};
 
@@ -9,14 +11,13 @@ use keygate_core::config::{
     Role, SecretDoc, CHANGES_SCHEMA_V1,
 };
 use keygate_core::secret_format::SecretKind;
-use rusqlite::Connection;
 
 use crate::catalog::ApiCatalog;
 use crate::error::{internal, ApiError};
 use crate::model::{self, now, Account, Key, StoredSecret};
 use crate::policy::{Caps, Holdings};
 use crate::secret::{self, new_operator_token, new_secret, new_sid, OperatorKind, Secret};
-use crate::store;
+use crate::store::{self, Tx};
 
 /// Default grace of a regenerated key's old secret: 48 hours, as Exotel does.
 pub const DEFAULT_GRACE_SECONDS: u64 = 48 * 3600;
@@ -66,7 +67,7 @@ fn secret_kind(role: Role) -> SecretKind {
 
 /// Creates an account and its auth token (returned once).
 pub fn create_account(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     caps: &Caps,
     default_region: &str,
@@ -91,16 +92,9 @@ pub fn create_account(
     };
     model::validate_account(cat, &account)?;
     let token = new_secret(SecretKind::AuthToken)?;
-    let tx = store::write_tx(conn)?;
-    store::insert_account(&tx, &account)?;
-    store::insert_secret(
-        &tx,
-        &account.sid,
-        &secret::digest(token.expose().as_bytes()),
-        t,
-    )?;
-    let version = store::bump(&tx)?;
-    tx.commit()?;
+    tx.insert_account(&account)?;
+    tx.insert_secret(&account.sid, &secret::digest(token.expose().as_bytes()), t)?;
+    let version = tx.bump()?;
     tracing::info!(account_sid = %account.sid, version, "account created");
     Ok((account, token, version))
 }
@@ -108,15 +102,14 @@ pub fn create_account(
 /// Applies `patch` to an account, validates the result (caps, and that `holder` does not widen
 /// the account's allowlist beyond what it holds), stores it.
 pub fn update_account(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     caps: &Caps,
     holder: &Holdings,
     sid: &str,
     patch: impl FnOnce(&mut Account) -> Result<(), ApiError>,
 ) -> Result<(Account, u64), ApiError> {
-    let tx = store::write_tx(conn)?;
-    let mut account = store::get_account(&tx, sid)?.ok_or(ApiError::NotFound)?;
+    let mut account = tx.get_account(sid)?.ok_or(ApiError::NotFound)?;
     let before = account.clone();
     patch(&mut account)?;
     if !holder.is_operator()
@@ -139,9 +132,8 @@ pub fn update_account(
     model::validate_region("region", &account.region)?;
     model::validate_account(cat, &account)?;
     account.updated_at = now();
-    store::update_account(&tx, &account)?;
-    let version = store::bump(&tx)?;
-    tx.commit()?;
+    tx.update_account(&account)?;
+    let version = tx.bump()?;
     tracing::info!(account_sid = %sid, status = model::status_str(account.status), version, "account updated");
     Ok((account, version))
 }
@@ -149,7 +141,7 @@ pub fn update_account(
 /// Creates a key with a fresh secret (returned once), refused if it would hold more than
 /// `holder` or the account is at its key cap.
 pub fn create_key(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     caps: &Caps,
     holder: &Holdings,
@@ -172,23 +164,16 @@ pub fn create_key(
         updated_at: t,
     };
     let secret = new_secret(secret_kind(key.role))?;
-    let tx = store::write_tx(conn)?;
-    if store::get_account(&tx, account_sid)?.is_none() {
+    if tx.get_account(account_sid)?.is_none() {
         return Err(ApiError::NotFound);
     }
     caps.check_allowlist("allowed_ips", &key.allowed_ips)?;
     model::validate_key(cat, &key)?;
     holder.check_key(&key)?;
-    caps.check_key_count(store::count_keys(&tx, account_sid)?)?;
-    store::insert_key(&tx, &key)?;
-    store::insert_secret(
-        &tx,
-        &key.sid,
-        &secret::digest(secret.expose().as_bytes()),
-        t,
-    )?;
-    let version = store::bump(&tx)?;
-    tx.commit()?;
+    caps.check_key_count(tx.count_keys(account_sid)?)?;
+    tx.insert_key(&key)?;
+    tx.insert_secret(&key.sid, &secret::digest(secret.expose().as_bytes()), t)?;
+    let version = tx.bump()?;
     tracing::info!(account_sid, key_sid = %key.sid, role = key.role.as_str(), version, "key created");
     Ok((key, secret, version))
 }
@@ -197,7 +182,7 @@ pub fn create_key(
 /// stores it (generation-checked).
 #[allow(clippy::too_many_arguments)]
 pub fn update_key(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     caps: &Caps,
     holder: &Holdings,
@@ -205,8 +190,7 @@ pub fn update_key(
     sid: &str,
     patch: impl FnOnce(&mut Key) -> Result<(), ApiError>,
 ) -> Result<(Key, u64), ApiError> {
-    let tx = store::write_tx(conn)?;
-    let old = store::get_key(&tx, account_sid, sid)?.ok_or(ApiError::NotFound)?;
+    let old = tx.get_key(account_sid, sid)?.ok_or(ApiError::NotFound)?;
     let mut key = old.clone();
     patch(&mut key)?;
     if (key.role == Role::Publishable) != (old.role == Role::Publishable) {
@@ -222,27 +206,24 @@ pub fn update_key(
     model::validate_key(cat, &key)?;
     holder.check_key(&key)?;
     key.updated_at = now();
-    if !store::update_key(&tx, &key)? {
+    if !tx.update_key(&key)? {
         return Err(ApiError::Conflict(
             "the key was changed by a concurrent request; retry",
         ));
     }
     key.generation += 1;
-    let version = store::bump(&tx)?;
-    tx.commit()?;
+    let version = tx.bump()?;
     tracing::info!(account_sid, key_sid = sid, version, "key updated");
     Ok((key, version))
 }
 
 /// Deletes a key and all its secrets: it stops authenticating at the next config version.
-pub fn delete_key(conn: &mut Connection, account_sid: &str, sid: &str) -> Result<u64, ApiError> {
-    let tx = store::write_tx(conn)?;
-    if store::get_key(&tx, account_sid, sid)?.is_none() {
+pub fn delete_key(tx: &mut dyn Tx, account_sid: &str, sid: &str) -> Result<u64, ApiError> {
+    if tx.get_key(account_sid, sid)?.is_none() {
         return Err(ApiError::NotFound);
     }
-    store::delete_key(&tx, sid)?;
-    let version = store::bump(&tx)?;
-    tx.commit()?;
+    tx.delete_key(sid)?;
+    let version = tx.bump()?;
     tracing::info!(account_sid, key_sid = sid, version, "key deleted");
     Ok(version)
 }
@@ -258,7 +239,7 @@ pub struct Regenerated {
 }
 
 /// Gives a key a new secret. The current one keeps working for `grace` seconds (its `not_after`);
-/// with `grace == 0` every older secret stops working at once. In one IMMEDIATE transaction with
+/// with `grace == 0` every older secret stops working at once. In one write transaction with
 /// a generation check, so concurrent regenerations serialize: each caller gets a secret that is
 /// stored, and no secret is stored that its caller did not get back.
 ///
@@ -266,7 +247,7 @@ pub struct Regenerated {
 /// does not hold), if it would keep more secrets in grace than the cap, or if it was regenerated
 /// too often in the last hour.
 pub fn regenerate(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     caps: &Caps,
     holder: &Holdings,
     account_sid: &str,
@@ -279,40 +260,37 @@ pub fn regenerate(
             format!("must be at most {MAX_GRACE_SECONDS} (30 days)"),
         ));
     }
-    let tx = store::write_tx(conn)?;
-    let mut key = store::get_key(&tx, account_sid, sid)?.ok_or(ApiError::NotFound)?;
+    let mut key = tx.get_key(account_sid, sid)?.ok_or(ApiError::NotFound)?;
     holder.check_key(&key)?;
     let t = now();
-    let (count, oldest) = store::note_regeneration(&tx, sid, t, t - 3600)?;
+    let (count, oldest) = tx.note_regeneration(sid, t, t - 3600)?;
     caps.check_regenerations(count, oldest, t)?;
     let secret = new_secret(secret_kind(key.role))?;
-    store::delete_previous(&tx, sid, Some(t))?;
+    tx.delete_previous(sid, Some(t))?;
     if grace > 0 {
         // What remains is the current secret and those still in grace; all of them will be.
-        let in_grace = store::secrets_of(&tx, sid)?.len();
+        let in_grace = tx.secrets_of(sid)?.len();
         caps.check_in_grace(u64::try_from(in_grace).unwrap_or(u64::MAX))?;
     }
     if grace == 0 {
-        store::delete_all_secrets(&tx, sid)?;
+        tx.delete_all_secrets(sid)?;
     } else {
-        store::retire_current(
-            &tx,
+        tx.retire_current(
             sid,
             t.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX)),
         )?;
     }
-    store::insert_secret(&tx, sid, &secret::digest(secret.expose().as_bytes()), t)?;
+    tx.insert_secret(sid, &secret::digest(secret.expose().as_bytes()), t)?;
     key.updated_at = t;
-    if !store::update_key(&tx, &key)? {
+    if !tx.update_key(&key)? {
         // Dropping `tx` rolls back: the new secret was never stored, and is not returned.
         return Err(ApiError::Conflict(
             "the key was regenerated by a concurrent request; retry",
         ));
     }
     key.generation += 1;
-    let version = store::bump(&tx)?;
-    let secrets = store::secrets_of(&tx, sid)?;
-    tx.commit()?;
+    let version = tx.bump()?;
+    let secrets = tx.secrets_of(sid)?;
     tracing::info!(
         account_sid,
         key_sid = sid,
@@ -331,17 +309,15 @@ pub fn regenerate(
 /// Revokes a key's rotated secrets before their grace ends. Returns how many were revoked, and
 /// the new config version if any were.
 pub fn revoke_previous(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     account_sid: &str,
     sid: &str,
 ) -> Result<(usize, Option<u64>), ApiError> {
-    let tx = store::write_tx(conn)?;
-    if store::get_key(&tx, account_sid, sid)?.is_none() {
+    if tx.get_key(account_sid, sid)?.is_none() {
         return Err(ApiError::NotFound);
     }
-    let n = store::delete_previous(&tx, sid, None)?;
-    let version = if n > 0 { Some(store::bump(&tx)?) } else { None };
-    tx.commit()?;
+    let n = tx.delete_previous(sid, None)?;
+    let version = if n > 0 { Some(tx.bump()?) } else { None };
     tracing::info!(
         account_sid,
         key_sid = sid,
@@ -353,7 +329,7 @@ pub fn revoke_previous(
 
 /// Creates an operator token (admin or edge); returns its SID and the token (shown once).
 pub fn create_operator_token(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     kind: OperatorKind,
 ) -> Result<(String, Secret), ApiError> {
     let sid = new_sid(match kind {
@@ -361,15 +337,12 @@ pub fn create_operator_token(
         OperatorKind::Edge => "OE",
     })?;
     let token = new_operator_token(kind)?;
-    let tx = store::write_tx(conn)?;
-    store::insert_operator_token(
-        &tx,
+    tx.insert_operator_token(
         &sid,
         kind,
         &secret::digest(token.expose().as_bytes()),
         now(),
     )?;
-    tx.commit()?;
     tracing::info!(sid = %sid, kind = kind.as_str(), "operator token created");
     Ok((sid, token))
 }
@@ -386,19 +359,19 @@ pub struct Initialized {
 
 /// Bootstraps an empty database: an admin token, a first account, an edge token.
 pub fn init(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     region: &str,
     account_name: Option<String>,
 ) -> Result<Initialized, ApiError> {
-    if store::has_admin(conn)? {
+    if tx.has_admin()? {
         return Err(ApiError::Conflict(
             "already initialized (an admin token exists)",
         ));
     }
-    let (_, admin_token) = create_operator_token(conn, OperatorKind::Admin)?;
+    let (_, admin_token) = create_operator_token(tx, OperatorKind::Admin)?;
     let (account, auth_token, version) = create_account(
-        conn,
+        tx,
         cat,
         &Caps::default(),
         region,
@@ -407,7 +380,7 @@ pub fn init(
             ..NewAccount::default()
         },
     )?;
-    let (_, edge_token) = create_operator_token(conn, OperatorKind::Edge)?;
+    let (_, edge_token) = create_operator_token(tx, OperatorKind::Edge)?;
     Ok(Initialized {
         admin_token,
         account,
@@ -437,13 +410,11 @@ fn to_docs(
 }
 
 /// The complete edge config at the current version, read in one transaction.
-pub fn snapshot(conn: &mut Connection, cat: &ApiCatalog) -> Result<ConfigDoc, ApiError> {
-    let tx = conn.transaction()?;
-    let version = store::version(&tx)?;
-    let accounts = store::all_accounts(&tx)?;
-    let keys = store::all_keys(&tx)?;
-    let secrets = store::all_secrets(&tx)?;
-    tx.commit()?;
+pub fn snapshot(tx: &mut dyn Tx, cat: &ApiCatalog) -> Result<ConfigDoc, ApiError> {
+    let version = tx.version()?;
+    let accounts = tx.all_accounts()?;
+    let keys = tx.all_keys()?;
+    let secrets = tx.all_secrets()?;
     let (accounts, keys) = to_docs(&accounts, &keys, &secrets);
     Ok(cat.doc(version, accounts, keys))
 }
@@ -456,13 +427,13 @@ pub const MAX_CHANGES_LIMIT: usize = 10_000;
 /// version, read in one transaction (so the page is one version's state). Every record is
 /// checked with the edge's compiler first (500 if one would not compile).
 pub fn changes(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     since: u64,
     after: &str,
     limit: usize,
 ) -> Result<ChangesPage, ApiError> {
-    let page = read_changes(conn, cat, since, after, limit)?;
+    let page = read_changes(tx, cat, since, after, limit)?;
     check_page(&page)?;
     Ok(page)
 }
@@ -470,37 +441,31 @@ pub fn changes(
 /// The database half of [`changes`] (the HTTP handler runs [`check_page`] after releasing the
 /// connection): one read transaction.
 pub fn read_changes(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     cat: &ApiCatalog,
     since: u64,
     after: &str,
     limit: usize,
 ) -> Result<ChangesPage, ApiError> {
-    let tx = conn.transaction()?;
-    let version = store::version(&tx)?;
+    let version = tx.version()?;
     if since > 0 {
-        let floor = store::changelog_floor(&tx)?;
+        let floor = tx.changelog_floor()?;
         if since < floor {
             return Err(ApiError::Gone(format!(
                 "since: the change log starts at version {floor}; changes since an older version are not known (sync again from since=0)"
             )));
         }
     }
-    let sids = store::changed_sids(&tx, since, after, limit)?;
-    let list;
+    let sids = tx.changed_sids(since, after, limit)?;
     // A full walk's page holds every SID in its range (each account and key ever written is
     // in the change log): read the range. A delta's SIDs are scattered: read them one by one.
     let owners = match (since, sids.first(), sids.last()) {
         (0, Some(_), Some(last)) => store::Owners::Between(after, last),
-        _ => {
-            list = serde_json::to_string(&sids).map_err(|e| internal("serialize SID list", e))?;
-            store::Owners::Listed(&list)
-        }
+        _ => store::Owners::Listed(&sids),
     };
-    let mut accounts = store::accounts_in(&tx, owners)?;
-    let mut keys = store::keys_in(&tx, owners)?;
-    let mut secrets = store::secrets_in(&tx, owners)?;
-    tx.commit()?;
+    let mut accounts = tx.accounts_in(owners)?;
+    let mut keys = tx.keys_in(owners)?;
+    let mut secrets = tx.secrets_in(owners)?;
     // The page is its SIDs: a row in the range the log does not name stays off it.
     let listed = |sid: &str| sids.binary_search_by(|s| s.as_str().cmp(sid)).is_ok();
     accounts.retain(|a| listed(&a.sid));
@@ -567,14 +532,15 @@ pub fn check_page(page: &ChangesPage) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
     use std::collections::BTreeSet;
 
     fn setup() -> (tempfile::TempDir, std::path::PathBuf, ApiCatalog, String) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.db");
         let cat = ApiCatalog::built_in().unwrap();
-        let mut conn = store::open(&path).unwrap();
-        let out = init(&mut conn, &cat, "us1", None).unwrap();
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let out = store::sqlite::write(&mut conn, |tx| init(tx, &cat, "us1", None)).unwrap();
         (dir, path, cat, out.account.sid)
     }
 
@@ -583,22 +549,24 @@ mod tests {
     #[test]
     fn regenerations_on_separate_connections_serialize() {
         let (_dir, path, cat, ac) = setup();
-        let mut conn = store::open(&path).unwrap();
-        let (key, first, _) = create_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            NewKey::with_role(Role::Standard),
-        )
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let (key, first, _) = store::sqlite::write(&mut conn, |tx| {
+            create_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                NewKey::with_role(Role::Standard),
+            )
+        })
         .unwrap();
         let handed_out =
             std::sync::Mutex::new(BTreeSet::from([secret::digest(first.expose().as_bytes())]));
         std::thread::scope(|s| {
             for _ in 0..2 {
                 s.spawn(|| {
-                    let mut c = store::open(&path).unwrap();
+                    let mut c = store::sqlite::open(&path).unwrap();
                     for _ in 0..20 {
                         // Caps off: this test is about concurrent writers.
                         let caps = Caps {
@@ -606,7 +574,9 @@ mod tests {
                             regenerations_per_hour: u64::MAX,
                             ..Caps::default()
                         };
-                        match regenerate(&mut c, &caps, &Holdings::Operator, &ac, &key.sid, 3600) {
+                        match store::sqlite::write(&mut c, |tx| {
+                            regenerate(tx, &caps, &Holdings::Operator, &ac, &key.sid, 3600)
+                        }) {
                             Ok(r) => {
                                 handed_out
                                     .lock()
@@ -620,7 +590,7 @@ mod tests {
                 });
             }
         });
-        let stored: BTreeSet<String> = store::secrets_of(&conn, &key.sid)
+        let stored: BTreeSet<String> = store::sqlite::secrets_of(&conn, &key.sid)
             .unwrap()
             .into_iter()
             .map(|s| s.digest)
@@ -628,7 +598,7 @@ mod tests {
         let handed_out = handed_out.into_inner().unwrap();
         assert!(stored.is_subset(&handed_out));
         assert_eq!(
-            store::secrets_of(&conn, &key.sid)
+            store::sqlite::secrets_of(&conn, &key.sid)
                 .unwrap()
                 .iter()
                 .filter(|s| s.not_after.is_none())
@@ -636,7 +606,7 @@ mod tests {
             1
         );
         assert_eq!(
-            store::get_key_by_sid(&conn, &key.sid)
+            store::sqlite::get_key_by_sid(&conn, &key.sid)
                 .unwrap()
                 .unwrap()
                 .generation as usize,
@@ -647,28 +617,25 @@ mod tests {
     #[test]
     fn a_stale_generation_writes_nothing() {
         let (_dir, path, cat, ac) = setup();
-        let mut conn = store::open(&path).unwrap();
-        let (key, _, _) = create_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            NewKey::with_role(Role::Main),
-        )
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let (key, _, _) = store::sqlite::write(&mut conn, |tx| {
+            create_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                NewKey::with_role(Role::Main),
+            )
+        })
         .unwrap();
-        regenerate(
-            &mut conn,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            &key.sid,
-            0,
-        )
+        store::sqlite::write(&mut conn, |tx| {
+            regenerate(tx, &Caps::default(), &Holdings::Operator, &ac, &key.sid, 0)
+        })
         .unwrap();
-        let tx = store::write_tx(&mut conn).unwrap();
+        let tx = store::sqlite::write_tx(&mut conn).unwrap();
         assert!(
-            !store::update_key(&tx, &key).unwrap(),
+            !store::sqlite::update_key(&tx, &key).unwrap(),
             "generation 0 is stale after a regeneration"
         );
     }
@@ -686,14 +653,14 @@ mod tests {
     #[test]
     fn every_write_records_what_it_changed_at_its_version() {
         let (_dir, path, cat, ac) = setup();
-        let mut conn = store::open(&path).unwrap();
-        let v0 = store::version(&conn).unwrap();
-        let full = changes(&mut conn, &cat, 0, "", 100).unwrap();
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let v0 = store::sqlite::version(&conn).unwrap();
+        let full = store::sqlite::write(&mut conn, |tx| changes(tx, &cat, 0, "", 100)).unwrap();
         assert_eq!(sids(&full), (vec![ac.as_str()], vec![], vec![]));
         assert_eq!((full.version, full.next.clone()), (v0, None));
         // What changed after `since`, and the version the page is at.
         let delta = |conn: &mut Connection, since: u64| {
-            let p = changes(conn, &cat, since, "", 100).unwrap();
+            let p = store::sqlite::write(conn, |tx| changes(tx, &cat, since, "", 100)).unwrap();
             let (a, k, d) = sids(&p);
             let own = |v: Vec<&str>| v.into_iter().map(str::to_owned).collect::<Vec<_>>();
             (p.version, own(a), own(k), own(d))
@@ -701,64 +668,72 @@ mod tests {
         let none: Vec<String> = vec![];
         let one = |s: &str| vec![s.to_owned()];
 
-        let (key, _, v1) = create_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            NewKey::with_role(Role::Main),
-        )
+        let (key, _, v1) = store::sqlite::write(&mut conn, |tx| {
+            create_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                NewKey::with_role(Role::Main),
+            )
+        })
         .unwrap();
         assert_eq!(
             delta(&mut conn, v0),
             (v1, none.clone(), one(&key.sid), none.clone())
         );
-        let (other, _, v2) = create_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            NewKey::with_role(Role::Standard),
-        )
+        let (other, _, v2) = store::sqlite::write(&mut conn, |tx| {
+            create_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                NewKey::with_role(Role::Standard),
+            )
+        })
         .unwrap();
         assert_eq!(
             delta(&mut conn, v1),
             (v2, none.clone(), one(&other.sid), none.clone())
         );
-        let (_, v3) = update_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            &key.sid,
-            |k| {
-                k.enabled = false;
-                Ok(())
-            },
-        )
+        let (_, v3) = store::sqlite::write(&mut conn, |tx| {
+            update_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                &key.sid,
+                |k| {
+                    k.enabled = false;
+                    Ok(())
+                },
+            )
+        })
         .unwrap();
         assert_eq!(
             delta(&mut conn, v2),
             (v3, none.clone(), one(&key.sid), none.clone())
         );
-        let v4 = regenerate(
-            &mut conn,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            &other.sid,
-            60,
-        )
+        let v4 = store::sqlite::write(&mut conn, |tx| {
+            regenerate(
+                tx,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                &other.sid,
+                60,
+            )
+        })
         .unwrap()
         .version;
         assert_eq!(
             delta(&mut conn, v3),
             (v4, none.clone(), one(&other.sid), none.clone())
         );
-        let v5 = revoke_previous(&mut conn, &ac, &other.sid)
+        let v5 = store::sqlite::write(&mut conn, |tx| revoke_previous(tx, &ac, &other.sid))
             .unwrap()
             .1
             .unwrap();
@@ -766,34 +741,25 @@ mod tests {
             delta(&mut conn, v4),
             (v5, none.clone(), one(&other.sid), none.clone())
         );
-        let (_, v6) = update_account(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            |a| {
+        let (_, v6) = store::sqlite::write(&mut conn, |tx| {
+            update_account(tx, &cat, &Caps::default(), &Holdings::Operator, &ac, |a| {
                 a.allowed_ips = Some(vec!["10.0.0.0/8".to_owned()]);
                 Ok(())
-            },
-        )
+            })
+        })
         .unwrap();
         assert_eq!(
             delta(&mut conn, v5),
             (v6, one(&ac), none.clone(), none.clone())
         );
-        let v7 = delete_key(&mut conn, &ac, &key.sid).unwrap();
+        let v7 = store::sqlite::write(&mut conn, |tx| delete_key(tx, &ac, &key.sid)).unwrap();
         assert_eq!(
             delta(&mut conn, v6),
             (v7, none.clone(), none.clone(), one(&key.sid))
         );
-        let (ac2, _, v8) = create_account(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            "us1",
-            NewAccount::default(),
-        )
+        let (ac2, _, v8) = store::sqlite::write(&mut conn, |tx| {
+            create_account(tx, &cat, &Caps::default(), "us1", NewAccount::default())
+        })
         .unwrap();
         assert_eq!(
             delta(&mut conn, v7),
@@ -802,21 +768,24 @@ mod tests {
         assert_eq!([v1, v8], [v0 + 1, v0 + 8]);
 
         // Refused and no-op writes record nothing; operator tokens are not in the feed.
-        assert!(update_key(
-            &mut conn,
+        assert!(store::sqlite::write(&mut conn, |tx| update_key(
+            tx,
             &cat,
             &Caps::default(),
             &Holdings::Operator,
             &ac,
             &other.sid,
             |_| Err(ApiError::NotFound)
-        )
+        ))
         .is_err());
         assert_eq!(
-            revoke_previous(&mut conn, &ac, &other.sid).unwrap(),
+            store::sqlite::write(&mut conn, |tx| revoke_previous(tx, &ac, &other.sid)).unwrap(),
             (0, None)
         );
-        create_operator_token(&mut conn, OperatorKind::Edge).unwrap();
+        store::sqlite::write(&mut conn, |tx| {
+            create_operator_token(tx, OperatorKind::Edge)
+        })
+        .unwrap();
         let pending: i64 = conn
             .query_row("SELECT count(*) FROM pending_changes", [], |r| r.get(0))
             .unwrap();
@@ -842,13 +811,13 @@ mod tests {
     fn changes_pages_at_200k_keys() {
         use std::time::Instant;
         let (_dir, path, cat, ac) = setup();
-        let mut conn = store::open(&path).unwrap();
+        let mut conn = store::sqlite::open(&path).unwrap();
         let n: usize = std::env::var("KEYGATE_BENCH_ROWS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(200_000);
         let started = Instant::now();
-        let tx = store::write_tx(&mut conn).unwrap();
+        let tx = store::sqlite::write_tx(&mut conn).unwrap();
         for i in 0..n {
             let mut key = Key {
                 sid: new_sid("SK").unwrap(),
@@ -867,10 +836,11 @@ mod tests {
             if i % 10 == 0 {
                 key.allowed_ips = Some(vec!["10.0.0.0/8".to_owned()]);
             }
-            store::insert_key(&tx, &key).unwrap();
-            store::insert_secret(&tx, &key.sid, &secret::digest(key.sid.as_bytes()), 0).unwrap();
+            store::sqlite::insert_key(&tx, &key).unwrap();
+            store::sqlite::insert_secret(&tx, &key.sid, &secret::digest(key.sid.as_bytes()), 0)
+                .unwrap();
         }
-        let v = store::bump(&tx).unwrap();
+        let v = store::sqlite::bump(&tx).unwrap();
         tx.commit().unwrap();
         println!(
             "{n} keys written in {:.1} s",
@@ -882,7 +852,9 @@ mod tests {
             let mut after = String::new();
             loop {
                 let t = Instant::now();
-                let page = read_changes(&mut conn, &cat, 0, &after, limit).unwrap();
+                let page =
+                    store::sqlite::write(&mut conn, |tx| read_changes(tx, &cat, 0, &after, limit))
+                        .unwrap();
                 read += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 check_page(&page).unwrap();
@@ -909,24 +881,26 @@ mod tests {
     #[test]
     fn a_page_the_edge_would_refuse_is_not_served() {
         let (_dir, path, cat, ac) = setup();
-        let mut conn = store::open(&path).unwrap();
-        create_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            NewKey::with_role(Role::Main),
-        )
+        let mut conn = store::sqlite::open(&path).unwrap();
+        store::sqlite::write(&mut conn, |tx| {
+            create_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                NewKey::with_role(Role::Main),
+            )
+        })
         .unwrap();
         conn.execute(
             "UPDATE secrets SET digest = 'not hex' WHERE owner_sid LIKE 'SK%'",
             [],
         )
         .unwrap();
-        assert!(read_changes(&mut conn, &cat, 0, "", 10).is_ok());
+        assert!(store::sqlite::write(&mut conn, |tx| read_changes(tx, &cat, 0, "", 10)).is_ok());
         assert_eq!(
-            changes(&mut conn, &cat, 0, "", 10).unwrap_err(),
+            store::sqlite::write(&mut conn, |tx| changes(tx, &cat, 0, "", 10)).unwrap_err(),
             ApiError::Internal
         );
     }
@@ -934,57 +908,57 @@ mod tests {
     #[test]
     fn every_change_bumps_the_version_once() {
         let (_dir, path, cat, ac) = setup();
-        let mut conn = store::open(&path).unwrap();
-        let v0 = store::version(&conn).unwrap();
-        let (key, _, v1) = create_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            NewKey::with_role(Role::Main),
-        )
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let v0 = store::sqlite::version(&conn).unwrap();
+        let (key, _, v1) = store::sqlite::write(&mut conn, |tx| {
+            create_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                NewKey::with_role(Role::Main),
+            )
+        })
         .unwrap();
-        let (_, v2) = update_key(
-            &mut conn,
-            &cat,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            &key.sid,
-            |k| {
-                k.enabled = false;
-                Ok(())
-            },
-        )
+        let (_, v2) = store::sqlite::write(&mut conn, |tx| {
+            update_key(
+                tx,
+                &cat,
+                &Caps::default(),
+                &Holdings::Operator,
+                &ac,
+                &key.sid,
+                |k| {
+                    k.enabled = false;
+                    Ok(())
+                },
+            )
+        })
         .unwrap();
-        let v3 = regenerate(
-            &mut conn,
-            &Caps::default(),
-            &Holdings::Operator,
-            &ac,
-            &key.sid,
-            60,
-        )
+        let v3 = store::sqlite::write(&mut conn, |tx| {
+            regenerate(tx, &Caps::default(), &Holdings::Operator, &ac, &key.sid, 60)
+        })
         .unwrap()
         .version;
-        let (_, v4) = revoke_previous(&mut conn, &ac, &key.sid).unwrap();
-        let v5 = delete_key(&mut conn, &ac, &key.sid).unwrap();
+        let (_, v4) =
+            store::sqlite::write(&mut conn, |tx| revoke_previous(tx, &ac, &key.sid)).unwrap();
+        let v5 = store::sqlite::write(&mut conn, |tx| delete_key(tx, &ac, &key.sid)).unwrap();
         assert_eq!(
             [v1, v2, v3, v4.unwrap(), v5],
             [v0 + 1, v0 + 2, v0 + 3, v0 + 4, v0 + 5]
         );
         // A refused change bumps nothing.
-        assert!(update_key(
-            &mut conn,
+        assert!(store::sqlite::write(&mut conn, |tx| update_key(
+            tx,
             &cat,
             &Caps::default(),
             &Holdings::Operator,
             &ac,
             "SKnope",
             |_| Ok(())
-        )
+        ))
         .is_err());
-        assert_eq!(store::version(&conn).unwrap(), v5);
+        assert_eq!(store::sqlite::version(&conn).unwrap(), v5);
     }
 }

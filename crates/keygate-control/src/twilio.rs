@@ -26,7 +26,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, TwilioError};
 use crate::model::{self, rfc2822, Key};
 use crate::service::{self, NewKey};
-use crate::{store, AppState};
+use crate::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -95,7 +95,7 @@ async fn create(
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, secret, version) = state
         .db()
-        .call(move |c| service::create_key(c, &cat, &caps, &holder, &account_sid, new))
+        .write(move |c| service::create_key(c, &cat, &caps, &holder, &account_sid, new))
         .await?;
     state.published(version);
     let mut body = key_json(&key);
@@ -112,7 +112,7 @@ async fn fetch(
     let sid = key_sid(&key_file)?;
     let key = state
         .db()
-        .read(move |c| store::get_key(c, &account_sid, &sid))
+        .read(move |c| c.get_key(&account_sid, &sid))
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(Value::Object(key_json(&key))))
@@ -134,7 +134,7 @@ async fn update(
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, version) = state
         .db()
-        .call(move |c| {
+        .write(move |c| {
             service::update_key(c, &cat, &caps, &holder, &account_sid, &sid, |k| {
                 if name.is_some() {
                     k.friendly_name = name;
@@ -156,7 +156,7 @@ async fn delete(
     let sid = key_sid(&key_file)?;
     let version = state
         .db()
-        .call(move |c| service::delete_key(c, &account_sid, &sid))
+        .write(move |c| service::delete_key(c, &account_sid, &sid))
         .await?;
     state.published(version);
     Ok(StatusCode::NO_CONTENT)
@@ -197,8 +197,8 @@ async fn list(
         .db()
         .read(move |c| {
             Ok((
-                store::get_account(c, &acc)?.is_some(),
-                store::list_keys(c, &acc, start, page_size + 1)?,
+                c.get_account(&acc)?.is_some(),
+                c.list_keys(&acc, start, page_size + 1)?,
             ))
         })
         .await?;

@@ -25,7 +25,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::model::{self, rfc3339, Account, Key, StoredSecret};
 use crate::service::{self, NewAccount, NewKey, DEFAULT_GRACE_SECONDS};
-use crate::{parse_json, store, AppState};
+use crate::{parse_json, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -119,7 +119,7 @@ async fn create_account(
     let caps = state.caps().clone();
     let (account, token, version) = state
         .db()
-        .call(move |c| service::create_account(c, &cat, &caps, &region, new))
+        .write(move |c| service::create_account(c, &cat, &caps, &region, new))
         .await?;
     state.published(version);
     let mut body = account_json(&account);
@@ -135,7 +135,7 @@ async fn fetch_account(
     caller.managing(&sid)?;
     let account = state
         .db()
-        .read(move |c| store::get_account(c, &sid))
+        .read(move |c| c.get_account(&sid))
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(account_json(&account)))
@@ -165,7 +165,7 @@ async fn update_account(
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (account, version) = state
         .db()
-        .call(move |c| {
+        .write(move |c| {
             service::update_account(c, &cat, &caps, &holder, &sid, |a| {
                 if let Some(v) = req.friendly_name {
                     a.friendly_name = v;
@@ -199,13 +199,13 @@ async fn list_keys(
     let keys = state
         .db()
         .read(move |c| {
-            if store::get_account(c, &sid)?.is_none() {
+            if c.get_account(&sid)?.is_none() {
                 return Err(ApiError::NotFound);
             }
-            store::list_keys(c, &sid, 0, u64::MAX)?
+            c.list_keys(&sid, 0, u64::MAX)?
                 .into_iter()
                 .map(|k| {
-                    let s = store::secrets_of(c, &k.sid)?;
+                    let s = c.secrets_of(&k.sid)?;
                     Ok(key_json(&k, &s))
                 })
                 .collect::<Result<Vec<_>, ApiError>>()
@@ -253,9 +253,9 @@ async fn create_key(
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, secret, secrets, version) = state
         .db()
-        .call(move |c| {
+        .write(move |c| {
             let (key, secret, version) = service::create_key(c, &cat, &caps, &holder, &sid, new)?;
-            let secrets = store::secrets_of(c, &key.sid)?;
+            let secrets = c.secrets_of(&key.sid)?;
             Ok((key, secret, secrets, version))
         })
         .await?;
@@ -274,8 +274,8 @@ async fn fetch_key(
     let (key, secrets) = state
         .db()
         .read(move |c| {
-            let key = store::get_key(c, &sid, &key_sid)?.ok_or(ApiError::NotFound)?;
-            let secrets = store::secrets_of(c, &key.sid)?;
+            let key = c.get_key(&sid, &key_sid)?.ok_or(ApiError::NotFound)?;
+            let secrets = c.secrets_of(&key.sid)?;
             Ok((key, secrets))
         })
         .await?;
@@ -315,7 +315,7 @@ async fn update_key(
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
     let (key, secrets, version) = state
         .db()
-        .call(move |c| {
+        .write(move |c| {
             let (key, version) =
                 service::update_key(c, &cat, &caps, &holder, &sid, &key_sid, |k| {
                     if let Some(v) = req.friendly_name {
@@ -341,7 +341,7 @@ async fn update_key(
                     }
                     Ok(())
                 })?;
-            let secrets = store::secrets_of(c, &key.sid)?;
+            let secrets = c.secrets_of(&key.sid)?;
             Ok((key, secrets, version))
         })
         .await?;
@@ -357,7 +357,7 @@ async fn delete_key(
     caller.managing(&sid)?;
     let version = state
         .db()
-        .call(move |c| service::delete_key(c, &sid, &key_sid))
+        .write(move |c| service::delete_key(c, &sid, &key_sid))
         .await?;
     state.published(version);
     Ok(StatusCode::NO_CONTENT)
@@ -381,7 +381,7 @@ async fn regenerate(
     let caps = state.caps().clone();
     let r = state
         .db()
-        .call(move |c| service::regenerate(c, &caps, &holder, &sid, &key_sid, grace))
+        .write(move |c| service::regenerate(c, &caps, &holder, &sid, &key_sid, grace))
         .await?;
     state.published(r.version);
     let mut body = key_json(&r.key, &r.secrets);
@@ -397,7 +397,7 @@ async fn revoke_previous(
     caller.managing(&sid)?;
     let (_, version) = state
         .db()
-        .call(move |c| service::revoke_previous(c, &sid, &key_sid))
+        .write(move |c| service::revoke_previous(c, &sid, &key_sid))
         .await?;
     if let Some(v) = version {
         state.published(v);

@@ -542,8 +542,8 @@ async fn a_database_from_before_the_change_log_is_backfilled() {
         conn.execute_batch(store::MIGRATIONS[0]).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
         let tx = conn.transaction().unwrap();
-        store::insert_account(&tx, &account).unwrap();
-        store::insert_secret(
+        store::sqlite::insert_account(&tx, &account).unwrap();
+        store::sqlite::insert_secret(
             &tx,
             &account.sid,
             &secret::digest(auth_token.expose().as_bytes()),
@@ -568,9 +568,14 @@ async fn a_database_from_before_the_change_log_is_backfilled() {
                 created_at: 1_700_000_000,
                 updated_at: 1_700_000_000,
             };
-            store::insert_key(&tx, &key).unwrap();
-            store::insert_secret(&tx, &key.sid, &format!("{i:02x}").repeat(32), 1_700_000_000)
-                .unwrap();
+            store::sqlite::insert_key(&tx, &key).unwrap();
+            store::sqlite::insert_secret(
+                &tx,
+                &key.sid,
+                &format!("{i:02x}").repeat(32),
+                1_700_000_000,
+            )
+            .unwrap();
             key_sids.push(key.sid);
         }
         tx.execute("UPDATE config_version SET version = 9", [])
@@ -586,13 +591,19 @@ async fn a_database_from_before_the_change_log_is_backfilled() {
         assert_eq!(tables, 0, "migration 1 only");
     }
     // Opening migrates; the operator tokens the test needs create no change.
-    let mut conn = store::open(&db).unwrap();
+    let mut conn = store::sqlite::open(&db).unwrap();
     let user_version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(user_version, store::MIGRATIONS.len() as i64);
-    let (_, admin) = service::create_operator_token(&mut conn, OperatorKind::Admin).unwrap();
-    let (_, edge_token) = service::create_operator_token(&mut conn, OperatorKind::Edge).unwrap();
+    let (_, admin) = store::sqlite::write(&mut conn, |tx| {
+        service::create_operator_token(tx, OperatorKind::Admin)
+    })
+    .unwrap();
+    let (_, edge_token) = store::sqlite::write(&mut conn, |tx| {
+        service::create_operator_token(tx, OperatorKind::Edge)
+    })
+    .unwrap();
     drop(conn);
     let creds = Creds {
         admin: admin.expose().to_owned(),

@@ -219,8 +219,11 @@ impl InProc {
     pub async fn start_with(config: Config) -> InProc {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("keygate.db");
-        let mut conn = store::open(&db).unwrap();
-        let out = service::init(&mut conn, &config.catalog, &config.default_region, None).unwrap();
+        let mut conn = store::sqlite::open(&db).unwrap();
+        let out = store::sqlite::write(&mut conn, |tx| {
+            service::init(tx, &config.catalog, &config.default_region, None)
+        })
+        .unwrap();
         drop(conn);
         let creds = Creds {
             admin: out.admin_token.expose().to_owned(),
@@ -242,7 +245,9 @@ impl InProc {
         creds: Creds,
         config: Config,
     ) -> InProc {
-        let state = AppState::open(&db, config).unwrap();
+        let state = AppState::open(&keygate_control::Database::Sqlite(db.clone()), config)
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,13 +1,12 @@
 //! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so a change is on
 //! disk before it is acknowledged and survives `kill -9` at any moment.
 //!
-//! One writer connection behind a mutex ([`Db::call`], on `spawn_blocking`): every write is one
-//! `BEGIN IMMEDIATE` transaction that also increments the config version (one row,
-//! `config_version`). Reads that need no write — authentication of every request, the edge
-//! feeds, fetches and lists — go to a pool of read-only connections ([`Db::read`]; WAL lets
-//! them read while the writer writes), so a flood of requests cannot queue the change feed
-//! behind one mutex. Other processes (the CLI) may write the same file; SQLite's locking and
-//! `busy_timeout` serialize them.
+//! One writer connection behind a mutex ([`Db::write`]): every write is one `BEGIN IMMEDIATE`
+//! transaction that also increments the config version (one row, `config_version`). Reads that
+//! need no write — authentication of every request, the edge feeds, fetches and lists — go to a
+//! pool of read-only connections ([`Db::read`]; WAL lets them read while the writer writes), so
+//! a flood of requests cannot queue the change feed behind one mutex. Other processes (the CLI)
+//! may write the same file; SQLite's locking and `busy_timeout` serialize them.
 //!
 //! Only digests of secrets are stored (`secrets.digest`, `operator_tokens.digest`).
 
@@ -19,6 +18,7 @@ use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::de::DeserializeOwned;
 
+use super::{EdgeSeen, Owners, Tx};
 use crate::error::{internal, ApiError};
 use crate::model::{parse_role, parse_status, role_str, status_str, Account, Key, StoredSecret};
 use crate::secret::OperatorKind;
@@ -138,6 +138,16 @@ INSERT INTO changelog (sid, version)
 CREATE TABLE regenerations (key_sid TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE INDEX regenerations_by_key ON regenerations (key_sid, at);
 "#,
+    // 4: the fleet view: what each edge said about itself on its last feed request.
+    r#"
+CREATE TABLE edges (
+    id        TEXT PRIMARY KEY,
+    region    TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE INDEX edges_by_last_seen ON edges (last_seen);
+"#,
 ];
 
 /// Opens (creating if needed) and migrates the database file.
@@ -188,6 +198,11 @@ pub struct Db {
 }
 
 impl Db {
+    /// Opens (creating and migrating) the file: the writer and a pool of read-only connections.
+    pub fn open(path: &Path) -> Result<Db, String> {
+        Db::new(open(path)?, path)
+    }
+
     /// The writer `conn` (opened by [`open`], so the file exists, is in WAL mode and migrated)
     /// and a pool of read-only connections to the same file.
     pub fn new(conn: Connection, path: &Path) -> Result<Db, String> {
@@ -210,40 +225,51 @@ impl Db {
         })
     }
 
-    /// Runs `f` on a read-only connection from the pool, on the blocking pool. Writes fail there
-    /// (`query_only`); use [`Db::call`] for anything that writes.
-    pub async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, ApiError> + Send + 'static,
-    {
-        let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = readers
-                .get()
-                .map_err(|e| internal("no read connection", e))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| internal("database task failed", e))?
+    /// Runs `f` in a read transaction on a read-only connection from the pool. Writes fail
+    /// there (`query_only`).
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        let mut conn = self
+            .readers
+            .get()
+            .map_err(|e| internal("no read connection", e))?;
+        read(&mut conn, f)
     }
 
-    /// Runs `f` on the connection on the blocking pool.
-    pub async fn call<R, F>(&self, f: F) -> Result<R, ApiError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, ApiError> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic cannot leave a transaction open (Transaction rolls back on drop), so a
-            // poisoned lock still guards a usable connection.
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| internal("database task failed", e))?
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer; commits if it returns `Ok`.
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        // A panic cannot leave a transaction open (Transaction rolls back on drop), so a
+        // poisoned lock still guards a usable connection.
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        write(&mut guard, f)
     }
+}
+
+/// Runs `f` in a read transaction on `conn` (one snapshot).
+pub fn read<R>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+) -> Result<R, ApiError> {
+    let mut tx = conn.transaction()?;
+    let r = f(&mut tx)?;
+    tx.commit()?;
+    Ok(r)
+}
+
+/// Runs `f` in one `BEGIN IMMEDIATE` transaction on `conn`; commits if it returns `Ok`.
+pub fn write<R>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+) -> Result<R, ApiError> {
+    let mut tx = write_tx(conn)?;
+    let r = f(&mut tx)?;
+    tx.commit()?;
+    Ok(r)
 }
 
 /// Starts a write transaction (takes the write lock now, so read-then-write cannot race).
@@ -695,54 +721,46 @@ pub fn changed_sids(
     Ok(rows)
 }
 
-/// Which accounts, keys and secrets a change-feed page reads.
-#[derive(Debug, Clone, Copy)]
-pub enum Owners<'a> {
-    /// The SIDs in a JSON array (a delta: a few SIDs anywhere in the table).
-    Listed(&'a str),
-    /// Every SID in `(after, last]` (a full walk's page: each row in the range is on it). A
-    /// range scan of the SID index instead of one seek per listed SID: about 3 times faster
-    /// at 1M keys.
-    Between(&'a str, &'a str),
+/// `select` restricted to `owners` (by column `col`), ordered by `order`, and its arguments.
+fn owners_sql(
+    owners: Owners<'_>,
+    select: &str,
+    col: &str,
+    order: &str,
+) -> Result<(String, Vec<String>), ApiError> {
+    let (cond, args) = match owners {
+        Owners::Listed(sids) => (
+            format!("{col} IN (SELECT value FROM json_each(?1))"),
+            vec![serde_json::to_string(sids).map_err(|e| internal("serialize SID list", e))?],
+        ),
+        Owners::Between(after, last) => (
+            format!("{col} > ?1 AND {col} <= ?2"),
+            vec![after.to_owned(), last.to_owned()],
+        ),
+    };
+    Ok((format!("{select} WHERE {cond} ORDER BY {order}"), args))
 }
 
-impl Owners<'_> {
-    /// `select` restricted to these owners (by column `col`), ordered by `order`.
-    fn sql(&self, select: &str, col: &str, order: &str) -> String {
-        let cond = match self {
-            Owners::Listed(_) => format!("{col} IN (SELECT value FROM json_each(?1))"),
-            Owners::Between(..) => format!("{col} > ?1 AND {col} <= ?2"),
-        };
-        format!("{select} WHERE {cond} ORDER BY {order}")
-    }
-
-    fn args(&self) -> Vec<&str> {
-        match *self {
-            Owners::Listed(json) => vec![json],
-            Owners::Between(after, last) => vec![after, last],
-        }
-    }
-
-    fn query<T>(
-        &self,
-        conn: &Connection,
-        select: &str,
-        col: &str,
-        order: &str,
-        row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<Vec<T>, ApiError> {
-        let mut st = conn.prepare_cached(&self.sql(select, col, order))?;
-        let rows = st
-            .query_map(rusqlite::params_from_iter(self.args()), row)?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
+fn owners_query<T>(
+    conn: &Connection,
+    owners: Owners<'_>,
+    select: &str,
+    col: &str,
+    order: &str,
+    row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, ApiError> {
+    let (sql, args) = owners_sql(owners, select, col, order)?;
+    let mut st = conn.prepare_cached(&sql)?;
+    let rows = st
+        .query_map(rusqlite::params_from_iter(args), row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
 }
 
 /// The accounts among `owners`, ascending by SID.
 pub fn accounts_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
     let select = format!("SELECT {ACCOUNT_COLS} FROM accounts");
-    owners.query(conn, &select, "sid", "sid", account_row)
+    owners_query(conn, owners, &select, "sid", "sid", account_row)
 }
 
 const OWNED_SECRETS: &str = "SELECT digest, owner_sid, not_after, created_at FROM secrets";
@@ -751,12 +769,19 @@ const SECRETS_ORDER: &str = "owner_sid, not_after IS NOT NULL, not_after DESC, c
 /// The keys among `owners`, ascending by SID.
 pub fn keys_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
     let select = format!("SELECT {KEY_COLS} FROM keys");
-    owners.query(conn, &select, "sid", "sid", key_row)
+    owners_query(conn, owners, &select, "sid", "sid", key_row)
 }
 
 /// The secrets of the owners among `owners`, in [`all_secrets`]' order.
 pub fn secrets_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
-    owners.query(conn, OWNED_SECRETS, "owner_sid", SECRETS_ORDER, secret_row)
+    owners_query(
+        conn,
+        owners,
+        OWNED_SECRETS,
+        "owner_sid",
+        SECRETS_ORDER,
+        secret_row,
+    )
 }
 
 /// `?1` since, `?2` cap.
@@ -767,6 +792,168 @@ const FULL_PAGE: &str =
 const SPARSE_PAGE: &str = "SELECT sid FROM changelog INDEXED BY changelog_by_version WHERE version > ?1 AND sid > ?2 ORDER BY sid LIMIT ?3";
 const DENSE_PAGE: &str =
     "SELECT sid FROM changelog NOT INDEXED WHERE sid > ?2 AND version > ?1 ORDER BY sid LIMIT ?3";
+
+// ---- fleet ----
+
+pub fn note_edges(conn: &Connection, seen: &[EdgeSeen]) -> Result<(), ApiError> {
+    let mut st = conn.prepare_cached(
+        "INSERT INTO edges (id, region, version, last_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
+             last_seen = excluded.last_seen
+         WHERE excluded.last_seen >= edges.last_seen",
+    )?;
+    for e in seen {
+        st.execute(params![
+            e.id,
+            e.region,
+            i64::try_from(e.version).unwrap_or(i64::MAX),
+            e.last_seen
+        ])?;
+    }
+    Ok(())
+}
+
+pub fn edges(conn: &Connection, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, region, version, last_seen FROM edges WHERE last_seen >= ?1 ORDER BY id",
+    )?;
+    let rows = st
+        .query_map([since], |r| {
+            Ok(EdgeSeen {
+                id: r.get(0)?,
+                region: r.get(1)?,
+                version: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                last_seen: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// A SQLite transaction is the store's [`Tx`]: each method is the function of the same name.
+impl Tx for Transaction<'_> {
+    fn version(&mut self) -> Result<u64, ApiError> {
+        version(self)
+    }
+    fn bump(&mut self) -> Result<u64, ApiError> {
+        bump(self)
+    }
+    fn changelog_floor(&mut self) -> Result<u64, ApiError> {
+        changelog_floor(self)
+    }
+    fn insert_operator_token(
+        &mut self,
+        sid: &str,
+        kind: OperatorKind,
+        digest: &str,
+        now: i64,
+    ) -> Result<(), ApiError> {
+        insert_operator_token(self, sid, kind, digest, now)
+    }
+    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, ApiError> {
+        find_operator_token(self, digest)
+    }
+    fn has_admin(&mut self) -> Result<bool, ApiError> {
+        has_admin(self)
+    }
+    fn insert_account(&mut self, a: &Account) -> Result<(), ApiError> {
+        insert_account(self, a)
+    }
+    fn update_account(&mut self, a: &Account) -> Result<(), ApiError> {
+        update_account(self, a)
+    }
+    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, ApiError> {
+        get_account(self, sid)
+    }
+    fn all_accounts(&mut self) -> Result<Vec<Account>, ApiError> {
+        all_accounts(self)
+    }
+    fn insert_key(&mut self, k: &Key) -> Result<(), ApiError> {
+        insert_key(self, k)
+    }
+    fn update_key(&mut self, k: &Key) -> Result<bool, ApiError> {
+        update_key(self, k)
+    }
+    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, ApiError> {
+        get_key(self, account_sid, sid)
+    }
+    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, ApiError> {
+        get_key_by_sid(self, sid)
+    }
+    fn list_keys(
+        &mut self,
+        account_sid: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<Key>, ApiError> {
+        list_keys(self, account_sid, offset, limit)
+    }
+    fn all_keys(&mut self) -> Result<Vec<Key>, ApiError> {
+        all_keys(self)
+    }
+    fn count_keys(&mut self, account_sid: &str) -> Result<u64, ApiError> {
+        count_keys(self, account_sid)
+    }
+    fn note_regeneration(
+        &mut self,
+        key_sid: &str,
+        at: i64,
+        forget_before: i64,
+    ) -> Result<(u64, i64), ApiError> {
+        note_regeneration(self, key_sid, at, forget_before)
+    }
+    fn delete_key(&mut self, sid: &str) -> Result<bool, ApiError> {
+        delete_key(self, sid)
+    }
+    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), ApiError> {
+        insert_secret(self, owner_sid, digest, now)
+    }
+    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, ApiError> {
+        secrets_of(self, owner_sid)
+    }
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, ApiError> {
+        all_secrets(self)
+    }
+    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, ApiError> {
+        find_secret(self, digest)
+    }
+    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, ApiError> {
+        retire_current(self, owner_sid, not_after)
+    }
+    fn delete_previous(
+        &mut self,
+        owner_sid: &str,
+        expired_before: Option<i64>,
+    ) -> Result<usize, ApiError> {
+        delete_previous(self, owner_sid, expired_before)
+    }
+    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, ApiError> {
+        delete_all_secrets(self, owner_sid)
+    }
+    fn changed_sids(
+        &mut self,
+        since: u64,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, ApiError> {
+        changed_sids(self, since, after, limit)
+    }
+    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
+        accounts_in(self, owners)
+    }
+    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
+        keys_in(self, owners)
+    }
+    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
+        secrets_in(self, owners)
+    }
+    fn note_edges(&mut self, seen: &[EdgeSeen]) -> Result<(), ApiError> {
+        note_edges(self, seen)
+    }
+    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
+        edges(self, since)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -804,17 +991,23 @@ mod tests {
         // SIDs up one by one.
         let keys = format!("SELECT {KEY_COLS} FROM keys");
         let range = Owners::Between("", "");
-        let listed = Owners::Listed("[]");
+        let listed = Owners::Listed(&[]);
+        let sql = |o: Owners<'_>, select: &str, col: &str, order: &str| {
+            owners_sql(o, select, col, order).unwrap().0
+        };
         assert_eq!(
-            plan(&conn, &range.sql(&keys, "sid", "sid")),
+            plan(&conn, &sql(range, &keys, "sid", "sid")),
             "SEARCH keys USING INDEX sqlite_autoindex_keys_1 (sid>? AND sid<?)"
         );
         assert_eq!(
-            plan(&conn, &range.sql(OWNED_SECRETS, "owner_sid", SECRETS_ORDER)),
+            plan(
+                &conn,
+                &sql(range, OWNED_SECRETS, "owner_sid", SECRETS_ORDER)
+            ),
             "SEARCH secrets USING INDEX secrets_by_owner (owner_sid>? AND owner_sid<?); \
              USE TEMP B-TREE FOR LAST 3 TERMS OF ORDER BY"
         );
-        let by_sid = plan(&conn, &listed.sql(&keys, "sid", "sid"));
+        let by_sid = plan(&conn, &sql(listed, &keys, "sid", "sid"));
         assert!(
             by_sid.contains("SEARCH keys USING INDEX sqlite_autoindex_keys_1 (sid=?)"),
             "{by_sid}"

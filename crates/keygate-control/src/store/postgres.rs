@@ -1,0 +1,877 @@
+//! The store on Postgres, for a control plane of several replicas on one database.
+//!
+//! Driver: `tokio-postgres` (rust-postgres, the driver most of the ecosystem's Postgres crates
+//! build on) with `deadpool-postgres` for the pool and its per-connection statement cache. No
+//! compile-time database (unlike sqlx's checked queries), plain SQL, and the driver's
+//! `poll_message` gives LISTEN/NOTIFY without another crate. The service layer is synchronous
+//! code shared with SQLite: it runs on tokio's blocking pool and waits on each query with
+//! `Handle::block_on`, while the connections themselves are driven by the server's runtime.
+//!
+//! Ordering. Writers run concurrently (READ COMMITTED; a row read for a change is locked
+//! `FOR UPDATE`) until they call [`Tx::bump`]: `keygate_bump()` increments the one
+//! `config_version` row and so holds its lock until the transaction commits. A second writer's
+//! bump waits for that commit and then reads the incremented value, so versions are handed out
+//! in commit order: no reader can see version V while a change at a lower version is still
+//! uncommitted (the trap of taking a sequence number early). Readers use REPEATABLE READ READ
+//! ONLY transactions: every query of one feed page sees one snapshot, hence one version.
+//!
+//! The change log works as on SQLite: triggers note changed SIDs in `pending_changes` under the
+//! writing transaction's id, and the bump moves them to `changelog` at the new version; the
+//! bump also sends `NOTIFY keygate_version, '<version>'`, which Postgres delivers at commit to
+//! every replica's [`listen`] connection, in commit order.
+//!
+//! SIDs are compared bytewise (`COLLATE "C"`), as on SQLite and at the edge, whatever the
+//! database's locale: the feed's pages are in SID order and its cursor is a SID.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::runtime::Handle;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
+
+use super::{EdgeSeen, Owners, Tx};
+use crate::error::{internal, ApiError};
+use crate::model::{parse_role, parse_status, role_str, status_str, Account, Key, StoredSecret};
+use crate::secret::OperatorKind;
+
+/// Connections per replica (reads and writes share them).
+pub const POOL_SIZE: usize = 16;
+
+/// The channel bumps notify on.
+pub const CHANNEL: &str = "keygate_version";
+
+/// Schema migrations, applied in order; `keygate_schema.version` is the number applied. Applied
+/// under an advisory lock, so replicas that start together migrate once.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE config_version (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version BIGINT NOT NULL
+);
+INSERT INTO config_version (id, version) VALUES (1, 1);
+
+CREATE TABLE operator_tokens (
+    sid        TEXT COLLATE "C" PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('admin', 'edge')),
+    digest     TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE accounts (
+    sid           TEXT COLLATE "C" PRIMARY KEY,
+    friendly_name TEXT,
+    status        TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
+    region        TEXT NOT NULL,
+    allowed_ips   TEXT,
+    limits        TEXT,
+    created_at    BIGINT NOT NULL,
+    updated_at    BIGINT NOT NULL
+);
+
+CREATE TABLE keys (
+    sid           TEXT COLLATE "C" PRIMARY KEY,
+    account_sid   TEXT COLLATE "C" NOT NULL REFERENCES accounts (sid),
+    friendly_name TEXT,
+    role          TEXT NOT NULL CHECK (role IN ('main', 'standard', 'publishable')),
+    apis          TEXT,
+    allowed_ips   TEXT,
+    limits        TEXT,
+    expires_at    BIGINT,
+    enabled       BOOLEAN NOT NULL,
+    generation    BIGINT NOT NULL DEFAULT 0,
+    created_at    BIGINT NOT NULL,
+    updated_at    BIGINT NOT NULL
+);
+CREATE INDEX keys_by_account ON keys (account_sid, updated_at, sid);
+
+CREATE TABLE secrets (
+    digest     TEXT PRIMARY KEY,
+    owner_sid  TEXT COLLATE "C" NOT NULL,
+    not_after  BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX secrets_by_owner ON secrets (owner_sid);
+
+CREATE TABLE changelog (sid TEXT COLLATE "C" PRIMARY KEY, version BIGINT NOT NULL);
+CREATE INDEX changelog_by_version ON changelog (version, sid);
+CREATE TABLE changelog_floor (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version BIGINT NOT NULL
+);
+INSERT INTO changelog_floor (id, version) VALUES (1, 1);
+-- SIDs a transaction changed, under its id, until its bump moves them to the change log.
+CREATE TABLE pending_changes (
+    txid BIGINT NOT NULL,
+    sid  TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (txid, sid)
+);
+
+CREATE FUNCTION keygate_note_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'secrets' THEN
+        IF TG_OP <> 'INSERT' THEN
+            INSERT INTO pending_changes VALUES (txid_current(), OLD.owner_sid) ON CONFLICT DO NOTHING;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO pending_changes VALUES (txid_current(), NEW.owner_sid) ON CONFLICT DO NOTHING;
+        END IF;
+    ELSE
+        IF TG_OP <> 'INSERT' THEN
+            INSERT INTO pending_changes VALUES (txid_current(), OLD.sid) ON CONFLICT DO NOTHING;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO pending_changes VALUES (txid_current(), NEW.sid) ON CONFLICT DO NOTHING;
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER accounts_changed AFTER INSERT OR UPDATE OR DELETE ON accounts
+    FOR EACH ROW EXECUTE FUNCTION keygate_note_change();
+CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
+    FOR EACH ROW EXECUTE FUNCTION keygate_note_change();
+CREATE TRIGGER secrets_changed AFTER INSERT OR UPDATE OR DELETE ON secrets
+    FOR EACH ROW EXECUTE FUNCTION keygate_note_change();
+
+-- The next version, in commit order: the row lock taken here is held until commit.
+CREATE FUNCTION keygate_bump() RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE v BIGINT;
+BEGIN
+    UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version INTO v;
+    INSERT INTO changelog (sid, version)
+        SELECT sid, v FROM pending_changes WHERE txid = txid_current()
+        ON CONFLICT (sid) DO UPDATE SET version = EXCLUDED.version;
+    DELETE FROM pending_changes WHERE txid = txid_current();
+    PERFORM pg_notify('keygate_version', v::text);
+    RETURN v;
+END $$;
+
+CREATE TABLE regenerations (key_sid TEXT COLLATE "C" NOT NULL, at BIGINT NOT NULL);
+CREATE INDEX regenerations_by_key ON regenerations (key_sid, at);
+
+CREATE TABLE edges (
+    id        TEXT COLLATE "C" PRIMARY KEY,
+    region    TEXT NOT NULL,
+    version   BIGINT NOT NULL,
+    last_seen BIGINT NOT NULL
+);
+CREATE INDEX edges_by_last_seen ON edges (last_seen);
+"#];
+
+/// Any advisory lock id, the same in every replica: migrations run one replica at a time.
+const MIGRATION_LOCK: i64 = 0x6b67_6d69_6772;
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return "postgres://(unparsed URL)".to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // Errors carry SQL state and the server's message (a conflicting digest at most).
+        internal("database error", e)
+    }
+}
+
+/// The pool and the runtime that drives its connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    rt: Handle,
+    url: String,
+}
+
+impl Db {
+    /// Connects, migrates and checks; call from inside the runtime that will drive the
+    /// connections.
+    pub async fn open(url: &str) -> Result<Db, String> {
+        let shown = redacted(url);
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| format!("invalid database URL {shown}: {e}"))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| format!("cannot open database {shown}: {e}"))?;
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| format!("cannot connect to database {shown}: {e}"))?;
+        migrate(&mut client)
+            .await
+            .map_err(|e| format!("cannot migrate database {shown}: {e}"))?;
+        drop(client);
+        Ok(Db {
+            pool,
+            rt: Handle::current(),
+            url: url.to_owned(),
+        })
+    }
+
+    /// Runs `f` in a REPEATABLE READ READ ONLY transaction (one snapshot).
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        self.run(false, f)
+    }
+
+    /// Runs `f` in a READ COMMITTED transaction; commits if it returns `Ok`.
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        self.run(true, f)
+    }
+
+    fn run<R>(
+        &self,
+        write: bool,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        let rt = &self.rt;
+        let mut client = rt
+            .block_on(self.pool.get())
+            .map_err(|e| internal("no database connection", e))?;
+        let builder = client.build_transaction();
+        let builder = if write {
+            builder.isolation_level(IsolationLevel::ReadCommitted)
+        } else {
+            builder
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+        };
+        let tx = rt.block_on(builder.start())?;
+        let mut t = PgTx { tx, rt, write };
+        let r = f(&mut t)?;
+        rt.block_on(t.tx.commit())?;
+        Ok(r)
+    }
+
+    /// Follows `NOTIFY keygate_version` on a connection of its own and hands every version to
+    /// `published`, forever. After a (re)connect it reads the current version first, since
+    /// notifications sent while disconnected are lost.
+    pub async fn listen(self, published: impl Fn(u64) + Send + 'static) {
+        let shown = redacted(&self.url);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.listen_once(&published).await {
+                Ok(()) => tracing::warn!(database = %shown, "notification connection closed"),
+                Err(e) => {
+                    tracing::warn!(database = %shown, error = %e, "notification connection failed")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn listen_once(&self, published: &impl Fn(u64)) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            while let Some(m) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match m {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "notification connection error");
+                        break;
+                    }
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        let v: i64 = client
+            .query_one("SELECT version FROM config_version WHERE id = 1", &[])
+            .await?
+            .try_get(0)?;
+        published(u64::try_from(v).unwrap_or(0));
+        tracing::info!("listening for config versions");
+        while let Some(payload) = rx.recv().await {
+            if let Ok(v) = payload.parse::<u64>() {
+                published(v);
+            }
+        }
+        driver.abort();
+        Ok(())
+    }
+}
+
+async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS keygate_schema (version INTEGER NOT NULL)")
+        .await?;
+    let applied: i64 = tx
+        .query_one("SELECT count(*) FROM keygate_schema", &[])
+        .await?
+        .try_get(0)?;
+    let applied: usize = if applied == 0 {
+        tx.execute("INSERT INTO keygate_schema (version) VALUES (0)", &[])
+            .await?;
+        0
+    } else {
+        let v: i32 = tx
+            .query_one("SELECT version FROM keygate_schema", &[])
+            .await?
+            .try_get(0)?;
+        usize::try_from(v).unwrap_or(0)
+    };
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        tx.batch_execute(sql).await?;
+        let n = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute("UPDATE keygate_schema SET version = $1", &[&n])
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// The number of migrations applied (for `/readyz`: every one this binary knows).
+pub fn migrations_known() -> usize {
+    MIGRATIONS.len()
+}
+
+struct PgTx<'a> {
+    tx: deadpool_postgres::Transaction<'a>,
+    rt: &'a Handle,
+    write: bool,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl PgTx<'_> {
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, ApiError> {
+        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
+        Ok(self.rt.block_on(self.tx.query(&st, params))?)
+    }
+
+    fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, ApiError> {
+        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
+        Ok(self.rt.block_on(self.tx.query_opt(&st, params))?)
+    }
+
+    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row, ApiError> {
+        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
+        Ok(self.rt.block_on(self.tx.query_one(&st, params))?)
+    }
+
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<usize, ApiError> {
+        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
+        let n = self.rt.block_on(self.tx.execute(&st, params))?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// ` FOR UPDATE` in a write transaction: the rows read for a change stay locked until it
+    /// ends, as `BEGIN IMMEDIATE` keeps them on SQLite.
+    fn lock(&self) -> &'static str {
+        if self.write {
+            " FOR UPDATE"
+        } else {
+            ""
+        }
+    }
+}
+
+fn version_of(r: &Row) -> Result<u64, ApiError> {
+    let v: i64 = r.try_get(0)?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(r: &Row, idx: usize) -> Result<Option<T>, ApiError> {
+    let s: Option<String> = r.try_get(idx)?;
+    s.map(|s| serde_json::from_str(&s).map_err(|e| internal("invalid JSON column", e)))
+        .transpose()
+}
+
+fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, ApiError> {
+    v.as_ref()
+        .map(|v| serde_json::to_string(v).map_err(|e| internal("serialize column", e)))
+        .transpose()
+}
+
+const ACCOUNT_COLS: &str =
+    "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at";
+
+fn account_row(r: &Row) -> Result<Account, ApiError> {
+    let status: String = r.try_get(2)?;
+    Ok(Account {
+        sid: r.try_get(0)?,
+        friendly_name: r.try_get(1)?,
+        status: parse_status(&status).ok_or_else(|| internal("invalid column", "status"))?,
+        region: r.try_get(3)?,
+        allowed_ips: json_col(r, 4)?,
+        limits: json_col(r, 5)?,
+        created_at: r.try_get(6)?,
+        updated_at: r.try_get(7)?,
+    })
+}
+
+const KEY_COLS: &str = "sid, account_sid, friendly_name, role, apis, allowed_ips, limits, expires_at, enabled, generation, created_at, updated_at";
+
+fn key_row(r: &Row) -> Result<Key, ApiError> {
+    let role: String = r.try_get(3)?;
+    Ok(Key {
+        sid: r.try_get(0)?,
+        account_sid: r.try_get(1)?,
+        friendly_name: r.try_get(2)?,
+        role: parse_role(&role).ok_or_else(|| internal("invalid column", "role"))?,
+        apis: json_col(r, 4)?,
+        allowed_ips: json_col(r, 5)?,
+        limits: json_col(r, 6)?,
+        expires_at: r.try_get(7)?,
+        enabled: r.try_get(8)?,
+        generation: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        updated_at: r.try_get(11)?,
+    })
+}
+
+const SECRET_COLS: &str = "digest, owner_sid, not_after, created_at";
+const SECRETS_ORDER: &str = "owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC";
+
+fn secret_row(r: &Row) -> Result<StoredSecret, ApiError> {
+    Ok(StoredSecret {
+        digest: r.try_get(0)?,
+        owner_sid: r.try_get(1)?,
+        not_after: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+    })
+}
+
+fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, ApiError>) -> Result<Vec<T>, ApiError> {
+    rows.iter().map(f).collect()
+}
+
+fn big(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl PgTx<'_> {
+    fn owners<T>(
+        &mut self,
+        owners: Owners<'_>,
+        select: &str,
+        col: &str,
+        order: &str,
+        f: impl Fn(&Row) -> Result<T, ApiError>,
+    ) -> Result<Vec<T>, ApiError> {
+        let found = match owners {
+            Owners::Listed(sids) => self.query(
+                &format!("{select} WHERE {col} = ANY($1) ORDER BY {order}"),
+                &[&sids],
+            )?,
+            Owners::Between(after, last) => self.query(
+                &format!("{select} WHERE {col} > $1 AND {col} <= $2 ORDER BY {order}"),
+                &[&after, &last],
+            )?,
+        };
+        rows(found, f)
+    }
+}
+
+impl Tx for PgTx<'_> {
+    fn version(&mut self) -> Result<u64, ApiError> {
+        let r = self.query_one("SELECT version FROM config_version WHERE id = 1", &[])?;
+        version_of(&r)
+    }
+
+    fn bump(&mut self) -> Result<u64, ApiError> {
+        let r = self.query_one("SELECT keygate_bump()", &[])?;
+        version_of(&r)
+    }
+
+    fn changelog_floor(&mut self) -> Result<u64, ApiError> {
+        let r = self.query_one("SELECT version FROM changelog_floor WHERE id = 1", &[])?;
+        version_of(&r)
+    }
+
+    fn insert_operator_token(
+        &mut self,
+        sid: &str,
+        kind: OperatorKind,
+        digest: &str,
+        now: i64,
+    ) -> Result<(), ApiError> {
+        self.execute(
+            "INSERT INTO operator_tokens (sid, kind, digest, created_at) VALUES ($1, $2, $3, $4)",
+            &[&sid, &kind.as_str(), &digest, &now],
+        )?;
+        Ok(())
+    }
+
+    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, ApiError> {
+        let r = self.query_opt(
+            "SELECT kind FROM operator_tokens WHERE digest = $1",
+            &[&digest],
+        )?;
+        Ok(match r {
+            Some(r) => OperatorKind::parse(&r.try_get::<_, String>(0)?),
+            None => None,
+        })
+    }
+
+    fn has_admin(&mut self) -> Result<bool, ApiError> {
+        let r = self.query_one(
+            "SELECT EXISTS (SELECT 1 FROM operator_tokens WHERE kind = 'admin')",
+            &[],
+        )?;
+        Ok(r.try_get(0)?)
+    }
+
+    fn insert_account(&mut self, a: &Account) -> Result<(), ApiError> {
+        self.execute(
+            &format!(
+                "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ),
+            &[
+                &a.sid,
+                &a.friendly_name,
+                &status_str(a.status),
+                &a.region,
+                &to_json(&a.allowed_ips)?,
+                &to_json(&a.limits)?,
+                &a.created_at,
+                &a.updated_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_account(&mut self, a: &Account) -> Result<(), ApiError> {
+        self.execute(
+            "UPDATE accounts SET friendly_name = $2, status = $3, region = $4, allowed_ips = $5,
+                 limits = $6, updated_at = $7
+             WHERE sid = $1",
+            &[
+                &a.sid,
+                &a.friendly_name,
+                &status_str(a.status),
+                &a.region,
+                &to_json(&a.allowed_ips)?,
+                &to_json(&a.limits)?,
+                &a.updated_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, ApiError> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLS} FROM accounts WHERE sid = $1{}",
+            self.lock()
+        );
+        self.query_opt(&sql, &[&sid])?
+            .map(|r| account_row(&r))
+            .transpose()
+    }
+
+    fn all_accounts(&mut self) -> Result<Vec<Account>, ApiError> {
+        let found = self.query(
+            &format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY sid"),
+            &[],
+        )?;
+        rows(found, account_row)
+    }
+
+    fn insert_key(&mut self, k: &Key) -> Result<(), ApiError> {
+        self.execute(
+            &format!(
+                "INSERT INTO keys ({KEY_COLS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ),
+            &[
+                &k.sid,
+                &k.account_sid,
+                &k.friendly_name,
+                &role_str(k.role),
+                &to_json(&k.apis)?,
+                &to_json(&k.allowed_ips)?,
+                &to_json(&k.limits)?,
+                &k.expires_at,
+                &k.enabled,
+                &k.generation,
+                &k.created_at,
+                &k.updated_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_key(&mut self, k: &Key) -> Result<bool, ApiError> {
+        let n = self.execute(
+            "UPDATE keys SET friendly_name = $3, role = $4, apis = $5, allowed_ips = $6,
+                 limits = $7, expires_at = $8, enabled = $9, updated_at = $10,
+                 generation = generation + 1
+             WHERE sid = $1 AND generation = $2",
+            &[
+                &k.sid,
+                &k.generation,
+                &k.friendly_name,
+                &role_str(k.role),
+                &to_json(&k.apis)?,
+                &to_json(&k.allowed_ips)?,
+                &to_json(&k.limits)?,
+                &k.expires_at,
+                &k.enabled,
+                &k.updated_at,
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, ApiError> {
+        let sql = format!(
+            "SELECT {KEY_COLS} FROM keys WHERE sid = $1 AND account_sid = $2{}",
+            self.lock()
+        );
+        self.query_opt(&sql, &[&sid, &account_sid])?
+            .map(|r| key_row(&r))
+            .transpose()
+    }
+
+    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, ApiError> {
+        let sql = format!("SELECT {KEY_COLS} FROM keys WHERE sid = $1{}", self.lock());
+        self.query_opt(&sql, &[&sid])?
+            .map(|r| key_row(&r))
+            .transpose()
+    }
+
+    fn list_keys(
+        &mut self,
+        account_sid: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<Key>, ApiError> {
+        let found = self.query(
+            &format!(
+                "SELECT {KEY_COLS} FROM keys WHERE account_sid = $1
+                 ORDER BY updated_at, sid LIMIT $2 OFFSET $3"
+            ),
+            &[&account_sid, &big(limit), &big(offset)],
+        )?;
+        rows(found, key_row)
+    }
+
+    fn all_keys(&mut self) -> Result<Vec<Key>, ApiError> {
+        let found = self.query(
+            &format!("SELECT {KEY_COLS} FROM keys ORDER BY account_sid, sid"),
+            &[],
+        )?;
+        rows(found, key_row)
+    }
+
+    fn count_keys(&mut self, account_sid: &str) -> Result<u64, ApiError> {
+        let r = self.query_one(
+            "SELECT count(*) FROM keys WHERE account_sid = $1",
+            &[&account_sid],
+        )?;
+        version_of(&r)
+    }
+
+    fn note_regeneration(
+        &mut self,
+        key_sid: &str,
+        at: i64,
+        forget_before: i64,
+    ) -> Result<(u64, i64), ApiError> {
+        self.execute(
+            "DELETE FROM regenerations WHERE key_sid = $1 AND at < $2",
+            &[&key_sid, &forget_before],
+        )?;
+        self.execute(
+            "INSERT INTO regenerations (key_sid, at) VALUES ($1, $2)",
+            &[&key_sid, &at],
+        )?;
+        let r = self.query_one(
+            "SELECT count(*), min(at) FROM regenerations WHERE key_sid = $1",
+            &[&key_sid],
+        )?;
+        let n: i64 = r.try_get(0)?;
+        let oldest: Option<i64> = r.try_get(1)?;
+        Ok((u64::try_from(n).unwrap_or(0), oldest.unwrap_or(at)))
+    }
+
+    fn delete_key(&mut self, sid: &str) -> Result<bool, ApiError> {
+        self.execute("DELETE FROM regenerations WHERE key_sid = $1", &[&sid])?;
+        self.execute("DELETE FROM secrets WHERE owner_sid = $1", &[&sid])?;
+        Ok(self.execute("DELETE FROM keys WHERE sid = $1", &[&sid])? == 1)
+    }
+
+    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), ApiError> {
+        self.execute(
+            "INSERT INTO secrets (digest, owner_sid, not_after, created_at) VALUES ($1, $2, NULL, $3)",
+            &[&digest, &owner_sid, &now],
+        )?;
+        Ok(())
+    }
+
+    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, ApiError> {
+        let found = self.query(
+            &format!(
+                "SELECT {SECRET_COLS} FROM secrets WHERE owner_sid = $1 ORDER BY {SECRETS_ORDER}"
+            ),
+            &[&owner_sid],
+        )?;
+        rows(found, secret_row)
+    }
+
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, ApiError> {
+        let found = self.query(
+            &format!("SELECT {SECRET_COLS} FROM secrets ORDER BY {SECRETS_ORDER}"),
+            &[],
+        )?;
+        rows(found, secret_row)
+    }
+
+    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, ApiError> {
+        self.query_opt(
+            &format!("SELECT {SECRET_COLS} FROM secrets WHERE digest = $1"),
+            &[&digest],
+        )?
+        .map(|r| secret_row(&r))
+        .transpose()
+    }
+
+    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, ApiError> {
+        self.execute(
+            "UPDATE secrets SET not_after = $2 WHERE owner_sid = $1 AND not_after IS NULL",
+            &[&owner_sid, &not_after],
+        )
+    }
+
+    fn delete_previous(
+        &mut self,
+        owner_sid: &str,
+        expired_before: Option<i64>,
+    ) -> Result<usize, ApiError> {
+        match expired_before {
+            None => self.execute(
+                "DELETE FROM secrets WHERE owner_sid = $1 AND not_after IS NOT NULL",
+                &[&owner_sid],
+            ),
+            Some(now) => self.execute(
+                "DELETE FROM secrets WHERE owner_sid = $1 AND not_after IS NOT NULL AND not_after < $2",
+                &[&owner_sid, &now],
+            ),
+        }
+    }
+
+    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, ApiError> {
+        self.execute("DELETE FROM secrets WHERE owner_sid = $1", &[&owner_sid])
+    }
+
+    fn changed_sids(
+        &mut self,
+        since: u64,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, ApiError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let found = self.query(
+            "SELECT sid FROM changelog WHERE version > $1 AND sid > $2 ORDER BY sid LIMIT $3",
+            &[&big(since), &after, &limit],
+        )?;
+        rows(found, |r| Ok(r.try_get(0)?))
+    }
+
+    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
+        let select = format!("SELECT {ACCOUNT_COLS} FROM accounts");
+        self.owners(owners, &select, "sid", "sid", account_row)
+    }
+
+    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
+        let select = format!("SELECT {KEY_COLS} FROM keys");
+        self.owners(owners, &select, "sid", "sid", key_row)
+    }
+
+    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
+        let select = format!("SELECT {SECRET_COLS} FROM secrets");
+        self.owners(owners, &select, "owner_sid", SECRETS_ORDER, secret_row)
+    }
+
+    fn note_edges(&mut self, seen: &[EdgeSeen]) -> Result<(), ApiError> {
+        for e in seen {
+            self.execute(
+                "INSERT INTO edges (id, region, version, last_seen) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET region = EXCLUDED.region,
+                     version = EXCLUDED.version, last_seen = EXCLUDED.last_seen
+                 WHERE EXCLUDED.last_seen >= edges.last_seen",
+                &[&e.id, &e.region, &big(e.version), &e.last_seen],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
+        let found = self.query(
+            "SELECT id, region, version, last_seen FROM edges WHERE last_seen >= $1 ORDER BY id",
+            &[&since],
+        )?;
+        rows(found, |r| {
+            Ok(EdgeSeen {
+                id: r.try_get(0)?,
+                region: r.try_get(1)?,
+                version: version_of_col(r, 2)?,
+                last_seen: r.try_get(3)?,
+            })
+        })
+    }
+}
+
+fn version_of_col(r: &Row, idx: usize) -> Result<u64, ApiError> {
+    let v: i64 = r.try_get(idx)?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            redacted("postgres://kg:s3cr%2Ft@127.0.0.1:5432/keygate"),
+            "postgres://kg:***@127.0.0.1:5432/keygate"
+        );
+        assert_eq!(
+            redacted("postgres://kg@127.0.0.1/keygate?x=a:b@c"),
+            "postgres://kg@127.0.0.1/keygate?x=a:b@c"
+        );
+        assert_eq!(
+            redacted("postgresql://127.0.0.1/keygate"),
+            "postgresql://127.0.0.1/keygate"
+        );
+        assert_eq!(redacted("host=x password=y"), "postgres://(unparsed URL)");
+    }
+}
