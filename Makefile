@@ -116,9 +116,11 @@ test-pgtest: setup-fleet ## tier 3: keygate-pgtest (a real Postgres in a temp di
 	@echo "== tier 3: keygate-pgtest (Postgres from $$( { $(PG_FIND); } || true))"
 	cargo test -p keygate-pgtest
 
-test-control: setup-fleet ## tier 3: the control plane (API over real sockets, rotation, feed, kill -9 crash test)
-	@echo "== tier 3: keygate-control"
-	cargo test -p keygate-control
+test-control: setup-fleet ## tier 3: the control plane (API over real sockets, rotation, feed, kill -9 crash test), on SQLite then on Postgres
+	@echo "== tier 3: keygate-control on SQLite"
+	KEYGATE_TEST_BACKEND=sqlite cargo test -p keygate-control
+	@echo "== tier 3: keygate-control on Postgres (the same suite; a cluster per test binary, a database per test)"
+	KEYGATE_TEST_BACKEND=postgres cargo test -p keygate-control --tests
 
 test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on wasm32-unknown-unknown (wasm-bindgen-test-runner, node)
 	@echo "== tier 2: keygate-core on wasm32-unknown-unknown under wasm-bindgen-test-runner (node)"

@@ -16,9 +16,17 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_status_code_and_each_secret_only_in_its_one_response() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("keygate.db");
+    let db = test_database(dir.path());
     let (creds, init_logs) = init_with_binary(&db);
     let server = Binary::spawn(&db);
+    // The suite runs on the backend it was asked for (`KEYGATE_TEST_BACKEND`).
+    assert!(
+        server
+            .logs()
+            .contains(&format!("\"database\":\"{}\"", db.display())),
+        "{}",
+        server.logs()
+    );
     let c = server.client();
     let ac = creds.account_sid.clone();
     let account = Auth::basic(&ac, &creds.auth_token);

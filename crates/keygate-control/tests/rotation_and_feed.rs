@@ -441,7 +441,10 @@ async fn long_poll_sees_changes_made_by_the_cli_in_another_process() {
         )
         .await
     });
-    let printed = cli(&["account", "create", "--name", "from the cli"], &s.db);
+    let printed = cli(
+        &["account", "create", "--name", "from the cli"],
+        &s.database,
+    );
     let (sid, token) = (printed.get("ACCOUNT_SID"), printed.get("AUTH_TOKEN"));
     let started = Instant::now();
     let r = poll.await.unwrap();

@@ -10,8 +10,38 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use keygate_control::{service, store, AppState, Config};
+use keygate_control::store::{Database, Db};
+use keygate_control::{service, AppState, Config};
 use serde_json::Value;
+
+/// Whether this run's control planes use Postgres (`KEYGATE_TEST_BACKEND=postgres`; `make
+/// test` runs the suite once per backend) instead of SQLite, the default.
+pub fn on_postgres() -> bool {
+    match std::env::var("KEYGATE_TEST_BACKEND").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("KEYGATE_TEST_BACKEND={other}: must be sqlite or postgres"),
+    }
+}
+
+/// A new, empty database of this run's backend: a file in `dir`, or a fresh database on the
+/// test process's Postgres cluster (started on first use, stopped when the process ends).
+pub fn test_database(dir: &Path) -> Database {
+    if on_postgres() {
+        let cluster = keygate_pgtest::PgCluster::shared().unwrap();
+        Database::Postgres(cluster.fresh_database().unwrap())
+    } else {
+        Database::Sqlite(dir.join("keygate.db"))
+    }
+}
+
+/// The binary's flags naming `database`.
+pub fn database_args(database: &Database) -> Vec<String> {
+    match database {
+        Database::Sqlite(path) => vec!["--data".to_owned(), path.display().to_string()],
+        Database::Postgres(url) => vec!["--database".to_owned(), url.clone()],
+    }
+}
 
 /// The credentials `init` prints once.
 #[derive(Debug, Clone)]
@@ -206,7 +236,7 @@ pub struct InProc {
     pub client: Client,
     pub creds: Creds,
     pub dir: tempfile::TempDir,
-    pub db: PathBuf,
+    pub database: Database,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -215,39 +245,45 @@ impl InProc {
         InProc::start_with(Config::with_built_in_catalog().unwrap()).await
     }
 
-    /// A fresh control plane with `config` (limits, caps, trusted proxies, ...).
+    /// A fresh control plane with `config` (limits, caps, trusted proxies, ...), on this run's
+    /// backend.
     pub async fn start_with(config: Config) -> InProc {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("keygate.db");
-        let mut conn = store::sqlite::open(&db).unwrap();
-        let out = store::sqlite::write(&mut conn, |tx| {
-            service::init(tx, &config.catalog, &config.default_region, None)
-        })
-        .unwrap();
-        drop(conn);
+        let database = {
+            let dir = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || test_database(&dir))
+                .await
+                .unwrap()
+        };
+        let db = Db::open(&database).await.unwrap();
+        let (cat, region) = (config.catalog.clone(), config.default_region.clone());
+        let out = db
+            .write(move |tx| service::init(tx, &cat, &region, None))
+            .await
+            .unwrap();
+        drop(db);
         let creds = Creds {
             admin: out.admin_token.expose().to_owned(),
             account_sid: out.account.sid.clone(),
             auth_token: out.auth_token.expose().to_owned(),
             edge: out.edge_token.expose().to_owned(),
         };
-        InProc::serve_with(dir, db, creds, config).await
+        InProc::serve_with(dir, database, creds, config).await
     }
 
-    /// Serves an existing database (`dir` holds it and is kept until the server is dropped).
+    /// Serves an existing SQLite file (`dir` holds it and is kept until the server is dropped).
     pub async fn serve(dir: tempfile::TempDir, db: PathBuf, creds: Creds) -> InProc {
-        InProc::serve_with(dir, db, creds, Config::with_built_in_catalog().unwrap()).await
+        let config = Config::with_built_in_catalog().unwrap();
+        InProc::serve_with(dir, Database::Sqlite(db), creds, config).await
     }
 
     pub async fn serve_with(
         dir: tempfile::TempDir,
-        db: PathBuf,
+        database: Database,
         creds: Creds,
         config: Config,
     ) -> InProc {
-        let state = AppState::open(&keygate_control::Database::Sqlite(db.clone()), config)
-            .await
-            .unwrap();
+        let state = AppState::open(&database, config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -258,7 +294,7 @@ impl InProc {
             client: Client::new(&format!("http://{addr}")),
             creds,
             dir,
-            db,
+            database,
             stop: Some(tx),
         }
     }
@@ -288,10 +324,10 @@ pub struct Binary {
 }
 
 impl Binary {
-    pub fn spawn(db: &Path) -> Binary {
+    pub fn spawn(database: &Database) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-control"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(db)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(database_args(database))
             .env_remove("KEYGATE_CATALOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -304,14 +340,18 @@ impl Binary {
         std::thread::spawn(move || {
             for line in err.lines() {
                 let Ok(line) = line else { break };
+                {
+                    // Kept before the address is handed out: the "listening" line is in the logs
+                    // by the time `spawn` returns.
+                    let mut s = sink.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     if v["message"] == "listening" {
                         let _ = addr_tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
                     }
                 }
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
             }
         });
         let addr = addr_rx
@@ -363,13 +403,12 @@ impl Printed {
     }
 }
 
-/// Runs the real binary's command `args` on the database `db` (`--data <db>` appended, no
-/// `KEYGATE_CATALOG`); panics with its stderr unless it succeeds.
-pub fn cli(args: &[&str], db: &Path) -> Printed {
+/// Runs the real binary's command `args` on `database` (`--data FILE` or `--database URL`
+/// appended, no `KEYGATE_CATALOG`); panics with its stderr unless it succeeds.
+pub fn cli(args: &[&str], database: &Database) -> Printed {
     let out = Command::new(env!("CARGO_BIN_EXE_keygate-control"))
         .args(args)
-        .arg("--data")
-        .arg(db)
+        .args(database_args(database))
         .env_remove("KEYGATE_CATALOG")
         .output()
         .unwrap();
@@ -385,7 +424,7 @@ pub fn cli(args: &[&str], db: &Path) -> Printed {
 }
 
 /// Runs `keygate-control init` and parses the credentials it prints.
-pub fn init_with_binary(db: &Path) -> (Creds, String) {
+pub fn init_with_binary(db: &Database) -> (Creds, String) {
     let printed = cli(&["init"], db);
     let creds = Creds {
         admin: printed.get("KEYGATE_ADMIN_TOKEN"),
@@ -434,7 +473,31 @@ pub fn now_unix() -> u64 {
 }
 
 /// The bytes of the database file and its WAL / shared-memory files.
-pub fn db_bytes(db: &Path) -> Vec<u8> {
+/// Everything the database holds, as bytes to scan for secrets: the SQLite file and its WAL, or
+/// every row of every keygate table on Postgres (as text).
+pub fn db_bytes(database: &Database) -> Vec<u8> {
+    let db = match database {
+        Database::Sqlite(path) => path,
+        Database::Postgres(url) => {
+            let name = url.rsplit('/').next().unwrap();
+            let cluster = keygate_pgtest::PgCluster::shared().unwrap();
+            let tables = cluster
+                .psql(
+                    name,
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+                )
+                .unwrap();
+            let mut all = Vec::new();
+            for t in tables.lines().filter(|t| !t.is_empty()) {
+                let rows = cluster
+                    .psql(name, &format!("SELECT t::text FROM {t} t"))
+                    .unwrap();
+                all.extend_from_slice(rows.as_bytes());
+            }
+            assert!(!all.is_empty(), "the database holds rows");
+            return all;
+        }
+    };
     let mut all = Vec::new();
     for suffix in ["", "-wal", "-shm"] {
         let mut p = db.as_os_str().to_owned();
