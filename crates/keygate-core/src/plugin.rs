@@ -53,6 +53,13 @@ pub struct ControlPlaneDoc {
     /// Accounts and keys asked for per page of the change feed (default 2000, at most 10000).
     #[serde(default)]
     pub page_size: Option<u32>,
+    /// This edge's stable name, sent on every feed request (`&edge=`) so the control plane's
+    /// fleet view can tell edges apart ([`valid_edge_name`]).
+    #[serde(default)]
+    pub edge_id: Option<String>,
+    /// This edge's region, sent on every feed request (`&region=`) ([`valid_edge_name`]).
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -75,10 +82,29 @@ pub struct ControlPlane {
     pub debug_version_header: bool,
     pub max_backoff_ms: u64,
     pub page_size: u32,
+    /// Sent as `&edge=` on every feed request (already checked by [`valid_edge_name`]).
+    pub edge_id: Option<String>,
+    /// Sent as `&region=` on every feed request (already checked by [`valid_edge_name`]).
+    pub region: Option<String>,
 }
 
 /// Default change-feed path.
 pub const DEFAULT_FEED_PATH: &str = "/v1/edge/changes";
+
+/// Longest `edge_id` / `region`.
+pub const MAX_EDGE_NAME_LEN: usize = 64;
+
+/// Whether `name` may be an `edge_id` or a `region`: 1 to [`MAX_EDGE_NAME_LEN`] bytes of
+/// `A-Z a-z 0-9 _ - .` (the control plane's rule for the feed's `edge=` and `region=`), so it
+/// goes into the query string as it is, with nothing to escape.
+pub fn valid_edge_name(name: &str) -> bool {
+    (1..=MAX_EDGE_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+const EDGE_NAME_RULE: &str = "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' and '.'";
 
 impl ControlPlane {
     /// Whether the config is stale at `now_s`, given when the control plane last answered. A
@@ -150,6 +176,11 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     if !(1..=10_000).contains(&page_size) {
         return Err(cp_err("page_size", "must be between 1 and 10000"));
     }
+    for (field, value) in [("edge_id", &d.edge_id), ("region", &d.region)] {
+        if value.as_deref().is_some_and(|v| !valid_edge_name(v)) {
+            return Err(cp_err(field, EDGE_NAME_RULE));
+        }
+    }
     let max_staleness_s = d.max_staleness_s.unwrap_or(DEFAULT_MAX_STALENESS_S);
     if max_staleness_s == 0 {
         return Err(cp_err(
@@ -169,6 +200,8 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         debug_version_header: d.debug_version_header,
         max_backoff_ms,
         page_size,
+        edge_id: d.edge_id,
+        region: d.region,
     }))
 }
 
@@ -224,6 +257,61 @@ mod tests {
             let got = parse_plugin_config(json).unwrap_err().to_string();
             assert!(got.starts_with(want), "{got}");
         }
+    }
+
+    #[test]
+    fn edge_id_and_region_name_the_edge_and_are_checked() {
+        let parse = |fields: &str| {
+            parse_plugin_config(
+                format!(
+                    r#"{{"control_plane":{{"cluster":"c","authority":"a","token":"t"{fields}}}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let Ok(PluginConfig::ControlPlane(unnamed)) = parse("") else {
+            panic!("control plane")
+        };
+        assert_eq!((unnamed.edge_id, unnamed.region), (None, None));
+        let longest = "a".repeat(64);
+        for (edge, region) in [
+            ("edge-a", "us1"),
+            ("Edge_7.fra", "eu-central.1"),
+            (longest.as_str(), "-"),
+        ] {
+            let Ok(PluginConfig::ControlPlane(cp)) =
+                parse(&format!(r#","edge_id":"{edge}","region":"{region}""#))
+            else {
+                panic!("{edge} {region}")
+            };
+            assert_eq!(
+                (cp.edge_id.as_deref(), cp.region.as_deref()),
+                (Some(edge), Some(region))
+            );
+        }
+        let too_long = "a".repeat(65);
+        let rule = "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' and '.'";
+        for bad in [
+            "",
+            too_long.as_str(),
+            "edge a",
+            "a&b=c",
+            "a/b",
+            "a%20",
+            "é",
+            "a+b",
+        ] {
+            for field in ["edge_id", "region"] {
+                let got = parse(&format!(r#","{field}":"{bad}""#))
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(got, format!("control_plane.{field}: {rule}"), "{bad:?}");
+            }
+        }
+        assert_eq!(
+            parse(r#","edge_id":7"#).unwrap_err().path,
+            "control_plane.edge_id"
+        );
     }
 
     #[test]

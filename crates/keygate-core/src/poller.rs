@@ -11,7 +11,9 @@
 //!
 //! Fetch: the change feed, page by page ([`Update`]): `<path>?since=<version the free slot is
 //! complete at>&limit=<page_size>`, plus `&known=<version in force>&wait=<s>` on the first page
-//! (the long poll) and `&after=<cursor>` on the following ones. A 200 page is checked completely
+//! (the long poll) and `&after=<cursor>` on the following ones, and on every request the edge's
+//! name, `&edge=<edge_id>&region=<region>`, when the plugin configuration gives them (the control
+//! plane's fleet view: which edge holds which version). A 200 page is checked completely
 //! and written into the free slot; after the last page of a consistent walk the head moves. 304
 //! records contact; 410 fills the slot from scratch; anything else (an error status, a timeout:
 //! no status) retries with exponential backoff and jitter.
@@ -61,7 +63,7 @@ pub trait Dispatch {
 /// One request of the change feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// `<path>?since=..&limit=..[&after=..][&known=..&wait=..]`.
+    /// `<path>?since=..&limit=..[&after=..][&known=..&wait=..][&edge=..][&region=..]`.
     pub path: String,
     pub since: u64,
     pub after: String,
@@ -352,8 +354,8 @@ impl Poller {
         }
     }
 
-    /// Sends `GET <path>?since=&limit=[&after=][&known=&wait=]`; `None` (and the state set)
-    /// if it was not sent.
+    /// Sends `GET <path>?since=&limit=[&after=][&known=&wait=][&edge=][&region=]`; `None` (and
+    /// the state set) if it was not sent.
     fn fetch(
         &mut self,
         env: &mut Env<'_>,
@@ -380,6 +382,12 @@ impl Poller {
         }
         if let Some(known) = known {
             path.push_str(&format!("&known={known}&wait={}", cp.wait_s));
+        }
+        // Checked at load (plugin::valid_edge_name): nothing to escape.
+        for (name, value) in [("edge", &cp.edge_id), ("region", &cp.region)] {
+            if let Some(value) = value {
+                path.push_str(&format!("&{name}={value}"));
+            }
         }
         env.dispatch.report(Event::Fetch);
         let request = Request {

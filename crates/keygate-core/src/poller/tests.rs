@@ -78,8 +78,13 @@ struct Vm {
 }
 
 fn control_plane() -> ControlPlane {
+    control_plane_with("")
+}
+
+/// The test control plane, with more fields (`,"edge_id":"e"`).
+fn control_plane_with(fields: &str) -> ControlPlane {
     let json = format!(
-        r#"{{"control_plane":{{"cluster":"c","authority":"a","token":"t","page_size":{PAGE},"max_backoff_ms":1000}}}}"#
+        r#"{{"control_plane":{{"cluster":"c","authority":"a","token":"t","page_size":{PAGE},"max_backoff_ms":1000{fields}}}}}"#
     );
     match parse_plugin_config(json.as_bytes()).unwrap() {
         PluginConfig::ControlPlane(cp) => cp,
@@ -500,4 +505,74 @@ fn a_poller_that_lost_its_role_drops_its_update_and_the_new_one_publishes() {
     assert_eq!(read_head(&*a.store), None, "nothing written by either");
     let events = a.run(&model);
     assert_eq!(published(&events).unwrap().version, model.version);
+}
+
+/// The path a request for `req`'s position should have, ending with `name` (the edge's
+/// `&edge=..&region=..`, or nothing).
+fn expected_path(req: &Request, name: &str) -> String {
+    let after = match req.after.as_str() {
+        "" => String::new(),
+        a => format!("&after={a}"),
+    };
+    let known = match req.known {
+        Some(v) => format!("&known={v}&wait=20"),
+        None => String::new(),
+    };
+    format!(
+        "/v1/edge/changes?since={}&limit={PAGE}{after}{known}{name}",
+        req.since
+    )
+}
+
+#[test]
+fn a_named_edge_sends_its_id_and_region_on_every_feed_request() {
+    let mut model = model_with_keys(5);
+    let mut vm = Vm::first();
+    vm.cp = control_plane_with(r#","edge_id":"edge-a","region":"us1""#);
+    // The first fill, page by page (pages asked for ahead included).
+    let events = vm.run(&model);
+    assert_eq!(published(&events).unwrap().version, model.version);
+    // A long poll answered 304, asked again; then a change.
+    let (token, _) = vm.last();
+    vm.answer(token, "304", Vec::new());
+    model.delete("SK1");
+    let events = vm.run(&model);
+    assert_eq!(published(&events).unwrap().version, model.version);
+    // A failure and its retry; a 410 and the walk from scratch.
+    let (token, _) = vm.last();
+    vm.answer(token, "503", Vec::new());
+    vm.clock.advance_ms(retry_in_ms(&vm));
+    vm.tick();
+    let (token, _) = vm.last();
+    model.delete("SK2");
+    vm.answer(token, "410", Vec::new());
+    let events = vm.run(&model);
+    assert_eq!(published(&events).unwrap().version, model.version);
+    assert_eq!(
+        authenticates(&vm.store, "SK2", "s2"),
+        Err(Reason::InvalidCredentials)
+    );
+
+    let sent: Vec<&Request> = vm.feed.sent.iter().map(|(_, r)| r).collect();
+    assert!(sent.len() >= 12, "{}", sent.len());
+    assert!(sent.iter().any(|r| r.known.is_some()) && sent.iter().any(|r| !r.after.is_empty()));
+    for req in &sent {
+        assert_eq!(req.path, expected_path(req, "&edge=edge-a&region=us1"));
+    }
+
+    // Each alone, and neither: nothing is sent for a name not configured.
+    for (fields, name) in [
+        (r#","region":"in1""#, "&region=in1"),
+        (r#","edge_id":"edge-b""#, "&edge=edge-b"),
+        ("", ""),
+    ] {
+        let model = model_with_keys(3);
+        let mut vm = Vm::first();
+        vm.cp = control_plane_with(fields);
+        vm.run(&model);
+        assert!(vm.feed.sent.len() >= 3);
+        for (_, req) in &vm.feed.sent {
+            assert_eq!(req.path, expected_path(req, name));
+        }
+    }
 }
