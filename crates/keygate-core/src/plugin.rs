@@ -57,7 +57,8 @@ pub struct ControlPlaneDoc {
     /// fleet view can tell edges apart ([`valid_edge_name`]).
     #[serde(default)]
     pub edge_id: Option<String>,
-    /// This edge's region, sent on every feed request (`&region=`) ([`valid_edge_name`]).
+    /// This edge's region, sent on every feed request (`&region=`) ([`valid_edge_name`]); only
+    /// with an `edge_id`.
     #[serde(default)]
     pub region: Option<String>,
 }
@@ -180,6 +181,10 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         if value.as_deref().is_some_and(|v| !valid_edge_name(v)) {
             return Err(cp_err(field, EDGE_NAME_RULE));
         }
+    }
+    if d.region.is_some() && d.edge_id.is_none() {
+        // The control plane keys its fleet view by edge id and refuses a region alone.
+        return Err(cp_err("region", "needs edge_id"));
     }
     let max_staleness_s = d.max_staleness_s.unwrap_or(DEFAULT_MAX_STALENESS_S);
     if max_staleness_s == 0 {
@@ -308,6 +313,17 @@ mod tests {
                 assert_eq!(got, format!("control_plane.{field}: {rule}"), "{bad:?}");
             }
         }
+        assert_eq!(
+            parse(r#","region":"in1""#).unwrap_err().to_string(),
+            "control_plane.region: needs edge_id"
+        );
+        let Ok(PluginConfig::ControlPlane(id_only)) = parse(r#","edge_id":"edge-b""#) else {
+            panic!("an id without a region")
+        };
+        assert_eq!(
+            (id_only.edge_id.as_deref(), id_only.region),
+            (Some("edge-b"), None)
+        );
         assert_eq!(
             parse(r#","edge_id":7"#).unwrap_err().path,
             "control_plane.edge_id"
