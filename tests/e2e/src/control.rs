@@ -1,7 +1,9 @@
 //! A real keygate control plane (the `keygate-control` binary) for end-to-end tests: started on a
 //! temporary database and a free loopback port, killed on drop, restartable on the same data.
 //! [`ControlPlane::start_tls`] serves HTTPS (`--tls-cert`/`--tls-key`); the harness then talks
-//! to it over TLS, trusting the CA it is given.
+//! to it over TLS, trusting the CA it is given. [`ControlPlane::start_postgres`] serves a Postgres
+//! database instead of the SQLite file, and [`ControlPlane::replica`] starts another replica on the
+//! same database (a fleet).
 
 use std::collections::HashMap;
 use std::io::{self, Read as _, Write as _};
@@ -168,6 +170,8 @@ pub struct ControlPlane {
     pub creds: HashMap<String, String>,
     /// Set by [`ControlPlane::start_tls`]: serve HTTPS, and talk to it over TLS.
     tls: Option<(ControlTls, TlsClient)>,
+    /// Set by [`ControlPlane::start_postgres`]: the Postgres URL served instead of the file.
+    database: Option<String>,
 }
 
 impl ControlPlane {
@@ -184,16 +188,44 @@ impl ControlPlane {
     }
 
     fn start_with(tls: Option<(ControlTls, TlsClient)>) -> ControlPlane {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cp = ControlPlane {
-            dir,
+        let mut cp = ControlPlane::new(tls, None);
+        let stdout = cp.spawn();
+        cp.read_creds(&stdout);
+        cp
+    }
+
+    fn new(tls: Option<(ControlTls, TlsClient)>, database: Option<String>) -> ControlPlane {
+        ControlPlane {
+            dir: tempfile::tempdir().expect("tempdir"),
             port: free_port(),
             child: None,
             creds: HashMap::new(),
             tls,
-        };
+            database,
+        }
+    }
+
+    /// Starts a replica serving the Postgres database at `url` (`keygate-control serve
+    /// --database`, given as `KEYGATE_DATABASE` so that the password stays off the command line)
+    /// on an empty database, which it initializes: the credentials it prints are kept. Start
+    /// the fleet's other replicas with [`ControlPlane::replica`].
+    pub fn start_postgres(url: &str) -> ControlPlane {
+        let mut cp = ControlPlane::new(None, Some(url.to_owned()));
         let stdout = cp.spawn();
         cp.read_creds(&stdout);
+        cp
+    }
+
+    /// Another replica on this one's Postgres database, on a port of its own, with the same
+    /// credentials (it prints none: the database is initialized).
+    pub fn replica(&self) -> ControlPlane {
+        let database = self
+            .database
+            .clone()
+            .expect("a replica of a control plane on Postgres (start_postgres)");
+        let mut cp = ControlPlane::new(None, Some(database));
+        cp.creds = self.creds.clone();
+        let _ = cp.spawn();
         cp
     }
 
@@ -201,20 +233,14 @@ impl ControlPlane {
     /// the credentials are known, nothing listens until [`ControlPlane::restart`]. For tests
     /// that start Envoy before the control plane.
     pub fn initialized() -> ControlPlane {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cp = ControlPlane {
-            dir,
-            port: free_port(),
-            child: None,
-            creds: HashMap::new(),
-            tls: None,
-        };
+        let mut cp = ControlPlane::new(None, None);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(cp.dir.path().join("control.log"))
             .expect("log");
         let out = Command::new(control_bin())
+            .env_remove("KEYGATE_DATABASE")
             .args(["init", "--data"])
             .arg(cp.db())
             .stderr(Stdio::from(log))
@@ -259,9 +285,15 @@ impl ControlPlane {
             .open(self.dir.path().join("control.log"))
             .expect("log");
         let mut cmd = Command::new(control_bin());
-        cmd.args(["serve", "--data"])
-            .arg(self.db())
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+        cmd.arg("serve");
+        match &self.database {
+            Some(url) => cmd.env("KEYGATE_DATABASE", url),
+            None => cmd
+                .env_remove("KEYGATE_DATABASE")
+                .arg("--data")
+                .arg(self.db()),
+        };
+        cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
         if let Some((tls, _)) = &self.tls {
             cmd.arg("--tls-cert")
                 .arg(&tls.cert)
@@ -335,6 +367,11 @@ impl ControlPlane {
     /// The TLS files it serves with ([`ControlPlane::start_tls`]).
     pub fn tls(&self) -> Option<&ControlTls> {
         self.tls.as_ref().map(|(t, _)| t)
+    }
+
+    /// The Postgres URL it serves ([`ControlPlane::start_postgres`]).
+    pub fn database(&self) -> Option<&str> {
+        self.database.as_deref()
     }
 
     /// Kills the process (SIGKILL) and waits for it.

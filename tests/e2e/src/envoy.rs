@@ -51,8 +51,11 @@ pub struct EnvoyBuilder {
     plugin_config: String,
     concurrency: u32,
     upstream_port: u16,
-    clusters: Vec<(String, u16)>,
+    /// Each cluster's name and its endpoints' ports (round robin).
+    clusters: Vec<(String, Vec<u16>)>,
     transport_sockets: Map<String, Value>,
+    /// Active health checks, by cluster name.
+    health_checks: Map<String, Value>,
     hcm: Map<String, Value>,
     log_level: String,
     component_log_level: Option<String>,
@@ -81,6 +84,7 @@ impl EnvoyBuilder {
             upstream_port: NO_UPSTREAM_PORT,
             clusters: Vec::new(),
             transport_sockets: Map::new(),
+            health_checks: Map::new(),
             hcm: Map::new(),
             log_level: "info".to_string(),
             component_log_level: None,
@@ -151,7 +155,27 @@ impl EnvoyBuilder {
 
     /// Adds another static cluster `name` = 127.0.0.1:`port` (e.g. for the filter's HTTP calls).
     pub fn cluster(mut self, name: &str, port: u16) -> Self {
-        self.clusters.push((name.to_string(), port));
+        self.clusters.push((name.to_string(), vec![port]));
+        self
+    }
+
+    /// Adds a static cluster `name` with one endpoint per port on 127.0.0.1, each actively
+    /// health-checked with `GET health_path` as envoy/envoy-fleet.yaml does (every second, out
+    /// of the rotation after 2 failures, back after 1 success; `Host: keygate-control`): a
+    /// control-plane cluster that fails over between replicas.
+    pub fn health_checked_cluster(mut self, name: &str, ports: &[u16], health_path: &str) -> Self {
+        self.clusters.push((name.to_string(), ports.to_vec()));
+        self.health_checks.insert(
+            name.to_string(),
+            json!([{
+                "timeout": "1s",
+                "interval": "1s",
+                "no_traffic_interval": "1s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": health_path, "host": "keygate-control"}
+            }]),
+        );
         self
     }
 
@@ -159,7 +183,7 @@ impl EnvoyBuilder {
     /// a certificate for `sni` (sent as SNI, required among its DNS SANs) issued by the CA in
     /// `trusted_ca` (a PEM file), as the control plane's reference bootstrap does.
     pub fn tls_cluster(mut self, name: &str, port: u16, trusted_ca: &Path, sni: &str) -> Self {
-        self.clusters.push((name.to_string(), port));
+        self.clusters.push((name.to_string(), vec![port]));
         self.transport_sockets
             .insert(name.to_string(), upstream_tls(trusted_ca, sni));
         self
@@ -204,20 +228,26 @@ impl EnvoyBuilder {
     /// The bootstrap this builder renders for `wasm` and `access_log` paths (JSON, which Envoy
     /// reads as YAML).
     pub fn bootstrap(&self, wasm: &Path, access_log: &Path) -> Value {
-        let cluster = |name: &str, port: u16| {
+        let cluster = |name: &str, ports: &[u16]| {
+            let endpoints: Vec<Value> = ports
+                .iter()
+                .map(|port| {
+                    json!({"endpoint": {"address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": port}
+                    }}})
+                })
+                .collect();
             json!({
                 "name": name,
                 "type": "STATIC",
                 "connect_timeout": "1s",
                 "load_assignment": {
                     "cluster_name": name,
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                        "socket_address": {"address": "127.0.0.1", "port_value": port}
-                    }}}]}]
+                    "endpoints": [{"lb_endpoints": endpoints}]
                 }
             })
         };
-        let mut upstream = cluster("upstream", self.upstream_port);
+        let mut upstream = cluster("upstream", &[self.upstream_port]);
         if let (true, Some(obj)) = (self.upstream_trailers, upstream.as_object_mut()) {
             obj.insert(
                 "typed_extension_protocol_options".to_string(),
@@ -231,14 +261,17 @@ impl EnvoyBuilder {
         clusters.extend(
             self.clusters
                 .iter()
-                .map(|(name, port)| cluster(name, *port)),
+                .map(|(name, ports)| cluster(name, ports)),
         );
         for c in &mut clusters {
             let name = c["name"].as_str().unwrap_or_default().to_string();
-            if let (Some(socket), Some(obj)) =
-                (self.transport_sockets.get(&name), c.as_object_mut())
-            {
-                obj.insert("transport_socket".to_string(), socket.clone());
+            if let Some(obj) = c.as_object_mut() {
+                if let Some(socket) = self.transport_sockets.get(&name) {
+                    obj.insert("transport_socket".to_string(), socket.clone());
+                }
+                if let Some(checks) = self.health_checks.get(&name) {
+                    obj.insert("health_checks".to_string(), checks.clone());
+                }
             }
         }
 
@@ -679,5 +712,34 @@ mod tests {
             4242
         );
         assert_eq!(clusters[1]["name"], "control");
+    }
+
+    #[test]
+    fn a_health_checked_cluster_lists_every_endpoint_with_its_check() {
+        let b = EnvoyBuilder::new()
+            .health_checked_cluster("keygate_control", &[8088, 8089], "/readyz")
+            .bootstrap(Path::new("/f.wasm"), Path::new("/a.log"));
+        let c = &b["static_resources"]["clusters"][1];
+        assert_eq!(c["name"], "keygate_control");
+        let ports: Vec<&Value> = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["endpoint"]["address"]["socket_address"]["port_value"])
+            .collect();
+        assert_eq!(ports, [8088, 8089]);
+        let check = &c["health_checks"][0];
+        assert_eq!(check["http_health_check"]["path"], "/readyz");
+        assert_eq!(
+            (
+                &check["interval"],
+                &check["unhealthy_threshold"],
+                &check["healthy_threshold"]
+            ),
+            (&json!("1s"), &json!(2), &json!(1))
+        );
+        assert!(b["static_resources"]["clusters"][0]
+            .get("health_checks")
+            .is_none());
     }
 }
