@@ -14,7 +14,8 @@
 //! by SID only, every record checked with the edge's compiler. Each page is one read transaction
 //! at its `version` (the `ETag`); `next` is the cursor for the following page. With
 //! `known=K&wait=W` it long-polls: while the version is at most `K` it waits up to `W` seconds
-//! (at most 60) for a change, and answers 304 if none came.
+//! (at most 60) for a change, and answers 304 if none came. `edge=ID&region=R` name the
+//! asking edge for the fleet view ([`crate::fleet`]).
 
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -90,6 +91,8 @@ struct ChangesQuery {
     limit: usize,
     known: Option<u64>,
     wait: u64,
+    /// The edge's name and region, for the fleet view (see [`crate::fleet`]).
+    edge: Option<(String, String)>,
 }
 
 /// Default page size of the change feed.
@@ -136,12 +139,25 @@ impl ChangesQuery {
                     )
                 })?,
         };
+        let name = |param: &str| -> Result<Option<String>, ApiError> {
+            match field(&fields, param) {
+                None => Ok(None),
+                Some(v) if crate::fleet::is_edge_name(v) => Ok(Some(v.to_owned())),
+                Some(_) => Err(ApiError::bad(param, crate::fleet::EDGE_NAME_RULE)),
+            }
+        };
+        let edge = match (name("edge")?, name("region")?) {
+            (Some(id), region) => Some((id, region.unwrap_or_default())),
+            (None, Some(_)) => return Err(ApiError::bad("region", "needs edge")),
+            (None, None) => None,
+        };
         Ok(ChangesQuery {
             since,
             after,
             limit,
             known,
             wait: wait_of(&fields)?,
+            edge,
         })
     }
 }
@@ -170,6 +186,7 @@ async fn config(
             return Ok(not_modified_response(current));
         }
         let mut closing = state.closing();
+        let _open = crate::ops::LongPoll::open(state.metrics());
         tokio::select! {
             _ = versions.wait_for(|v| *v > current) => {}
             () = tokio::time::sleep(Duration::from_secs(wait)) => {}
@@ -205,12 +222,16 @@ async fn changes(
 ) -> Result<Response, ApiError> {
     caller.may_read_feed()?;
     let q = ChangesQuery::parse(query.as_deref())?;
+    if let Some((id, region)) = &q.edge {
+        state.fleet().saw(id, region, q.known.unwrap_or(q.since));
+    }
     if let Some(known) = q.known {
         let mut versions = state.subscribe();
         let mut current = state.db().read(|c| c.version()).await?;
         state.published(current);
         if current <= known && q.wait > 0 {
             let mut closing = state.closing();
+            let _open = crate::ops::LongPoll::open(state.metrics());
             tokio::select! {
                 _ = versions.wait_for(|v| *v > known) => {}
                 () = tokio::time::sleep(Duration::from_secs(q.wait)) => {}
@@ -305,7 +326,8 @@ mod tests {
                 after: String::new(),
                 limit: DEFAULT_CHANGES_LIMIT,
                 known: None,
-                wait: 0
+                wait: 0,
+                edge: None,
             })
         );
         let q = parse("since=7&after=SK0a_-Z&limit=10000&known=9&wait=600&other=1").unwrap();

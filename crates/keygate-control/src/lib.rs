@@ -21,7 +21,9 @@ pub mod auth;
 pub mod catalog;
 pub mod edge;
 pub mod error;
+pub mod fleet;
 pub mod model;
+pub mod ops;
 pub mod policy;
 #[doc(hidden)]
 pub mod props;
@@ -63,6 +65,11 @@ pub struct Config {
     pub caps: Caps,
     /// Peers whose `X-Forwarded-For` names the client (`--trusted-proxies`; none by default).
     pub trusted_proxies: Option<IpAllowlist>,
+    /// Edges not seen for this long leave the fleet view.
+    pub edge_ttl: Duration,
+    /// How often the server reads the config version from the database, to pick up versions
+    /// committed elsewhere (the CLI; other replicas, whose NOTIFY normally comes first).
+    pub version_poll: Duration,
 }
 
 impl Config {
@@ -73,6 +80,8 @@ impl Config {
             limits: ControlLimits::default(),
             caps: Caps::default(),
             trusted_proxies: None,
+            edge_ttl: fleet::DEFAULT_EDGE_TTL,
+            version_poll: Duration::from_millis(500),
         })
     }
 }
@@ -96,6 +105,8 @@ struct Inner {
     closing: watch::Sender<bool>,
     /// The serialized edge config of one version.
     feed: tokio::sync::Mutex<Option<(u64, axum::body::Bytes)>>,
+    fleet: fleet::Fleet,
+    metrics: ops::Metrics,
 }
 
 /// Checks every stored account and key with the edge's compiler against this catalogue, page
@@ -147,6 +158,8 @@ impl AppState {
             inner: Arc::new(Inner {
                 db,
                 door: Arc::new(door),
+                fleet: fleet::Fleet::new(config.edge_ttl, version),
+                metrics: ops::Metrics::new(),
                 config,
                 version: watch::Sender::new(version),
                 closing: watch::Sender::new(false),
@@ -171,8 +184,17 @@ impl AppState {
         &self.inner.config.caps
     }
 
+    pub fn fleet(&self) -> &fleet::Fleet {
+        &self.inner.fleet
+    }
+
+    pub fn metrics(&self) -> &ops::Metrics {
+        &self.inner.metrics
+    }
+
     /// Records a committed config version and wakes long-polls.
     pub fn published(&self, version: u64) {
+        self.inner.fleet.published(version);
         self.inner.version.send_if_modified(|v| {
             if version > *v {
                 *v = version;
@@ -194,10 +216,12 @@ pub fn app(state: AppState) -> Router {
         .merge(twilio::routes())
         .merge(v1::routes())
         .merge(edge::routes())
+        .merge(fleet::routes())
+        .merge(ops::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), gatekeeper))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
@@ -209,6 +233,9 @@ async fn gatekeeper(
     req: Request,
     next: Next,
 ) -> Response {
+    if ops::is_open_path(req.uri().path()) {
+        return next.run(req).await;
+    }
     let twilio = req.uri().path().starts_with("/2010-04-01/");
     match admit(&state, req).await {
         Ok(req) => next.run(req).await,
@@ -269,8 +296,13 @@ async fn admit(state: &AppState, req: Request) -> Result<Request, ApiError> {
 }
 
 /// One structured line per request: method, route template (never the raw path or query, so a
-/// secret pasted into a URL is not logged), status, duration. Headers are never logged.
-async fn log_request(req: Request, next: Next) -> Response {
+/// secret pasted into a URL is not logged), status, duration; and the request counted in
+/// `/metrics` with the same labels. Headers are never logged.
+async fn log_request(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let method = req.method().clone();
     let route = req
         .extensions()
@@ -278,13 +310,23 @@ async fn log_request(req: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned());
     let started = Instant::now();
     let resp = next.run(req).await;
+    let route = route.as_deref().unwrap_or("(unmatched)");
     tracing::info!(
         method = %method,
-        route = route.as_deref().unwrap_or("(unmatched)"),
+        route,
         status = resp.status().as_u16(),
         ms = started.elapsed().as_millis() as u64,
         "request"
     );
+    state
+        .metrics()
+        .requests
+        .get_or_create(&ops::RequestLabels {
+            method: method.as_str().to_owned(),
+            route: route.to_owned(),
+            status: resp.status().as_u16(),
+        })
+        .inc();
     resp
 }
 
@@ -316,6 +358,7 @@ async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let poller = tokio::spawn(poll_version(state.clone()));
+    let fleet_writer = tokio::spawn(fleet::flush_every_second(state.clone()));
     let listener_task = match state.db() {
         Db::Postgres(pg) => {
             let s = state.clone();
@@ -340,16 +383,18 @@ async fn serve_on(
         Some(config) => tls::serve(listener, config, app(state), shutdown).await,
     };
     poller.abort();
+    fleet_writer.abort();
     if let Some(t) = listener_task {
         t.abort();
     }
     result
 }
 
-/// Picks up versions committed by other processes (the CLI, other replicas) within half a
-/// second: on SQLite the only way, on Postgres a backstop behind LISTEN/NOTIFY.
+/// Picks up versions committed by other processes (the CLI, other replicas) within
+/// `version_poll` (half a second by default): on SQLite the only way, on Postgres a backstop
+/// behind LISTEN/NOTIFY.
 async fn poll_version(state: AppState) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(state.inner.config.version_poll);
     loop {
         tick.tick().await;
         if let Ok(v) = state.db().read(|tx| tx.version()).await {

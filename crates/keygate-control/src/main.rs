@@ -29,6 +29,7 @@ Environment variables (each sets the flag of the same meaning; flags win):
   KEYGATE_TLS_CERT        --tls-cert        serve: TLS certificate chain, PEM (with --tls-key; default plain HTTP)
   KEYGATE_TLS_KEY         --tls-key         serve: TLS private key, PEM (with --tls-cert)
   KEYGATE_TRUSTED_PROXIES --trusted-proxies serve: peers whose X-Forwarded-For is believed (default none)
+  KEYGATE_EDGE_TTL        --edge-ttl        serve: seconds until a silent edge leaves the fleet view (default 600)
   KEYGATE_FAILED_AUTH_LIMIT --failed-auth-limit serve: failed authentications per client address (default 30/1m)
   KEYGATE_CREDENTIAL_RATE --credential-rate serve: requests per key and per account (default 600/1m)
   KEYGATE_MAX_KEYS_PER_ACCOUNT, KEYGATE_MAX_ALLOWLIST_ENTRIES, KEYGATE_MAX_SECRETS_IN_GRACE,
@@ -114,6 +115,14 @@ struct ServeArgs {
         value_name = "ADDR"
     )]
     listen: SocketAddr,
+    /// Seconds after which an edge that stopped polling leaves the fleet view (1 to 604800).
+    #[arg(
+        long,
+        env = "KEYGATE_EDGE_TTL",
+        default_value_t = 600,
+        value_name = "SECONDS"
+    )]
+    edge_ttl: u64,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(flatten)]
@@ -380,6 +389,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .transpose()?;
     let mut cfg = config(&args.data)?;
     args.door.apply(&mut cfg)?;
+    if !(1..=604_800).contains(&args.edge_ttl) {
+        return Err("--edge-ttl: must be between 1 and 604800 seconds".to_owned());
+    }
+    cfg.edge_ttl = std::time::Duration::from_secs(args.edge_ttl);
     let database = args.data.database()?;
     {
         let db = Db::open(&database).await?;

@@ -130,10 +130,13 @@ pub trait Tx {
     /// The secrets of the owners among `owners`, by owner, each owner's current one first.
     fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError>;
 
-    /// Remembers what edges said about themselves (the newest sighting of each wins).
-    fn note_edges(&mut self, seen: &[EdgeSeen]) -> Result<(), ApiError>;
+    /// Remembers what edges said about themselves (the newest sighting of each wins), and
+    /// forgets edges last seen before `forget_before` (unix seconds).
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), ApiError>;
     /// Edges seen at or after `since` (unix seconds), by id.
     fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError>;
+    /// How many schema migrations the database has applied (`/readyz` wants all it knows).
+    fn migrations_applied(&mut self) -> Result<usize, ApiError>;
 }
 
 /// Which database a control plane runs on.
@@ -206,10 +209,13 @@ impl Db {
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
     ) -> Result<R, ApiError> {
-        match self {
+        let started = std::time::Instant::now();
+        let r = match self {
             Db::Sqlite(db) => db.read(f),
             Db::Postgres(db) => db.read(f),
-        }
+        };
+        crate::ops::DB.observe("read", started, r.is_ok());
+        r
     }
 
     /// [`Db::write`] on the calling thread.
@@ -217,15 +223,32 @@ impl Db {
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
     ) -> Result<R, ApiError> {
-        match self {
+        let started = std::time::Instant::now();
+        let r = match self {
             Db::Sqlite(db) => db.write(f),
             Db::Postgres(db) => db.write(f),
-        }
+        };
+        crate::ops::DB.observe("write", started, r.is_ok());
+        r
     }
 
-    /// Whether the database answers (for `/readyz`): a trivial read.
-    pub async fn ready(&self) -> Result<u64, ApiError> {
-        self.read(|tx| tx.version()).await
+    /// For `/readyz`: the database answers and has applied every migration this binary knows.
+    /// `Err` names what is wrong (safe to show: no URL, no credential).
+    pub async fn ready(&self) -> Result<u64, String> {
+        let known = match self {
+            Db::Sqlite(_) => sqlite::MIGRATIONS.len(),
+            Db::Postgres(_) => postgres::MIGRATIONS.len(),
+        };
+        let (version, applied) = self
+            .read(|tx| Ok((tx.version()?, tx.migrations_applied()?)))
+            .await
+            .map_err(|_| "the database does not answer".to_owned())?;
+        if applied < known {
+            return Err(format!(
+                "the database has {applied} of this binary's {known} migrations"
+            ));
+        }
+        Ok(version)
     }
 
     pub fn backend(&self) -> &'static str {

@@ -41,6 +41,9 @@ pub const POOL_SIZE: usize = 16;
 /// The channel bumps notify on.
 pub const CHANNEL: &str = "keygate_version";
 
+/// `application_name` of each replica's LISTEN connection (the pool's is `keygate-control`).
+pub const LISTENER_NAME: &str = "keygate-control-listen";
+
 /// Schema migrations, applied in order; `keygate_schema.version` is the number applied. Applied
 /// under an advisory lock, so replicas that start together migrate once.
 pub const MIGRATIONS: &[&str] = &[r#"
@@ -201,9 +204,12 @@ impl Db {
     /// connections.
     pub async fn open(url: &str) -> Result<Db, String> {
         let shown = redacted(url);
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("invalid database URL {shown}: {e}"))?;
+        if config.get_application_name().is_none() {
+            config.application_name("keygate-control");
+        }
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -292,7 +298,9 @@ impl Db {
     }
 
     async fn listen_once(&self, published: &impl Fn(u64)) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        let mut config: tokio_postgres::Config = self.url.parse()?;
+        config.application_name(LISTENER_NAME);
+        let (client, mut connection) = config.connect(NoTls).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             while let Some(m) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
@@ -355,11 +363,6 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), tokio_pos
             .await?;
     }
     tx.commit().await
-}
-
-/// The number of migrations applied (for `/readyz`: every one this binary knows).
-pub fn migrations_known() -> usize {
-    MIGRATIONS.len()
 }
 
 struct PgTx<'a> {
@@ -820,7 +823,8 @@ impl Tx for PgTx<'_> {
         self.owners(owners, &select, "owner_sid", SECRETS_ORDER, secret_row)
     }
 
-    fn note_edges(&mut self, seen: &[EdgeSeen]) -> Result<(), ApiError> {
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), ApiError> {
+        self.execute("DELETE FROM edges WHERE last_seen < $1", &[&forget_before])?;
         for e in seen {
             self.execute(
                 "INSERT INTO edges (id, region, version, last_seen) VALUES ($1, $2, $3, $4)
@@ -831,6 +835,12 @@ impl Tx for PgTx<'_> {
             )?;
         }
         Ok(())
+    }
+
+    fn migrations_applied(&mut self) -> Result<usize, ApiError> {
+        let r = self.query_one("SELECT version FROM keygate_schema", &[])?;
+        let v: i32 = r.try_get(0)?;
+        Ok(usize::try_from(v).unwrap_or(0))
     }
 
     fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {

@@ -795,7 +795,13 @@ const DENSE_PAGE: &str =
 
 // ---- fleet ----
 
-pub fn note_edges(conn: &Connection, seen: &[EdgeSeen]) -> Result<(), ApiError> {
+pub fn note_edges(
+    conn: &Connection,
+    seen: &[EdgeSeen],
+    forget_before: i64,
+) -> Result<(), ApiError> {
+    conn.prepare_cached("DELETE FROM edges WHERE last_seen < ?1")?
+        .execute([forget_before])?;
     let mut st = conn.prepare_cached(
         "INSERT INTO edges (id, region, version, last_seen) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
@@ -947,8 +953,12 @@ impl Tx for Transaction<'_> {
     fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
         secrets_in(self, owners)
     }
-    fn note_edges(&mut self, seen: &[EdgeSeen]) -> Result<(), ApiError> {
-        note_edges(self, seen)
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), ApiError> {
+        note_edges(self, seen, forget_before)
+    }
+    fn migrations_applied(&mut self) -> Result<usize, ApiError> {
+        let n: i64 = self.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
     fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
         edges(self, since)
