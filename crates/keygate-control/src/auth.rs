@@ -35,7 +35,7 @@ use keygate_core::store::{SetError, SharedStore, StoreError};
 use keygate_core::{Directory, Reason};
 
 use crate::catalog::{ApiCatalog, ControlLimits, MANAGEMENT_API};
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::model::Key;
 use crate::policy::Holdings;
 use crate::secret::{self, OperatorKind};
@@ -78,10 +78,10 @@ impl Caller {
     /// to the management API of that account (the gate already refused anyone else with the
     /// edge's reason: another account's SID is 404 `account_mismatch`, a standard key 403
     /// `permission_denied`).
-    pub fn managing(&self, account_sid: &str) -> Result<Holdings, ApiError> {
+    pub fn managing(&self, account_sid: &str) -> Result<Holdings, Error> {
         match self {
             Caller::Admin => Ok(Holdings::Operator),
-            Caller::Edge => Err(ApiError::Forbidden(
+            Caller::Edge => Err(Error::Forbidden(
                 "edge tokens may only read the edge config",
             )),
             Caller::Tenant(t)
@@ -89,23 +89,23 @@ impl Caller {
             {
                 Ok(self.holdings())
             }
-            Caller::Tenant(_) => Err(ApiError::NotFound),
+            Caller::Tenant(_) => Err(Error::NotFound),
         }
     }
 
-    pub fn require_admin(&self) -> Result<(), ApiError> {
+    pub fn require_admin(&self) -> Result<(), Error> {
         match self {
             Caller::Admin => Ok(()),
-            _ => Err(ApiError::Forbidden(
+            _ => Err(Error::Forbidden(
                 "only the operator (admin token) may do this",
             )),
         }
     }
 
-    pub fn may_read_feed(&self) -> Result<(), ApiError> {
+    pub fn may_read_feed(&self) -> Result<(), Error> {
         match self {
             Caller::Admin | Caller::Edge => Ok(()),
-            _ => Err(ApiError::Forbidden(
+            _ => Err(Error::Forbidden(
                 "only edge tokens (or the admin token) may read the edge config",
             )),
         }
@@ -177,7 +177,7 @@ impl Door {
         authorization: &[Vec<u8>],
         client_ip: Option<IpAddr>,
         now_us: u64,
-    ) -> Option<ApiError> {
+    ) -> Option<Error> {
         let ip = client_ip?;
         if authorization.is_empty() || operator_looking(authorization) {
             return None;
@@ -190,7 +190,7 @@ impl Door {
             now_us,
             &mut GateStats::default(),
         )?;
-        Some(ApiError::Limited {
+        Some(Error::Limited {
             reason: d.reason,
             retry_after_s: d.retry_after_s.unwrap_or(1),
         })
@@ -205,7 +205,7 @@ impl Door {
         authorization: &[Vec<u8>],
         client_ip: Option<IpAddr>,
         now_us: u64,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<Caller, Error> {
         let authorization = match authorization {
             [] => AuthorizationHeader::Absent,
             [one] => AuthorizationHeader::One(one),
@@ -247,7 +247,7 @@ impl Door {
         }
         match verdict {
             Verdict::Allow { allow, .. } => {
-                let id = allow.identity().ok_or(ApiError::Internal)?;
+                let id = allow.identity().ok_or(Error::Internal)?;
                 Ok(Caller::Tenant(Box::new(Tenant {
                     account_sid: id.account_sid.to_owned(),
                     key: id.key_sid.and_then(|_| dir.key.take()),
@@ -257,7 +257,7 @@ impl Door {
             // Authenticated, allowed in from this address, but no API of the tenant's matches:
             // an operator route (the handler answers 403) or no route at all (404).
             Verdict::Deny(d) if d.reason == Reason::UnknownRoute => {
-                let account_sid = dir.account_sid.take().ok_or(ApiError::Internal)?;
+                let account_sid = dir.account_sid.take().ok_or(Error::Internal)?;
                 Ok(Caller::Tenant(Box::new(Tenant {
                     account_sid,
                     key: dir.key.take(),
@@ -265,11 +265,11 @@ impl Door {
                 })))
             }
             Verdict::Deny(d) => Err(match d.retry_after_s {
-                Some(retry_after_s) => ApiError::Limited {
+                Some(retry_after_s) => Error::Limited {
                     reason: d.reason,
                     retry_after_s,
                 },
-                None => ApiError::Denied(d.reason),
+                None => Error::Denied(d.reason),
             }),
         }
     }
@@ -294,7 +294,7 @@ fn operator_looking(authorization: &[Vec<u8>]) -> bool {
 struct StoreDirectory<'a> {
     tx: RefCell<&'a mut dyn Tx>,
     cat: &'a keygate_core::Catalog,
-    failure: RefCell<Option<ApiError>>,
+    failure: RefCell<Option<Error>>,
     key: RefCell<Option<Key>>,
     account_sid: RefCell<Option<String>>,
 }
@@ -310,7 +310,7 @@ impl<'a> StoreDirectory<'a> {
         }
     }
 
-    fn ok<T>(&self, r: Result<T, ApiError>) -> Option<T> {
+    fn ok<T>(&self, r: Result<T, Error>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(e) => {

@@ -25,7 +25,7 @@ use axum::{Extension, Router};
 use std::time::Duration;
 
 use crate::auth::Caller;
-use crate::error::{internal, ApiError};
+use crate::error::{internal, Error};
 use crate::{service, AppState};
 
 pub fn routes() -> Router<AppState> {
@@ -56,9 +56,9 @@ fn not_modified(headers: &HeaderMap, version: u64) -> bool {
 }
 
 /// The query's fields; a repeated field's last value counts.
-fn query_fields(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+fn query_fields(query: Option<&str>) -> Result<Vec<(String, String)>, Error> {
     serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|_| ApiError::bad("query", "must be URL-encoded"))
+        .map_err(|_| Error::bad("query", "must be URL-encoded"))
 }
 
 fn field<'q>(fields: &'q [(String, String)], name: &str) -> Option<&'q str> {
@@ -69,17 +69,17 @@ fn field<'q>(fields: &'q [(String, String)], name: &str) -> Option<&'q str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn wait_of(fields: &[(String, String)]) -> Result<u64, ApiError> {
+fn wait_of(fields: &[(String, String)]) -> Result<u64, Error> {
     match field(fields, "wait") {
         None => Ok(0),
         Some(v) => v
             .parse::<u64>()
             .map(|w| w.min(MAX_WAIT_SECONDS))
-            .map_err(|_| ApiError::bad("wait", "must be a whole number of seconds")),
+            .map_err(|_| Error::bad("wait", "must be a whole number of seconds")),
     }
 }
 
-fn wait_param(query: Option<&str>) -> Result<u64, ApiError> {
+fn wait_param(query: Option<&str>) -> Result<u64, Error> {
     wait_of(&query_fields(query)?)
 }
 
@@ -106,14 +106,13 @@ fn is_cursor(s: &str) -> bool {
 }
 
 impl ChangesQuery {
-    fn parse(query: Option<&str>) -> Result<ChangesQuery, ApiError> {
+    fn parse(query: Option<&str>) -> Result<ChangesQuery, Error> {
         let fields = query_fields(query)?;
-        let version = |name: &str| -> Result<Option<u64>, ApiError> {
+        let version = |name: &str| -> Result<Option<u64>, Error> {
             field(&fields, name)
                 .map(|v| {
-                    v.parse::<u64>().map_err(|_| {
-                        ApiError::bad(name, "must be a whole number (a config version)")
-                    })
+                    v.parse::<u64>()
+                        .map_err(|_| Error::bad(name, "must be a whole number (a config version)"))
                 })
                 .transpose()
         };
@@ -121,7 +120,7 @@ impl ChangesQuery {
         let known = version("known")?;
         let after = field(&fields, "after").unwrap_or("").to_owned();
         if !after.is_empty() && !is_cursor(&after) {
-            return Err(ApiError::bad(
+            return Err(Error::bad(
                 "after",
                 "must be a SID: 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
             ));
@@ -133,22 +132,22 @@ impl ChangesQuery {
                 .ok()
                 .filter(|l| (1..=service::MAX_CHANGES_LIMIT).contains(l))
                 .ok_or_else(|| {
-                    ApiError::bad(
+                    Error::bad(
                         "limit",
                         format!("must be between 1 and {}", service::MAX_CHANGES_LIMIT),
                     )
                 })?,
         };
-        let name = |param: &str| -> Result<Option<String>, ApiError> {
+        let name = |param: &str| -> Result<Option<String>, Error> {
             match field(&fields, param) {
                 None => Ok(None),
                 Some(v) if crate::fleet::is_edge_name(v) => Ok(Some(v.to_owned())),
-                Some(_) => Err(ApiError::bad(param, crate::fleet::EDGE_NAME_RULE)),
+                Some(_) => Err(Error::bad(param, crate::fleet::EDGE_NAME_RULE)),
             }
         };
         let edge = match (name("edge")?, name("region")?) {
             (Some(id), region) => Some((id, region.unwrap_or_default())),
-            (None, Some(_)) => return Err(ApiError::bad("region", "needs edge")),
+            (None, Some(_)) => return Err(Error::bad("region", "needs edge")),
             (None, None) => None,
         };
         Ok(ChangesQuery {
@@ -175,7 +174,7 @@ async fn config(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     caller.may_read_feed()?;
     let wait = wait_param(query.as_deref())?;
     let mut versions = state.subscribe();
@@ -219,7 +218,7 @@ async fn changes(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     caller.may_read_feed()?;
     let q = ChangesQuery::parse(query.as_deref())?;
     if let Some((id, region)) = &q.edge {
@@ -261,7 +260,7 @@ async fn changes(
         service::check_page(&page)?;
         let json =
             serde_json::to_vec(&page).map_err(|e| internal("serialize change feed page", e))?;
-        Ok::<_, ApiError>((page.version, json))
+        Ok::<_, Error>((page.version, json))
     })
     .await
     .map_err(|e| internal("change feed task failed", e))??;
@@ -270,7 +269,7 @@ async fn changes(
 
 impl AppState {
     /// The serialized edge config at the current version (built once per version).
-    pub async fn feed(&self) -> Result<(u64, axum::body::Bytes), ApiError> {
+    pub async fn feed(&self) -> Result<(u64, axum::body::Bytes), Error> {
         let mut cache = self.inner.feed.lock().await;
         let cached = cache.as_ref().map(|(v, _)| *v);
         let cat = self.catalog().clone();
@@ -297,7 +296,7 @@ impl AppState {
             self.published(doc.version);
             *cache = Some((doc.version, json.into()));
         }
-        cache.clone().ok_or(ApiError::Internal)
+        cache.clone().ok_or(Error::Internal)
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -28,7 +28,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::model::{now, rfc3339};
 use crate::store::EdgeSeen;
 use crate::AppState;
@@ -110,7 +110,7 @@ impl Fleet {
 
 impl AppState {
     /// Writes the sightings noted since the last flush (and forgets edges older than the TTL).
-    pub async fn flush_fleet(&self) -> Result<(), ApiError> {
+    pub async fn flush_fleet(&self) -> Result<(), Error> {
         let fleet = self.fleet();
         let batch: Vec<EdgeSeen> = {
             let mut pending = fleet.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -142,17 +142,17 @@ async fn fleet(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     caller.require_admin()?;
     let fields: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|_| ApiError::bad("query", "must be URL-encoded"))?;
+        .map_err(|_| Error::bad("query", "must be URL-encoded"))?;
     let asked = fields
         .iter()
         .rev()
         .find(|(k, _)| k == "version")
         .map(|(_, v)| {
             v.parse::<u64>()
-                .map_err(|_| ApiError::bad("version", "must be a whole number (a config version)"))
+                .map_err(|_| Error::bad("version", "must be a whole number (a config version)"))
         })
         .transpose()?;
     // This replica's own sightings first, so the view includes the polls it just served.

@@ -12,7 +12,11 @@
 //! - [`edge`] serves the edge feeds: `/v1/edge/config` (the whole document) and
 //!   `/v1/edge/changes` (pages of what changed since a version, from the store's change log);
 //! - [`service`]: the operations (one transaction and one version bump each), used by the
-//!   handlers and the CLI; [`store`]: SQLite; [`model`]: validation against the edge compiler;
+//!   handlers and the CLI; [`store`]: one interface over SQLite and Postgres; [`model`]:
+//!   validation against the edge compiler; [`error`]: the service error, which [`http`] turns
+//!   into a status and the `/v1` or Twilio shape;
+//! - [`fleet`]: the view of the edges polling the feed; [`ops`]: `/healthz`, `/readyz`,
+//!   `/metrics`;
 //! - [`auth`]: every request judged by keygate-core's gate (the edge's own decision) over the
 //!   store, before any handler runs; [`policy`]: no escalation through management, and caps;
 //!   [`secret`]: CSPRNG secrets, digests, redaction.
@@ -22,6 +26,7 @@ pub mod catalog;
 pub mod edge;
 pub mod error;
 pub mod fleet;
+pub mod http;
 pub mod model;
 pub mod ops;
 pub mod policy;
@@ -48,7 +53,8 @@ use tokio::sync::watch;
 
 use crate::auth::Door;
 pub use crate::catalog::{ApiCatalog, ControlLimits};
-use crate::error::{ApiError, TwilioError};
+use crate::error::Error;
+use crate::http::TwilioError;
 pub use crate::policy::Caps;
 pub use crate::store::Database;
 use crate::store::Db;
@@ -218,8 +224,8 @@ pub fn app(state: AppState) -> Router {
         .merge(edge::routes())
         .merge(fleet::routes())
         .merge(ops::routes())
-        .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { Error::NotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), gatekeeper))
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
@@ -244,7 +250,7 @@ async fn gatekeeper(
     }
 }
 
-async fn admit(state: &AppState, req: Request) -> Result<Request, ApiError> {
+async fn admit(state: &AppState, req: Request) -> Result<Request, Error> {
     let door = state.inner.door.clone();
     let client_ip = req
         .extensions()
@@ -427,7 +433,7 @@ pub async fn shutdown_signal() {
 
 /// Parses a JSON body into `T`; errors name the field (`limits.rate.per: invalid type ...`).
 /// An empty body reads as `{}`.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -437,10 +443,10 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
-        ApiError::bad(&field, without_position(e.into_inner()))
+        Error::bad(&field, without_position(e.into_inner()))
     })?;
     de.end()
-        .map_err(|e| ApiError::bad("body", without_position(e)))?;
+        .map_err(|e| Error::bad("body", without_position(e)))?;
     Ok(value)
 }
 

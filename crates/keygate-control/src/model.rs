@@ -13,7 +13,7 @@ use keygate_core::config::{
 };
 
 use crate::catalog::ApiCatalog;
-use crate::error::ApiError;
+use crate::error::Error;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
@@ -130,26 +130,26 @@ pub fn parse_status(s: &str) -> Option<AccountStatus> {
 /// Most characters a friendly name may have (Twilio's limit).
 pub const MAX_FRIENDLY_NAME: usize = 64;
 
-pub fn validate_friendly_name(field: &str, name: &str) -> Result<(), ApiError> {
+pub fn validate_friendly_name(field: &str, name: &str) -> Result<(), Error> {
     if name.chars().count() > MAX_FRIENDLY_NAME {
-        return Err(ApiError::bad(
+        return Err(Error::bad(
             field,
             format!("must be at most {MAX_FRIENDLY_NAME} characters"),
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(ApiError::bad(field, "must not contain control characters"));
+        return Err(Error::bad(field, "must not contain control characters"));
     }
     Ok(())
 }
 
-pub fn validate_region(field: &str, region: &str) -> Result<(), ApiError> {
+pub fn validate_region(field: &str, region: &str) -> Result<(), Error> {
     let ok = (1..=32).contains(&region.len())
         && region
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        return Err(ApiError::bad(
+        return Err(Error::bad(
             field,
             "must be 1 to 32 lowercase letters, digits or '-'",
         ));
@@ -167,7 +167,7 @@ fn strip(path: &str, prefix: &str) -> String {
 }
 
 /// Checks a key exactly as the edge will: compiles it alone with the catalogue.
-pub fn validate_key(cat: &ApiCatalog, key: &Key) -> Result<(), ApiError> {
+pub fn validate_key(cat: &ApiCatalog, key: &Key) -> Result<(), Error> {
     let account = AccountDoc {
         sid: key.account_sid.clone(),
         status: AccountStatus::Active,
@@ -185,15 +185,15 @@ pub fn validate_key(cat: &ApiCatalog, key: &Key) -> Result<(), ApiError> {
     );
     compile_doc(&doc)
         .map(|_| ())
-        .map_err(|e| ApiError::bad(&strip(&e.path, "keys[0]"), e.message))
+        .map_err(|e| Error::bad(&strip(&e.path, "keys[0]"), e.message))
 }
 
 /// Checks an account exactly as the edge will.
-pub fn validate_account(cat: &ApiCatalog, account: &Account) -> Result<(), ApiError> {
+pub fn validate_account(cat: &ApiCatalog, account: &Account) -> Result<(), Error> {
     let doc = cat.doc(0, vec![account.to_doc(Vec::new())], Vec::new());
     compile_doc(&doc)
         .map(|_| ())
-        .map_err(|e| ApiError::bad(&strip(&e.path, "accounts[0]"), e.message))
+        .map_err(|e| Error::bad(&strip(&e.path, "accounts[0]"), e.message))
 }
 
 pub fn now() -> i64 {
@@ -216,18 +216,18 @@ pub fn rfc3339(secs: i64) -> String {
     datetime(secs).to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-pub fn parse_rfc3339(field: &str, s: &str) -> Result<i64, ApiError> {
+pub fn parse_rfc3339(field: &str, s: &str) -> Result<i64, Error> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp())
         .map_err(|_| {
-            ApiError::bad(
+            Error::bad(
                 field,
                 format!("invalid RFC 3339 time {s:?} (expected like \"2026-11-24T10:00:00Z\")"),
             )
         })
         .and_then(|t| {
             if t < 0 {
-                Err(ApiError::bad(field, "must be after 1970"))
+                Err(Error::bad(field, "must be after 1970"))
             } else {
                 Ok(t)
             }

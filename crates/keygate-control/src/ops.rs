@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::auth::Caller;
-use crate::error::{internal, ApiError};
+use crate::error::{internal, Error};
 use crate::model::now;
 use crate::AppState;
 
@@ -219,7 +219,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     caller.require_admin()?;
     state.flush_fleet().await?;
     let since = now().saturating_sub(state.fleet().ttl_s());

@@ -19,11 +19,10 @@
 //! grace per key, regenerations per key per hour, request body size; each refused with an exact
 //! error naming the cap and its flag.
 
-use axum::http::StatusCode;
 use keygate_core::config::Role;
 use keygate_core::ip::IpAllowlist;
 
-use crate::error::ApiError;
+use crate::error::{Error, Refusal};
 use crate::model::{rfc3339, Key};
 
 /// Caps on what one tenant may hold. Defaults suit an API provider's customers; each has a
@@ -56,9 +55,9 @@ impl Default for Caps {
 
 impl Caps {
     /// An allowlist within the entry cap, or 400 naming the field.
-    pub fn check_allowlist(&self, field: &str, list: &Option<Vec<String>>) -> Result<(), ApiError> {
+    pub fn check_allowlist(&self, field: &str, list: &Option<Vec<String>>) -> Result<(), Error> {
         match list {
-            Some(l) if l.len() > self.allowlist_entries => Err(ApiError::bad(
+            Some(l) if l.len() > self.allowlist_entries => Err(Error::bad(
                 field,
                 format!(
                     "at most {} entries (--max-allowlist-entries); got {}",
@@ -71,10 +70,10 @@ impl Caps {
     }
 
     /// 409 `too_many_keys` when an account already holds `count` keys.
-    pub fn check_key_count(&self, count: u64) -> Result<(), ApiError> {
+    pub fn check_key_count(&self, count: u64) -> Result<(), Error> {
         if count >= self.keys_per_account {
-            return Err(ApiError::refused(
-                StatusCode::CONFLICT,
+            return Err(Error::refused(
+                Refusal::Conflict,
                 "too_many_keys",
                 format!(
                     "the account already has {count} keys, the most it may hold (--max-keys-per-account {}); delete one first",
@@ -87,10 +86,10 @@ impl Caps {
 
     /// 409 `too_many_secrets_in_grace` when a regeneration with grace would keep more rotated
     /// secrets alive than the cap.
-    pub fn check_in_grace(&self, in_grace_after: u64) -> Result<(), ApiError> {
+    pub fn check_in_grace(&self, in_grace_after: u64) -> Result<(), Error> {
         if in_grace_after > self.secrets_in_grace {
-            return Err(ApiError::refused(
-                StatusCode::CONFLICT,
+            return Err(Error::refused(
+                Refusal::Conflict,
                 "too_many_secrets_in_grace",
                 format!(
                     "the key would have {in_grace_after} secrets in grace, more than {} (--max-secrets-in-grace); revoke the previous ones (DELETE .../secrets/previous) or regenerate with grace_seconds 0",
@@ -103,11 +102,11 @@ impl Caps {
 
     /// 429 `too_many_regenerations` with `Retry-After` when a key was regenerated too often in
     /// the last hour (`count` includes this one; `oldest` is the first still counted).
-    pub fn check_regenerations(&self, count: u64, oldest: i64, now: i64) -> Result<(), ApiError> {
+    pub fn check_regenerations(&self, count: u64, oldest: i64, now: i64) -> Result<(), Error> {
         if count > self.regenerations_per_hour {
             let retry = (oldest + 3600 - now).max(1);
-            return Err(ApiError::Refused {
-                status: StatusCode::TOO_MANY_REQUESTS,
+            return Err(Error::Refused {
+                kind: Refusal::TooMany,
                 code: "too_many_regenerations",
                 message: format!(
                     "the key was regenerated {} times in the last hour, the most allowed (--max-regenerations-per-hour); retry later",
@@ -120,9 +119,9 @@ impl Caps {
     }
 
     /// 413 `body_too_large`.
-    pub fn body_too_large(&self) -> ApiError {
-        ApiError::refused(
-            StatusCode::PAYLOAD_TOO_LARGE,
+    pub fn body_too_large(&self) -> Error {
+        Error::refused(
+            Refusal::TooLarge,
             "body_too_large",
             format!(
                 "the request body must be at most {} bytes (--max-body-bytes)",
@@ -163,12 +162,12 @@ impl Holdings {
 
     /// Refuses `target` (a key as it would be after the change) if it holds more than the
     /// caller: role, APIs, allowlist, expiry. Account credentials and the operator hold all.
-    pub fn check_key(&self, target: &Key) -> Result<(), ApiError> {
+    pub fn check_key(&self, target: &Key) -> Result<(), Error> {
         let Holdings::Key(own) = self else {
             return Ok(());
         };
         if rank(target.role) > rank(own.role) {
-            return Err(ApiError::escalation(
+            return Err(Error::escalation(
                 "escalation_role",
                 format!(
                     "role: a {} key cannot give a key the {} role",
@@ -180,7 +179,7 @@ impl Holdings {
         if let Some(own_apis) = &own.apis {
             match &target.apis {
                 None => {
-                    return Err(ApiError::escalation(
+                    return Err(Error::escalation(
                         "escalation_apis",
                         format!(
                             "apis: this key may call only {own_apis:?}; a key it creates, edits or regenerates must list its APIs, within those"
@@ -191,7 +190,7 @@ impl Holdings {
                     if let Some((i, api)) =
                         apis.iter().enumerate().find(|(_, a)| !own_apis.contains(a))
                     {
-                        return Err(ApiError::escalation(
+                        return Err(Error::escalation(
                             "escalation_apis",
                             format!("apis[{i}]: {api:?} is not among this key's APIs {own_apis:?}"),
                         ));
@@ -210,7 +209,7 @@ impl Holdings {
         if let Some(own_exp) = own.expires_at {
             match target.expires_at {
                 None => {
-                    return Err(ApiError::escalation(
+                    return Err(Error::escalation(
                         "escalation_expiry",
                         format!(
                             "expires_at: this key expires at {}; a key it creates, edits or regenerates must expire no later",
@@ -219,7 +218,7 @@ impl Holdings {
                     ))
                 }
                 Some(t) if t > own_exp => {
-                    return Err(ApiError::escalation(
+                    return Err(Error::escalation(
                         "escalation_expiry",
                         format!(
                             "expires_at: {} is after this key's own expiry {}",
@@ -241,7 +240,7 @@ impl Holdings {
         &self,
         current: &Option<Vec<String>>,
         new: &Option<Vec<String>>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let Holdings::Key(own) = self else {
             return Ok(());
         };
@@ -251,7 +250,7 @@ impl Holdings {
         if let Some(cur) = current {
             match new {
                 None => {
-                    return Err(ApiError::escalation(
+                    return Err(Error::escalation(
                         "escalation_allowed_ips",
                         format!(
                             "allowed_ips: the account is limited to {cur:?}; a key may narrow the account's allowlist, not lift it (account credentials or the operator may)"
@@ -271,9 +270,9 @@ fn check_within(
     whose: &str,
     own: &[String],
     target: &Option<Vec<String>>,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let Some(target) = target else {
-        return Err(ApiError::escalation(
+        return Err(Error::escalation(
                 "escalation_allowed_ips",
                 format!(
                     "{field}: {whose} is {own:?}; a list within it is required (null would allow every address)"
@@ -288,7 +287,7 @@ fn check_within(
             _ => false,
         };
         if !inside {
-            return Err(ApiError::escalation(
+            return Err(Error::escalation(
                 "escalation_allowed_ips",
                 format!("{field}[{i}]: {entry:?} is not within {whose} {own:?}"),
             ));
@@ -318,7 +317,7 @@ mod tests {
         }
     }
 
-    fn code(r: Result<(), ApiError>) -> &'static str {
+    fn code(r: Result<(), Error>) -> &'static str {
         r.err().map_or("ok", |e| e.code())
     }
 

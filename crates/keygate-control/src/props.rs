@@ -24,7 +24,7 @@ use rusqlite::Connection;
 
 use crate::auth::{Caller, Door};
 use crate::catalog::{ApiCatalog, ControlLimits};
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::policy::{Caps, Holdings};
 use crate::service::{self, NewAccount, NewKey};
 use crate::store;
@@ -266,7 +266,7 @@ pub fn control_auth(fixture: &Fixture, data: &[u8]) {
         Ok(Caller::Admin) => Outcome::Operator("admin"),
         Ok(Caller::Edge) => Outcome::Operator("edge"),
         Ok(Caller::Tenant(t)) => Outcome::Admitted(t.account_sid, t.key.map(|k| k.sid), t.api),
-        Err(ApiError::Denied(r)) => Outcome::Refused(r.code()),
+        Err(Error::Denied(r)) => Outcome::Refused(r.code()),
         Err(e) => panic!("the control plane answered {e:?} instead of a decision"),
     };
     // The operator's tokens are the control plane's own; any other credential is decided as

@@ -8,7 +8,7 @@
 use keygate_core::digest::Digester;
 use keygate_core::secret_format::{self, SecretKind, RANDOM_BYTES};
 
-use crate::error::{internal, ApiError};
+use crate::error::{internal, Error};
 
 /// A plaintext secret. Redacted in `Debug`/`Display`; read it with [`Secret::expose`].
 pub struct Secret(String);
@@ -32,19 +32,19 @@ impl std::fmt::Display for Secret {
     }
 }
 
-fn random<const N: usize>() -> Result<[u8; N], ApiError> {
+fn random<const N: usize>() -> Result<[u8; N], Error> {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).map_err(|e| internal("OS random number generator failed", e))?;
     Ok(b)
 }
 
 /// A Twilio-style SID: two-letter prefix and 32 lowercase hex digits (128 random bits).
-pub fn new_sid(prefix: &str) -> Result<String, ApiError> {
+pub fn new_sid(prefix: &str) -> Result<String, Error> {
     Ok(format!("{prefix}{}", hex::encode(random::<16>()?)))
 }
 
 /// A checksummed keygate secret of the given kind (`sk_live_`, `pk_live_`, `at_live_`).
-pub fn new_secret(kind: SecretKind) -> Result<Secret, ApiError> {
+pub fn new_secret(kind: SecretKind) -> Result<Secret, Error> {
     // `encode` only fails if 64 random bytes hold fewer than 32 usable ones (p < 2^-100); retry.
     for _ in 0..4 {
         if let Some(s) = secret_format::encode(kind, &random::<RANDOM_BYTES>()?) {
@@ -88,7 +88,7 @@ impl OperatorKind {
 }
 
 /// An operator token: recognisable prefix and 256 random bits in hex.
-pub fn new_operator_token(kind: OperatorKind) -> Result<Secret, ApiError> {
+pub fn new_operator_token(kind: OperatorKind) -> Result<Secret, Error> {
     Ok(Secret(format!(
         "{}{}",
         kind.prefix(),

@@ -23,7 +23,8 @@ use keygate_core::config::Role;
 use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, TwilioError};
+use crate::error::Error;
+use crate::http::TwilioError;
 use crate::model::{self, rfc2822, Key};
 use crate::service::{self, NewKey};
 use crate::AppState;
@@ -54,9 +55,9 @@ fn key_json(k: &Key) -> Map<String, Value> {
 }
 
 /// Form fields; the last of a repeated field wins.
-fn form(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
+fn form(body: &[u8]) -> Result<Vec<(String, String)>, Error> {
     serde_urlencoded::from_bytes(body)
-        .map_err(|_| ApiError::bad("body", "must be application/x-www-form-urlencoded"))
+        .map_err(|_| Error::bad("body", "must be application/x-www-form-urlencoded"))
 }
 
 fn field<'f>(fields: &'f [(String, String)], name: &str) -> Option<&'f str> {
@@ -67,11 +68,11 @@ fn field<'f>(fields: &'f [(String, String)], name: &str) -> Option<&'f str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn key_sid(key_file: &str) -> Result<String, ApiError> {
+fn key_sid(key_file: &str) -> Result<String, Error> {
     key_file
         .strip_suffix(".json")
         .map(str::to_owned)
-        .ok_or(ApiError::NotFound)
+        .ok_or(Error::NotFound)
 }
 
 async fn create(
@@ -85,7 +86,7 @@ async fn create(
     let role = match field(&fields, "KeyType") {
         None => Role::Standard,
         Some(t) => model::parse_role(t)
-            .ok_or_else(|| ApiError::bad("KeyType", "must be main, standard or publishable"))?,
+            .ok_or_else(|| Error::bad("KeyType", "must be main, standard or publishable"))?,
     };
     let mut new = NewKey::with_role(role);
     if let Some(name) = field(&fields, "FriendlyName") {
@@ -114,7 +115,7 @@ async fn fetch(
         .db()
         .read(move |c| c.get_key(&account_sid, &sid))
         .await?
-        .ok_or(ApiError::NotFound)?;
+        .ok_or(Error::NotFound)?;
     Ok(Json(Value::Object(key_json(&key))))
 }
 
@@ -168,14 +169,14 @@ fn page_param(
     min: u64,
     max: u64,
     default: u64,
-) -> Result<u64, ApiError> {
+) -> Result<u64, Error> {
     match field(fields, name) {
         None => Ok(default),
         Some(v) => v
             .parse::<u64>()
             .ok()
             .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| ApiError::bad(name, format!("must be an integer from {min} to {max}"))),
+            .ok_or_else(|| Error::bad(name, format!("must be an integer from {min} to {max}"))),
     }
 }
 
@@ -187,7 +188,7 @@ async fn list(
 ) -> Result<Json<Value>, TwilioError> {
     caller.managing(&account_sid)?;
     let fields: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|_| ApiError::bad("query", "must be URL-encoded"))?;
+        .map_err(|_| Error::bad("query", "must be URL-encoded"))?;
     let page_size = page_param(&fields, "PageSize", 1, MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE)?;
     let page = page_param(&fields, "Page", 0, u64::from(u32::MAX), 0)?;
     // PageToken is accepted (clients copy next_page_uri verbatim); Page and PageSize position.
@@ -203,7 +204,7 @@ async fn list(
         })
         .await?;
     if !account_known {
-        return Err(ApiError::NotFound.into());
+        return Err(Error::NotFound.into());
     }
     let more = keys.len() as u64 > page_size;
     keys.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));

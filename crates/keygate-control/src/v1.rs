@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::model::{self, rfc3339, Account, Key, StoredSecret};
 use crate::service::{self, NewAccount, NewKey, DEFAULT_GRACE_SECONDS};
 use crate::{parse_json, AppState};
@@ -105,7 +105,7 @@ async fn create_account(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     caller.require_admin()?;
     let req: CreateAccount = parse_json(&body)?;
     let new = NewAccount {
@@ -131,13 +131,13 @@ async fn fetch_account(
     State(state): State<AppState>,
     Path(sid): Path<String>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     caller.managing(&sid)?;
     let account = state
         .db()
         .read(move |c| c.get_account(&sid))
         .await?
-        .ok_or(ApiError::NotFound)?;
+        .ok_or(Error::NotFound)?;
     Ok(Json(account_json(&account)))
 }
 
@@ -159,7 +159,7 @@ async fn update_account(
     Path(sid): Path<String>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let holder = caller.managing(&sid)?;
     let req: PatchAccount = parse_json(&body)?;
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
@@ -194,13 +194,13 @@ async fn list_keys(
     State(state): State<AppState>,
     Path(sid): Path<String>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     caller.managing(&sid)?;
     let keys = state
         .db()
         .read(move |c| {
             if c.get_account(&sid)?.is_none() {
-                return Err(ApiError::NotFound);
+                return Err(Error::NotFound);
             }
             c.list_keys(&sid, 0, u64::MAX)?
                 .into_iter()
@@ -208,7 +208,7 @@ async fn list_keys(
                     let s = c.secrets_of(&k.sid)?;
                     Ok(key_json(&k, &s))
                 })
-                .collect::<Result<Vec<_>, ApiError>>()
+                .collect::<Result<Vec<_>, Error>>()
         })
         .await?;
     Ok(Json(json!({ "keys": keys })))
@@ -231,7 +231,7 @@ async fn create_key(
     Path(sid): Path<String>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let holder = caller.managing(&sid)?;
     let req: CreateKey = parse_json(&body)?;
     if let Some(n) = &req.friendly_name {
@@ -269,12 +269,12 @@ async fn fetch_key(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     caller.managing(&sid)?;
     let (key, secrets) = state
         .db()
         .read(move |c| {
-            let key = c.get_key(&sid, &key_sid)?.ok_or(ApiError::NotFound)?;
+            let key = c.get_key(&sid, &key_sid)?.ok_or(Error::NotFound)?;
             let secrets = c.secrets_of(&key.sid)?;
             Ok((key, secrets))
         })
@@ -304,7 +304,7 @@ async fn update_key(
     Path((sid, key_sid)): Path<(String, String)>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let holder = caller.managing(&sid)?;
     let req: PatchKey = parse_json(&body)?;
     let expires_at = match &req.expires_at {
@@ -353,7 +353,7 @@ async fn delete_key(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
     Extension(caller): Extension<Caller>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, Error> {
     caller.managing(&sid)?;
     let version = state
         .db()
@@ -374,7 +374,7 @@ async fn regenerate(
     Path((sid, key_sid)): Path<(String, String)>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let holder = caller.managing(&sid)?;
     let req: Regenerate = parse_json(&body)?;
     let grace = req.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
@@ -393,7 +393,7 @@ async fn revoke_previous(
     State(state): State<AppState>,
     Path((sid, key_sid)): Path<(String, String)>,
     Extension(caller): Extension<Caller>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, Error> {
     caller.managing(&sid)?;
     let (_, version) = state
         .db()

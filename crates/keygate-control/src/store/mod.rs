@@ -18,7 +18,7 @@
 pub mod postgres;
 pub mod sqlite;
 
-use crate::error::{internal, ApiError};
+use crate::error::{internal, Error};
 use crate::model::{Account, Key, StoredSecret};
 use crate::secret::OperatorKind;
 
@@ -49,14 +49,14 @@ pub struct EdgeSeen {
 /// One transaction of either backend. Methods are the store's queries; none commits.
 pub trait Tx {
     /// The current config version.
-    fn version(&mut self) -> Result<u64, ApiError>;
+    fn version(&mut self) -> Result<u64, Error>;
     /// Increments the config version and records every account and key this transaction
     /// changed in the change log at the new version. Called once, after the changes, by every
     /// write that changes what the edge sees.
-    fn bump(&mut self) -> Result<u64, ApiError>;
+    fn bump(&mut self) -> Result<u64, Error>;
     /// The version the change log starts at: a delta `since` an older version may miss
     /// deletions and is refused.
-    fn changelog_floor(&mut self) -> Result<u64, ApiError>;
+    fn changelog_floor(&mut self) -> Result<u64, Error>;
 
     fn insert_operator_token(
         &mut self,
@@ -64,33 +64,28 @@ pub trait Tx {
         kind: OperatorKind,
         digest: &str,
         now: i64,
-    ) -> Result<(), ApiError>;
-    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, ApiError>;
-    fn has_admin(&mut self) -> Result<bool, ApiError>;
+    ) -> Result<(), Error>;
+    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, Error>;
+    fn has_admin(&mut self) -> Result<bool, Error>;
 
-    fn insert_account(&mut self, a: &Account) -> Result<(), ApiError>;
-    fn update_account(&mut self, a: &Account) -> Result<(), ApiError>;
+    fn insert_account(&mut self, a: &Account) -> Result<(), Error>;
+    fn update_account(&mut self, a: &Account) -> Result<(), Error>;
     /// In a write transaction the row stays locked until the end of it (Postgres), so a
     /// read-modify-write of one account cannot interleave with another.
-    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, ApiError>;
-    fn all_accounts(&mut self) -> Result<Vec<Account>, ApiError>;
+    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, Error>;
+    fn all_accounts(&mut self) -> Result<Vec<Account>, Error>;
 
-    fn insert_key(&mut self, k: &Key) -> Result<(), ApiError>;
+    fn insert_key(&mut self, k: &Key) -> Result<(), Error>;
     /// Writes the key's mutable fields and bumps its generation, if its generation is still
     /// `k.generation`. Returns whether the row was updated (false: changed concurrently).
-    fn update_key(&mut self, k: &Key) -> Result<bool, ApiError>;
+    fn update_key(&mut self, k: &Key) -> Result<bool, Error>;
     /// A key of an account (`None` if unknown or another account's).
-    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, ApiError>;
-    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, ApiError>;
+    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, Error>;
+    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, Error>;
     /// An account's keys sorted by date updated (then SID), `limit` from `offset`.
-    fn list_keys(
-        &mut self,
-        account_sid: &str,
-        offset: u64,
-        limit: u64,
-    ) -> Result<Vec<Key>, ApiError>;
-    fn all_keys(&mut self) -> Result<Vec<Key>, ApiError>;
-    fn count_keys(&mut self, account_sid: &str) -> Result<u64, ApiError>;
+    fn list_keys(&mut self, account_sid: &str, offset: u64, limit: u64) -> Result<Vec<Key>, Error>;
+    fn all_keys(&mut self) -> Result<Vec<Key>, Error>;
+    fn count_keys(&mut self, account_sid: &str) -> Result<u64, Error>;
     /// Records a regeneration of `key_sid` at `at`, forgets those before `forget_before`, and
     /// returns how many remain (this one included) and when the oldest of them was.
     fn note_regeneration(
@@ -98,45 +93,41 @@ pub trait Tx {
         key_sid: &str,
         at: i64,
         forget_before: i64,
-    ) -> Result<(u64, i64), ApiError>;
-    fn delete_key(&mut self, sid: &str) -> Result<bool, ApiError>;
+    ) -> Result<(u64, i64), Error>;
+    fn delete_key(&mut self, sid: &str) -> Result<bool, Error>;
 
-    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), ApiError>;
+    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), Error>;
     /// An owner's secrets: the current one first, then rotated ones by end of grace.
-    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, ApiError>;
-    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, ApiError>;
-    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, ApiError>;
+    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, Error>;
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, Error>;
+    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, Error>;
     /// Ends the grace of the owner's current secret at `not_after`; returns how many changed.
-    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, ApiError>;
+    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, Error>;
     /// Deletes the owner's rotated secrets (all of them, or those whose grace ended before).
     fn delete_previous(
         &mut self,
         owner_sid: &str,
         expired_before: Option<i64>,
-    ) -> Result<usize, ApiError>;
-    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, ApiError>;
+    ) -> Result<usize, Error>;
+    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, Error>;
 
     /// SIDs changed after version `since`, greater than `after`, ascending, at most `limit`.
-    fn changed_sids(
-        &mut self,
-        since: u64,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<String>, ApiError>;
+    fn changed_sids(&mut self, since: u64, after: &str, limit: usize)
+        -> Result<Vec<String>, Error>;
     /// The accounts among `owners`, ascending by SID.
-    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, ApiError>;
+    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, Error>;
     /// The keys among `owners`, ascending by SID.
-    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, ApiError>;
+    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, Error>;
     /// The secrets of the owners among `owners`, by owner, each owner's current one first.
-    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError>;
+    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, Error>;
 
     /// Remembers what edges said about themselves (the newest sighting of each wins), and
     /// forgets edges last seen before `forget_before` (unix seconds).
-    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), ApiError>;
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error>;
     /// Edges seen at or after `since` (unix seconds), by id.
-    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError>;
+    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error>;
     /// How many schema migrations the database has applied (`/readyz` wants all it knows).
-    fn migrations_applied(&mut self) -> Result<usize, ApiError>;
+    fn migrations_applied(&mut self) -> Result<usize, Error>;
 }
 
 /// Which database a control plane runs on.
@@ -181,10 +172,10 @@ impl Db {
     }
 
     /// Runs `f` in a read-only transaction (one snapshot), on the blocking pool.
-    pub async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
+    pub async fn read<R, F>(&self, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<R, ApiError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
     {
         let db = self.clone();
         tokio::task::spawn_blocking(move || db.read_blocking(f))
@@ -193,10 +184,10 @@ impl Db {
     }
 
     /// Runs `f` in a write transaction, on the blocking pool; commits if it returns `Ok`.
-    pub async fn write<R, F>(&self, f: F) -> Result<R, ApiError>
+    pub async fn write<R, F>(&self, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<R, ApiError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
     {
         let db = self.clone();
         tokio::task::spawn_blocking(move || db.write_blocking(f))
@@ -207,8 +198,8 @@ impl Db {
     /// [`Db::read`] on the calling thread (never on a runtime thread: Postgres would block it).
     pub fn read_blocking<R>(
         &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
+    ) -> Result<R, Error> {
         let started = std::time::Instant::now();
         let r = match self {
             Db::Sqlite(db) => db.read(f),
@@ -221,8 +212,8 @@ impl Db {
     /// [`Db::write`] on the calling thread.
     pub fn write_blocking<R>(
         &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
+    ) -> Result<R, Error> {
         let started = std::time::Instant::now();
         let r = match self {
             Db::Sqlite(db) => db.write(f),

@@ -31,7 +31,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
 
 use super::{EdgeSeen, Owners, Tx};
-use crate::error::{internal, ApiError};
+use crate::error::{internal, Error};
 use crate::model::{parse_role, parse_status, role_str, status_str, Account, Key, StoredSecret};
 use crate::secret::OperatorKind;
 
@@ -184,7 +184,7 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-impl From<tokio_postgres::Error> for ApiError {
+impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         // Errors carry SQL state and the server's message (a conflicting digest at most).
         internal("database error", e)
@@ -240,26 +240,20 @@ impl Db {
     }
 
     /// Runs `f` in a REPEATABLE READ READ ONLY transaction (one snapshot).
-    pub fn read<R>(
-        &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+    pub fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>) -> Result<R, Error> {
         self.run(false, f)
     }
 
     /// Runs `f` in a READ COMMITTED transaction; commits if it returns `Ok`.
-    pub fn write<R>(
-        &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+    pub fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>) -> Result<R, Error> {
         self.run(true, f)
     }
 
     fn run<R>(
         &self,
         write: bool,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+        f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
+    ) -> Result<R, Error> {
         let rt = &self.rt;
         let mut client = rt
             .block_on(self.pool.get())
@@ -374,22 +368,22 @@ struct PgTx<'a> {
 type Params<'p> = [&'p (dyn ToSql + Sync)];
 
 impl PgTx<'_> {
-    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, ApiError> {
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error> {
         let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
         Ok(self.rt.block_on(self.tx.query(&st, params))?)
     }
 
-    fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, ApiError> {
+    fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error> {
         let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
         Ok(self.rt.block_on(self.tx.query_opt(&st, params))?)
     }
 
-    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row, ApiError> {
+    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row, Error> {
         let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
         Ok(self.rt.block_on(self.tx.query_one(&st, params))?)
     }
 
-    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<usize, ApiError> {
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<usize, Error> {
         let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
         let n = self.rt.block_on(self.tx.execute(&st, params))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
@@ -406,18 +400,18 @@ impl PgTx<'_> {
     }
 }
 
-fn version_of(r: &Row) -> Result<u64, ApiError> {
+fn version_of(r: &Row) -> Result<u64, Error> {
     let v: i64 = r.try_get(0)?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
-fn json_col<T: serde::de::DeserializeOwned>(r: &Row, idx: usize) -> Result<Option<T>, ApiError> {
+fn json_col<T: serde::de::DeserializeOwned>(r: &Row, idx: usize) -> Result<Option<T>, Error> {
     let s: Option<String> = r.try_get(idx)?;
     s.map(|s| serde_json::from_str(&s).map_err(|e| internal("invalid JSON column", e)))
         .transpose()
 }
 
-fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, ApiError> {
+fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, Error> {
     v.as_ref()
         .map(|v| serde_json::to_string(v).map_err(|e| internal("serialize column", e)))
         .transpose()
@@ -426,7 +420,7 @@ fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, ApiErro
 const ACCOUNT_COLS: &str =
     "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at";
 
-fn account_row(r: &Row) -> Result<Account, ApiError> {
+fn account_row(r: &Row) -> Result<Account, Error> {
     let status: String = r.try_get(2)?;
     Ok(Account {
         sid: r.try_get(0)?,
@@ -442,7 +436,7 @@ fn account_row(r: &Row) -> Result<Account, ApiError> {
 
 const KEY_COLS: &str = "sid, account_sid, friendly_name, role, apis, allowed_ips, limits, expires_at, enabled, generation, created_at, updated_at";
 
-fn key_row(r: &Row) -> Result<Key, ApiError> {
+fn key_row(r: &Row) -> Result<Key, Error> {
     let role: String = r.try_get(3)?;
     Ok(Key {
         sid: r.try_get(0)?,
@@ -463,7 +457,7 @@ fn key_row(r: &Row) -> Result<Key, ApiError> {
 const SECRET_COLS: &str = "digest, owner_sid, not_after, created_at";
 const SECRETS_ORDER: &str = "owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC";
 
-fn secret_row(r: &Row) -> Result<StoredSecret, ApiError> {
+fn secret_row(r: &Row) -> Result<StoredSecret, Error> {
     Ok(StoredSecret {
         digest: r.try_get(0)?,
         owner_sid: r.try_get(1)?,
@@ -472,7 +466,7 @@ fn secret_row(r: &Row) -> Result<StoredSecret, ApiError> {
     })
 }
 
-fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, ApiError>) -> Result<Vec<T>, ApiError> {
+fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Error>) -> Result<Vec<T>, Error> {
     rows.iter().map(f).collect()
 }
 
@@ -487,8 +481,8 @@ impl PgTx<'_> {
         select: &str,
         col: &str,
         order: &str,
-        f: impl Fn(&Row) -> Result<T, ApiError>,
-    ) -> Result<Vec<T>, ApiError> {
+        f: impl Fn(&Row) -> Result<T, Error>,
+    ) -> Result<Vec<T>, Error> {
         let found = match owners {
             Owners::Listed(sids) => self.query(
                 &format!("{select} WHERE {col} = ANY($1) ORDER BY {order}"),
@@ -504,17 +498,17 @@ impl PgTx<'_> {
 }
 
 impl Tx for PgTx<'_> {
-    fn version(&mut self) -> Result<u64, ApiError> {
+    fn version(&mut self) -> Result<u64, Error> {
         let r = self.query_one("SELECT version FROM config_version WHERE id = 1", &[])?;
         version_of(&r)
     }
 
-    fn bump(&mut self) -> Result<u64, ApiError> {
+    fn bump(&mut self) -> Result<u64, Error> {
         let r = self.query_one("SELECT keygate_bump()", &[])?;
         version_of(&r)
     }
 
-    fn changelog_floor(&mut self) -> Result<u64, ApiError> {
+    fn changelog_floor(&mut self) -> Result<u64, Error> {
         let r = self.query_one("SELECT version FROM changelog_floor WHERE id = 1", &[])?;
         version_of(&r)
     }
@@ -525,7 +519,7 @@ impl Tx for PgTx<'_> {
         kind: OperatorKind,
         digest: &str,
         now: i64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         self.execute(
             "INSERT INTO operator_tokens (sid, kind, digest, created_at) VALUES ($1, $2, $3, $4)",
             &[&sid, &kind.as_str(), &digest, &now],
@@ -533,7 +527,7 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, ApiError> {
+    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, Error> {
         let r = self.query_opt(
             "SELECT kind FROM operator_tokens WHERE digest = $1",
             &[&digest],
@@ -544,7 +538,7 @@ impl Tx for PgTx<'_> {
         })
     }
 
-    fn has_admin(&mut self) -> Result<bool, ApiError> {
+    fn has_admin(&mut self) -> Result<bool, Error> {
         let r = self.query_one(
             "SELECT EXISTS (SELECT 1 FROM operator_tokens WHERE kind = 'admin')",
             &[],
@@ -552,7 +546,7 @@ impl Tx for PgTx<'_> {
         Ok(r.try_get(0)?)
     }
 
-    fn insert_account(&mut self, a: &Account) -> Result<(), ApiError> {
+    fn insert_account(&mut self, a: &Account) -> Result<(), Error> {
         self.execute(
             &format!(
                 "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -571,7 +565,7 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn update_account(&mut self, a: &Account) -> Result<(), ApiError> {
+    fn update_account(&mut self, a: &Account) -> Result<(), Error> {
         self.execute(
             "UPDATE accounts SET friendly_name = $2, status = $3, region = $4, allowed_ips = $5,
                  limits = $6, updated_at = $7
@@ -589,7 +583,7 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, ApiError> {
+    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, Error> {
         let sql = format!(
             "SELECT {ACCOUNT_COLS} FROM accounts WHERE sid = $1{}",
             self.lock()
@@ -599,7 +593,7 @@ impl Tx for PgTx<'_> {
             .transpose()
     }
 
-    fn all_accounts(&mut self) -> Result<Vec<Account>, ApiError> {
+    fn all_accounts(&mut self) -> Result<Vec<Account>, Error> {
         let found = self.query(
             &format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY sid"),
             &[],
@@ -607,7 +601,7 @@ impl Tx for PgTx<'_> {
         rows(found, account_row)
     }
 
-    fn insert_key(&mut self, k: &Key) -> Result<(), ApiError> {
+    fn insert_key(&mut self, k: &Key) -> Result<(), Error> {
         self.execute(
             &format!(
                 "INSERT INTO keys ({KEY_COLS})
@@ -631,7 +625,7 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn update_key(&mut self, k: &Key) -> Result<bool, ApiError> {
+    fn update_key(&mut self, k: &Key) -> Result<bool, Error> {
         let n = self.execute(
             "UPDATE keys SET friendly_name = $3, role = $4, apis = $5, allowed_ips = $6,
                  limits = $7, expires_at = $8, enabled = $9, updated_at = $10,
@@ -653,7 +647,7 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
-    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, ApiError> {
+    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, Error> {
         let sql = format!(
             "SELECT {KEY_COLS} FROM keys WHERE sid = $1 AND account_sid = $2{}",
             self.lock()
@@ -663,19 +657,14 @@ impl Tx for PgTx<'_> {
             .transpose()
     }
 
-    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, ApiError> {
+    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, Error> {
         let sql = format!("SELECT {KEY_COLS} FROM keys WHERE sid = $1{}", self.lock());
         self.query_opt(&sql, &[&sid])?
             .map(|r| key_row(&r))
             .transpose()
     }
 
-    fn list_keys(
-        &mut self,
-        account_sid: &str,
-        offset: u64,
-        limit: u64,
-    ) -> Result<Vec<Key>, ApiError> {
+    fn list_keys(&mut self, account_sid: &str, offset: u64, limit: u64) -> Result<Vec<Key>, Error> {
         let found = self.query(
             &format!(
                 "SELECT {KEY_COLS} FROM keys WHERE account_sid = $1
@@ -686,7 +675,7 @@ impl Tx for PgTx<'_> {
         rows(found, key_row)
     }
 
-    fn all_keys(&mut self) -> Result<Vec<Key>, ApiError> {
+    fn all_keys(&mut self) -> Result<Vec<Key>, Error> {
         let found = self.query(
             &format!("SELECT {KEY_COLS} FROM keys ORDER BY account_sid, sid"),
             &[],
@@ -694,7 +683,7 @@ impl Tx for PgTx<'_> {
         rows(found, key_row)
     }
 
-    fn count_keys(&mut self, account_sid: &str) -> Result<u64, ApiError> {
+    fn count_keys(&mut self, account_sid: &str) -> Result<u64, Error> {
         let r = self.query_one(
             "SELECT count(*) FROM keys WHERE account_sid = $1",
             &[&account_sid],
@@ -707,7 +696,7 @@ impl Tx for PgTx<'_> {
         key_sid: &str,
         at: i64,
         forget_before: i64,
-    ) -> Result<(u64, i64), ApiError> {
+    ) -> Result<(u64, i64), Error> {
         self.execute(
             "DELETE FROM regenerations WHERE key_sid = $1 AND at < $2",
             &[&key_sid, &forget_before],
@@ -725,13 +714,13 @@ impl Tx for PgTx<'_> {
         Ok((u64::try_from(n).unwrap_or(0), oldest.unwrap_or(at)))
     }
 
-    fn delete_key(&mut self, sid: &str) -> Result<bool, ApiError> {
+    fn delete_key(&mut self, sid: &str) -> Result<bool, Error> {
         self.execute("DELETE FROM regenerations WHERE key_sid = $1", &[&sid])?;
         self.execute("DELETE FROM secrets WHERE owner_sid = $1", &[&sid])?;
         Ok(self.execute("DELETE FROM keys WHERE sid = $1", &[&sid])? == 1)
     }
 
-    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), ApiError> {
+    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), Error> {
         self.execute(
             "INSERT INTO secrets (digest, owner_sid, not_after, created_at) VALUES ($1, $2, NULL, $3)",
             &[&digest, &owner_sid, &now],
@@ -739,7 +728,7 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, ApiError> {
+    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, Error> {
         let found = self.query(
             &format!(
                 "SELECT {SECRET_COLS} FROM secrets WHERE owner_sid = $1 ORDER BY {SECRETS_ORDER}"
@@ -749,7 +738,7 @@ impl Tx for PgTx<'_> {
         rows(found, secret_row)
     }
 
-    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, ApiError> {
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, Error> {
         let found = self.query(
             &format!("SELECT {SECRET_COLS} FROM secrets ORDER BY {SECRETS_ORDER}"),
             &[],
@@ -757,7 +746,7 @@ impl Tx for PgTx<'_> {
         rows(found, secret_row)
     }
 
-    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, ApiError> {
+    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, Error> {
         self.query_opt(
             &format!("SELECT {SECRET_COLS} FROM secrets WHERE digest = $1"),
             &[&digest],
@@ -766,7 +755,7 @@ impl Tx for PgTx<'_> {
         .transpose()
     }
 
-    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, ApiError> {
+    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, Error> {
         self.execute(
             "UPDATE secrets SET not_after = $2 WHERE owner_sid = $1 AND not_after IS NULL",
             &[&owner_sid, &not_after],
@@ -777,7 +766,7 @@ impl Tx for PgTx<'_> {
         &mut self,
         owner_sid: &str,
         expired_before: Option<i64>,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<usize, Error> {
         match expired_before {
             None => self.execute(
                 "DELETE FROM secrets WHERE owner_sid = $1 AND not_after IS NOT NULL",
@@ -790,7 +779,7 @@ impl Tx for PgTx<'_> {
         }
     }
 
-    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, ApiError> {
+    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, Error> {
         self.execute("DELETE FROM secrets WHERE owner_sid = $1", &[&owner_sid])
     }
 
@@ -799,7 +788,7 @@ impl Tx for PgTx<'_> {
         since: u64,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let found = self.query(
             "SELECT sid FROM changelog WHERE version > $1 AND sid > $2 ORDER BY sid LIMIT $3",
@@ -808,22 +797,22 @@ impl Tx for PgTx<'_> {
         rows(found, |r| Ok(r.try_get(0)?))
     }
 
-    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
+    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, Error> {
         let select = format!("SELECT {ACCOUNT_COLS} FROM accounts");
         self.owners(owners, &select, "sid", "sid", account_row)
     }
 
-    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
+    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, Error> {
         let select = format!("SELECT {KEY_COLS} FROM keys");
         self.owners(owners, &select, "sid", "sid", key_row)
     }
 
-    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
+    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, Error> {
         let select = format!("SELECT {SECRET_COLS} FROM secrets");
         self.owners(owners, &select, "owner_sid", SECRETS_ORDER, secret_row)
     }
 
-    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), ApiError> {
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
         self.execute("DELETE FROM edges WHERE last_seen < $1", &[&forget_before])?;
         for e in seen {
             self.execute(
@@ -837,13 +826,13 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn migrations_applied(&mut self) -> Result<usize, ApiError> {
+    fn migrations_applied(&mut self) -> Result<usize, Error> {
         let r = self.query_one("SELECT version FROM keygate_schema", &[])?;
         let v: i32 = r.try_get(0)?;
         Ok(usize::try_from(v).unwrap_or(0))
     }
 
-    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
+    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error> {
         let found = self.query(
             "SELECT id, region, version, last_seen FROM edges WHERE last_seen >= $1 ORDER BY id",
             &[&since],
@@ -859,7 +848,7 @@ impl Tx for PgTx<'_> {
     }
 }
 
-fn version_of_col(r: &Row, idx: usize) -> Result<u64, ApiError> {
+fn version_of_col(r: &Row, idx: usize) -> Result<u64, Error> {
     let v: i64 = r.try_get(idx)?;
     Ok(u64::try_from(v).unwrap_or(0))
 }

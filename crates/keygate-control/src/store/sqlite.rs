@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use serde::de::DeserializeOwned;
 
 use super::{EdgeSeen, Owners, Tx};
-use crate::error::{internal, ApiError};
+use crate::error::{internal, Error};
 use crate::model::{parse_role, parse_status, role_str, status_str, Account, Key, StoredSecret};
 use crate::secret::OperatorKind;
 
@@ -227,10 +227,7 @@ impl Db {
 
     /// Runs `f` in a read transaction on a read-only connection from the pool. Writes fail
     /// there (`query_only`).
-    pub fn read<R>(
-        &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+    pub fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>) -> Result<R, Error> {
         let mut conn = self
             .readers
             .get()
@@ -239,10 +236,7 @@ impl Db {
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer; commits if it returns `Ok`.
-    pub fn write<R>(
-        &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+    pub fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>) -> Result<R, Error> {
         // A panic cannot leave a transaction open (Transaction rolls back on drop), so a
         // poisoned lock still guards a usable connection.
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -253,8 +247,8 @@ impl Db {
 /// Runs `f` in a read transaction on `conn` (one snapshot).
 pub fn read<R>(
     conn: &mut Connection,
-    f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-) -> Result<R, ApiError> {
+    f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
+) -> Result<R, Error> {
     let mut tx = conn.transaction()?;
     let r = f(&mut tx)?;
     tx.commit()?;
@@ -264,8 +258,8 @@ pub fn read<R>(
 /// Runs `f` in one `BEGIN IMMEDIATE` transaction on `conn`; commits if it returns `Ok`.
 pub fn write<R>(
     conn: &mut Connection,
-    f: impl FnOnce(&mut dyn Tx) -> Result<R, ApiError>,
-) -> Result<R, ApiError> {
+    f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
+) -> Result<R, Error> {
     let mut tx = write_tx(conn)?;
     let r = f(&mut tx)?;
     tx.commit()?;
@@ -273,11 +267,11 @@ pub fn write<R>(
 }
 
 /// Starts a write transaction (takes the write lock now, so read-then-write cannot race).
-pub fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, ApiError> {
+pub fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, Error> {
     Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
 }
 
-pub fn version(conn: &Connection) -> Result<u64, ApiError> {
+pub fn version(conn: &Connection) -> Result<u64, Error> {
     let v: i64 = conn.query_row("SELECT version FROM config_version WHERE id = 1", [], |r| {
         r.get(0)
     })?;
@@ -288,7 +282,7 @@ pub fn version(conn: &Connection) -> Result<u64, ApiError> {
 /// and key the transaction changed (noted in `pending_changes` by the triggers) in the change
 /// log at the new version. Called once, after the changes, by every write that changes what the
 /// edge sees.
-pub fn bump(tx: &Transaction<'_>) -> Result<u64, ApiError> {
+pub fn bump(tx: &Transaction<'_>) -> Result<u64, Error> {
     let v: i64 = tx.query_row(
         "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
         [],
@@ -305,7 +299,7 @@ pub fn bump(tx: &Transaction<'_>) -> Result<u64, ApiError> {
 
 /// The version the change log starts at (see migration 2): a delta `since` an older version
 /// may miss deletions and is refused.
-pub fn changelog_floor(conn: &Connection) -> Result<u64, ApiError> {
+pub fn changelog_floor(conn: &Connection) -> Result<u64, Error> {
     let v: i64 = conn.query_row(
         "SELECT version FROM changelog_floor WHERE id = 1",
         [],
@@ -323,7 +317,7 @@ fn json_col<T: DeserializeOwned>(r: &Row<'_>, idx: usize) -> rusqlite::Result<Op
     .transpose()
 }
 
-fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, ApiError> {
+fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, Error> {
     v.as_ref()
         .map(|v| serde_json::to_string(v).map_err(|e| internal("serialize column", e)))
         .transpose()
@@ -341,7 +335,7 @@ pub fn insert_operator_token(
     kind: OperatorKind,
     digest: &str,
     now: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     tx.execute(
         "INSERT INTO operator_tokens (sid, kind, digest, created_at) VALUES (?1, ?2, ?3, ?4)",
         params![sid, kind.as_str(), digest, now],
@@ -349,10 +343,7 @@ pub fn insert_operator_token(
     Ok(())
 }
 
-pub fn find_operator_token(
-    conn: &Connection,
-    digest: &str,
-) -> Result<Option<OperatorKind>, ApiError> {
+pub fn find_operator_token(conn: &Connection, digest: &str) -> Result<Option<OperatorKind>, Error> {
     let kind: Option<String> = conn
         .query_row(
             "SELECT kind FROM operator_tokens WHERE digest = ?1",
@@ -363,7 +354,7 @@ pub fn find_operator_token(
     Ok(kind.as_deref().and_then(OperatorKind::parse))
 }
 
-pub fn has_admin(conn: &Connection) -> Result<bool, ApiError> {
+pub fn has_admin(conn: &Connection) -> Result<bool, Error> {
     Ok(conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM operator_tokens WHERE kind = 'admin')",
         [],
@@ -390,7 +381,7 @@ fn account_row(r: &Row<'_>) -> rusqlite::Result<Account> {
     })
 }
 
-pub fn insert_account(tx: &Transaction<'_>, a: &Account) -> Result<(), ApiError> {
+pub fn insert_account(tx: &Transaction<'_>, a: &Account) -> Result<(), Error> {
     tx.execute(
         &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
         params![
@@ -407,7 +398,7 @@ pub fn insert_account(tx: &Transaction<'_>, a: &Account) -> Result<(), ApiError>
     Ok(())
 }
 
-pub fn update_account(tx: &Transaction<'_>, a: &Account) -> Result<(), ApiError> {
+pub fn update_account(tx: &Transaction<'_>, a: &Account) -> Result<(), Error> {
     tx.execute(
         "UPDATE accounts SET friendly_name = ?2, status = ?3, region = ?4, allowed_ips = ?5, limits = ?6, updated_at = ?7
          WHERE sid = ?1",
@@ -416,7 +407,7 @@ pub fn update_account(tx: &Transaction<'_>, a: &Account) -> Result<(), ApiError>
     Ok(())
 }
 
-pub fn get_account(conn: &Connection, sid: &str) -> Result<Option<Account>, ApiError> {
+pub fn get_account(conn: &Connection, sid: &str) -> Result<Option<Account>, Error> {
     Ok(conn
         .query_row(
             &format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE sid = ?1"),
@@ -426,7 +417,7 @@ pub fn get_account(conn: &Connection, sid: &str) -> Result<Option<Account>, ApiE
         .optional()?)
 }
 
-pub fn all_accounts(conn: &Connection) -> Result<Vec<Account>, ApiError> {
+pub fn all_accounts(conn: &Connection) -> Result<Vec<Account>, Error> {
     let mut st = conn.prepare(&format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY sid"))?;
     let rows = st
         .query_map([], account_row)?
@@ -457,7 +448,7 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<Key> {
     })
 }
 
-pub fn insert_key(tx: &Transaction<'_>, k: &Key) -> Result<(), ApiError> {
+pub fn insert_key(tx: &Transaction<'_>, k: &Key) -> Result<(), Error> {
     tx.execute(
         &format!("INSERT INTO keys ({KEY_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
         params![
@@ -480,7 +471,7 @@ pub fn insert_key(tx: &Transaction<'_>, k: &Key) -> Result<(), ApiError> {
 
 /// Writes the key's mutable fields and bumps its generation, if its generation is still
 /// `k.generation`. Returns whether the row was updated (false: changed concurrently).
-pub fn update_key(tx: &Transaction<'_>, k: &Key) -> Result<bool, ApiError> {
+pub fn update_key(tx: &Transaction<'_>, k: &Key) -> Result<bool, Error> {
     let n = tx.execute(
         "UPDATE keys SET friendly_name = ?3, role = ?4, apis = ?5, allowed_ips = ?6, limits = ?7, expires_at = ?8,
                 enabled = ?9, updated_at = ?10, generation = generation + 1
@@ -502,7 +493,7 @@ pub fn update_key(tx: &Transaction<'_>, k: &Key) -> Result<bool, ApiError> {
 }
 
 /// A key of an account (`None` if unknown or another account's).
-pub fn get_key(conn: &Connection, account_sid: &str, sid: &str) -> Result<Option<Key>, ApiError> {
+pub fn get_key(conn: &Connection, account_sid: &str, sid: &str) -> Result<Option<Key>, Error> {
     Ok(conn
         .query_row(
             &format!("SELECT {KEY_COLS} FROM keys WHERE sid = ?1 AND account_sid = ?2"),
@@ -512,7 +503,7 @@ pub fn get_key(conn: &Connection, account_sid: &str, sid: &str) -> Result<Option
         .optional()?)
 }
 
-pub fn get_key_by_sid(conn: &Connection, sid: &str) -> Result<Option<Key>, ApiError> {
+pub fn get_key_by_sid(conn: &Connection, sid: &str) -> Result<Option<Key>, Error> {
     Ok(conn
         .query_row(
             &format!("SELECT {KEY_COLS} FROM keys WHERE sid = ?1"),
@@ -528,7 +519,7 @@ pub fn list_keys(
     account_sid: &str,
     offset: u64,
     limit: u64,
-) -> Result<Vec<Key>, ApiError> {
+) -> Result<Vec<Key>, Error> {
     let mut st = conn.prepare(&format!(
         "SELECT {KEY_COLS} FROM keys WHERE account_sid = ?1 ORDER BY updated_at, sid LIMIT ?2 OFFSET ?3"
     ))?;
@@ -540,7 +531,7 @@ pub fn list_keys(
     Ok(rows)
 }
 
-pub fn all_keys(conn: &Connection) -> Result<Vec<Key>, ApiError> {
+pub fn all_keys(conn: &Connection) -> Result<Vec<Key>, Error> {
     let mut st = conn.prepare(&format!(
         "SELECT {KEY_COLS} FROM keys ORDER BY account_sid, sid"
     ))?;
@@ -549,7 +540,7 @@ pub fn all_keys(conn: &Connection) -> Result<Vec<Key>, ApiError> {
 }
 
 /// How many keys an account has.
-pub fn count_keys(conn: &Connection, account_sid: &str) -> Result<u64, ApiError> {
+pub fn count_keys(conn: &Connection, account_sid: &str) -> Result<u64, Error> {
     let n: i64 = conn.query_row(
         "SELECT count(*) FROM keys WHERE account_sid = ?1",
         [account_sid],
@@ -565,7 +556,7 @@ pub fn note_regeneration(
     key_sid: &str,
     at: i64,
     forget_before: i64,
-) -> Result<(u64, i64), ApiError> {
+) -> Result<(u64, i64), Error> {
     tx.execute(
         "DELETE FROM regenerations WHERE key_sid = ?1 AND at < ?2",
         params![key_sid, forget_before],
@@ -582,7 +573,7 @@ pub fn note_regeneration(
     Ok((u64::try_from(n).unwrap_or(0), oldest.unwrap_or(at)))
 }
 
-pub fn delete_key(tx: &Transaction<'_>, sid: &str) -> Result<bool, ApiError> {
+pub fn delete_key(tx: &Transaction<'_>, sid: &str) -> Result<bool, Error> {
     tx.execute("DELETE FROM regenerations WHERE key_sid = ?1", [sid])?;
     tx.execute("DELETE FROM secrets WHERE owner_sid = ?1", [sid])?;
     Ok(tx.execute("DELETE FROM keys WHERE sid = ?1", [sid])? == 1)
@@ -604,7 +595,7 @@ pub fn insert_secret(
     owner_sid: &str,
     digest: &str,
     now: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     tx.execute(
         "INSERT INTO secrets (digest, owner_sid, not_after, created_at) VALUES (?1, ?2, NULL, ?3)",
         params![digest, owner_sid, now],
@@ -613,7 +604,7 @@ pub fn insert_secret(
 }
 
 /// An owner's secrets: the current one first, then rotated ones by end of grace.
-pub fn secrets_of(conn: &Connection, owner_sid: &str) -> Result<Vec<StoredSecret>, ApiError> {
+pub fn secrets_of(conn: &Connection, owner_sid: &str) -> Result<Vec<StoredSecret>, Error> {
     let mut st = conn.prepare(
         "SELECT digest, owner_sid, not_after, created_at FROM secrets WHERE owner_sid = ?1
          ORDER BY not_after IS NOT NULL, not_after DESC, created_at DESC",
@@ -624,7 +615,7 @@ pub fn secrets_of(conn: &Connection, owner_sid: &str) -> Result<Vec<StoredSecret
     Ok(rows)
 }
 
-pub fn all_secrets(conn: &Connection) -> Result<Vec<StoredSecret>, ApiError> {
+pub fn all_secrets(conn: &Connection) -> Result<Vec<StoredSecret>, Error> {
     let mut st = conn.prepare(&format!("{OWNED_SECRETS} ORDER BY {SECRETS_ORDER}"))?;
     let rows = st
         .query_map([], secret_row)?
@@ -632,7 +623,7 @@ pub fn all_secrets(conn: &Connection) -> Result<Vec<StoredSecret>, ApiError> {
     Ok(rows)
 }
 
-pub fn find_secret(conn: &Connection, digest: &str) -> Result<Option<StoredSecret>, ApiError> {
+pub fn find_secret(conn: &Connection, digest: &str) -> Result<Option<StoredSecret>, Error> {
     Ok(conn
         .query_row(
             "SELECT digest, owner_sid, not_after, created_at FROM secrets WHERE digest = ?1",
@@ -647,7 +638,7 @@ pub fn retire_current(
     tx: &Transaction<'_>,
     owner_sid: &str,
     not_after: i64,
-) -> Result<usize, ApiError> {
+) -> Result<usize, Error> {
     Ok(tx.execute(
         "UPDATE secrets SET not_after = ?2 WHERE owner_sid = ?1 AND not_after IS NULL",
         params![owner_sid, not_after],
@@ -659,7 +650,7 @@ pub fn delete_previous(
     tx: &Transaction<'_>,
     owner_sid: &str,
     expired_before: Option<i64>,
-) -> Result<usize, ApiError> {
+) -> Result<usize, Error> {
     Ok(match expired_before {
         None => tx.execute(
             "DELETE FROM secrets WHERE owner_sid = ?1 AND not_after IS NOT NULL",
@@ -672,7 +663,7 @@ pub fn delete_previous(
     })
 }
 
-pub fn delete_all_secrets(tx: &Transaction<'_>, owner_sid: &str) -> Result<usize, ApiError> {
+pub fn delete_all_secrets(tx: &Transaction<'_>, owner_sid: &str) -> Result<usize, Error> {
     Ok(tx.execute("DELETE FROM secrets WHERE owner_sid = ?1", [owner_sid])?)
 }
 
@@ -697,7 +688,7 @@ pub fn changed_sids(
     since: u64,
     after: &str,
     limit: usize,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Vec<String>, Error> {
     let since = i64::try_from(since).unwrap_or(i64::MAX);
     let sql = if since == 0 {
         FULL_PAGE
@@ -727,7 +718,7 @@ fn owners_sql(
     select: &str,
     col: &str,
     order: &str,
-) -> Result<(String, Vec<String>), ApiError> {
+) -> Result<(String, Vec<String>), Error> {
     let (cond, args) = match owners {
         Owners::Listed(sids) => (
             format!("{col} IN (SELECT value FROM json_each(?1))"),
@@ -748,7 +739,7 @@ fn owners_query<T>(
     col: &str,
     order: &str,
     row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
-) -> Result<Vec<T>, ApiError> {
+) -> Result<Vec<T>, Error> {
     let (sql, args) = owners_sql(owners, select, col, order)?;
     let mut st = conn.prepare_cached(&sql)?;
     let rows = st
@@ -758,7 +749,7 @@ fn owners_query<T>(
 }
 
 /// The accounts among `owners`, ascending by SID.
-pub fn accounts_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
+pub fn accounts_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Account>, Error> {
     let select = format!("SELECT {ACCOUNT_COLS} FROM accounts");
     owners_query(conn, owners, &select, "sid", "sid", account_row)
 }
@@ -767,13 +758,13 @@ const OWNED_SECRETS: &str = "SELECT digest, owner_sid, not_after, created_at FRO
 const SECRETS_ORDER: &str = "owner_sid, not_after IS NOT NULL, not_after DESC, created_at DESC";
 
 /// The keys among `owners`, ascending by SID.
-pub fn keys_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
+pub fn keys_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<Key>, Error> {
     let select = format!("SELECT {KEY_COLS} FROM keys");
     owners_query(conn, owners, &select, "sid", "sid", key_row)
 }
 
 /// The secrets of the owners among `owners`, in [`all_secrets`]' order.
-pub fn secrets_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
+pub fn secrets_in(conn: &Connection, owners: Owners<'_>) -> Result<Vec<StoredSecret>, Error> {
     owners_query(
         conn,
         owners,
@@ -795,11 +786,7 @@ const DENSE_PAGE: &str =
 
 // ---- fleet ----
 
-pub fn note_edges(
-    conn: &Connection,
-    seen: &[EdgeSeen],
-    forget_before: i64,
-) -> Result<(), ApiError> {
+pub fn note_edges(conn: &Connection, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
     conn.prepare_cached("DELETE FROM edges WHERE last_seen < ?1")?
         .execute([forget_before])?;
     let mut st = conn.prepare_cached(
@@ -819,7 +806,7 @@ pub fn note_edges(
     Ok(())
 }
 
-pub fn edges(conn: &Connection, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
+pub fn edges(conn: &Connection, since: i64) -> Result<Vec<EdgeSeen>, Error> {
     let mut st = conn.prepare_cached(
         "SELECT id, region, version, last_seen FROM edges WHERE last_seen >= ?1 ORDER BY id",
     )?;
@@ -838,13 +825,13 @@ pub fn edges(conn: &Connection, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
 
 /// A SQLite transaction is the store's [`Tx`]: each method is the function of the same name.
 impl Tx for Transaction<'_> {
-    fn version(&mut self) -> Result<u64, ApiError> {
+    fn version(&mut self) -> Result<u64, Error> {
         version(self)
     }
-    fn bump(&mut self) -> Result<u64, ApiError> {
+    fn bump(&mut self) -> Result<u64, Error> {
         bump(self)
     }
-    fn changelog_floor(&mut self) -> Result<u64, ApiError> {
+    fn changelog_floor(&mut self) -> Result<u64, Error> {
         changelog_floor(self)
     }
     fn insert_operator_token(
@@ -853,51 +840,46 @@ impl Tx for Transaction<'_> {
         kind: OperatorKind,
         digest: &str,
         now: i64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         insert_operator_token(self, sid, kind, digest, now)
     }
-    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, ApiError> {
+    fn find_operator_token(&mut self, digest: &str) -> Result<Option<OperatorKind>, Error> {
         find_operator_token(self, digest)
     }
-    fn has_admin(&mut self) -> Result<bool, ApiError> {
+    fn has_admin(&mut self) -> Result<bool, Error> {
         has_admin(self)
     }
-    fn insert_account(&mut self, a: &Account) -> Result<(), ApiError> {
+    fn insert_account(&mut self, a: &Account) -> Result<(), Error> {
         insert_account(self, a)
     }
-    fn update_account(&mut self, a: &Account) -> Result<(), ApiError> {
+    fn update_account(&mut self, a: &Account) -> Result<(), Error> {
         update_account(self, a)
     }
-    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, ApiError> {
+    fn get_account(&mut self, sid: &str) -> Result<Option<Account>, Error> {
         get_account(self, sid)
     }
-    fn all_accounts(&mut self) -> Result<Vec<Account>, ApiError> {
+    fn all_accounts(&mut self) -> Result<Vec<Account>, Error> {
         all_accounts(self)
     }
-    fn insert_key(&mut self, k: &Key) -> Result<(), ApiError> {
+    fn insert_key(&mut self, k: &Key) -> Result<(), Error> {
         insert_key(self, k)
     }
-    fn update_key(&mut self, k: &Key) -> Result<bool, ApiError> {
+    fn update_key(&mut self, k: &Key) -> Result<bool, Error> {
         update_key(self, k)
     }
-    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, ApiError> {
+    fn get_key(&mut self, account_sid: &str, sid: &str) -> Result<Option<Key>, Error> {
         get_key(self, account_sid, sid)
     }
-    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, ApiError> {
+    fn get_key_by_sid(&mut self, sid: &str) -> Result<Option<Key>, Error> {
         get_key_by_sid(self, sid)
     }
-    fn list_keys(
-        &mut self,
-        account_sid: &str,
-        offset: u64,
-        limit: u64,
-    ) -> Result<Vec<Key>, ApiError> {
+    fn list_keys(&mut self, account_sid: &str, offset: u64, limit: u64) -> Result<Vec<Key>, Error> {
         list_keys(self, account_sid, offset, limit)
     }
-    fn all_keys(&mut self) -> Result<Vec<Key>, ApiError> {
+    fn all_keys(&mut self) -> Result<Vec<Key>, Error> {
         all_keys(self)
     }
-    fn count_keys(&mut self, account_sid: &str) -> Result<u64, ApiError> {
+    fn count_keys(&mut self, account_sid: &str) -> Result<u64, Error> {
         count_keys(self, account_sid)
     }
     fn note_regeneration(
@@ -905,35 +887,35 @@ impl Tx for Transaction<'_> {
         key_sid: &str,
         at: i64,
         forget_before: i64,
-    ) -> Result<(u64, i64), ApiError> {
+    ) -> Result<(u64, i64), Error> {
         note_regeneration(self, key_sid, at, forget_before)
     }
-    fn delete_key(&mut self, sid: &str) -> Result<bool, ApiError> {
+    fn delete_key(&mut self, sid: &str) -> Result<bool, Error> {
         delete_key(self, sid)
     }
-    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), ApiError> {
+    fn insert_secret(&mut self, owner_sid: &str, digest: &str, now: i64) -> Result<(), Error> {
         insert_secret(self, owner_sid, digest, now)
     }
-    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, ApiError> {
+    fn secrets_of(&mut self, owner_sid: &str) -> Result<Vec<StoredSecret>, Error> {
         secrets_of(self, owner_sid)
     }
-    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, ApiError> {
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>, Error> {
         all_secrets(self)
     }
-    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, ApiError> {
+    fn find_secret(&mut self, digest: &str) -> Result<Option<StoredSecret>, Error> {
         find_secret(self, digest)
     }
-    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, ApiError> {
+    fn retire_current(&mut self, owner_sid: &str, not_after: i64) -> Result<usize, Error> {
         retire_current(self, owner_sid, not_after)
     }
     fn delete_previous(
         &mut self,
         owner_sid: &str,
         expired_before: Option<i64>,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<usize, Error> {
         delete_previous(self, owner_sid, expired_before)
     }
-    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, ApiError> {
+    fn delete_all_secrets(&mut self, owner_sid: &str) -> Result<usize, Error> {
         delete_all_secrets(self, owner_sid)
     }
     fn changed_sids(
@@ -941,26 +923,26 @@ impl Tx for Transaction<'_> {
         since: u64,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, Error> {
         changed_sids(self, since, after, limit)
     }
-    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, ApiError> {
+    fn accounts_in(&mut self, owners: Owners<'_>) -> Result<Vec<Account>, Error> {
         accounts_in(self, owners)
     }
-    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, ApiError> {
+    fn keys_in(&mut self, owners: Owners<'_>) -> Result<Vec<Key>, Error> {
         keys_in(self, owners)
     }
-    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, ApiError> {
+    fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, Error> {
         secrets_in(self, owners)
     }
-    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), ApiError> {
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
         note_edges(self, seen, forget_before)
     }
-    fn migrations_applied(&mut self) -> Result<usize, ApiError> {
+    fn migrations_applied(&mut self) -> Result<usize, Error> {
         let n: i64 = self.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
-    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, ApiError> {
+    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error> {
         edges(self, since)
     }
 }
