@@ -23,7 +23,7 @@ export CARGO_TERM_COLOR ?= never
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide changes_page control_auth
 
-.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet build run run-static validate \
+.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet build run run-fleet run-static validate \
         test test-core test-control test-core-wasm test-pgtest test-e2e lint fmt clean
 
 help: ## list targets
@@ -94,6 +94,11 @@ run: setup build ## run the demo: control plane on :8088, echo upstream on :1808
 	cargo build --release -p keygate-control -p keygate-e2e --bin keygate-control --bin keygate-echo
 	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) \
 	  CONTROL_BIN="$(ROOT)/target/release/keygate-control" scripts/demo.sh
+
+run-fleet: setup build ## the fleet demo: Postgres (.run-fleet/pg), control-plane replicas on :8088 and :8089, Envoy edges on :10000 and :10001 (admin :9901, :9902), echo on :18080; Ctrl-C stops all
+	cargo build --release -p keygate-control -p keygate-e2e --bin keygate-control --bin keygate-echo
+	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) \
+	  CONTROL_BIN="$(ROOT)/target/release/keygate-control" scripts/fleet.sh
 
 run-static: setup build ## the demo without a control plane: static config (envoy/envoy.yaml), echo on :18080, Envoy on :10000
 	cargo build --release -p keygate-e2e --bin keygate-echo
