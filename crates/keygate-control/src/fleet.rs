@@ -123,6 +123,21 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// The current version and the edges in the view, this replica's own sightings included
+    /// (written first).
+    pub async fn edges_now(&self) -> Result<(u64, Vec<EdgeSeen>), Error> {
+        self.flush_fleet().await?;
+        let since = now().saturating_sub(self.fleet().ttl_s());
+        let (current, edges) = self
+            .db()
+            .read(move |tx| Ok((tx.version()?, tx.edges(since)?)))
+            .await?;
+        self.published(current);
+        Ok((current, edges))
+    }
+}
+
 /// Writes sightings once a second, forever.
 pub async fn flush_every_second(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -155,14 +170,7 @@ async fn fleet(
                 .map_err(|_| Error::bad("version", "must be a whole number (a config version)"))
         })
         .transpose()?;
-    // This replica's own sightings first, so the view includes the polls it just served.
-    state.flush_fleet().await?;
-    let since = now().saturating_sub(state.fleet().ttl_s());
-    let (current, edges) = state
-        .db()
-        .read(move |tx| Ok((tx.version()?, tx.edges(since)?)))
-        .await?;
-    state.published(current);
+    let (current, edges) = state.edges_now().await?;
     if let Some(v) = asked {
         let at_or_above = edges.iter().filter(|e| e.version >= v).count();
         return Ok(Json(json!({

@@ -221,12 +221,7 @@ async fn metrics(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, Error> {
     caller.require_admin()?;
-    state.flush_fleet().await?;
-    let since = now().saturating_sub(state.fleet().ttl_s());
-    let (current, edges) = state
-        .db()
-        .read(move |tx| Ok((tx.version()?, tx.edges(since)?)))
-        .await?;
+    let (current, edges) = state.edges_now().await?;
     let m = state.metrics();
     let t = now();
     m.version.set(i64::try_from(current).unwrap_or(i64::MAX));

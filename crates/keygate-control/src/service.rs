@@ -544,23 +544,28 @@ mod tests {
         (dir, path, cat, out.account.sid)
     }
 
+    /// A key of `role` created by the operator.
+    fn new_key(
+        conn: &mut Connection,
+        cat: &ApiCatalog,
+        ac: &str,
+        role: Role,
+    ) -> (Key, Secret, u64) {
+        let new = NewKey::with_role(role);
+        let op = Holdings::Operator;
+        store::sqlite::write(conn, |tx| {
+            create_key(tx, cat, &Caps::default(), &op, ac, new)
+        })
+        .unwrap()
+    }
+
     /// Two connections (as two processes would have) regenerate the same key at once, many
     /// times: every stored digest belongs to a secret some caller got back.
     #[test]
     fn regenerations_on_separate_connections_serialize() {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::sqlite::open(&path).unwrap();
-        let (key, first, _) = store::sqlite::write(&mut conn, |tx| {
-            create_key(
-                tx,
-                &cat,
-                &Caps::default(),
-                &Holdings::Operator,
-                &ac,
-                NewKey::with_role(Role::Standard),
-            )
-        })
-        .unwrap();
+        let (key, first, _) = new_key(&mut conn, &cat, &ac, Role::Standard);
         let handed_out =
             std::sync::Mutex::new(BTreeSet::from([secret::digest(first.expose().as_bytes())]));
         std::thread::scope(|s| {
@@ -618,17 +623,7 @@ mod tests {
     fn a_stale_generation_writes_nothing() {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::sqlite::open(&path).unwrap();
-        let (key, _, _) = store::sqlite::write(&mut conn, |tx| {
-            create_key(
-                tx,
-                &cat,
-                &Caps::default(),
-                &Holdings::Operator,
-                &ac,
-                NewKey::with_role(Role::Main),
-            )
-        })
-        .unwrap();
+        let (key, _, _) = new_key(&mut conn, &cat, &ac, Role::Main);
         store::sqlite::write(&mut conn, |tx| {
             regenerate(tx, &Caps::default(), &Holdings::Operator, &ac, &key.sid, 0)
         })
@@ -668,32 +663,12 @@ mod tests {
         let none: Vec<String> = vec![];
         let one = |s: &str| vec![s.to_owned()];
 
-        let (key, _, v1) = store::sqlite::write(&mut conn, |tx| {
-            create_key(
-                tx,
-                &cat,
-                &Caps::default(),
-                &Holdings::Operator,
-                &ac,
-                NewKey::with_role(Role::Main),
-            )
-        })
-        .unwrap();
+        let (key, _, v1) = new_key(&mut conn, &cat, &ac, Role::Main);
         assert_eq!(
             delta(&mut conn, v0),
             (v1, none.clone(), one(&key.sid), none.clone())
         );
-        let (other, _, v2) = store::sqlite::write(&mut conn, |tx| {
-            create_key(
-                tx,
-                &cat,
-                &Caps::default(),
-                &Holdings::Operator,
-                &ac,
-                NewKey::with_role(Role::Standard),
-            )
-        })
-        .unwrap();
+        let (other, _, v2) = new_key(&mut conn, &cat, &ac, Role::Standard);
         assert_eq!(
             delta(&mut conn, v1),
             (v2, none.clone(), one(&other.sid), none.clone())
@@ -882,17 +857,7 @@ mod tests {
     fn a_page_the_edge_would_refuse_is_not_served() {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::sqlite::open(&path).unwrap();
-        store::sqlite::write(&mut conn, |tx| {
-            create_key(
-                tx,
-                &cat,
-                &Caps::default(),
-                &Holdings::Operator,
-                &ac,
-                NewKey::with_role(Role::Main),
-            )
-        })
-        .unwrap();
+        new_key(&mut conn, &cat, &ac, Role::Main);
         conn.execute(
             "UPDATE secrets SET digest = 'not hex' WHERE owner_sid LIKE 'SK%'",
             [],
@@ -910,17 +875,7 @@ mod tests {
         let (_dir, path, cat, ac) = setup();
         let mut conn = store::sqlite::open(&path).unwrap();
         let v0 = store::sqlite::version(&conn).unwrap();
-        let (key, _, v1) = store::sqlite::write(&mut conn, |tx| {
-            create_key(
-                tx,
-                &cat,
-                &Caps::default(),
-                &Holdings::Operator,
-                &ac,
-                NewKey::with_role(Role::Main),
-            )
-        })
-        .unwrap();
+        let (key, _, v1) = new_key(&mut conn, &cat, &ac, Role::Main);
         let (_, v2) = store::sqlite::write(&mut conn, |tx| {
             update_key(
                 tx,
