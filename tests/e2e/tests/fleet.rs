@@ -175,12 +175,16 @@ fn a_key_deleted_through_one_replica_is_refused_at_both_edges_within_two_seconds
         edges.len() == 2 && edges.iter().all(|(_, _, v)| *v >= deletion)
     };
     for cp in [&a, &b] {
-        wait::within(SETTLE, || want(&fleet(cp, ""))).unwrap_or_else(|| {
+        let took = wait::within(SETTLE, || want(&fleet(cp, ""))).unwrap_or_else(|| {
             panic!(
                 "fleet view never showed both edges at {deletion}: {}",
                 fleet(cp, "")
             )
         });
+        eprintln!(
+            "fleet: view on replica port {} right {took:?} after the deletion was in force",
+            cp.port()
+        );
         let view = fleet(cp, "");
         assert!(view["version"].as_u64().unwrap() >= deletion, "{view}");
         let names: Vec<(String, String)> = edges_of(&view)
