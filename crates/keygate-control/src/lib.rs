@@ -365,13 +365,10 @@ async fn serve_on(
 ) -> std::io::Result<()> {
     let poller = tokio::spawn(poll_version(state.clone()));
     let fleet_writer = tokio::spawn(fleet::flush_every_second(state.clone()));
-    let listener_task = match state.db() {
-        Db::Postgres(pg) => {
-            let s = state.clone();
-            Some(tokio::spawn(pg.clone().listen(move |v| s.published(v))))
-        }
-        Db::Sqlite(_) => None,
-    };
+    let listener_task = state.db().postgres().map(|pg| {
+        let s = state.clone();
+        tokio::spawn(pg.clone().listen(move |v| s.published(v)))
+    });
     let closing = state.inner.closing.clone();
     let shutdown = async move {
         shutdown.await;

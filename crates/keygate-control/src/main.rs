@@ -441,7 +441,7 @@ fn run(cli: Cli) -> Result<(), String> {
             init_logs(&args.data);
             let cfg = config(&args.data)?;
             let out = with_db(&args.data, |db| {
-                db.write_blocking(|tx| {
+                db.write_blocking(move |tx| {
                     service::init(tx, &cfg.catalog, &cfg.default_region, args.account_name)
                 })
                 .map_err(|e| e.message())
@@ -458,7 +458,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 ..Default::default()
             };
             let (account, token, version) = with_db(&data, |db| {
-                db.write_blocking(|tx| {
+                db.write_blocking(move |tx| {
                     service::create_account(tx, &cfg.catalog, &cfg.caps, &cfg.default_region, new)
                 })
                 .map_err(|e| e.message())

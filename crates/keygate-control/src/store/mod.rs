@@ -13,7 +13,8 @@
 //!   in commit order (see [`postgres`]). A reader's snapshot therefore never holds version V
 //!   without every change at or below V.
 //!
-//! Both run the closure on tokio's blocking pool, so handlers never block the runtime.
+//! Reads run on tokio's blocking pool; writes are group-committed by one writer thread (see
+//! [`Db`]), so handlers never block the runtime.
 
 pub mod postgres;
 pub mod sqlite;
@@ -128,6 +129,19 @@ pub trait Tx {
     fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error>;
     /// How many schema migrations the database has applied (`/readyz` wants all it knows).
     fn migrations_applied(&mut self) -> Result<usize, Error>;
+
+    /// Takes the writers' lock before a batch's first write (Postgres: the `config_version`
+    /// row, `FOR UPDATE`; SQLite's `BEGIN IMMEDIATE` already holds it). Every batch takes it
+    /// first, so writes in batches on several replicas never wait for each other in a cycle
+    /// (a batch holding the version row waiting for a key row another batch holds, which waits
+    /// for the version row).
+    fn lock_writes(&mut self) -> Result<(), Error>;
+    /// `SAVEPOINT write`: one write of a batch (see [`Db`]) starts here.
+    fn savepoint(&mut self) -> Result<(), Error>;
+    /// `RELEASE SAVEPOINT write`: the write is kept (committed with the batch).
+    fn release_savepoint(&mut self) -> Result<(), Error>;
+    /// `ROLLBACK TO SAVEPOINT write` and release it: nothing of the failed write is kept.
+    fn rollback_to_savepoint(&mut self) -> Result<(), Error>;
 }
 
 /// Which database a control plane runs on.
@@ -150,24 +164,120 @@ impl Database {
 }
 
 /// The open store of either backend. Cheap to clone.
+///
+/// Writes are group-committed: every [`Db::write`] is queued to one writer thread per
+/// process, which runs all the writes waiting when it is free in one transaction, each inside
+/// a savepoint (a write that fails is rolled back alone, to its savepoint; each keeps its own
+/// version bump), and answers them only after the commit. One commit (one fsync, one hold of
+/// the version row on Postgres) then serves a whole batch instead of one write, which is what
+/// bounds write throughput when versions must be handed out in commit order. Reads run on
+/// tokio's blocking pool.
 #[derive(Clone)]
-pub enum Db {
+pub struct Db {
+    backend: Backend,
+    writer: std::sync::mpsc::Sender<Job>,
+}
+
+#[derive(Clone)]
+enum Backend {
     Sqlite(sqlite::Db),
     Postgres(postgres::Db),
 }
 
+/// A queued write: runs on the writer's transaction and says whether it succeeded (else its
+/// savepoint is rolled back); the answer is sent by the returned [`Done`] once the batch's
+/// commit is known.
+type Job = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Done) + Send>;
+type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
+
+/// Most writes committed together.
+pub const MAX_BATCH: usize = 64;
+
+impl Backend {
+    fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>) -> Result<R, Error> {
+        match self {
+            Backend::Sqlite(db) => db.write(f),
+            Backend::Postgres(db) => db.write(f),
+        }
+    }
+
+    /// The writer thread: takes every job waiting (up to [`MAX_BATCH`]) and commits them in
+    /// one transaction.
+    fn run_writer(self, jobs: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let started = std::time::Instant::now();
+            let n = batch.len();
+            let mut answers: Vec<(bool, Done)> = Vec::with_capacity(n);
+            let committed = self.write(|tx| {
+                tx.lock_writes()?;
+                for job in batch.drain(..) {
+                    tx.savepoint()?;
+                    let (ok, done) =
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(tx))) {
+                            Ok(r) => r,
+                            Err(_) => {
+                                tracing::error!("a write panicked; rolled back alone");
+                                (false, Box::new(|_| {}) as Done)
+                            }
+                        };
+                    if ok {
+                        tx.release_savepoint()?;
+                    } else {
+                        tx.rollback_to_savepoint()?;
+                    }
+                    answers.push((ok, done));
+                }
+                Ok(())
+            });
+            for (ok, done) in answers {
+                crate::ops::DB.observe("write", started, ok && committed.is_ok());
+                done(committed.clone());
+            }
+            if let Err(e) = &committed {
+                tracing::error!(error = ?e, writes = n, "a batch of writes did not commit");
+            }
+        }
+    }
+}
+
 impl Db {
+    fn new(backend: Backend) -> Result<Db, String> {
+        let (writer, jobs) = std::sync::mpsc::channel();
+        let b = backend.clone();
+        std::thread::Builder::new()
+            .name("keygate-writer".to_owned())
+            .spawn(move || b.run_writer(jobs))
+            .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+        Ok(Db { backend, writer })
+    }
+
     /// Opens (creating and migrating) the database. Postgres needs a tokio runtime (its
     /// connections are driven by it): call from inside one.
     pub async fn open(database: &Database) -> Result<Db, String> {
-        match database {
+        let backend = match database {
             Database::Sqlite(path) => {
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || sqlite::Db::open(&path).map(Db::Sqlite))
+                tokio::task::spawn_blocking(move || sqlite::Db::open(&path).map(Backend::Sqlite))
                     .await
-                    .map_err(|e| format!("cannot open the database: {e}"))?
+                    .map_err(|e| format!("cannot open the database: {e}"))??
             }
-            Database::Postgres(url) => postgres::Db::open(url).await.map(Db::Postgres),
+            Database::Postgres(url) => Backend::Postgres(postgres::Db::open(url).await?),
+        };
+        Db::new(backend)
+    }
+
+    /// The Postgres pool, on that backend (for LISTEN).
+    pub fn postgres(&self) -> Option<&postgres::Db> {
+        match &self.backend {
+            Backend::Postgres(db) => Some(db),
+            Backend::Sqlite(_) => None,
         }
     }
 
@@ -183,16 +293,16 @@ impl Db {
             .map_err(|e| internal("database task failed", e))?
     }
 
-    /// Runs `f` in a write transaction, on the blocking pool; commits if it returns `Ok`.
+    /// Runs `f` in a write transaction (see [`Db`]: batched with the writes waiting with it);
+    /// answers once it is committed, with `f`'s error if `f` failed (nothing of it is kept).
     pub async fn write<R, F>(&self, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
     {
-        let db = self.clone();
-        tokio::task::spawn_blocking(move || db.write_blocking(f))
+        self.queue(f)?
             .await
-            .map_err(|e| internal("database task failed", e))?
+            .map_err(|e| internal("the writer thread stopped", e))?
     }
 
     /// [`Db::read`] on the calling thread (never on a runtime thread: Postgres would block it).
@@ -201,34 +311,51 @@ impl Db {
         f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let started = std::time::Instant::now();
-        let r = match self {
-            Db::Sqlite(db) => db.read(f),
-            Db::Postgres(db) => db.read(f),
+        let r = match &self.backend {
+            Backend::Sqlite(db) => db.read(f),
+            Backend::Postgres(db) => db.read(f),
         };
         crate::ops::DB.observe("read", started, r.is_ok());
         r
     }
 
-    /// [`Db::write`] on the calling thread.
-    pub fn write_blocking<R>(
-        &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
-    ) -> Result<R, Error> {
-        let started = std::time::Instant::now();
-        let r = match self {
-            Db::Sqlite(db) => db.write(f),
-            Db::Postgres(db) => db.write(f),
-        };
-        crate::ops::DB.observe("write", started, r.is_ok());
-        r
+    /// [`Db::write`] from a thread outside the runtime (the CLI).
+    pub fn write_blocking<R, F>(&self, f: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
+    {
+        self.queue(f)?
+            .blocking_recv()
+            .map_err(|e| internal("the writer thread stopped", e))?
+    }
+
+    fn queue<R, F>(&self, f: F) -> Result<tokio::sync::oneshot::Receiver<Result<R, Error>>, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
+    {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |tx: &mut dyn Tx| {
+            let r = f(tx);
+            let ok = r.is_ok();
+            let done: Done = Box::new(move |committed: Result<(), Error>| {
+                let _ = answer.send(committed.and(r));
+            });
+            (ok, done)
+        });
+        self.writer
+            .send(job)
+            .map_err(|e| internal("the writer thread stopped", e))?;
+        Ok(answered)
     }
 
     /// For `/readyz`: the database answers and has applied every migration this binary knows.
     /// `Err` names what is wrong (safe to show: no URL, no credential).
     pub async fn ready(&self) -> Result<u64, String> {
-        let known = match self {
-            Db::Sqlite(_) => sqlite::MIGRATIONS.len(),
-            Db::Postgres(_) => postgres::MIGRATIONS.len(),
+        let known = match &self.backend {
+            Backend::Sqlite(_) => sqlite::MIGRATIONS.len(),
+            Backend::Postgres(_) => postgres::MIGRATIONS.len(),
         };
         let (version, applied) = self
             .read(|tx| Ok((tx.version()?, tx.migrations_applied()?)))
@@ -243,9 +370,9 @@ impl Db {
     }
 
     pub fn backend(&self) -> &'static str {
-        match self {
-            Db::Sqlite(_) => "sqlite",
-            Db::Postgres(_) => "postgres",
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
         }
     }
 }

@@ -7,13 +7,15 @@
 //! code shared with SQLite: it runs on tokio's blocking pool and waits on each query with
 //! `Handle::block_on`, while the connections themselves are driven by the server's runtime.
 //!
-//! Ordering. Writers run concurrently (READ COMMITTED; a row read for a change is locked
-//! `FOR UPDATE`) until they call [`Tx::bump`]: `keygate_bump()` increments the one
-//! `config_version` row and so holds its lock until the transaction commits. A second writer's
-//! bump waits for that commit and then reads the incremented value, so versions are handed out
-//! in commit order: no reader can see version V while a change at a lower version is still
-//! uncommitted (the trap of taking a sequence number early). Readers use REPEATABLE READ READ
-//! ONLY transactions: every query of one feed page sees one snapshot, hence one version.
+//! Ordering. Each replica's writes are group-committed by its writer thread (see
+//! [`super::Db`]): a batch's transaction (READ COMMITTED) first locks the one `config_version`
+//! row (`FOR UPDATE`) and holds it until it commits, and each write in it bumps that row
+//! (`keygate_bump()`). A batch on another replica waits for that commit and then reads the
+//! incremented value, so versions are handed out in commit order: no reader can see version V
+//! while a change at a lower version is still uncommitted (the trap of taking a sequence number
+//! early). Taking the version row first also keeps batches from deadlocking on the rows they
+//! read `FOR UPDATE`. Readers use REPEATABLE READ READ ONLY transactions: every query of one
+//! feed page sees one snapshot, hence one version.
 //!
 //! The change log works as on SQLite: triggers note changed SIDs in `pending_changes` under the
 //! writing transaction's id, and the bump moves them to `changelog` at the new version; the
@@ -824,6 +826,31 @@ impl Tx for PgTx<'_> {
             )?;
         }
         Ok(())
+    }
+
+    fn lock_writes(&mut self) -> Result<(), Error> {
+        self.query_one(
+            "SELECT version FROM config_version WHERE id = 1 FOR UPDATE",
+            &[],
+        )?;
+        Ok(())
+    }
+
+    fn savepoint(&mut self) -> Result<(), Error> {
+        Ok(self.rt.block_on(self.tx.batch_execute("SAVEPOINT write"))?)
+    }
+
+    fn release_savepoint(&mut self) -> Result<(), Error> {
+        Ok(self
+            .rt
+            .block_on(self.tx.batch_execute("RELEASE SAVEPOINT write"))?)
+    }
+
+    fn rollback_to_savepoint(&mut self) -> Result<(), Error> {
+        Ok(self.rt.block_on(
+            self.tx
+                .batch_execute("ROLLBACK TO SAVEPOINT write; RELEASE SAVEPOINT write"),
+        )?)
     }
 
     fn migrations_applied(&mut self) -> Result<usize, Error> {

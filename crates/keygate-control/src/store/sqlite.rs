@@ -938,6 +938,18 @@ impl Tx for Transaction<'_> {
     fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
         note_edges(self, seen, forget_before)
     }
+    fn lock_writes(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    fn savepoint(&mut self) -> Result<(), Error> {
+        Ok(self.execute_batch("SAVEPOINT write")?)
+    }
+    fn release_savepoint(&mut self) -> Result<(), Error> {
+        Ok(self.execute_batch("RELEASE SAVEPOINT write")?)
+    }
+    fn rollback_to_savepoint(&mut self) -> Result<(), Error> {
+        Ok(self.execute_batch("ROLLBACK TO SAVEPOINT write; RELEASE SAVEPOINT write")?)
+    }
     fn migrations_applied(&mut self) -> Result<usize, Error> {
         let n: i64 = self.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         Ok(usize::try_from(n).unwrap_or(0))
