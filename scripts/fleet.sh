@@ -152,8 +152,8 @@ it through the other replica, and ask either replica which edges hold the deleti
   CA=$TLS_DIR/ca.pem
   curl -s --cacert \$CA -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X POST https://${REPLICAS[0]}/v1/accounts/\$ACCOUNT_SID/keys \\
        -H 'content-type: application/json' -d '{"role":"main"}' | tee key.json
-  curl -i -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10000/v2/accounts/\$ACCOUNT_SID/calls
-  curl -i -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10001/v2/accounts/\$ACCOUNT_SID/calls
+  curl -si -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10000/v2/accounts/\$ACCOUNT_SID/calls
+  curl -si -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10001/v2/accounts/\$ACCOUNT_SID/calls
   curl -s --cacert \$CA -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X DELETE -w '%{http_code}\\n' \\
        https://${REPLICAS[1]}/v1/accounts/\$ACCOUNT_SID/keys/\$(jq -r .sid key.json)
   curl -s --cacert \$CA -H "authorization: Bearer \$KEYGATE_ADMIN_TOKEN" https://${REPLICAS[1]}/v1/edge/fleet | jq
