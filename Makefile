@@ -132,7 +132,7 @@ test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on w
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test -p keygate-core --target wasm32-unknown-unknown
 
-test-e2e: setup-envoy build ## tier 4: end-to-end tests against a real Envoy running the built filter
+test-e2e: setup-envoy setup-fleet build ## tier 4: end-to-end tests against a real Envoy running the built filter (the fleet suite also starts Postgres)
 	@echo "== tier 4: end-to-end with Envoy $$("$(ENVOY)" --version | grep -o '1\.[0-9.]*' | head -1)"
 	cargo build -p keygate-control
 	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" cargo test -p keygate-e2e
