@@ -184,3 +184,12 @@ bench-live: setup-envoy build ## control-plane mode at 1k and 1M keys: start-up,
 	@command -v wrk >/dev/null && command -v taskset >/dev/null || { $(BENCH_SUDO) apt-get update -qq && $(BENCH_SUDO) apt-get install -y -qq wrk util-linux; }
 	cargo build --release -p keygate-control
 	"$(VENV)/bin/python" bench/live.py
+
+# `make bench-fleet` builds the release control plane and bench/fleet (a Rust load generator) and
+# runs it: Postgres from keygate-pgtest (durable defaults), replicas as child processes on free
+# ports. FLEET_SECONDS, FLEET_WARMUP, FLEET_RUNS, FLEET_CONCURRENCY, FLEET_POLLS, FLEET_ROUNDS,
+# FLEET_DIAGNOSE, FLEET_CONTROL: see bench/fleet/src/main.rs. About 3 minutes.
+.PHONY: bench-fleet
+bench-fleet: setup-fleet ## control plane as a fleet: key writes/s on Postgres (2 replicas) and SQLite, revocation to 1,000 long-polls, RSS per long-poll (bench/results/fleet-latest.md)
+	cargo build --release -p keygate-control -p keygate-bench-fleet
+	target/release/keygate-bench-fleet
