@@ -222,7 +222,12 @@ async fn changes(
     caller.may_read_feed()?;
     let q = ChangesQuery::parse(query.as_deref())?;
     if let Some((id, region)) = &q.edge {
-        state.fleet().saw(id, region, q.known.unwrap_or(q.since));
+        // The version in force if the request says (`known`); a first page from 0 without it:
+        // nothing in force yet; any other page: not said.
+        let held = q
+            .known
+            .or((q.since == 0 && q.after.is_empty()).then_some(0));
+        state.fleet().saw(id, region, held);
     }
     if let Some(known) = q.known {
         let mut versions = state.subscribe();

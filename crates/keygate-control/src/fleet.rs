@@ -3,7 +3,10 @@
 //!
 //! An edge names itself on its feed requests (`GET /v1/edge/changes?...&edge=<id>&region=<r>`,
 //! from the `edge_id` and `region` of its plugin configuration). The version it holds is the
-//! request's `known` (the version in force, sent on every long-poll), else its `since`. Each
+//! request's `known` (the version in force, sent on the first request of every update); a
+//! first page with `since=0` and no `known` says it holds nothing yet (0); any other page says
+//! nothing about it. Sightings are ordered by their time in milliseconds, so a replica that
+//! writes an older sighting after another replica wrote a newer one changes nothing. Each
 //! replica keeps the sightings in memory and writes them to the database once a second in one
 //! transaction (`edges` table; no config version is bumped), so every replica answers for the
 //! whole fleet and a poll costs no write of its own. Edges not seen for `edge_ttl` (default 10
@@ -30,6 +33,13 @@ use serde_json::json;
 use crate::auth::Caller;
 use crate::error::Error;
 use crate::model::{now, rfc3339};
+
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 use crate::store::EdgeSeen;
 use crate::AppState;
 
@@ -68,15 +78,16 @@ impl Fleet {
         }
     }
 
-    /// Notes that an edge asked for the feed holding `version`.
-    pub fn saw(&self, id: &str, region: &str, version: u64) {
+    /// Notes that an edge asked for the feed, holding `version` if the request says.
+    pub fn saw(&self, id: &str, region: &str, version: Option<u64>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let held = pending.get(id).and_then(|e| e.version);
         let seen = EdgeSeen {
             id: id.to_owned(),
             region: region.to_owned(),
-            version,
-            last_seen: now(),
+            version: version.or(held),
+            last_seen_ms: now_ms(),
         };
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.insert(seen.id.clone(), seen);
     }
 
@@ -89,8 +100,9 @@ impl Fleet {
         }
     }
 
-    pub(crate) fn ttl_s(&self) -> i64 {
-        i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)
+    /// The oldest sighting still in the view, in unix milliseconds.
+    pub(crate) fn oldest_kept_ms(&self) -> i64 {
+        now_ms().saturating_sub(i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Seconds an edge holding `version` has been behind `current`, at `now`.
@@ -116,9 +128,9 @@ impl AppState {
             let mut pending = fleet.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.drain().map(|(_, v)| v).collect()
         };
-        let forget_before = now().saturating_sub(fleet.ttl_s());
+        let forget_before_ms = fleet.oldest_kept_ms();
         self.db()
-            .write(move |tx| tx.note_edges(&batch, forget_before))
+            .write(move |tx| tx.note_edges(&batch, forget_before_ms))
             .await
     }
 }
@@ -128,7 +140,7 @@ impl AppState {
     /// (written first).
     pub async fn edges_now(&self) -> Result<(u64, Vec<EdgeSeen>), Error> {
         self.flush_fleet().await?;
-        let since = now().saturating_sub(self.fleet().ttl_s());
+        let since = self.fleet().oldest_kept_ms();
         let (current, edges) = self
             .db()
             .read(move |tx| Ok((tx.version()?, tx.edges(since)?)))
@@ -172,7 +184,7 @@ async fn fleet(
         .transpose()?;
     let (current, edges) = state.edges_now().await?;
     if let Some(v) = asked {
-        let at_or_above = edges.iter().filter(|e| e.version >= v).count();
+        let at_or_above = edges.iter().filter(|e| e.version.unwrap_or(0) >= v).count();
         return Ok(Json(json!({
             "version": v,
             "edges": edges.len(),
@@ -187,9 +199,9 @@ async fn fleet(
             json!({
                 "id": e.id,
                 "region": e.region,
-                "version": e.version,
-                "last_seen": rfc3339(e.last_seen),
-                "lag_s": state.fleet().lag_s(e.version, current, t),
+                "version": e.version.unwrap_or(0),
+                "last_seen": rfc3339(e.last_seen_ms / 1000),
+                "lag_s": state.fleet().lag_s(e.version.unwrap_or(0), current, t),
             })
         })
         .collect();

@@ -235,10 +235,12 @@ async fn metrics(
         };
         m.edge_version
             .get_or_create(&labels)
-            .set(i64::try_from(e.version).unwrap_or(i64::MAX));
-        m.edge_lag
-            .get_or_create(&labels)
-            .set(state.fleet().lag_s(e.version, current, t));
+            .set(i64::try_from(e.version.unwrap_or(0)).unwrap_or(i64::MAX));
+        m.edge_lag.get_or_create(&labels).set(state.fleet().lag_s(
+            e.version.unwrap_or(0),
+            current,
+            t,
+        ));
     }
     let mut body = String::new();
     prometheus_client::encoding::text::encode(&mut body, &m.registry)

@@ -228,3 +228,64 @@ async fn health_readiness_and_metrics() {
         assert!(!m.contains(secret.as_str()));
     }
 }
+
+/// Two replicas on one database each hold a sighting of the same edge: the older one, written
+/// last, changes nothing (sightings are ordered by time in milliseconds, not by which replica
+/// writes last), and a page of a walk (no `known`) keeps the version held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_sighting_wins_whichever_replica_writes_last() {
+    let x = InProc::start().await;
+    let y = InProc::serve_with(
+        tempfile::tempdir().unwrap(),
+        x.database.clone(),
+        x.creds.clone(),
+        Config::with_built_in_catalog().unwrap(),
+    )
+    .await;
+    let v1 = current_version(&x).await;
+    let r = x
+        .client
+        .json(
+            "POST",
+            &format!("/v1/accounts/{}/keys", x.creds.account_sid),
+            &x.account_auth(),
+            json!({"role": "standard"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let v2 = current_version(&x).await;
+    // The edge held v1 when it asked X, then v2 when it asked Y.
+    assert_eq!(poll_as(&x, "edge-a", "us1", v1).await.status, 200);
+    assert_eq!(poll_as(&y, "edge-a", "us1", v2).await.status, 304);
+    let view = |s: &InProc| {
+        let (c, admin) = (s.client.clone(), s.admin());
+        async move { c.get("/v1/edge/fleet", &admin).await.json()["edges"][0].clone() }
+    };
+    // Y writes its sighting, then X writes the older one.
+    assert_eq!(view(&y).await["version"], v2);
+    assert_eq!(
+        view(&x).await["version"],
+        v2,
+        "the older sighting changed nothing"
+    );
+    // A page of a walk says nothing about the version held.
+    let r = x
+        .client
+        .get(
+            &format!("/v1/edge/changes?since={v1}&after=AC&limit=1&edge=edge-a&region=us1"),
+            &Auth::bearer(&x.creds.edge),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(view(&x).await["version"], v2);
+    // A first page from 0 without `known`: nothing in force (a restarted edge).
+    let r = y
+        .client
+        .get(
+            "/v1/edge/changes?since=0&edge=edge-a&region=us1",
+            &Auth::bearer(&y.creds.edge),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(view(&y).await["version"], 0);
+}

@@ -41,10 +41,11 @@ pub enum Owners<'a> {
 pub struct EdgeSeen {
     pub id: String,
     pub region: String,
-    /// The config version the edge held when it asked.
-    pub version: u64,
-    /// Unix seconds.
-    pub last_seen: i64,
+    /// The config version the edge held when it asked; `None` on a sighting that does not say
+    /// (a page of a walk in progress: the stored version stays).
+    pub version: Option<u64>,
+    /// Unix milliseconds: sightings of one edge on several replicas are ordered by it.
+    pub last_seen_ms: i64,
 }
 
 /// One transaction of either backend. Methods are the store's queries; none commits.
@@ -122,11 +123,12 @@ pub trait Tx {
     /// The secrets of the owners among `owners`, by owner, each owner's current one first.
     fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, Error>;
 
-    /// Remembers what edges said about themselves (the newest sighting of each wins), and
-    /// forgets edges last seen before `forget_before` (unix seconds).
-    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error>;
-    /// Edges seen at or after `since` (unix seconds), by id.
-    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error>;
+    /// Remembers what edges said about themselves: a sighting replaces the stored one unless
+    /// that one is newer (by `last_seen_ms`), and keeps the stored version when it names none.
+    /// Forgets edges last seen before `forget_before_ms` (unix milliseconds).
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before_ms: i64) -> Result<(), Error>;
+    /// Edges seen at or after `since_ms` (unix milliseconds), by id; `version` is always set.
+    fn edges(&mut self, since_ms: i64) -> Result<Vec<EdgeSeen>, Error>;
     /// How many schema migrations the database has applied (`/readyz` wants all it knows).
     fn migrations_applied(&mut self) -> Result<usize, Error>;
 

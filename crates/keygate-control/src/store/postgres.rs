@@ -157,9 +157,10 @@ CREATE TABLE edges (
     id        TEXT COLLATE "C" PRIMARY KEY,
     region    TEXT NOT NULL,
     version   BIGINT NOT NULL,
-    last_seen BIGINT NOT NULL
+    -- unix milliseconds
+    last_seen_ms BIGINT NOT NULL
 );
-CREATE INDEX edges_by_last_seen ON edges (last_seen);
+CREATE INDEX edges_by_last_seen ON edges (last_seen_ms);
 "#];
 
 /// Any advisory lock id, the same in every replica: migrations run one replica at a time.
@@ -814,15 +815,22 @@ impl Tx for PgTx<'_> {
         self.owners(owners, &select, "owner_sid", SECRETS_ORDER, secret_row)
     }
 
-    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
-        self.execute("DELETE FROM edges WHERE last_seen < $1", &[&forget_before])?;
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before_ms: i64) -> Result<(), Error> {
+        self.execute(
+            "DELETE FROM edges WHERE last_seen_ms < $1",
+            &[&forget_before_ms],
+        )?;
         for e in seen {
+            let version = e.version.map(big);
             self.execute(
-                "INSERT INTO edges (id, region, version, last_seen) VALUES ($1, $2, $3, $4)
+                "INSERT INTO edges (id, region, version, last_seen_ms)
+                 VALUES ($1, $2, COALESCE($3::BIGINT, 0), $4)
                  ON CONFLICT (id) DO UPDATE SET region = EXCLUDED.region,
-                     version = EXCLUDED.version, last_seen = EXCLUDED.last_seen
-                 WHERE EXCLUDED.last_seen >= edges.last_seen",
-                &[&e.id, &e.region, &big(e.version), &e.last_seen],
+                     version = CASE WHEN $3::BIGINT IS NULL THEN edges.version
+                                    ELSE EXCLUDED.version END,
+                     last_seen_ms = EXCLUDED.last_seen_ms
+                 WHERE EXCLUDED.last_seen_ms >= edges.last_seen_ms",
+                &[&e.id, &e.region, &version, &e.last_seen_ms],
             )?;
         }
         Ok(())
@@ -859,17 +867,18 @@ impl Tx for PgTx<'_> {
         Ok(usize::try_from(v).unwrap_or(0))
     }
 
-    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error> {
+    fn edges(&mut self, since_ms: i64) -> Result<Vec<EdgeSeen>, Error> {
         let found = self.query(
-            "SELECT id, region, version, last_seen FROM edges WHERE last_seen >= $1 ORDER BY id",
-            &[&since],
+            "SELECT id, region, version, last_seen_ms FROM edges WHERE last_seen_ms >= $1
+             ORDER BY id",
+            &[&since_ms],
         )?;
         rows(found, |r| {
             Ok(EdgeSeen {
                 id: r.try_get(0)?,
                 region: r.try_get(1)?,
-                version: version_of_col(r, 2)?,
-                last_seen: r.try_get(3)?,
+                version: Some(version_of_col(r, 2)?),
+                last_seen_ms: r.try_get(3)?,
             })
         })
     }

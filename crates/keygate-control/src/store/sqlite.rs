@@ -144,9 +144,10 @@ CREATE TABLE edges (
     id        TEXT PRIMARY KEY,
     region    TEXT NOT NULL,
     version   INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL
+    -- unix milliseconds
+    last_seen_ms INTEGER NOT NULL
 );
-CREATE INDEX edges_by_last_seen ON edges (last_seen);
+CREATE INDEX edges_by_last_seen ON edges (last_seen_ms);
 "#,
 ];
 
@@ -786,37 +787,40 @@ const DENSE_PAGE: &str =
 
 // ---- fleet ----
 
-pub fn note_edges(conn: &Connection, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
-    conn.prepare_cached("DELETE FROM edges WHERE last_seen < ?1")?
-        .execute([forget_before])?;
-    let mut st = conn.prepare_cached(
-        "INSERT INTO edges (id, region, version, last_seen) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
-             last_seen = excluded.last_seen
-         WHERE excluded.last_seen >= edges.last_seen",
-    )?;
+pub fn note_edges(
+    conn: &Connection,
+    seen: &[EdgeSeen],
+    forget_before_ms: i64,
+) -> Result<(), Error> {
+    conn.prepare_cached("DELETE FROM edges WHERE last_seen_ms < ?1")?
+        .execute([forget_before_ms])?;
+    let mut st = conn.prepare_cached(EDGE_UPSERT)?;
     for e in seen {
-        st.execute(params![
-            e.id,
-            e.region,
-            i64::try_from(e.version).unwrap_or(i64::MAX),
-            e.last_seen
-        ])?;
+        let version = e.version.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        st.execute(params![e.id, e.region, version, e.last_seen_ms])?;
     }
     Ok(())
 }
 
-pub fn edges(conn: &Connection, since: i64) -> Result<Vec<EdgeSeen>, Error> {
+/// `?1` id, `?2` region, `?3` version or NULL, `?4` unix ms.
+const EDGE_UPSERT: &str = "INSERT INTO edges (id, region, version, last_seen_ms)
+    VALUES (?1, ?2, COALESCE(?3, 0), ?4)
+    ON CONFLICT (id) DO UPDATE SET region = excluded.region,
+        version = CASE WHEN ?3 IS NULL THEN edges.version ELSE excluded.version END,
+        last_seen_ms = excluded.last_seen_ms
+    WHERE excluded.last_seen_ms >= edges.last_seen_ms";
+
+pub fn edges(conn: &Connection, since_ms: i64) -> Result<Vec<EdgeSeen>, Error> {
     let mut st = conn.prepare_cached(
-        "SELECT id, region, version, last_seen FROM edges WHERE last_seen >= ?1 ORDER BY id",
+        "SELECT id, region, version, last_seen_ms FROM edges WHERE last_seen_ms >= ?1 ORDER BY id",
     )?;
     let rows = st
-        .query_map([since], |r| {
+        .query_map([since_ms], |r| {
             Ok(EdgeSeen {
                 id: r.get(0)?,
                 region: r.get(1)?,
-                version: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                last_seen: r.get(3)?,
+                version: Some(u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0)),
+                last_seen_ms: r.get(3)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -935,8 +939,8 @@ impl Tx for Transaction<'_> {
     fn secrets_in(&mut self, owners: Owners<'_>) -> Result<Vec<StoredSecret>, Error> {
         secrets_in(self, owners)
     }
-    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before: i64) -> Result<(), Error> {
-        note_edges(self, seen, forget_before)
+    fn note_edges(&mut self, seen: &[EdgeSeen], forget_before_ms: i64) -> Result<(), Error> {
+        note_edges(self, seen, forget_before_ms)
     }
     fn lock_writes(&mut self) -> Result<(), Error> {
         Ok(())
@@ -954,8 +958,8 @@ impl Tx for Transaction<'_> {
         let n: i64 = self.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
-    fn edges(&mut self, since: i64) -> Result<Vec<EdgeSeen>, Error> {
-        edges(self, since)
+    fn edges(&mut self, since_ms: i64) -> Result<Vec<EdgeSeen>, Error> {
+        edges(self, since_ms)
     }
 }
 
