@@ -1,7 +1,7 @@
 //! What the control plane does, independent of HTTP and of the database: every operation is
 //! one function over a store transaction ([`Tx`]: SQLite or Postgres), run by
-//! [`store::Db::write`] as one write transaction with one config version bump. Handlers and the
-//! CLI call these.
+//! [`store::Db::write`] as one write transaction with one config version bump, always its last
+//! statement (on Postgres the bump is sent with the commit). Handlers and the CLI call these.
 
 use std::collections::{HashMap, HashSet};
 
@@ -178,6 +178,16 @@ pub fn create_key(
     Ok((key, secret, version))
 }
 
+/// The secrets of a key [`create_key`] just made, as stored: its one current secret.
+pub fn secrets_of_new_key(key: &Key, secret: &Secret) -> Vec<StoredSecret> {
+    vec![StoredSecret {
+        digest: secret::digest(secret.expose().as_bytes()),
+        owner_sid: key.sid.clone(),
+        not_after: None,
+        created_at: key.created_at,
+    }]
+}
+
 /// Applies `patch` to a key, validates the result (caps; never more than `holder` holds),
 /// stores it (generation-checked).
 #[allow(clippy::too_many_arguments)]
@@ -289,8 +299,9 @@ pub fn regenerate(
         ));
     }
     key.generation += 1;
-    let version = tx.bump()?;
     let secrets = tx.secrets_of(sid)?;
+    // The bump is each write's last statement (on Postgres it commits).
+    let version = tx.bump()?;
     tracing::info!(
         account_sid,
         key_sid = sid,
@@ -370,6 +381,8 @@ pub fn init(
         ));
     }
     let (_, admin_token) = create_operator_token(tx, OperatorKind::Admin)?;
+    let (_, edge_token) = create_operator_token(tx, OperatorKind::Edge)?;
+    // Last: its version bump is the transaction's last statement.
     let (account, auth_token, version) = create_account(
         tx,
         cat,
@@ -380,7 +393,6 @@ pub fn init(
             ..NewAccount::default()
         },
     )?;
-    let (_, edge_token) = create_operator_token(tx, OperatorKind::Edge)?;
     Ok(Initialized {
         admin_token,
         account,
@@ -616,6 +628,17 @@ mod tests {
                 .unwrap()
                 .generation as usize,
             stored.len() - 1
+        );
+    }
+
+    #[test]
+    fn a_new_keys_secrets_are_what_was_stored() {
+        let (_dir, path, cat, ac) = setup();
+        let mut conn = store::sqlite::open(&path).unwrap();
+        let (key, secret, _) = new_key(&mut conn, &cat, &ac, Role::Main);
+        assert_eq!(
+            secrets_of_new_key(&key, &secret),
+            store::sqlite::secrets_of(&conn, &key.sid).unwrap()
         );
     }
 

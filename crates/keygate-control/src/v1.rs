@@ -255,7 +255,7 @@ async fn create_key(
         .db()
         .write(move |c| {
             let (key, secret, version) = service::create_key(c, &cat, &caps, &holder, &sid, new)?;
-            let secrets = c.secrets_of(&key.sid)?;
+            let secrets = service::secrets_of_new_key(&key, &secret);
             Ok((key, secret, secrets, version))
         })
         .await?;
@@ -313,39 +313,39 @@ async fn update_key(
         Some(Some(t)) => Some(Some(model::parse_rfc3339("expires_at", t)?)),
     };
     let (cat, caps) = (state.catalog().clone(), state.caps().clone());
-    let (key, secrets, version) = state
+    let (key, version) = state
         .db()
         .write(move |c| {
-            let (key, version) =
-                service::update_key(c, &cat, &caps, &holder, &sid, &key_sid, |k| {
-                    if let Some(v) = req.friendly_name {
-                        k.friendly_name = v;
-                    }
-                    if let Some(v) = req.role {
-                        k.role = v;
-                    }
-                    if let Some(v) = req.apis {
-                        k.apis = v;
-                    }
-                    if let Some(v) = req.allowed_ips {
-                        k.allowed_ips = v;
-                    }
-                    if let Some(v) = req.limits {
-                        k.limits = v;
-                    }
-                    if let Some(v) = expires_at {
-                        k.expires_at = v;
-                    }
-                    if let Some(v) = req.enabled {
-                        k.enabled = v;
-                    }
-                    Ok(())
-                })?;
-            let secrets = c.secrets_of(&key.sid)?;
-            Ok((key, secrets, version))
+            service::update_key(c, &cat, &caps, &holder, &sid, &key_sid, |k| {
+                if let Some(v) = req.friendly_name {
+                    k.friendly_name = v;
+                }
+                if let Some(v) = req.role {
+                    k.role = v;
+                }
+                if let Some(v) = req.apis {
+                    k.apis = v;
+                }
+                if let Some(v) = req.allowed_ips {
+                    k.allowed_ips = v;
+                }
+                if let Some(v) = req.limits {
+                    k.limits = v;
+                }
+                if let Some(v) = expires_at {
+                    k.expires_at = v;
+                }
+                if let Some(v) = req.enabled {
+                    k.enabled = v;
+                }
+                Ok(())
+            })
         })
         .await?;
     state.published(version);
+    // Read after the write's commit: the bump is a write's last statement.
+    let owner = key.sid.clone();
+    let secrets = state.db().read(move |c| c.secrets_of(&owner)).await?;
     Ok(Json(key_json(&key, &secrets)))
 }
 

@@ -167,17 +167,18 @@ impl Database {
 
 /// The open store of either backend. Cheap to clone.
 ///
-/// Writes are group-committed: every [`Db::write`] is queued to one writer thread per
-/// process, which runs all the writes waiting when it is free in one transaction, each inside
-/// a savepoint (a write that fails is rolled back alone, to its savepoint; each keeps its own
-/// version bump), and answers them only after the commit. One commit (one fsync, one hold of
-/// the version row on Postgres) then serves a whole batch instead of one write, which is what
-/// bounds write throughput when versions must be handed out in commit order. Reads run on
-/// tokio's blocking pool.
+/// Writes on SQLite are group-committed: every [`Db::write`] is queued to one writer thread,
+/// which runs all the writes waiting when it is free in one transaction, each inside a
+/// savepoint (a write that fails is rolled back alone, to its savepoint; each keeps its own
+/// version bump), and answers them only after the commit: one fsync serves a whole batch.
+/// Writes on Postgres run concurrently, each in its own transaction on a pooled connection,
+/// and take turns only for their last round trip, the version bump sent with the commit (see
+/// [`postgres`]). Reads run on tokio's blocking pool.
 #[derive(Clone)]
 pub struct Db {
     backend: Backend,
-    writer: std::sync::mpsc::Sender<Job>,
+    /// The SQLite writer thread's queue (Postgres writes run concurrently on the pool).
+    writer: Option<std::sync::mpsc::Sender<Job>>,
 }
 
 #[derive(Clone)]
@@ -251,12 +252,18 @@ impl Backend {
 
 impl Db {
     fn new(backend: Backend) -> Result<Db, String> {
-        let (writer, jobs) = std::sync::mpsc::channel();
-        let b = backend.clone();
-        std::thread::Builder::new()
-            .name("keygate-writer".to_owned())
-            .spawn(move || b.run_writer(jobs))
-            .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+        let writer = match &backend {
+            Backend::Postgres(_) => None,
+            Backend::Sqlite(_) => {
+                let (writer, jobs) = std::sync::mpsc::channel();
+                let b = backend.clone();
+                std::thread::Builder::new()
+                    .name("keygate-writer".to_owned())
+                    .spawn(move || b.run_writer(jobs))
+                    .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+                Some(writer)
+            }
+        };
         Ok(Db { backend, writer })
     }
 
@@ -302,6 +309,17 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
     {
+        if let Backend::Postgres(pg) = &self.backend {
+            let pg = pg.clone();
+            return tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let r = pg.write(f);
+                crate::ops::DB.observe("write", started, r.is_ok());
+                r
+            })
+            .await
+            .map_err(|e| internal("database task failed", e))?;
+        }
         self.queue(f)?
             .await
             .map_err(|e| internal("the writer thread stopped", e))?
@@ -327,6 +345,12 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, Error> + Send + 'static,
     {
+        if let Backend::Postgres(pg) = &self.backend {
+            let started = std::time::Instant::now();
+            let r = pg.write(f);
+            crate::ops::DB.observe("write", started, r.is_ok());
+            return r;
+        }
         self.queue(f)?
             .blocking_recv()
             .map_err(|e| internal("the writer thread stopped", e))?
@@ -347,6 +371,8 @@ impl Db {
             (ok, done)
         });
         self.writer
+            .as_ref()
+            .ok_or_else(|| internal("no writer thread", "Postgres writes are not queued"))?
             .send(job)
             .map_err(|e| internal("the writer thread stopped", e))?;
         Ok(answered)

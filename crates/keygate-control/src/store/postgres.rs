@@ -7,15 +7,17 @@
 //! code shared with SQLite: it runs on tokio's blocking pool and waits on each query with
 //! `Handle::block_on`, while the connections themselves are driven by the server's runtime.
 //!
-//! Ordering. Each replica's writes are group-committed by its writer thread (see
-//! [`super::Db`]): a batch's transaction (READ COMMITTED) first locks the one `config_version`
-//! row (`FOR UPDATE`) and holds it until it commits, and each write in it bumps that row
-//! (`keygate_bump()`). A batch on another replica waits for that commit and then reads the
-//! incremented value, so versions are handed out in commit order: no reader can see version V
-//! while a change at a lower version is still uncommitted (the trap of taking a sequence number
-//! early). Taking the version row first also keeps batches from deadlocking on the rows they
-//! read `FOR UPDATE`. Readers use REPEATABLE READ READ ONLY transactions: every query of one
-//! feed page sees one snapshot, hence one version.
+//! Ordering. Writes run concurrently, each in its own READ COMMITTED transaction on a pooled
+//! connection (rows read for a change are locked `FOR UPDATE`, as `BEGIN IMMEDIATE` would on
+//! SQLite). Each write's last statement is `keygate_bump()`, sent in one round trip with
+//! `COMMIT`: it increments the one `config_version` row and so holds its lock until that
+//! commit. Another write's bump waits for it and then reads the incremented value, so versions
+//! are handed out in commit order: no reader can see version V while a change at a lower
+//! version is still uncommitted (the trap of taking a sequence number early). The lock is held
+//! only for the server's time of the bump and the commit (never for a round trip to a
+//! replica), and rows are always locked before the version row, so writers cannot deadlock.
+//! Readers use REPEATABLE READ READ ONLY transactions: every query of one feed page sees one
+//! snapshot, hence one version. `BEGIN` goes out with each transaction's first statement.
 //!
 //! The change log works as on SQLite: triggers note changed SIDs in `pending_changes` under the
 //! writing transaction's id, and the bump moves them to `changelog` at the new version; the
@@ -30,7 +32,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::runtime::Handle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
+use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{EdgeSeen, Owners, Tx};
 use crate::error::{internal, Error};
@@ -258,22 +260,31 @@ impl Db {
         f: impl FnOnce(&mut dyn Tx) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let rt = &self.rt;
-        let mut client = rt
+        let client = rt
             .block_on(self.pool.get())
             .map_err(|e| internal("no database connection", e))?;
-        let builder = client.build_transaction();
-        let builder = if write {
-            builder.isolation_level(IsolationLevel::ReadCommitted)
-        } else {
-            builder
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
+        let mut t = PgTx {
+            client: &client,
+            rt,
+            write,
+            state: State::NotBegun,
         };
-        let tx = rt.block_on(builder.start())?;
-        let mut t = PgTx { tx, rt, write };
-        let r = f(&mut t)?;
-        rt.block_on(t.tx.commit())?;
-        Ok(r)
+        let r = f(&mut t);
+        let state = t.state;
+        match (&r, state) {
+            // Nothing was asked of the database.
+            (_, State::NotBegun) => {}
+            // The bump committed it.
+            (Ok(_), State::Committed) => {}
+            (Ok(_), State::Open) => rt.block_on(client.batch_execute("COMMIT"))?,
+            (Err(_), State::Open) => rt.block_on(client.batch_execute("ROLLBACK"))?,
+            (Err(_), State::Committed) => {
+                // A write that failed after its bump (which committed it): never the case in
+                // the service layer (the bump is each write's last statement), but say so.
+                tracing::error!("a write failed after its version bump had committed it");
+            }
+        }
+        r
     }
 
     /// Follows `NOTIFY keygate_version` on a connection of its own and hands every version to
@@ -362,34 +373,92 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), tokio_pos
     tx.commit().await
 }
 
+/// Where a [`PgTx`]'s transaction is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// `BEGIN` not sent yet: it goes with the first statement.
+    NotBegun,
+    Open,
+    /// A write's [`Tx::bump`] committed it.
+    Committed,
+}
+
+/// A transaction on one pooled connection, driven statement by statement.
+///
+/// Round trips are what a write costs here, so it saves two of them: `BEGIN` is sent in the
+/// same round trip as the first statement (pipelined), and a write's [`Tx::bump`], always its
+/// last statement, is sent together with `COMMIT`. The version row is thus locked only for the
+/// server's time of the bump and the commit, never for a round trip to this process: that
+/// short section is all that concurrent writers, on every replica, take in turn.
 struct PgTx<'a> {
-    tx: deadpool_postgres::Transaction<'a>,
+    client: &'a deadpool_postgres::Client,
     rt: &'a Handle,
     write: bool,
+    state: State,
 }
 
 type Params<'p> = [&'p (dyn ToSql + Sync)];
 
-impl PgTx<'_> {
+const BEGIN_WRITE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+
+impl<'a> PgTx<'a> {
+    /// Runs `statement` on the prepared `sql`, with `BEGIN` sent first if not yet.
+    fn run<T, F, Fut>(&mut self, sql: &str, statement: F) -> Result<T, Error>
+    where
+        F: FnOnce(&'a deadpool_postgres::Client, tokio_postgres::Statement) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        match self.state {
+            State::Committed => Err(internal(
+                "a statement after the version bump",
+                "the bump is a write's last statement",
+            )),
+            State::Open => {
+                let st = self.rt.block_on(self.client.prepare_cached(sql))?;
+                Ok(self.rt.block_on(statement(self.client, st))?)
+            }
+            State::NotBegun => {
+                let begin = if self.write { BEGIN_WRITE } else { BEGIN_READ };
+                // A statement is prepared outside any transaction (a cached one costs nothing);
+                // then BEGIN and the statement go out together.
+                let st = self.rt.block_on(self.client.prepare_cached(sql))?;
+                let client = self.client;
+                let (began, r) = self.rt.block_on(async {
+                    tokio::join!(client.batch_execute(begin), statement(client, st))
+                });
+                began?;
+                self.state = State::Open;
+                Ok(r?)
+            }
+        }
+    }
+
     fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error> {
-        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
-        Ok(self.rt.block_on(self.tx.query(&st, params))?)
+        self.run(sql, |c, st| async move { c.query(&st, params).await })
     }
 
     fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error> {
-        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
-        Ok(self.rt.block_on(self.tx.query_opt(&st, params))?)
+        self.run(sql, |c, st| async move { c.query_opt(&st, params).await })
     }
 
     fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row, Error> {
-        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
-        Ok(self.rt.block_on(self.tx.query_one(&st, params))?)
+        self.run(sql, |c, st| async move { c.query_one(&st, params).await })
     }
 
     fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<usize, Error> {
-        let st = self.rt.block_on(self.tx.prepare_cached(sql))?;
-        let n = self.rt.block_on(self.tx.execute(&st, params))?;
+        let n = self.run(sql, |c, st| async move { c.execute(&st, params).await })?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Sends `sql` (no parameters) in the open transaction, beginning it if needed.
+    fn batch(&mut self, sql: &str) -> Result<(), Error> {
+        if self.state == State::NotBegun {
+            let begin = if self.write { BEGIN_WRITE } else { BEGIN_READ };
+            self.rt.block_on(self.client.batch_execute(begin))?;
+            self.state = State::Open;
+        }
+        Ok(self.rt.block_on(self.client.batch_execute(sql))?)
     }
 
     /// ` FOR UPDATE` in a write transaction: the rows read for a change stay locked until it
@@ -507,8 +576,23 @@ impl Tx for PgTx<'_> {
     }
 
     fn bump(&mut self) -> Result<u64, Error> {
-        let r = self.query_one("SELECT keygate_bump()", &[])?;
-        version_of(&r)
+        if self.state == State::NotBegun {
+            self.batch("")?;
+        }
+        // The bump and the commit in one round trip (simple query protocol, two statements).
+        let msgs = self
+            .rt
+            .block_on(self.client.simple_query("SELECT keygate_bump(); COMMIT"))?;
+        self.state = State::Committed;
+        let v = msgs
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| internal("keygate_bump() answered no version", "no row"))?;
+        Ok(v)
     }
 
     fn changelog_floor(&mut self) -> Result<u64, Error> {
@@ -845,20 +929,15 @@ impl Tx for PgTx<'_> {
     }
 
     fn savepoint(&mut self) -> Result<(), Error> {
-        Ok(self.rt.block_on(self.tx.batch_execute("SAVEPOINT write"))?)
+        self.batch("SAVEPOINT write")
     }
 
     fn release_savepoint(&mut self) -> Result<(), Error> {
-        Ok(self
-            .rt
-            .block_on(self.tx.batch_execute("RELEASE SAVEPOINT write"))?)
+        self.batch("RELEASE SAVEPOINT write")
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), Error> {
-        Ok(self.rt.block_on(
-            self.tx
-                .batch_execute("ROLLBACK TO SAVEPOINT write; RELEASE SAVEPOINT write"),
-        )?)
+        self.batch("ROLLBACK TO SAVEPOINT write; RELEASE SAVEPOINT write")
     }
 
     fn migrations_applied(&mut self) -> Result<usize, Error> {

@@ -248,6 +248,11 @@ impl InProc {
     /// A fresh control plane with `config` (limits, caps, trusted proxies, ...), on this run's
     /// backend.
     pub async fn start_with(config: Config) -> InProc {
+        // The server's logs go to the test's output (shown when a test fails).
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("warn")
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let database = {
             let dir = dir.path().to_owned();
