@@ -11,9 +11,6 @@
 //!   version and lag; database transaction latency by kind (read, write) and write transactions
 //!   by outcome (commit, rollback).
 
-use std::sync::LazyLock;
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +20,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
@@ -40,52 +36,9 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EdgeLabels {
     pub edge: String,
     pub region: String,
-}
-
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 50 us .. ~3.3 s.
-    Histogram::new(exponential_buckets(0.000_05, 3.0, 11))
-}
-
-/// The database's own measurements, process-wide (the store records them; every registry
-/// reports them).
-#[derive(Debug)]
-pub struct DbMetrics {
-    pub seconds: Histograms<KindLabels>,
-    pub writes: Family<OutcomeLabels, Counter>,
-}
-
-pub static DB: LazyLock<DbMetrics> = LazyLock::new(|| DbMetrics {
-    seconds: Family::new_with_constructor(latency_histogram),
-    writes: Family::default(),
-});
-
-impl DbMetrics {
-    /// Records one transaction of `kind` that started at `started` and ended with `ok`.
-    pub fn observe(&self, kind: &'static str, started: Instant, ok: bool) {
-        self.seconds
-            .get_or_create(&KindLabels { kind })
-            .observe(started.elapsed().as_secs_f64());
-        if kind == "write" {
-            let outcome = if ok { "commit" } else { "rollback" };
-            self.writes.get_or_create(&OutcomeLabels { outcome }).inc();
-        }
-    }
 }
 
 /// One server's metrics and the registry that reports them.
@@ -148,12 +101,12 @@ impl Metrics {
         registry.register(
             "db_transaction_seconds",
             "Database transactions by kind (read, write), waiting for a connection included",
-            DB.seconds.clone(),
+            crate::store::DB.seconds.clone(),
         );
         registry.register(
             "db_write_transactions",
             "Write transactions by outcome (commit, rollback)",
-            DB.writes.clone(),
+            crate::store::DB.writes.clone(),
         );
         Metrics {
             registry,

@@ -16,8 +16,11 @@
 //! Reads run on tokio's blocking pool; writes are group-committed by one writer thread (see
 //! [`Db`]), so handlers never block the runtime.
 
+pub mod metrics;
 pub mod postgres;
 pub mod sqlite;
+
+pub use metrics::DB;
 
 use crate::error::{internal, Error};
 use crate::model::{Account, Key, StoredSecret};
@@ -240,7 +243,7 @@ impl Backend {
                 Ok(())
             });
             for (ok, done) in answers {
-                crate::ops::DB.observe("write", started, ok && committed.is_ok());
+                DB.observe("write", started, ok && committed.is_ok());
                 done(committed.clone());
             }
             if let Err(e) = &committed {
@@ -314,7 +317,7 @@ impl Db {
             return tokio::task::spawn_blocking(move || {
                 let started = std::time::Instant::now();
                 let r = pg.write(f);
-                crate::ops::DB.observe("write", started, r.is_ok());
+                DB.observe("write", started, r.is_ok());
                 r
             })
             .await
@@ -335,7 +338,7 @@ impl Db {
             Backend::Sqlite(db) => db.read(f),
             Backend::Postgres(db) => db.read(f),
         };
-        crate::ops::DB.observe("read", started, r.is_ok());
+        DB.observe("read", started, r.is_ok());
         r
     }
 
@@ -348,7 +351,7 @@ impl Db {
         if let Backend::Postgres(pg) = &self.backend {
             let started = std::time::Instant::now();
             let r = pg.write(f);
-            crate::ops::DB.observe("write", started, r.is_ok());
+            DB.observe("write", started, r.is_ok());
             return r;
         }
         self.queue(f)?
