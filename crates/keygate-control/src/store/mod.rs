@@ -399,11 +399,4 @@ impl Db {
         }
         Ok(version)
     }
-
-    pub fn backend(&self) -> &'static str {
-        match &self.backend {
-            Backend::Sqlite(_) => "sqlite",
-            Backend::Postgres(_) => "postgres",
-        }
-    }
 }

@@ -472,8 +472,9 @@ impl<'a> PgTx<'a> {
     }
 }
 
-fn version_of(r: &Row) -> Result<u64, Error> {
-    let v: i64 = r.try_get(0)?;
+/// Column `idx` (a BIGINT: a version, a count) as a `u64`.
+fn u64_col(r: &Row, idx: usize) -> Result<u64, Error> {
+    let v: i64 = r.try_get(idx)?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
@@ -572,7 +573,7 @@ impl PgTx<'_> {
 impl Tx for PgTx<'_> {
     fn version(&mut self) -> Result<u64, Error> {
         let r = self.query_one("SELECT version FROM config_version WHERE id = 1", &[])?;
-        version_of(&r)
+        u64_col(&r, 0)
     }
 
     fn bump(&mut self) -> Result<u64, Error> {
@@ -597,7 +598,7 @@ impl Tx for PgTx<'_> {
 
     fn changelog_floor(&mut self) -> Result<u64, Error> {
         let r = self.query_one("SELECT version FROM changelog_floor WHERE id = 1", &[])?;
-        version_of(&r)
+        u64_col(&r, 0)
     }
 
     fn insert_operator_token(
@@ -775,7 +776,7 @@ impl Tx for PgTx<'_> {
             "SELECT count(*) FROM keys WHERE account_sid = $1",
             &[&account_sid],
         )?;
-        version_of(&r)
+        u64_col(&r, 0)
     }
 
     fn note_regeneration(
@@ -956,16 +957,11 @@ impl Tx for PgTx<'_> {
             Ok(EdgeSeen {
                 id: r.try_get(0)?,
                 region: r.try_get(1)?,
-                version: Some(version_of_col(r, 2)?),
+                version: Some(u64_col(r, 2)?),
                 last_seen_ms: r.try_get(3)?,
             })
         })
     }
-}
-
-fn version_of_col(r: &Row, idx: usize) -> Result<u64, Error> {
-    let v: i64 = r.try_get(idx)?;
-    Ok(u64::try_from(v).unwrap_or(0))
 }
 
 #[cfg(test)]
