@@ -44,11 +44,13 @@ impl Default for ControlLimits {
                 requests: 30,
                 per: "1m".to_owned(),
                 shadow: false,
+                scope: Default::default(),
             }),
             credential_rate: Some(RateDoc {
                 requests: 600,
                 per: "1m".to_owned(),
                 shadow: false,
+                scope: Default::default(),
             }),
         }
     }

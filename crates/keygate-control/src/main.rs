@@ -219,6 +219,7 @@ fn rate_flag(flag: &str, v: &str) -> Result<Option<keygate_core::config::RateDoc
         requests,
         per: per.to_owned(),
         shadow: false,
+        scope: Default::default(),
     }))
 }
 

@@ -459,11 +459,13 @@ async fn failed_authentications_and_a_credentials_rate_are_limited_with_429() {
             requests: 5,
             per: "1m".to_owned(),
             shadow: false,
+            scope: Default::default(),
         }),
         credential_rate: Some(RateDoc {
             requests: 8,
             per: "1m".to_owned(),
             shadow: false,
+            scope: Default::default(),
         }),
     };
     let s = InProc::start_with(config_with(Caps::default(), limits)).await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::config::{
-    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, LimitsDoc,
+    AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, LimitScope, LimitsDoc,
     OnStoreErrorDoc, RateDoc, Role, Scheme, SecretDoc, UnknownRoutes, SCHEMA_V1,
 };
 use crate::credential::EnabledSchemes;
@@ -75,11 +75,12 @@ pub(crate) struct Api {
     pub(crate) limit: Option<LimitRate>,
 }
 
-/// A compiled rate with its shadow flag.
+/// A compiled rate with its shadow flag and where it is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitRate {
     pub rate: Rate,
     pub shadow: bool,
+    pub scope: LimitScope,
 }
 
 /// The failed-authentication limiter.
@@ -854,12 +855,29 @@ pub(crate) fn compile_rate(path: &str, r: &RateDoc) -> Result<LimitRate, ConfigE
             ),
         );
     }
+    if r.scope == LimitScope::Fleet && r.shadow {
+        return err(
+            format!("{path}.shadow"),
+            "a fleet limit cannot be in shadow mode",
+        );
+    }
+    if r.scope == LimitScope::Fleet && period_us % 1_000_000 != 0 {
+        // Rate-limit services count fixed windows of whole seconds.
+        return err(
+            format!("{path}.per"),
+            format!(
+                "{:?}: a fleet limit's period must be a whole number of seconds",
+                r.per
+            ),
+        );
+    }
     Ok(LimitRate {
         rate: Rate {
             requests: r.requests,
             period_us,
         },
         shadow: r.shadow,
+        scope: r.scope,
     })
 }
 
@@ -876,6 +894,7 @@ fn compile_limits(l: &LimitsDoc) -> Result<Limits, ConfigError> {
                     requests: f.requests,
                     per: f.per.clone(),
                     shadow: f.shadow,
+                    scope: Default::default(),
                 },
             )?;
             let buckets = f.buckets.unwrap_or(65_536);

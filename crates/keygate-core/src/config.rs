@@ -89,6 +89,22 @@ pub struct RateDoc {
     /// Count what would be refused, refuse nothing (roll a limit out safely).
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow: bool,
+    /// Where the limit is counted: in each Envoy process (`local`, the default, exact) or
+    /// across every edge of the fleet (`fleet`, through a rate-limit service).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub scope: LimitScope,
+}
+
+/// Where a rate is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    /// In each Envoy process, exactly (GCRA over shared data).
+    #[default]
+    Local,
+    /// Across the fleet, by a rate-limit service speaking Envoy's `envoy.service.ratelimit.v3`
+    /// protocol (fixed windows of the rate's period, counted in Redis); see [`crate::fleet`].
+    Fleet,
 }
 
 /// Default per-key rates by role.
@@ -321,7 +337,7 @@ pub struct AccountDoc {
     pub limits: Option<AccountLimitsDoc>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Main,

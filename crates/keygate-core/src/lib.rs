@@ -15,6 +15,7 @@ pub mod config;
 pub mod credential;
 pub mod decision;
 pub mod digest;
+pub mod fleet;
 pub mod gate;
 pub mod headers;
 pub mod ip;

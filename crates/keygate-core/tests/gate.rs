@@ -26,6 +26,7 @@ fn rate(requests: u32, per: &str) -> RateDoc {
         requests,
         per: per.into(),
         shadow: false,
+        scope: Default::default(),
     }
 }
 
@@ -580,6 +581,7 @@ fn shadow_limits_count_without_refusing() {
         requests: 1,
         per: "1m".into(),
         shadow: true,
+        scope: Default::default(),
     });
     let cfg = compile_doc(&doc).unwrap();
     let host = FakeHost::new();
