@@ -72,6 +72,91 @@ impl Subject {
     }
 }
 
+/// The messages of `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` the filter
+/// sends and reads, with the field numbers of Envoy's `rls.proto` (fields keygate does not use
+/// are left out: protobuf decoders skip what they do not know). keygate-ratelimit's tests check
+/// these against the `envoy-types` crate's generated types.
+pub mod rls {
+    /// The gRPC method's path.
+    pub const METHOD: &str = "ShouldRateLimit";
+    /// The gRPC service's name.
+    pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RateLimitRequest {
+        #[prost(string, tag = "1")]
+        pub domain: String,
+        #[prost(message, repeated, tag = "2")]
+        pub descriptors: Vec<RateLimitDescriptor>,
+        /// Hits to add (0 means 1).
+        #[prost(uint32, tag = "3")]
+        pub hits_addend: u32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RateLimitDescriptor {
+        #[prost(message, repeated, tag = "1")]
+        pub entries: Vec<Entry>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Entry {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+    }
+
+    /// `RateLimitResponse.Code`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum Code {
+        Unknown = 0,
+        Ok = 1,
+        OverLimit = 2,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RateLimitResponse {
+        #[prost(enumeration = "Code", tag = "1")]
+        pub overall_code: i32,
+        #[prost(message, repeated, tag = "2")]
+        pub statuses: Vec<DescriptorStatus>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DescriptorStatus {
+        #[prost(enumeration = "Code", tag = "1")]
+        pub code: i32,
+        #[prost(message, optional, tag = "2")]
+        pub current_limit: Option<RateLimit>,
+        #[prost(uint32, tag = "3")]
+        pub limit_remaining: u32,
+        #[prost(message, optional, tag = "4")]
+        pub duration_until_reset: Option<Duration>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RateLimit {
+        #[prost(uint32, tag = "1")]
+        pub requests_per_unit: u32,
+        /// `RateLimitResponse.RateLimit.Unit`: 1 second, 2 minute, 3 hour, 4 day.
+        #[prost(int32, tag = "2")]
+        pub unit: i32,
+        #[prost(string, tag = "3")]
+        pub name: String,
+    }
+
+    /// `google.protobuf.Duration`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Duration {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
