@@ -21,6 +21,8 @@
 use std::sync::Arc;
 
 use crate::config::Role;
+
+pub mod lease;
 use crate::ratelimit::LimitKind;
 
 /// The rate-limit domain keygate's descriptors belong to, unless configured otherwise.
@@ -145,6 +147,20 @@ pub mod rls {
         pub unit: i32,
         #[prost(string, tag = "3")]
         pub name: String,
+    }
+
+    /// `envoy.config.core.v3.GrpcService` naming an Envoy cluster: what `dispatch_grpc_call`
+    /// is given as its upstream (Envoy reads a cluster name only when this does not parse).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GrpcService {
+        #[prost(message, optional, tag = "1")]
+        pub envoy_grpc: Option<EnvoyGrpc>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct EnvoyGrpc {
+        #[prost(string, tag = "1")]
+        pub cluster_name: String,
     }
 
     /// `google.protobuf.Duration`.
