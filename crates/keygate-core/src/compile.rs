@@ -828,7 +828,7 @@ fn index_u32(i: usize) -> Result<u32, ConfigError> {
 const MAX_PERIOD_US: u64 = 86_400 * 1_000_000;
 
 /// Compiles `{"requests": N, "per": "1m"}`.
-pub(crate) fn compile_rate(path: &str, r: &RateDoc) -> Result<LimitRate, ConfigError> {
+pub fn compile_rate(path: &str, r: &RateDoc) -> Result<LimitRate, ConfigError> {
     if r.requests == 0 {
         return err(format!("{path}.requests"), "must be at least 1");
     }

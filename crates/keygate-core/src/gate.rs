@@ -35,7 +35,10 @@ use siphasher::sip128::SipHasher24;
 
 use crate::compile::{Catalog, CompiledConfig, Directory, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
+use crate::config::LimitScope;
 use crate::decision::{decide_in, denied_after_authentication, Allow, ClientAddress, Decision};
+use crate::fleet::lease::Need;
+use crate::fleet::Subject;
 use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::ratelimit::{Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota};
 use crate::reason::Reason;
@@ -234,8 +237,40 @@ pub enum Verdict {
         /// The tightest enforced limit after this request, when quota headers are on.
         quota: Option<Quota>,
         inflight: Option<InflightTicket>,
+        /// Fleet-scope limits still to take (the local ones and the concurrency slot are
+        /// taken): the request goes on only once [`crate::fleet::lease`] admits it.
+        fleet: Option<Box<FleetHold>>,
     },
     Deny(Denial),
+}
+
+/// What an allowed request still owes the fleet, and what to give back if the fleet refuses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetHold {
+    pub needs: Vec<Need>,
+    /// The local limits taken (`taken` indexes `checks`).
+    checks: Vec<Check>,
+    taken: Vec<usize>,
+    max_retries: u32,
+    on_store_error: OnStoreError,
+}
+
+impl FleetHold {
+    /// The outcome configured for a limiter that cannot answer.
+    pub fn on_store_error(&self) -> OnStoreError {
+        self.on_store_error
+    }
+
+    /// Gives back the local limits the request took (its concurrency slot is released with its
+    /// ticket, as for any request).
+    pub fn give_back(&self, host: &dyn Host, counters: &mut Counters) {
+        let limiter = Limiter {
+            store: host.store(),
+            max_retries: self.max_retries,
+            on_store_error: self.on_store_error,
+        };
+        limiter.give_back(&self.checks, &self.taken, host.now_us(), counters);
+    }
 }
 
 /// What happened, for stats.
@@ -473,6 +508,7 @@ pub fn evaluate(
             allow,
             quota: None,
             inflight: None,
+            fleet: None,
         };
     };
 
@@ -481,6 +517,7 @@ pub fn evaluate(
     let account = &admitted.account;
     let key = admitted.key.as_deref();
     let mut checks = Vec::with_capacity(3);
+    let mut fleet = Vec::new();
     if let (Some(key), Some((api_idx, _))) = (key, &admitted.api) {
         let api_idx = *api_idx;
         let own = key
@@ -489,7 +526,12 @@ pub fn evaluate(
             .find(|(i, _)| *i == api_idx)
             .map(|(_, r)| *r);
         let api = &cat.apis[api_idx as usize];
-        if let Some(limit) = own.or(api.limit) {
+        if let Some(limit) = own.or(api.limit).filter(|l| {
+            local_tier(l, &mut fleet, || Subject::KeyApi {
+                api: api.name.clone(),
+                key_sid: key.sid.clone(),
+            })
+        }) {
             checks.push(check(
                 key_rate_key(&key.sid),
                 api_slot(&api.name),
@@ -498,7 +540,14 @@ pub fn evaluate(
             ));
         }
     }
-    if let Some(limit) = key.and_then(|k| k.rate) {
+    let key_subject = |k: &crate::compile::Key| Subject::Key {
+        role: k.role,
+        key_sid: k.sid.clone(),
+    };
+    if let Some(limit) = key.and_then(|k| {
+        k.rate
+            .filter(|l| local_tier(l, &mut fleet, || key_subject(k)))
+    }) {
         checks.push(check(
             key_rate_key(key.map_or("", |k| &*k.sid)),
             0,
@@ -506,7 +555,13 @@ pub fn evaluate(
             LimitKind::Key,
         ));
     }
-    if let Some(limit) = account.rate {
+    let account_subject = || Subject::Account {
+        account_sid: account.sid.clone(),
+    };
+    if let Some(limit) = account
+        .rate
+        .filter(|l| local_tier(l, &mut fleet, account_subject))
+    {
         checks.push(check(
             account_rate_key(&account.sid),
             0,
@@ -591,11 +646,33 @@ pub fn evaluate(
         }
     }
 
+    let fleet = (!fleet.is_empty()).then(|| {
+        Box::new(FleetHold {
+            needs: fleet,
+            checks,
+            taken,
+            max_retries: cat.limits.max_cas_retries,
+            on_store_error: cat.limits.on_store_error,
+        })
+    });
     Verdict::Allow {
         allow,
         quota: quota.filter(|_| cat.limits.quota_headers),
         inflight,
+        fleet,
     }
+}
+
+/// Keeps a local limit for the local tier (true); a fleet one becomes a [`Need`] of `subject`.
+fn local_tier(limit: &LimitRate, fleet: &mut Vec<Need>, subject: impl FnOnce() -> Subject) -> bool {
+    if limit.scope == LimitScope::Fleet {
+        fleet.push(Need {
+            subject: subject(),
+            limit: *limit,
+        });
+        return false;
+    }
+    true
 }
 
 /// Gives back a concurrency slot when the request's stream ends, however it ends.

@@ -134,10 +134,23 @@ fn cp_err(path: &str, message: &str) -> ConfigError {
 /// Parses the plugin configuration: a document with `"control_plane"` selects control-plane
 /// mode; anything else must be a whole `keygate.config/v1` document.
 pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
-    let probe: serde_json::Value = serde_json::from_slice(json).map_err(|e| ConfigError {
+    let mut probe: serde_json::Value = serde_json::from_slice(json).map_err(|e| ConfigError {
         path: String::new(),
         message: e.to_string(),
     })?;
+    // `fleet_limits` is the edge's own (crate::fleet::lease::parse_fleet_limits), not the
+    // document's.
+    let edge_only = probe
+        .as_object_mut()
+        .and_then(|o| o.remove("fleet_limits"))
+        .is_some();
+    let rest;
+    let json = if edge_only {
+        rest = serde_json::to_vec(&probe).unwrap_or_default();
+        &rest[..]
+    } else {
+        json
+    };
     if probe.get("control_plane").is_none() {
         return compile(json).map(|c| PluginConfig::Static(Box::new(c)));
     }

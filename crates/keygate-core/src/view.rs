@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::compile::{Catalog, CompiledConfig, Directory, Principal, StaticDirectory};
 use crate::decision::Allow;
 use crate::digest::Digest32;
-use crate::gate::{self, Denial, InForce, InflightTicket, Verdict};
+use crate::gate::{self, Denial, FleetHold, InForce, InflightTicket, Verdict};
 use crate::plugin::{parse_plugin_config, ControlPlane, OnStale, PluginConfig};
 use crate::poller::{Level, TICK_MS};
 use crate::published::{load_catalog, read_head, Head, RecordCache, SharedDirectory};
@@ -270,6 +270,7 @@ impl View<'_> {
                 allow,
                 quota,
                 inflight,
+                fleet,
             } => {
                 // A CORS preflight passed without credentials has no identity.
                 let version = self
@@ -280,6 +281,7 @@ impl View<'_> {
                     response_headers: response_headers(quota.as_ref(), version),
                     allow,
                     ticket: inflight,
+                    fleet,
                 }
             }
         }
@@ -330,11 +332,13 @@ pub enum Answer {
     /// Send `reply` (and strip the client's identity headers: access logs see them).
     Deny { reason: Reason, reply: Reply },
     /// Forward the request as `allow`'s identity; add `response_headers` to the response; give
-    /// `ticket` back when the stream ends.
+    /// `ticket` back when the stream ends. With `fleet`, only once its fleet limits admit it
+    /// ([`crate::fleet::lease`]).
     Allow {
         allow: Allow,
         ticket: Option<InflightTicket>,
         response_headers: Vec<(&'static str, String)>,
+        fleet: Option<Box<FleetHold>>,
     },
 }
 
@@ -551,6 +555,7 @@ mod tests {
                 allow,
                 ticket,
                 response_headers,
+                fleet: None,
             } => {
                 assert_eq!(allow.identity().map(|i| i.key_sid), Some(Some("SK1")));
                 assert_eq!(ticket, None);

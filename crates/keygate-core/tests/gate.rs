@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use keygate_core::compile::compile_doc;
 use keygate_core::config::*;
+use keygate_core::fleet::Subject;
 use keygate_core::gate::{
     evaluate, failed_auth_buckets, failed_auth_precheck, release, shared_failed_auth_key,
     FailedAuthKey, GateStats, Verdict,
@@ -114,6 +115,68 @@ fn account_limit_spans_keys_and_a_refusal_consumes_nothing_else() {
         outcome(&run(&cfg, &host, &ac3, "/v2/accounts/AC3/calls").0),
         Ok(())
     );
+}
+
+#[test]
+fn fleet_limits_are_left_to_the_fleet_and_local_ones_stay_exact_in_front() {
+    let mut doc = fixture_doc();
+    let fleet = |requests| RateDoc {
+        scope: LimitScope::Fleet,
+        ..rate(requests, "1m")
+    };
+    doc.limits.account = Some(fleet(60));
+    doc.limits.key.main = Some(rate(2, "1m"));
+    doc.apis[0].limit = Some(fleet(30));
+    let cfg = compile_doc(&doc).unwrap();
+    let host = FakeHost::new();
+    let main = basic("SKmain", "sk_live_main");
+    let needs = |v: &Verdict| match v {
+        Verdict::Allow {
+            fleet: Some(hold), ..
+        } => hold
+            .needs
+            .iter()
+            .map(|n| n.subject.clone())
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let (v, _) = run(&cfg, &host, &main, CALLS);
+    assert_eq!(
+        needs(&v),
+        vec![
+            Subject::KeyApi {
+                api: "calls".into(),
+                key_sid: "SKmain".into()
+            },
+            Subject::Account {
+                account_sid: "AC1".into()
+            },
+        ]
+    );
+    // Nothing of the fleet limits is counted here; the key's local 2 a minute is.
+    assert_eq!(host.store.tat("kg:rl:2:a:AC1"), None);
+    assert_eq!(outcome(&run(&cfg, &host, &main, CALLS).0), Ok(()));
+    assert_eq!(
+        outcome(&run(&cfg, &host, &main, CALLS).0),
+        Err(Reason::RateLimitedKey)
+    );
+    // The fleet's refusal gives the local limits back.
+    let host = FakeHost::new();
+    let (v, _) = run(&cfg, &host, &main, CALLS);
+    let taken = host.store.tat("kg:rl:2:k:SKmain");
+    assert!(taken.is_some());
+    match v {
+        Verdict::Allow {
+            fleet: Some(hold), ..
+        } => {
+            hold.give_back(&host, &mut Counters::default());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(host.store.tat("kg:rl:2:k:SKmain") < taken);
+    // So the key's 2 a minute are both still there.
+    assert_eq!(outcome(&run(&cfg, &host, &main, CALLS).0), Ok(()));
+    assert_eq!(outcome(&run(&cfg, &host, &main, CALLS).0), Ok(()));
 }
 
 #[test]

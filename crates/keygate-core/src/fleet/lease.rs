@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 
 use super::{rls, Subject};
-use crate::compile::LimitRate;
+use crate::compile::{ConfigError, LimitRate};
 use crate::ratelimit::LimitKind;
 
 /// The `fleet_limits` section of the plugin configuration, validated.
@@ -45,6 +45,86 @@ pub struct FleetLimits {
     pub max_lease: u32,
     /// A lease is the remaining hits over this (default 16).
     pub lease_divisor: u32,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetLimitsDoc {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_lease: Option<u32>,
+    #[serde(default)]
+    lease_divisor: Option<u32>,
+}
+
+/// The plugin configuration's `fleet_limits` section (beside a static document's fields or
+/// beside `control_plane`), if any: `{"cluster": "ratelimit"}` at least in lease mode (the
+/// default), or `{"mode": "envoy"}` when Envoy's ratelimit filter after keygate enforces them.
+pub fn parse_fleet_limits(json: &[u8]) -> Result<Option<FleetLimits>, ConfigError> {
+    let e = |path: &str, message: &str| ConfigError {
+        path: format!("fleet_limits{path}"),
+        message: message.to_owned(),
+    };
+    let probe: serde_json::Value = serde_json::from_slice(json).map_err(|x| ConfigError {
+        path: String::new(),
+        message: x.to_string(),
+    })?;
+    let Some(section) = probe.get("fleet_limits") else {
+        return Ok(None);
+    };
+    let d: FleetLimitsDoc = serde_path_to_error::deserialize(section).map_err(|x| {
+        let inner = x.path().to_string();
+        ConfigError {
+            path: match inner.as_str() {
+                "." => "fleet_limits".to_owned(),
+                p => format!("fleet_limits.{p}"),
+            },
+            message: x.inner().to_string(),
+        }
+    })?;
+    let mode = match d.mode.as_deref() {
+        None | Some("lease") => FleetMode::Lease,
+        Some("envoy") => FleetMode::Envoy,
+        Some(_) => return Err(e(".mode", "must be \"lease\" or \"envoy\"")),
+    };
+    let cluster = d.cluster.unwrap_or_default();
+    if mode == FleetMode::Lease && cluster.is_empty() {
+        return Err(e(
+            ".cluster",
+            "must name the Envoy cluster of the rate-limit service",
+        ));
+    }
+    let domain = d.domain.unwrap_or_else(|| super::DEFAULT_DOMAIN.to_owned());
+    if domain.is_empty() || domain.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(e(".domain", "must be a non-empty printable name"));
+    }
+    let timeout_ms = d.timeout_ms.unwrap_or(200);
+    if !(10..=5_000).contains(&timeout_ms) {
+        return Err(e(".timeout_ms", "must be between 10 and 5000"));
+    }
+    let max_lease = d.max_lease.unwrap_or(100);
+    if !(1..=10_000).contains(&max_lease) {
+        return Err(e(".max_lease", "must be between 1 and 10000"));
+    }
+    let lease_divisor = d.lease_divisor.unwrap_or(16);
+    if !(1..=1_000).contains(&lease_divisor) {
+        return Err(e(".lease_divisor", "must be between 1 and 1000"));
+    }
+    Ok(Some(FleetLimits {
+        mode,
+        cluster,
+        domain,
+        timeout_ms,
+        max_lease,
+        lease_divisor,
+    }))
 }
 
 /// Who enforces fleet-scope limits at this edge.

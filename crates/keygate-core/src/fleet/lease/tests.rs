@@ -345,3 +345,52 @@ fn answers_are_read_from_the_wire_messages() {
     assert_eq!(req.hits_addend, 4);
     assert_eq!(req.descriptors[0].entries[1].value, "AC9");
 }
+
+#[test]
+fn the_fleet_limits_section_is_checked_with_exact_messages() {
+    let parse = |s: &str| parse_fleet_limits(s.as_bytes()).map_err(|e| e.to_string());
+    assert_eq!(parse(r#"{"version":1}"#), Ok(None));
+    let c = parse(r#"{"control_plane":{},"fleet_limits":{"cluster":"rls"}}"#)
+        .unwrap()
+        .unwrap();
+    assert_eq!(c, cfg());
+    let envoy = parse(r#"{"fleet_limits":{"mode":"envoy"}}"#)
+        .unwrap()
+        .unwrap();
+    assert_eq!(envoy.mode, FleetMode::Envoy);
+    for (doc, message) in [
+        (
+            r#"{"fleet_limits":{}}"#,
+            "fleet_limits.cluster: must name the Envoy cluster of the rate-limit service",
+        ),
+        (
+            r#"{"fleet_limits":{"mode":"redis","cluster":"r"}}"#,
+            "fleet_limits.mode: must be \"lease\" or \"envoy\"",
+        ),
+        (
+            r#"{"fleet_limits":{"cluster":"r","timeout_ms":5}}"#,
+            "fleet_limits.timeout_ms: must be between 10 and 5000",
+        ),
+        (
+            r#"{"fleet_limits":{"cluster":"r","max_lease":0}}"#,
+            "fleet_limits.max_lease: must be between 1 and 10000",
+        ),
+        (
+            r#"{"fleet_limits":{"cluster":"r","lease_divisor":0}}"#,
+            "fleet_limits.lease_divisor: must be between 1 and 1000",
+        ),
+        (
+            r#"{"fleet_limits":{"cluster":"r","domain":""}}"#,
+            "fleet_limits.domain: must be a non-empty printable name",
+        ),
+    ] {
+        assert_eq!(parse(doc), Err(message.to_owned()), "{doc}");
+    }
+    assert!(parse(r#"{"fleet_limits":{"cluster":"r","extra":1}}"#)
+        .unwrap_err()
+        .starts_with("fleet_limits.extra: unknown field `extra`"));
+    // The plugin configuration takes the section out of the document it compiles.
+    let static_doc =
+        br#"{"schema":"keygate.config/v1","version":3,"fleet_limits":{"cluster":"r"}}"#;
+    assert!(crate::plugin::parse_plugin_config(static_doc).is_ok());
+}
