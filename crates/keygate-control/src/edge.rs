@@ -37,12 +37,12 @@ pub fn routes() -> Router<AppState> {
 /// Longest long-poll.
 pub const MAX_WAIT_SECONDS: u64 = 60;
 
-fn etag(version: u64) -> String {
+pub(crate) fn etag(version: u64) -> String {
     format!("\"{version}\"")
 }
 
 /// Whether `If-None-Match` names `version` (strong or weak form, or `*`).
-fn not_modified(headers: &HeaderMap, version: u64) -> bool {
+pub(crate) fn not_modified(headers: &HeaderMap, version: u64) -> bool {
     let want = etag(version);
     headers
         .get_all(header::IF_NONE_MATCH)
@@ -161,7 +161,7 @@ impl ChangesQuery {
     }
 }
 
-fn not_modified_response(version: u64) -> Response {
+pub(crate) fn not_modified_response(version: u64) -> Response {
     let mut resp = StatusCode::NOT_MODIFIED.into_response();
     if let Ok(v) = HeaderValue::from_str(&etag(version)) {
         resp.headers_mut().insert(header::ETAG, v);

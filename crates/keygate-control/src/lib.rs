@@ -11,6 +11,8 @@
 //!   allowlists, limits, expiry, regeneration with grace);
 //! - [`edge`] serves the edge feeds: `/v1/edge/config` (the whole document) and
 //!   `/v1/edge/changes` (pages of what changed since a version, from the store's change log);
+//! - [`ratelimit_config`]: `/v1/edge/ratelimit-config`, the fleet-wide limits as
+//!   envoyproxy/ratelimit's or Limitador's configuration;
 //! - [`service`]: the operations (one transaction and one version bump each), used by the
 //!   handlers and the CLI; [`store`]: one interface over SQLite and Postgres; [`model`]:
 //!   validation against the edge compiler; [`error`]: the service error, which [`http`] turns
@@ -32,6 +34,7 @@ pub mod ops;
 pub mod policy;
 #[doc(hidden)]
 pub mod props;
+pub mod ratelimit_config;
 pub mod secret;
 pub mod service;
 pub mod store;
@@ -222,6 +225,7 @@ pub fn app(state: AppState) -> Router {
         .merge(twilio::routes())
         .merge(v1::routes())
         .merge(edge::routes())
+        .merge(ratelimit_config::routes())
         .merge(fleet::routes())
         .merge(ops::routes())
         .fallback(|| async { Error::NotFound })
