@@ -11,7 +11,9 @@
 //! Account credentials hold the whole account; the operator's admin token and the CLI hold
 //! everything. Only the operator changes an account's status, region or limits. A key's own
 //! rate limits are not a holding: any main key can make as many keys as the account's caps
-//! allow, and the account's limits bound them all together. Every refusal is a 403 whose code
+//! allow, and the account's limits bound them all together. A rate's `scope` (`local` or
+//! `fleet`) is part of the rate and follows the same rules: neither scope is "more" than the
+//! other. Every refusal is a 403 whose code
 //! names the rule (`escalation_role`, `escalation_apis`, `escalation_allowed_ips`,
 //! `escalation_expiry`, `escalation_denied`); nothing is silently clamped.
 //!
