@@ -261,6 +261,31 @@ impl FleetHold {
         self.on_store_error
     }
 
+    /// The denial when a fleet limit of `kind` (rate `limit`) is over until `retry_after_s`.
+    pub fn refused(&self, kind: LimitKind, limit: LimitRate, retry_after_s: u64) -> Denial {
+        Denial {
+            reason: reason_for(kind),
+            retry_after_s: Some(retry_after_s),
+            quota: Some(Quota {
+                kind,
+                rate: limit.rate,
+                remaining: 0,
+                reset_s: retry_after_s,
+            }),
+        }
+    }
+
+    /// When the rate-limit service cannot answer (or no service is configured): 503
+    /// `limiter_unavailable` under `on_store_error: deny`, `None` (let it through, the local
+    /// tier having admitted it) under `allow`.
+    pub fn failed(&self) -> Option<Denial> {
+        (self.on_store_error == OnStoreError::Deny).then_some(Denial {
+            reason: Reason::LimiterUnavailable,
+            retry_after_s: Some(1),
+            quota: None,
+        })
+    }
+
     /// Gives back the local limits the request took (its concurrency slot is released with its
     /// ticket, as for any request).
     pub fn give_back(&self, host: &dyn Host, counters: &mut Counters) {

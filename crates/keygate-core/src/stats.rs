@@ -43,10 +43,18 @@ pub enum Stat {
     StoreFailuresAllowed,
     /// Requests over a limit in shadow mode (let through), per limit kind.
     ShadowLimited(LimitKind),
+    /// Fleet limits: calls to the rate-limit service (leases asked for).
+    FleetCalls,
+    /// Fleet limits: hits the service granted as leases.
+    FleetHitsLeased,
+    /// Fleet limits: requests that waited for a lease.
+    FleetWaits,
+    /// Fleet limits: answers that failed (service or Redis down, timeout, bad reply).
+    FleetErrors,
 }
 
 /// The stats that are neither per reason nor per limit kind, in [`Stat::index`] order.
-const FIXED: [Stat; 15] = [
+const FIXED: [Stat; 19] = [
     Stat::Allowed,
     Stat::ConfigLoaded,
     Stat::ConfigRejected,
@@ -62,6 +70,10 @@ const FIXED: [Stat; 15] = [
     Stat::GarbageValues,
     Stat::StoreErrors,
     Stat::StoreFailuresAllowed,
+    Stat::FleetCalls,
+    Stat::FleetHitsLeased,
+    Stat::FleetWaits,
+    Stat::FleetErrors,
 ];
 
 impl Stat {
@@ -111,6 +123,10 @@ impl Stat {
             Stat::GarbageValues => "ratelimit.garbage_values",
             Stat::StoreErrors => "ratelimit.store_errors",
             Stat::StoreFailuresAllowed => "ratelimit.store_failures_allowed",
+            Stat::FleetCalls => "fleet.calls",
+            Stat::FleetHitsLeased => "fleet.hits_leased",
+            Stat::FleetWaits => "fleet.waits",
+            Stat::FleetErrors => "fleet.errors",
             Stat::ShadowLimited(kind) => {
                 return format!("keygate.ratelimit.shadow_limited.{}", kind.name())
             }
@@ -217,13 +233,17 @@ mod tests {
             "keygate.ratelimit.garbage_values",
             "keygate.ratelimit.store_errors",
             "keygate.ratelimit.store_failures_allowed",
+            "keygate.fleet.calls",
+            "keygate.fleet.hits_leased",
+            "keygate.fleet.waits",
+            "keygate.fleet.errors",
         ];
-        assert_eq!(names[..15], fixed);
-        assert_eq!(names[15], "keygate.denied.no_config");
-        assert_eq!(names[33], "keygate.denied.config_stale");
-        assert_eq!(names[34], "keygate.ratelimit.shadow_limited.key");
-        assert_eq!(names[37], "keygate.ratelimit.shadow_limited.failed_auth");
-        assert_eq!(names.len(), 38);
+        assert_eq!(names[..19], fixed);
+        assert_eq!(names[19], "keygate.denied.no_config");
+        assert_eq!(names[37], "keygate.denied.config_stale");
+        assert_eq!(names[38], "keygate.ratelimit.shadow_limited.key");
+        assert_eq!(names[41], "keygate.ratelimit.shadow_limited.failed_auth");
+        assert_eq!(names.len(), 42);
         for (i, stat) in Stat::all().enumerate() {
             assert_eq!(stat.index(), i, "{stat:?}");
             let gauge = matches!(stat, Stat::ConfigVersion | Stat::ConfigAge);
