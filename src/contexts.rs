@@ -6,22 +6,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::compile::Catalog;
+use keygate_core::decision::Allow;
+use keygate_core::fleet::lease::{parse_fleet_limits, FleetMode};
 use keygate_core::gate::{self, GateStats, InflightTicket};
 use keygate_core::headers::{client_copies, forwarded_headers, parse_header_map};
 use keygate_core::poller::{Level, Poller};
 use keygate_core::ratelimit::Counters;
 use keygate_core::stats::Stat;
-use keygate_core::view::{refusal, Answer, Reply, Source};
+use keygate_core::view::{denial_reply, refusal, Answer, Reply, Source};
 use keygate_core::{Identity, RequestHead};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
+use crate::fleet::{self, FleetState, Start};
 use crate::host::{header_map, log, now_us, RequestHost, VmState};
 use crate::poller;
 
-#[derive(Default)]
+/// The root's tick when fleet leases are on and nothing else sets one: how soon a lease lost
+/// with the request that asked for it is asked again.
+const FLEET_TICK_MS: u64 = 250;
+
 pub struct KeygateRoot {
+    context_id: u32,
     source: Rc<Source>,
     /// Set when the VM starts.
     vm: Option<Rc<VmState>>,
@@ -29,6 +36,15 @@ pub struct KeygateRoot {
 }
 
 impl KeygateRoot {
+    pub fn new(context_id: u32) -> KeygateRoot {
+        KeygateRoot {
+            context_id,
+            source: Rc::default(),
+            vm: None,
+            poller: Poller::default(),
+        }
+    }
+
     fn vm(&mut self) -> Rc<VmState> {
         self.vm
             .get_or_insert_with(|| Rc::new(VmState::start()))
@@ -49,6 +65,13 @@ impl Context for KeygateRoot {
             let poller = &mut self.poller;
             let cp = &p.control_plane;
             poller::run(vm, cp, body_size, |env| poller.on_response(env, token_id));
+        }
+    }
+
+    /// The answer to a lease asked for on a tick.
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
+        if let Some(vm) = &self.vm {
+            fleet::on_answer(vm, self.context_id, token_id, status_code, size);
         }
     }
 }
@@ -73,6 +96,7 @@ impl RootContext for KeygateRoot {
         vm.held
             .heartbeat(&mut retries, &RequestHost::new(&vm), &mut counters);
         vm.metrics.record(counters.stats());
+        fleet::on_tick(&vm, self.context_id);
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
@@ -86,26 +110,46 @@ impl RootContext for KeygateRoot {
                 return false;
             }
         };
+        let fleet_limits = match parse_fleet_limits(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                log(Level::Error, &format!("config rejected: {e}"));
+                vm.metrics.bump(Stat::ConfigRejected);
+                return false;
+            }
+        };
         let configured = self.source.configure(&bytes);
         let (level, line) = &configured.log;
         log(*level, line);
         vm.metrics.record(configured.stats());
-        if let Some(ms) = configured.tick_ms {
+        // Leases lost with the request that asked for them are asked again on a tick.
+        let lease_tick = (fleet_limits.as_ref())
+            .is_some_and(|f| f.mode == FleetMode::Lease)
+            .then_some(FLEET_TICK_MS);
+        let tick = match (configured.tick_ms, lease_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(ms) = tick.filter(|_| configured.source.is_some()) {
             let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
         }
         if let Some(source) = configured.source {
             self.source = Rc::new(source);
+            *vm.fleet.borrow_mut() = fleet_limits.map(FleetState::new);
         }
         configured.accepted
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(KeygateHttp {
+            context_id,
             source: self.source.clone(),
             vm: self.vm.clone()?,
             ticket: None,
             response_headers: Vec::new(),
             judged_by: None,
+            waiting: false,
+            asked: false,
         }))
     }
 
@@ -115,6 +159,7 @@ impl RootContext for KeygateRoot {
 }
 
 struct KeygateHttp {
+    context_id: u32,
     source: Rc<Source>,
     vm: Rc<VmState>,
     /// A concurrency slot held until the stream ends.
@@ -124,55 +169,78 @@ struct KeygateHttp {
     /// The catalogue that judged the request (its identity header names are stripped from
     /// request trailers too).
     judged_by: Option<Arc<Catalog>>,
+    /// Paused for its fleet limits (see [`fleet`]): what it needs later is left in the VM's
+    /// fleet state when it is resumed or refused.
+    waiting: bool,
+    /// This context sent asks for leases (their answers come to it).
+    asked: bool,
 }
 
-impl Context for KeygateHttp {}
+impl Context for KeygateHttp {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
+        fleet::on_answer(&self.vm, self.context_id, token_id, status_code, size);
+        self.settle();
+    }
+}
 
 impl KeygateHttp {
-    fn send(&self, reply: &Reply) -> Action {
-        let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, &**v)).collect();
-        if let Err(status) =
-            hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()))
-        {
-            let msg = format!("cannot send local reply: {status:?}");
-            log(Level::Error, &msg);
-            let _ = hostcalls::reset_http_request();
+    /// Takes what the fleet state left for this request once it stopped waiting.
+    fn settle(&mut self) {
+        if !self.waiting {
+            return;
         }
-        Action::Pause
+        let resolved =
+            (self.vm.fleet.borrow_mut().as_mut()).and_then(|f| f.resolved.remove(&self.context_id));
+        if let Some(r) = resolved {
+            self.waiting = false;
+            self.ticket = r.ticket;
+            self.response_headers = r.response_headers;
+        }
     }
+}
 
-    /// Sets identity headers (replacing client copies), removes client copies of unset ones and
-    /// of `_` look-alikes and, unless configured otherwise, the `Authorization` header: one
-    /// whole-map write (one host call and one route-cache clear instead of one per header).
-    fn forward(&self, cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
-        let names = cat.identity_headers();
-        let values = identity.map_or([None; 4], Identity::header_values);
-        let out = forwarded_headers(pairs, names, values, cat.forward_authorization());
-        // Envoy validated every header name, so each is a token (ASCII).
-        let utf8 = out
-            .iter()
-            .map(|(n, v)| Some((std::str::from_utf8(n).ok()?, *v)));
-        let map = MapType::HttpRequestHeaders;
-        match utf8.collect::<Option<Vec<_>>>() {
-            _ if out == pairs => {}
-            Some(headers) => {
-                let _ = hostcalls::set_map_bytes(map, headers);
-            }
-            // A header name that is not UTF-8: the same edits one host call each.
-            None => {
-                remove(map, pairs, cat, cat.forward_authorization());
-                let set = names.iter().zip(values);
-                set_each(map, set.filter_map(|(n, v)| Some((&**n, v?))));
-            }
+/// Sends a local reply on the current (effective) context's request.
+pub(crate) fn send(reply: &Reply) -> Action {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, &**v)).collect();
+    if let Err(status) =
+        hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()))
+    {
+        let msg = format!("cannot send local reply: {status:?}");
+        log(Level::Error, &msg);
+        let _ = hostcalls::reset_http_request();
+    }
+    Action::Pause
+}
+
+/// Sets identity headers (replacing client copies), removes client copies of unset ones and
+/// of `_` look-alikes and, unless configured otherwise, the `Authorization` header: one
+/// whole-map write (one host call and one route-cache clear instead of one per header).
+pub(crate) fn forward(cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
+    let names = cat.identity_headers();
+    let values = identity.map_or([None; 4], Identity::header_values);
+    let out = forwarded_headers(pairs, names, values, cat.forward_authorization());
+    // Envoy validated every header name, so each is a token (ASCII).
+    let utf8 = out
+        .iter()
+        .map(|(n, v)| Some((std::str::from_utf8(n).ok()?, *v)));
+    let map = MapType::HttpRequestHeaders;
+    match utf8.collect::<Option<Vec<_>>>() {
+        _ if out == pairs => {}
+        Some(headers) => {
+            let _ = hostcalls::set_map_bytes(map, headers);
         }
-        if let Some(id) = identity {
-            let _ = hostcalls::set_property(
-                vec!["keygate.account_sid"],
-                Some(id.account_sid.as_bytes()),
-            );
-            if let Some(key) = id.key_sid {
-                let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
-            }
+        // A header name that is not UTF-8: the same edits one host call each.
+        None => {
+            remove(map, pairs, cat, cat.forward_authorization());
+            let set = names.iter().zip(values);
+            set_each(map, set.filter_map(|(n, v)| Some((&**n, v?))));
+        }
+    }
+    if let Some(id) = identity {
+        let _ =
+            hostcalls::set_property(vec!["keygate.account_sid"], Some(id.account_sid.as_bytes()));
+        if let Some(key) = id.key_sid {
+            let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
         }
     }
 }
@@ -186,7 +254,12 @@ fn set_each<'a>(map: MapType, headers: impl Iterator<Item = (&'a str, &'a str)>)
 
 /// Removes the client copies of identity headers (and `_` look-alikes, and `Authorization`
 /// unless `keep_authorization`) that `pairs` of `map` hold.
-fn remove(map: MapType, pairs: &[(&[u8], &[u8])], cat: &Catalog, keep_authorization: bool) {
+pub(crate) fn remove(
+    map: MapType,
+    pairs: &[(&[u8], &[u8])],
+    cat: &Catalog,
+    keep_authorization: bool,
+) {
     for name in client_copies(pairs, cat.identity_headers(), keep_authorization) {
         if let Ok(n) = std::str::from_utf8(name) {
             let _ = hostcalls::remove_map_value(map, n);
@@ -204,7 +277,7 @@ impl HttpContext for KeygateHttp {
             Ok(view) => view,
             Err(reason) => {
                 self.vm.metrics.bump(Stat::Denied(reason));
-                return self.send(&refusal(reason));
+                return send(&refusal(reason));
             }
         };
         self.vm.metrics.record(view.stats());
@@ -219,22 +292,45 @@ impl HttpContext for KeygateHttp {
                 // The request stops here, but access logs and later filters still see its
                 // headers: never leave a client-chosen identity on it.
                 remove(MapType::HttpRequestHeaders, &pairs, &cat, true);
-                self.send(&reply)
+                send(&reply)
             }
             Answer::Allow {
                 allow,
                 ticket,
                 response_headers,
+                fleet: Some(hold),
             } => {
-                self.forward(&cat, &pairs, allow.identity());
-                if let Some(ticket) = &ticket {
-                    self.vm.held.hold(ticket);
+                let start = fleet::start(
+                    &self.vm,
+                    self.context_id,
+                    now,
+                    hold,
+                    &allow,
+                    &cat,
+                    &raw,
+                    &ticket,
+                    &response_headers,
+                );
+                match start {
+                    Start::Go => self.admit(&cat, &pairs, &allow, ticket, response_headers),
+                    Start::Deny(denial) => {
+                        self.vm.metrics.bump(Stat::Denied(denial.reason));
+                        remove(MapType::HttpRequestHeaders, &pairs, &cat, true);
+                        send(&denial_reply(&denial, cat.www_authenticate(), None))
+                    }
+                    Start::Wait => {
+                        self.waiting = true;
+                        self.asked = true;
+                        Action::Pause
+                    }
                 }
-                self.ticket = ticket;
-                self.response_headers = response_headers;
-                self.vm.metrics.bump(Stat::Allowed);
-                Action::Continue
             }
+            Answer::Allow {
+                allow,
+                ticket,
+                response_headers,
+                fleet: None,
+            } => self.admit(&cat, &pairs, &allow, ticket, response_headers),
         };
         self.judged_by = Some(cat);
         action
@@ -244,6 +340,7 @@ impl HttpContext for KeygateHttp {
     /// (an upstream that merges trailers into headers must not see a client-chosen identity),
     /// and an `Authorization` trailer unless `forward_authorization` is on.
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.settle();
         if let Some(cat) = &self.judged_by {
             let raw = header_map(MapType::HttpRequestTrailers);
             let pairs = parse_header_map(&raw).unwrap_or_default();
@@ -254,17 +351,49 @@ impl HttpContext for KeygateHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.settle();
         let headers = self.response_headers.iter().map(|(n, v)| (*n, &**v));
         set_each(MapType::HttpResponseHeaders, headers);
         Action::Continue
     }
 
     fn on_log(&mut self) {
+        if self.waiting || self.asked {
+            // Still waiting: it gives back what it took; either way its asks die with it.
+            if let Some(r) = fleet::on_end(&self.vm, self.context_id) {
+                self.ticket = r.ticket;
+            }
+            self.waiting = false;
+        }
         // The stream is over, however it ended: give the concurrency slot back.
         if let Some(ticket) = self.ticket.take() {
             let mut counters = Counters::default();
             (self.vm.held).release(&ticket, &RequestHost::new(&self.vm), &mut counters);
             self.vm.metrics.record(counters.stats());
         }
+    }
+}
+
+impl KeygateHttp {
+    /// Forwards an admitted request.
+    fn admit(
+        &mut self,
+        cat: &Catalog,
+        pairs: &[(&[u8], &[u8])],
+        allow: &Allow,
+        ticket: Option<InflightTicket>,
+        response_headers: Vec<(&'static str, String)>,
+    ) -> Action {
+        forward(cat, pairs, allow.identity());
+        if let Some(ticket) = &ticket {
+            self.vm.held.hold(ticket);
+        }
+        if let Some(ticket) = &ticket {
+            self.vm.held.hold(ticket);
+        }
+        self.ticket = ticket;
+        self.response_headers = response_headers;
+        self.vm.metrics.bump(Stat::Allowed);
+        Action::Continue
     }
 }

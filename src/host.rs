@@ -1,7 +1,7 @@
 //! The host as keygate-core sees it: Envoy shared data as a [`SharedStore`], the request's view
 //! ([`Host`]), and the byte-level reads the request path needs.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::net::IpAddr;
 use std::time::UNIX_EPOCH;
 
@@ -13,6 +13,7 @@ use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, Status};
 
+use crate::fleet::FleetState;
 use crate::metrics::Metrics;
 
 /// Per-VM state shared by the root context and every HTTP context of this VM: the shared-data
@@ -25,6 +26,8 @@ pub struct VmState {
     /// The process's failed-auth hashing key, once this VM has read (or created) it.
     failed_auth_key: OnceCell<FailedAuthKey>,
     pub metrics: Metrics,
+    /// Fleet limits: the leases, the asks on their way and the requests waiting for them.
+    pub fleet: RefCell<Option<FleetState>>,
 }
 
 /// Envoy shared data as keygate-core's [`SharedStore`]; the anchor CAS lives in the VM state.
@@ -59,6 +62,7 @@ impl VmState {
             held: HeldSlots::default(),
             failed_auth_key: OnceCell::new(),
             metrics: Metrics::define(),
+            fleet: RefCell::new(None),
         };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
         if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {

@@ -7,7 +7,8 @@
 //! request as [`keygate_core::view::View::answer`] says. In control-plane mode it drives the
 //! core's poller ([`keygate_core::poller`]) with ticks and answers and makes its host calls.
 //!
-//! Modules: `contexts` (the root and HTTP contexts), `host` (shared data as the core's
+//! Modules: `contexts` (the root and HTTP contexts), `fleet` (fleet limits: leases asked for
+//! with `dispatch_grpc_call`, requests waiting for them), `host` (shared data as the core's
 //! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (the poller's
 //! `dispatch_http_call`, answers, tick period, logs and stats), `metrics` (an Envoy metric per
 //! [`keygate_core::stats::Stat`], recording what the core counts).
@@ -20,13 +21,14 @@
 //! - secrets are never logged (only SIDs, counts and versions are).
 
 mod contexts;
+mod fleet;
 mod host;
 mod metrics;
 mod poller;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(contexts::KeygateRoot::default())
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(contexts::KeygateRoot::new(context_id))
     });
 }}
