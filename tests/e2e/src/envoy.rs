@@ -65,6 +65,8 @@ pub struct EnvoyBuilder {
     ready_timeout: Duration,
     /// The `upstream` cluster sends HTTP/1.1 trailers ([`EnvoyBuilder::http1_trailers`]).
     upstream_trailers: bool,
+    /// Clusters spoken to over HTTP/2 ([`EnvoyBuilder::grpc_cluster`]).
+    http2_clusters: Vec<String>,
 }
 
 impl Default for EnvoyBuilder {
@@ -93,6 +95,7 @@ impl EnvoyBuilder {
             wasm: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             upstream_trailers: false,
+            http2_clusters: Vec::new(),
         }
     }
 
@@ -156,6 +159,14 @@ impl EnvoyBuilder {
     /// Adds another static cluster `name` = 127.0.0.1:`port` (e.g. for the filter's HTTP calls).
     pub fn cluster(mut self, name: &str, port: u16) -> Self {
         self.clusters.push((name.to_string(), vec![port]));
+        self
+    }
+
+    /// Adds a static cluster `name` = 127.0.0.1:`port` spoken to over HTTP/2 (a gRPC service:
+    /// the rate-limit service of fleet limits).
+    pub fn grpc_cluster(mut self, name: &str, port: u16) -> Self {
+        self.clusters.push((name.to_string(), vec![port]));
+        self.http2_clusters.push(name.to_string());
         self
     }
 
@@ -271,6 +282,15 @@ impl EnvoyBuilder {
                 }
                 if let Some(checks) = self.health_checks.get(&name) {
                     obj.insert("health_checks".to_string(), checks.clone());
+                }
+                if self.http2_clusters.contains(&name) {
+                    obj.insert(
+                        "typed_extension_protocol_options".to_string(),
+                        json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}}
+                        }}),
+                    );
                 }
             }
         }

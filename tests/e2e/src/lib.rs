@@ -9,6 +9,7 @@
 //!   readiness and exposes the admin API (stats, counters, logs). Killed on drop.
 //! - [`demo`]: the documented demo account, keys and secrets, and the demo plugin config.
 //! - [`paths`]: where the workspace, the Envoy binary and the built filter live.
+//! - [`ratelimit`]: a real keygate-ratelimit (the fleet limits' service) over a real Redis.
 //! - [`wait`]: polled waits ([`wait::within`]).
 //!
 //! This crate is test support: failing loudly with a helpful message is its job, so the
@@ -23,6 +24,7 @@ pub mod echo;
 pub mod envoy;
 pub mod faulty;
 pub mod paths;
+pub mod ratelimit;
 pub mod wait;
 
 mod server;
@@ -32,3 +34,4 @@ pub use client::{Conn, Req, Response};
 pub use control::ControlPlane;
 pub use echo::{CapturedRequest, Echo};
 pub use envoy::{Envoy, EnvoyBuilder, StartError};
+pub use ratelimit::RateLimitService;
