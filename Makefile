@@ -163,10 +163,10 @@ test-core-wasm: setup-rust setup-wasm-bindgen ## tier 2: keygate-core tests on w
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test -p keygate-core --target wasm32-unknown-unknown
 
-test-e2e: setup-envoy setup-fleet build ## tier 4: end-to-end tests against a real Envoy running the built filter (the fleet suite also starts Postgres)
+test-e2e: setup-envoy setup-fleet setup-redis build ## tier 4: end-to-end tests against a real Envoy running the built filter (the fleet suites also start Postgres, Redis and keygate-ratelimit)
 	@echo "== tier 4: end-to-end with Envoy $$("$(ENVOY)" --version | grep -o '1\.[0-9.]*' | head -1)"
-	cargo build -p keygate-control
-	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" cargo test -p keygate-e2e
+	cargo build -p keygate-control -p keygate-ratelimit
+	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" KEYGATE_RATELIMIT="$(ROOT)/target/debug/keygate-ratelimit" cargo test -p keygate-e2e
 
 lint: setup-rust ## cargo fmt --check and clippy -D warnings (workspace native + filter on wasm32-wasip1)
 	cargo fmt --all -- --check
