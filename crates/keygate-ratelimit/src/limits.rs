@@ -174,13 +174,13 @@ fn compile(i: usize, doc: LimitDoc) -> Result<CompiledLimit, String> {
     for (j, source) in doc.conditions.iter().enumerate() {
         let at = format!("[{i}].conditions[{j}]");
         check_names(&at, source)?;
-        conditions.push(Predicate::parse(source).map_err(|e| format!("{at}: {e}"))?);
+        conditions.push(Predicate::parse(source).map_err(|e| format!("{at}: {}", first_line(&e)))?);
     }
     let mut variables = Vec::with_capacity(doc.variables.len());
     for (j, source) in doc.variables.iter().enumerate() {
         let at = format!("[{i}].variables[{j}]");
         check_names(&at, source)?;
-        variables.push(Expression::parse(source).map_err(|e| format!("{at}: {e}"))?);
+        variables.push(Expression::parse(source).map_err(|e| format!("{at}: {}", first_line(&e)))?);
     }
     let mut limit = match doc.id {
         Some(id) => Limit::with_id(
@@ -209,10 +209,15 @@ fn compile(i: usize, doc: LimitDoc) -> Result<CompiledLimit, String> {
     })
 }
 
+/// A CEL parse error's first line (the rest draws a caret under the source).
+fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// Refuses an expression that names anything but `descriptors`: nothing else is bound, so such
 /// a limit could never apply (or, for `limit`, would fail on every request).
 fn check_names(at: &str, source: &str) -> Result<(), String> {
-    let expression = Expression::parse(source).map_err(|e| format!("{at}: {e}"))?;
+    let expression = Expression::parse(source).map_err(|e| format!("{at}: {}", first_line(&e)))?;
     let unknown: HashSet<String> = expression
         .variables()
         .into_iter()
