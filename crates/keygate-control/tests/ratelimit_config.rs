@@ -620,3 +620,129 @@ async fn the_export_answers_304_for_its_etag_and_refuses_bad_requests() {
     assert_eq!(r.json()["error"]["code"], "forbidden");
     assert_eq!(c.get(&path, &s.admin()).await.status, 200);
 }
+
+/// The Limitador export read with limitador's own types (`Vec<Limit>` from YAML, as the Limitador
+/// server and keygate-ratelimit read it), then matched against each subject's descriptor the
+/// way keygate-ratelimit binds it (`descriptors[0]`): exactly one limit applies to every subject
+/// the fleet counts, with its own rate, and none to a subject whose override is local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limitador_reads_the_export_and_one_limit_applies_per_subject() {
+    use limitador::limit::{Context, Limit};
+    use std::collections::HashMap;
+
+    let f = fixture().await;
+    let (_, body) = export(&f.s, "limitador").await;
+    let limits: Vec<Limit> = serde_yaml::from_str(&body).expect("limitador's types read it");
+    assert_eq!(limits.len(), 8);
+    assert!(limits.iter().all(|l| l.namespace().as_ref() == "keygate"));
+
+    // (descriptor entries, the one limit's (max_value, seconds), or None: no limit applies)
+    type Descriptor<'a> = Vec<(&'a str, &'a str)>;
+    let other_account = "AC00000000000000000000000000000000";
+    let other_key = "SK00000000000000000000000000000000";
+    let cases: Vec<(Descriptor, Option<(u64, u64)>)> = vec![
+        (
+            vec![("keygate", "account"), ("account_sid", &f.ac_fleet)],
+            Some((60, 60)),
+        ),
+        (
+            vec![("keygate", "account"), ("account_sid", &f.ac_local)],
+            None,
+        ),
+        (
+            vec![("keygate", "account"), ("account_sid", other_account)],
+            Some((200, 60)),
+        ),
+        (
+            vec![
+                ("keygate", "key"),
+                ("role", "standard"),
+                ("key_sid", &f.k_fleet),
+            ],
+            Some((30, 3600)),
+        ),
+        (
+            vec![
+                ("keygate", "key"),
+                ("role", "standard"),
+                ("key_sid", &f.k_local),
+            ],
+            None,
+        ),
+        (
+            vec![
+                ("keygate", "key"),
+                ("role", "standard"),
+                ("key_sid", other_key),
+            ],
+            Some((100, 60)),
+        ),
+        (
+            vec![("keygate", "key"), ("role", "main"), ("key_sid", &f.k_main)],
+            Some((5, 90)),
+        ),
+        // The main role's default is local: another main key is not counted by the fleet.
+        (
+            vec![("keygate", "key"), ("role", "main"), ("key_sid", other_key)],
+            None,
+        ),
+        (
+            vec![
+                ("keygate", "key_api"),
+                ("api", "calls"),
+                ("key_sid", &f.k_fleet),
+            ],
+            Some((2, 1)),
+        ),
+        (
+            vec![
+                ("keygate", "key_api"),
+                ("api", "calls"),
+                ("key_sid", other_key),
+            ],
+            Some((10, 1)),
+        ),
+        (
+            vec![
+                ("keygate", "key_api"),
+                ("api", "messages"),
+                ("key_sid", &f.k_local),
+            ],
+            Some((7, 86_400)),
+        ),
+        (
+            vec![
+                ("keygate", "key_api"),
+                ("api", "messages"),
+                ("key_sid", other_key),
+            ],
+            None,
+        ),
+        // A descriptor that is not keygate's matches nothing.
+        (vec![("account_sid", &f.ac_fleet)], None),
+    ];
+    for (entries, want) in cases {
+        let map: HashMap<String, String> = entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut ctx = Context::default();
+        ctx.list_binding("descriptors".to_owned(), vec![map]);
+        let applying: Vec<(u64, u64)> = limits
+            .iter()
+            .filter(|l| l.applies(&ctx))
+            .map(|l| (l.max_value(), l.seconds()))
+            .collect();
+        assert_eq!(
+            applying,
+            want.into_iter().collect::<Vec<_>>(),
+            "{entries:?}"
+        );
+        // Each applying limit counts per subject: its variable resolves to the SID.
+        for l in limits.iter().filter(|l| l.applies(&ctx)) {
+            let vars = l.resolve_variables(&ctx).unwrap().unwrap();
+            let sid = entries.last().unwrap().1;
+            assert_eq!(vars.values().collect::<Vec<_>>(), vec![sid], "{entries:?}");
+        }
+    }
+}
