@@ -72,10 +72,11 @@ pub fn parse_fleet_limits(json: &[u8]) -> Result<Option<FleetLimits>, ConfigErro
         path: format!("fleet_limits{path}"),
         message: message.to_owned(),
     };
-    let probe: serde_json::Value = serde_json::from_slice(json).map_err(|x| ConfigError {
-        path: String::new(),
-        message: x.to_string(),
-    })?;
+    // A blank or malformed configuration is the plugin configuration's to judge and report
+    // (`plugin::parse_plugin_config`); there is no section in it.
+    let Ok(probe) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return Ok(None);
+    };
     let Some(section) = probe.get("fleet_limits") else {
         return Ok(None);
     };
