@@ -221,9 +221,10 @@ mod tests {
         assert_eq!(names[..15], fixed);
         assert_eq!(names[15], "keygate.denied.no_config");
         assert_eq!(names[33], "keygate.denied.config_stale");
-        assert_eq!(names[34], "keygate.ratelimit.shadow_limited.key");
-        assert_eq!(names[37], "keygate.ratelimit.shadow_limited.failed_auth");
-        assert_eq!(names.len(), 38);
+        assert_eq!(names[34], "keygate.denied.wrong_region");
+        assert_eq!(names[35], "keygate.ratelimit.shadow_limited.key");
+        assert_eq!(names[38], "keygate.ratelimit.shadow_limited.failed_auth");
+        assert_eq!(names.len(), 39);
         for (i, stat) in Stat::all().enumerate() {
             assert_eq!(stat.index(), i, "{stat:?}");
             let gauge = matches!(stat, Stat::ConfigVersion | Stat::ConfigAge);
