@@ -11,7 +11,9 @@
 #   edges      http://127.0.0.1:10000 (edge-a, region us1, admin :9901) and
 #              http://127.0.0.1:10001 (edge-b, region in1, admin :9902): Envoy with the filter in
 #              control-plane mode, rendered from envoy/envoy-fleet.yaml; each edge's cluster
-#              lists both replicas and health-checks them (/readyz), so it fails over
+#              lists both replicas and health-checks them (/readyz), so it fails over. The first
+#              account's home region is us1 (the default): edge-a serves it, edge-b answers 404
+#              wrong_region until the operator adds in1 to its regions (the help says how)
 #   upstream   127.0.0.1:$ECHO_PORT (keygate-echo)
 #
 # The first start initializes the database and its credentials go to .run-fleet/credentials.env,
@@ -145,14 +147,21 @@ keygate fleet demo:
   upstream 127.0.0.1:$ECHO_PORT   (keygate-echo)
 
 Credentials (admin token, first account SID + auth token, edge token) are in $CREDS
-(mode 600). In another terminal: create a key through one replica, use it at both edges, delete
-it through the other replica, and ask either replica which edges hold the deletion:
+(mode 600). The edges are two regions: edge-a is us1, edge-b is in1. The first account
+(\$ACCOUNT_SID) lives in us1 (its home region), so edge-a serves it and edge-b answers 404
+wrong_region, until the operator lets it use in1 too (PATCH regions). In another terminal:
+create a key through one replica, use it at both edges, add in1 to the account's regions, use it
+at edge-b again, delete the key through the other replica, and ask either replica which edges
+hold the deletion:
 
   set -a; source $CREDS; set +a
   CA=$TLS_DIR/ca.pem
   curl -s --cacert \$CA -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X POST https://${REPLICAS[0]}/v1/accounts/\$ACCOUNT_SID/keys \\
        -H 'content-type: application/json' -d '{"role":"main"}' | tee key.json
   curl -si -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10000/v2/accounts/\$ACCOUNT_SID/calls
+  curl -si -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10001/v2/accounts/\$ACCOUNT_SID/calls
+  curl -s --cacert \$CA -H "authorization: Bearer \$KEYGATE_ADMIN_TOKEN" -X PATCH https://${REPLICAS[0]}/v1/accounts/\$ACCOUNT_SID \\
+       -H 'content-type: application/json' -d '{"regions":["in1"]}' | jq '{region, regions}'
   curl -si -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" http://127.0.0.1:10001/v2/accounts/\$ACCOUNT_SID/calls
   curl -s --cacert \$CA -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X DELETE -w '%{http_code}\\n' \\
        https://${REPLICAS[1]}/v1/accounts/\$ACCOUNT_SID/keys/\$(jq -r .sid key.json)

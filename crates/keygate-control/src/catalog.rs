@@ -1,13 +1,16 @@
 //! The API catalogue and limit defaults the edge config carries.
 //!
-//! A catalogue is `{"apis": [...], "limits": {...}}` in the edge config's own wire types. It comes
+//! A catalogue is `{"apis": [...], "limits": {...}, "settings": {"wrong_region": "401"}}` in the
+//! edge config's own wire types (`settings` optional, and only the fields [`CatalogSettings`]
+//! names: the rest of the edge's settings are the control plane's). It comes
 //! from `--catalog FILE`, or is the built-in one (the demo's APIs, `envoy/keygate-demo.json`, with
 //! Exotel-like defaults: 200 requests a minute and 50 in flight per account). It is checked at
 //! startup by compiling it with keygate-core, and key `apis` permissions are validated against it.
 
 use keygate_core::compile::compile_doc;
 use keygate_core::config::{
-    ApiDoc, ConfigDoc, FailedAuthDoc, LimitsDoc, RateDoc, RoleRatesDoc, Settings, SCHEMA_V1,
+    ApiDoc, ConfigDoc, FailedAuthDoc, LimitsDoc, RateDoc, RoleRatesDoc, Settings, WrongRegion,
+    SCHEMA_V1,
 };
 use serde::Deserialize;
 
@@ -68,6 +71,19 @@ pub struct ApiCatalog {
     pub apis: Vec<ApiDoc>,
     #[serde(default)]
     pub limits: LimitsDoc,
+    #[serde(default)]
+    pub settings: CatalogSettings,
+}
+
+/// The edge settings an operator chooses in the catalogue file; every published version carries
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// The reply to a principal whose account is not served in the edge's region: `"404"`
+    /// (default, `wrong_region`) or `"401"` (the `invalid_credentials` reply).
+    #[serde(default)]
+    pub wrong_region: WrongRegion,
 }
 
 impl ApiCatalog {
@@ -100,6 +116,7 @@ impl ApiCatalog {
             version,
             settings: Settings {
                 check_secret_format: true,
+                wrong_region: self.settings.wrong_region,
                 ..Settings::default()
             },
             apis: self.apis.clone(),
@@ -188,5 +205,30 @@ mod tests {
         assert!(err.starts_with("apis[0].methods[0]: "), "{err}");
         let err = ApiCatalog::parse(br#"{"apis":[],"extra":1}"#).unwrap_err();
         assert!(err.contains("extra"), "{err}");
+        let err = ApiCatalog::parse(br#"{"apis":[],"settings":{"realm":"x"}}"#).unwrap_err();
+        assert!(
+            err.starts_with("settings.realm: unknown field `realm`"),
+            "{err}"
+        );
+        let err =
+            ApiCatalog::parse(br#"{"apis":[],"settings":{"wrong_region":"403"}}"#).unwrap_err();
+        assert!(
+            err.starts_with(r#"settings.wrong_region: must be "404" or "401" (a string)"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_region_reaches_every_published_version() {
+        let default = ApiCatalog::parse(br#"{"apis":[]}"#).unwrap();
+        assert_eq!(
+            default.doc(1, vec![], vec![]).settings.wrong_region,
+            WrongRegion::NotFound
+        );
+        let twilio =
+            ApiCatalog::parse(br#"{"apis":[],"settings":{"wrong_region":"401"}}"#).unwrap();
+        let doc = serde_json::to_value(twilio.doc(1, vec![], vec![])).unwrap();
+        assert_eq!(doc["settings"]["wrong_region"], "401");
+        assert_eq!(doc["settings"]["check_secret_format"], true);
     }
 }

@@ -20,7 +20,10 @@ pub struct Account {
     pub sid: String,
     pub friendly_name: Option<String>,
     pub status: AccountStatus,
+    /// Home region.
     pub region: String,
+    /// Further regions the account may be served in (`None`: its home region only).
+    pub regions: Option<Vec<String>>,
     pub allowed_ips: Option<Vec<String>>,
     pub limits: Option<AccountLimitsDoc>,
     pub created_at: i64,
@@ -75,6 +78,8 @@ impl Account {
             auth_tokens,
             allowed_ips: self.allowed_ips.clone(),
             limits: self.limits.clone(),
+            region: Some(self.region.clone()),
+            regions: self.regions.clone(),
         }
     }
 
@@ -143,16 +148,10 @@ pub fn validate_friendly_name(field: &str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// keygate-core's one region rule ([`keygate_core::region::valid_region`]), the edge's too.
 pub fn validate_region(field: &str, region: &str) -> Result<(), Error> {
-    let ok = (1..=32).contains(&region.len())
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
-        return Err(Error::bad(
-            field,
-            "must be 1 to 32 lowercase letters, digits or '-'",
-        ));
+    if !keygate_core::region::valid_region(region) {
+        return Err(Error::bad(field, keygate_core::region::REGION_RULE));
     }
     Ok(())
 }
@@ -174,6 +173,8 @@ pub fn validate_key(cat: &ApiCatalog, key: &Key) -> Result<(), Error> {
         auth_tokens: Vec::new(),
         allowed_ips: None,
         limits: None,
+        region: None,
+        regions: None,
     };
     let doc = cat.doc(
         0,

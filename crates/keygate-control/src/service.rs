@@ -28,6 +28,8 @@ pub const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
 pub struct NewAccount {
     pub friendly_name: Option<String>,
     pub region: Option<String>,
+    /// Further regions (`[]` is none).
+    pub regions: Option<Vec<String>>,
     pub status: Option<AccountStatus>,
     pub allowed_ips: Option<Vec<String>>,
     pub limits: Option<AccountLimitsDoc>,
@@ -85,6 +87,7 @@ pub fn create_account(
         friendly_name: new.friendly_name,
         status: new.status.unwrap_or(AccountStatus::Active),
         region,
+        regions: new.regions.filter(|r| !r.is_empty()),
         allowed_ips: new.allowed_ips,
         limits: new.limits,
         created_at: t,
@@ -112,14 +115,17 @@ pub fn update_account(
     let mut account = tx.get_account(sid)?.ok_or(Error::NotFound)?;
     let before = account.clone();
     patch(&mut account)?;
+    // `[]` and `null` both mean no further region.
+    account.regions = account.regions.take().filter(|r| !r.is_empty());
     if !holder.is_operator()
         && (account.status != before.status
             || account.region != before.region
+            || account.regions != before.regions
             || account.limits != before.limits)
     {
         return Err(Error::escalation(
             "escalation_denied",
-            "only the operator (admin token) may change an account's status, region or limits",
+            "only the operator (admin token) may change an account's status, region, regions or limits",
         ));
     }
     caps.check_allowlist("allowed_ips", &account.allowed_ips)?;

@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `POST` | `/v1/accounts` | admin | create an account (201, `auth_token` shown once) |
 //! | `GET` | `/v1/accounts/{sid}` | admin, account, main key | fetch |
-//! | `PATCH` | `/v1/accounts/{sid}` | admin (all fields); account, main key (`friendly_name`, `allowed_ips`) | suspend / reactivate, region, allowlist, limits |
+//! | `PATCH` | `/v1/accounts/{sid}` | admin (all fields); account, main key (`friendly_name`, `allowed_ips`) | suspend / reactivate, region, regions, allowlist, limits |
 //! | `GET` `POST` | `/v1/accounts/{sid}/keys` | admin, account, main key | list; create (201, `secret` shown once) |
 //! | `GET` `PATCH` `DELETE` | `/v1/accounts/{sid}/keys/{key_sid}` | same | fetch; change role, apis, allowed_ips, limits, expires_at, enabled, friendly_name; delete (204) |
 //! | `POST` | `/v1/accounts/{sid}/keys/{key_sid}/regenerate` | same | new secret (shown once); old one valid for `grace_seconds` (default 172800; 0 = revoke now) |
@@ -62,6 +62,7 @@ fn account_json(a: &Account) -> Value {
         "friendly_name": a.friendly_name,
         "status": model::status_str(a.status),
         "region": a.region,
+        "regions": a.regions.as_deref().unwrap_or_default(),
         "allowed_ips": a.allowed_ips,
         "limits": a.limits,
         "created_at": rfc3339(a.created_at),
@@ -96,6 +97,7 @@ fn key_json(k: &Key, secrets: &[StoredSecret]) -> Value {
 struct CreateAccount {
     friendly_name: Option<String>,
     region: Option<String>,
+    regions: Option<Vec<String>>,
     status: Option<AccountStatus>,
     allowed_ips: Option<Vec<String>>,
     limits: Option<AccountLimitsDoc>,
@@ -111,6 +113,7 @@ async fn create_account(
     let new = NewAccount {
         friendly_name: req.friendly_name,
         region: req.region,
+        regions: req.regions,
         status: req.status,
         allowed_ips: req.allowed_ips,
         limits: req.limits,
@@ -148,6 +151,9 @@ struct PatchAccount {
     friendly_name: Option<Option<String>>,
     status: Option<AccountStatus>,
     region: Option<String>,
+    /// `null` or `[]` clears.
+    #[serde(default, deserialize_with = "nullable")]
+    regions: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "nullable")]
     allowed_ips: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "nullable")]
@@ -175,6 +181,9 @@ async fn update_account(
                 }
                 if let Some(v) = req.region {
                     a.region = v;
+                }
+                if let Some(v) = req.regions {
+                    a.regions = v;
                 }
                 if let Some(v) = req.allowed_ips {
                     a.allowed_ips = v;

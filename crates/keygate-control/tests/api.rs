@@ -649,6 +649,152 @@ async fn accounts_suspend_reactivate_region_allowlist_and_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_regions_are_the_operator_s_checked_and_reach_the_edge() {
+    let s = InProc::start().await;
+    let (c, ac, auth, admin) = (
+        &s.client,
+        s.creds.account_sid.clone(),
+        s.account_auth(),
+        s.admin(),
+    );
+    let path = format!("/v1/accounts/{ac}");
+    let r = c.get(&path, &auth).await;
+    assert_eq!(
+        (r.json()["region"].clone(), r.json()["regions"].clone()),
+        (json!("us1"), json!([]))
+    );
+    // The edge learns the home region of every account; no further region yet.
+    let doc = c.feed(&s.creds.edge).await;
+    assert_eq!(doc["accounts"][0]["region"], "us1");
+    assert!(doc["accounts"][0].get("regions").is_none(), "{doc}");
+    let before = doc["version"].as_u64().unwrap();
+
+    // Only the operator changes where an account is served.
+    let r = c
+        .json("PATCH", &path, &auth, json!({"regions": ["in1"]}))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(
+        r.json()["error"],
+        json!({"code": "escalation_denied", "message": "only the operator (admin token) may change an account's status, region, regions or limits"})
+    );
+    let r = c
+        .json("PATCH", &path, &admin, json!({"regions": ["in1", "sg-1"]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["regions"], json!(["in1", "sg-1"]));
+    assert_eq!(
+        c.get(&path, &auth).await.json()["regions"],
+        json!(["in1", "sg-1"])
+    );
+    // The change reaches edges like any other: in the export and in the change feed.
+    let doc = c.feed(&s.creds.edge).await;
+    assert_eq!(doc["accounts"][0]["regions"], json!(["in1", "sg-1"]));
+    let page = c
+        .get(
+            &format!("/v1/edge/changes?since={before}"),
+            &Auth::bearer(&s.creds.edge),
+        )
+        .await;
+    assert_eq!(page.status, 200, "{}", page.text);
+    assert_eq!(page.json()["accounts"][0]["sid"], ac.as_str());
+    assert_eq!(page.json()["accounts"][0]["region"], "us1");
+    assert_eq!(
+        page.json()["accounts"][0]["regions"],
+        json!(["in1", "sg-1"])
+    );
+    // An account's own unchanged regions are not a change of them.
+    let r = c
+        .json(
+            "PATCH",
+            &path,
+            &auth,
+            json!({"regions": ["in1", "sg-1"], "friendly_name": "acme"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // Exact refusals, and nothing stored.
+    let seventeen: Vec<String> = (0..17).map(|i| format!("r{i}")).collect();
+    for (body, message) in [
+        (
+            json!({"regions": ["IN1"]}),
+            r#"regions[0]: invalid region "IN1": must be 1 to 32 lowercase letters, digits or '-'"#,
+        ),
+        (
+            json!({"regions": ["in1", "in1"]}),
+            r#"regions[1]: duplicate region "in1" (also regions[0])"#,
+        ),
+        (
+            json!({"regions": ["in1", "us1"]}),
+            r#"regions[1]: duplicate region "us1" (the home region)"#,
+        ),
+        (
+            json!({"region": "in1"}),
+            r#"regions[0]: duplicate region "in1" (the home region)"#,
+        ),
+        (json!({"regions": seventeen}), "regions: at most 16 regions"),
+        (
+            json!({"region": "Mumbai!"}),
+            "region: must be 1 to 32 lowercase letters, digits or '-'",
+        ),
+    ] {
+        let r = c.json("PATCH", &path, &admin, body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(r.json()["error"]["message"], message, "{body}");
+    }
+    assert_eq!(
+        c.get(&path, &auth).await.json()["regions"],
+        json!(["in1", "sg-1"])
+    );
+    // A new home region and the list together; then `[]` and `null` both clear the list.
+    let r = c
+        .json(
+            "PATCH",
+            &path,
+            &admin,
+            json!({"region": "in1", "regions": ["us1"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        (r.json()["region"].clone(), r.json()["regions"].clone()),
+        (json!("in1"), json!(["us1"]))
+    );
+    for clear in [json!([]), Value::Null] {
+        let r = c
+            .json("PATCH", &path, &admin, json!({"regions": ["eu1"]}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = c
+            .json("PATCH", &path, &admin, json!({"regions": clear}))
+            .await;
+        assert_eq!(
+            (r.status, r.json()["regions"].clone()),
+            (200, json!([])),
+            "{clear}"
+        );
+        let doc = c.feed(&s.creds.edge).await;
+        assert!(doc["accounts"][0].get("regions").is_none(), "{doc}");
+        assert_eq!(doc["accounts"][0]["region"], "in1");
+    }
+    // The operator creates an account with its regions.
+    let r = c
+        .json(
+            "POST",
+            "/v1/accounts",
+            &admin,
+            json!({"region": "in1", "regions": ["sg1"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(
+        (r.json()["region"].clone(), r.json()["regions"].clone()),
+        (json!("in1"), json!(["sg1"]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_role_permissions_allowlist_limits_expiry_and_enable_reach_the_edge() {
     let s = InProc::start().await;
     let (c, ac, auth) = (&s.client, s.creds.account_sid.clone(), s.account_auth());

@@ -531,6 +531,7 @@ async fn a_database_from_before_the_change_log_is_backfilled() {
         friendly_name: Some("from before".into()),
         status: AccountStatus::Active,
         region: "us1".into(),
+        regions: None,
         allowed_ips: None,
         limits: None,
         created_at: 1_700_000_000,
@@ -542,7 +543,13 @@ async fn a_database_from_before_the_change_log_is_backfilled() {
         conn.execute_batch(store::MIGRATIONS[0]).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
         let tx = conn.transaction().unwrap();
-        store::sqlite::insert_account(&tx, &account).unwrap();
+        // As migration 1 wrote an account (no column of a later migration).
+        tx.execute(
+            "INSERT INTO accounts (sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at)
+             VALUES (?1, ?2, 'active', ?3, NULL, NULL, ?4, ?4)",
+            rusqlite::params![account.sid, account.friendly_name, account.region, account.created_at],
+        )
+        .unwrap();
         store::sqlite::insert_secret(
             &tx,
             &account.sid,

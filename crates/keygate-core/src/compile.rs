@@ -10,13 +10,14 @@ use std::time::UNIX_EPOCH;
 
 use crate::config::{
     AccountDoc, AccountStatus, ApiDoc, ConfigDoc, CorsPreflight, KeyDoc, LimitScope, LimitsDoc,
-    OnStoreErrorDoc, RateDoc, Role, Scheme, SecretDoc, UnknownRoutes, SCHEMA_V1,
+    OnStoreErrorDoc, RateDoc, Role, Scheme, SecretDoc, UnknownRoutes, WrongRegion, SCHEMA_V1,
 };
 use crate::credential::EnabledSchemes;
 use crate::digest::{parse_digest_hex, Digest32, Digester};
 use crate::ip::IpAllowlist;
 use crate::path::Template;
 use crate::ratelimit::{OnStoreError, Rate};
+use crate::region::{valid_region, REGION_RULE};
 
 /// A config rejected at compile time: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +117,18 @@ pub struct Account {
     pub(crate) allowed_ips: Option<IpAllowlist>,
     pub(crate) rate: Option<LimitRate>,
     pub(crate) concurrency: Option<u32>,
+    /// The regions whose edges serve the account (home region first); `None`: every edge.
+    pub(crate) regions: Option<Box<[Box<str>]>>,
+}
+
+impl Account {
+    /// Whether an edge in `region` serves the account (an edge with no region serves all).
+    pub(crate) fn served_in(&self, region: Option<&str>) -> bool {
+        match (region, &self.regions) {
+            (Some(edge), Some(set)) => set.iter().any(|r| **r == *edge),
+            _ => true,
+        }
+    }
 }
 
 /// A compiled key. API indices refer to the [`Catalog`] it was compiled against.
@@ -158,6 +171,7 @@ pub struct Catalog {
     pub(crate) identity_headers: [Box<str>; 4],
     pub(crate) unknown_routes: UnknownRoutes,
     pub(crate) cors_preflight: CorsPreflight,
+    pub(crate) wrong_region: WrongRegion,
     pub(crate) apis: Vec<Api>,
     pub(crate) limits: Limits,
     /// Default per-key rates by role: main, standard, publishable.
@@ -519,6 +533,7 @@ fn compile_account(
         (None, d) => d,
     };
     Ok(Account {
+        regions: compile_regions(p, a)?,
         rate,
         concurrency,
         sid: a.sid.as_str().into(),
@@ -526,6 +541,55 @@ fn compile_account(
         auth_tokens: seen.compile(p, ".auth_tokens", &a.auth_tokens, false)?,
         allowed_ips: compile_allowlist(p, &a.allowed_ips)?,
     })
+}
+
+/// Most `regions` an account may list (besides its home `region`).
+pub const MAX_ACCOUNT_REGIONS: usize = 16;
+
+/// An account's home `region` and further `regions` as one set, home first; `None` when it
+/// names neither.
+fn compile_regions(p: &str, a: &AccountDoc) -> Result<Option<Box<[Box<str>]>>, ConfigError> {
+    let check = |path: String, name: &str| {
+        if valid_region(name) {
+            Ok(())
+        } else {
+            err(path, format!("invalid region {name:?}: {REGION_RULE}"))
+        }
+    };
+    if let Some(home) = &a.region {
+        check(format!("{p}.region"), home)?;
+    }
+    let more = match &a.regions {
+        None if a.region.is_none() => return Ok(None),
+        None => &[][..],
+        Some(list) if list.is_empty() => {
+            return err(
+                format!("{p}.regions"),
+                "must not be empty; omit the field for none",
+            )
+        }
+        Some(list) if list.len() > MAX_ACCOUNT_REGIONS => {
+            return err(
+                format!("{p}.regions"),
+                format!("at most {MAX_ACCOUNT_REGIONS} regions"),
+            )
+        }
+        Some(list) => list.as_slice(),
+    };
+    let mut set: Vec<Box<str>> = Vec::with_capacity(1 + more.len());
+    set.extend(a.region.as_deref().map(Box::from));
+    for (j, name) in more.iter().enumerate() {
+        let jp = format!("{p}.regions[{j}]");
+        check(jp.clone(), name)?;
+        if let Some(i) = more[..j].iter().position(|r| r == name) {
+            return err(jp, format!("duplicate region {name:?} (also regions[{i}])"));
+        }
+        if a.region.as_deref() == Some(name.as_str()) {
+            return err(jp, format!("duplicate region {name:?} (the home region)"));
+        }
+        set.push(name.as_str().into());
+    }
+    Ok(Some(set.into_boxed_slice()))
 }
 
 fn compile_key(
@@ -809,6 +873,7 @@ pub fn compile_catalog(doc: &ConfigDoc) -> Result<Catalog, ConfigError> {
         ],
         unknown_routes: s.unknown_routes,
         cors_preflight: s.cors_preflight,
+        wrong_region: s.wrong_region,
         apis,
         www_authenticate: [
             format!("Basic realm=\"{realm}\", charset=\"UTF-8\""),

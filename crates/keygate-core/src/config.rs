@@ -227,6 +227,9 @@ pub struct Settings {
     pub unknown_routes: UnknownRoutes,
     /// Whether CORS preflight requests pass without credentials.
     pub cors_preflight: CorsPreflight,
+    /// The reply to a principal whose account is not served in the edge's region.
+    #[serde(skip_serializing_if = "is_default")]
+    pub wrong_region: WrongRegion,
 }
 
 impl Default for Settings {
@@ -241,6 +244,7 @@ impl Default for Settings {
             identity_headers: IdentityHeaders::default(),
             unknown_routes: UnknownRoutes::Deny,
             cors_preflight: CorsPreflight::Deny,
+            wrong_region: WrongRegion::NotFound,
         }
     }
 }
@@ -273,6 +277,32 @@ pub enum UnknownRoutes {
 pub enum CorsPreflight {
     Deny,
     Allow,
+}
+
+/// How a request is refused whose principal's account is not served in the edge's region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum WrongRegion {
+    /// `"404"`: 404 `wrong_region` (default), as Exotel answers a wrong regional base URL.
+    #[default]
+    #[serde(rename = "404")]
+    NotFound,
+    /// `"401"`: byte for byte the `invalid_credentials` reply, as Twilio answers (the stat still
+    /// counts `wrong_region`).
+    #[serde(rename = "401")]
+    Unauthorized,
+}
+
+impl<'de> Deserialize<'de> for WrongRegion {
+    /// `"404"` or `"401"`, strings (a number is a likely slip: its message says so).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) if s == "404" => Ok(WrongRegion::NotFound),
+            serde_json::Value::String(s) if s == "401" => Ok(WrongRegion::Unauthorized),
+            _ => Err(serde::de::Error::custom(
+                r#"must be "404" or "401" (a string)"#,
+            )),
+        }
+    }
 }
 
 /// Names of the headers the filter sets on allowed requests (and strips from every request).
@@ -335,6 +365,13 @@ pub struct AccountDoc {
     pub allowed_ips: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<AccountLimitsDoc>,
+    /// Home region ([`crate::region::valid_region`]). With `regions`, the regions whose edges
+    /// serve the account; neither means every edge does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Further regions the account may be served in (at most 16, no duplicates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -7,12 +7,15 @@
 //! 4. the credential authenticates: known SID or token digest, secret matches in constant time,
 //!    secret and key not expired, key enabled (one identical 401 for every failure);
 //! 5. the account is active (403);
-//! 6. the client address is in the key's and the account's allowlists, read only if either has
+//! 6. the account is served in the edge's region, when both name regions (404 `wrong_region`,
+//!    or the `invalid_credentials` 401 with `settings.wrong_region: "401"`, see
+//!    [`crate::view`]);
+//! 7. the client address is in the key's and the account's allowlists, read only if either has
 //!    one (403);
-//! 7. method and path match an API, with the path's `{account_sid}` equal to the principal's
+//! 8. method and path match an API, with the path's `{account_sid}` equal to the principal's
 //!    account (404 otherwise; a path that binds `{account_sid}` to another account is
 //!    `account_mismatch` whatever the method, even with `unknown_routes: allow`);
-//! 8. the role and the key's API list permit that API (403).
+//! 9. the role and the key's API list permit that API (403).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -119,7 +122,8 @@ impl<F: FnMut() -> Option<IpAddr>> ClientAddress for F {
 /// Compared against when the SID is unknown, so that path costs what a wrong secret costs.
 const DUMMY_DIGEST: Digest32 = [0u8; 32];
 
-/// Decides one request against a static config (a test convenience over [`decide_in`]).
+/// Decides one request against a static config (a test convenience over [`decide_in`]), at an
+/// edge with no region.
 pub fn decide(
     cfg: &CompiledConfig,
     req: &RequestHead<'_>,
@@ -129,7 +133,8 @@ pub fn decide(
     decide_in(&cfg.catalog, &cfg.directory, req, now_unix, client)
 }
 
-/// Decides one request with principals looked up in `dir`.
+/// Decides one request with principals looked up in `dir`, at an edge with no region (which
+/// serves every account).
 pub fn decide_in(
     cat: &Catalog,
     dir: &dyn Directory,
@@ -137,7 +142,20 @@ pub fn decide_in(
     now_unix: u64,
     client: &mut dyn ClientAddress,
 ) -> Decision {
-    match decide_inner(cat, dir, req, now_unix, client) {
+    decide_in_region(cat, dir, None, req, now_unix, client)
+}
+
+/// [`decide_in`] at an edge in `edge_region`: an account whose regions do not include it is
+/// refused with `wrong_region`.
+pub fn decide_in_region(
+    cat: &Catalog,
+    dir: &dyn Directory,
+    edge_region: Option<&str>,
+    req: &RequestHead<'_>,
+    now_unix: u64,
+    client: &mut dyn ClientAddress,
+) -> Decision {
+    match decide_inner(cat, dir, edge_region, req, now_unix, client) {
         Ok(allow) => Decision::Allow(allow),
         Err(reason) => Decision::Deny(reason),
     }
@@ -146,6 +164,7 @@ pub fn decide_in(
 fn decide_inner(
     cat: &Catalog,
     dir: &dyn Directory,
+    edge_region: Option<&str>,
     req: &RequestHead<'_>,
     now: u64,
     client: &mut dyn ClientAddress,
@@ -176,6 +195,9 @@ fn decide_inner(
     };
     if account.suspended {
         return Err(Reason::AccountSuspended);
+    }
+    if !account.served_in(edge_region) {
+        return Err(Reason::WrongRegion);
     }
 
     let key_list = key.as_ref().and_then(|k| k.allowed_ips.as_ref());
@@ -267,7 +289,8 @@ pub fn denied_after_authentication(reason: Reason) -> bool {
         | Reason::RateLimitedAccount
         | Reason::RateLimitedApi
         | Reason::ConcurrencyLimited
-        | Reason::LimiterUnavailable => true,
+        | Reason::LimiterUnavailable
+        | Reason::WrongRegion => true,
         Reason::NoConfig
         | Reason::MissingCredentials
         | Reason::MultipleCredentials

@@ -36,7 +36,9 @@ use siphasher::sip128::SipHasher24;
 use crate::compile::{Catalog, CompiledConfig, Directory, LimitRate};
 use crate::concurrency::{Acquire, Inflight};
 use crate::config::LimitScope;
-use crate::decision::{decide_in, denied_after_authentication, Allow, ClientAddress, Decision};
+use crate::decision::{
+    decide_in_region, denied_after_authentication, Allow, ClientAddress, Decision,
+};
 use crate::fleet::lease::Need;
 use crate::fleet::Subject;
 use crate::headers::{AuthorizationHeader, RequestHead};
@@ -166,6 +168,11 @@ impl HeldSlots {
 pub trait InForce {
     fn catalog(&self) -> &Catalog;
     fn directory(&self) -> &dyn Directory;
+    /// The edge's region (`None`: an edge that serves every account, as the control plane's
+    /// door).
+    fn region(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl InForce for CompiledConfig {
@@ -516,7 +523,9 @@ pub fn evaluate(
     }
 
     // 2. Authentication and authorization.
-    let decision = decide_in(cat, dir, head, now_us / 1_000_000, &mut ViaHost(host));
+    let now_s = now_us / 1_000_000;
+    let region = config.region();
+    let decision = decide_in_region(cat, dir, region, head, now_s, &mut ViaHost(host));
     let allow = match decision {
         Decision::Deny(reason) => {
             if reason == Reason::InvalidCredentials {

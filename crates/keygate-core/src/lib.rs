@@ -28,6 +28,7 @@ pub mod props;
 pub mod published;
 pub mod ratelimit;
 pub mod reason;
+pub mod region;
 pub mod secret_format;
 pub mod stats;
 pub mod store;

@@ -1,9 +1,12 @@
 //! The filter's plugin configuration: either a whole config document (static mode, for
-//! deployments with no control plane) or where to fetch it from (control-plane mode).
+//! deployments with no control plane) or where to fetch it from (control-plane mode). Either
+//! may name the edge's region (`"region"` beside the document's fields, or
+//! `control_plane.region`): accounts not served there are refused (`wrong_region`).
 
 use serde::Deserialize;
 
 use crate::compile::{compile, CompiledConfig, ConfigError};
+use crate::region::{valid_region, REGION_RULE};
 
 /// What to do when the control plane has not been heard from for longer than `max_staleness_s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -57,8 +60,9 @@ pub struct ControlPlaneDoc {
     /// fleet view can tell edges apart ([`valid_edge_name`]).
     #[serde(default)]
     pub edge_id: Option<String>,
-    /// This edge's region, sent on every feed request (`&region=`) ([`valid_edge_name`]); only
-    /// with an `edge_id`.
+    /// This edge's region ([`valid_region`]): accounts not served in it are refused
+    /// (`wrong_region`). Sent on every feed request (`&region=`) when the edge has an
+    /// `edge_id` (the fleet view knows edges by id).
     #[serde(default)]
     pub region: Option<String>,
 }
@@ -85,19 +89,20 @@ pub struct ControlPlane {
     pub page_size: u32,
     /// Sent as `&edge=` on every feed request (already checked by [`valid_edge_name`]).
     pub edge_id: Option<String>,
-    /// Sent as `&region=` on every feed request (already checked by [`valid_edge_name`]).
+    /// The edge's region (already checked by [`valid_region`]); sent as `&region=` beside
+    /// `&edge=`.
     pub region: Option<String>,
 }
 
 /// Default change-feed path.
 pub const DEFAULT_FEED_PATH: &str = "/v1/edge/changes";
 
-/// Longest `edge_id` / `region`.
+/// Longest `edge_id`.
 pub const MAX_EDGE_NAME_LEN: usize = 64;
 
-/// Whether `name` may be an `edge_id` or a `region`: 1 to [`MAX_EDGE_NAME_LEN`] bytes of
-/// `A-Z a-z 0-9 _ - .` (the control plane's rule for the feed's `edge=` and `region=`), so it
-/// goes into the query string as it is, with nothing to escape.
+/// Whether `name` may be an `edge_id`: 1 to [`MAX_EDGE_NAME_LEN`] bytes of `A-Z a-z 0-9 _ - .`
+/// (the control plane's rule for the feed's `edge=`), so it goes into the query string as it
+/// is, with nothing to escape.
 pub fn valid_edge_name(name: &str) -> bool {
     (1..=MAX_EDGE_NAME_LEN).contains(&name.len())
         && name
@@ -120,7 +125,11 @@ impl ControlPlane {
 /// The parsed plugin configuration.
 #[derive(Debug)]
 pub enum PluginConfig {
-    Static(Box<CompiledConfig>),
+    Static {
+        config: Box<CompiledConfig>,
+        /// The edge's region (top-level `"region"`, already checked by [`valid_region`]).
+        region: Option<String>,
+    },
     ControlPlane(ControlPlane),
 }
 
@@ -132,7 +141,8 @@ fn cp_err(path: &str, message: &str) -> ConfigError {
 }
 
 /// Parses the plugin configuration: a document with `"control_plane"` selects control-plane
-/// mode; anything else must be a whole `keygate.config/v1` document.
+/// mode; anything else must be a whole `keygate.config/v1` document, with the edge's
+/// `"region"` beside its fields if it has one (taken out before the document compiles).
 pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     let mut probe: serde_json::Value = serde_json::from_slice(json).map_err(|e| ConfigError {
         path: String::new(),
@@ -152,7 +162,25 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         json
     };
     if probe.get("control_plane").is_none() {
-        return compile(json).map(|c| PluginConfig::Static(Box::new(c)));
+        let region = match probe.as_object_mut().and_then(|o| o.remove("region")) {
+            None => None,
+            Some(serde_json::Value::String(r)) if valid_region(&r) => Some(r),
+            Some(_) => {
+                return Err(ConfigError {
+                    path: "region".to_owned(),
+                    message: REGION_RULE.to_owned(),
+                })
+            }
+        };
+        let config = match region {
+            None => compile(json)?,
+            // The document without the edge's field.
+            Some(_) => compile(probe.to_string().as_bytes())?,
+        };
+        return Ok(PluginConfig::Static {
+            config: Box::new(config),
+            region,
+        });
     }
     let mut de = serde_json::Deserializer::from_slice(json);
     let w: ControlPlaneWrapper =
@@ -190,14 +218,11 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     if !(1..=10_000).contains(&page_size) {
         return Err(cp_err("page_size", "must be between 1 and 10000"));
     }
-    for (field, value) in [("edge_id", &d.edge_id), ("region", &d.region)] {
-        if value.as_deref().is_some_and(|v| !valid_edge_name(v)) {
-            return Err(cp_err(field, EDGE_NAME_RULE));
-        }
+    if d.edge_id.as_deref().is_some_and(|v| !valid_edge_name(v)) {
+        return Err(cp_err("edge_id", EDGE_NAME_RULE));
     }
-    if d.region.is_some() && d.edge_id.is_none() {
-        // The control plane keys its fleet view by edge id and refuses a region alone.
-        return Err(cp_err("region", "needs edge_id"));
+    if d.region.as_deref().is_some_and(|v| !valid_region(v)) {
+        return Err(cp_err("region", REGION_RULE));
     }
     let max_staleness_s = d.max_staleness_s.unwrap_or(DEFAULT_MAX_STALENESS_S);
     if max_staleness_s == 0 {
@@ -243,7 +268,7 @@ mod tests {
                     (20, 30_000, OnStale::Deny, 3600)
                 );
             }
-            PluginConfig::Static(_) => panic!("static"),
+            PluginConfig::Static { .. } => panic!("static"),
         }
     }
 
@@ -291,11 +316,13 @@ mod tests {
             panic!("control plane")
         };
         assert_eq!((unnamed.edge_id, unnamed.region), (None, None));
-        let longest = "a".repeat(64);
+        let longest_id = "a".repeat(64);
+        let longest_region = "a".repeat(32);
         for (edge, region) in [
             ("edge-a", "us1"),
-            ("Edge_7.fra", "eu-central.1"),
-            (longest.as_str(), "-"),
+            ("Edge_7.fra", "eu-central-1"),
+            (longest_id.as_str(), longest_region.as_str()),
+            ("e", "-"),
         ] {
             let Ok(PluginConfig::ControlPlane(cp)) =
                 parse(&format!(r#","edge_id":"{edge}","region":"{region}""#))
@@ -307,11 +334,11 @@ mod tests {
                 (Some(edge), Some(region))
             );
         }
-        let too_long = "a".repeat(65);
-        let rule = "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' and '.'";
+        let id_too_long = "a".repeat(65);
+        let id_rule = "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-' and '.'";
         for bad in [
             "",
-            too_long.as_str(),
+            id_too_long.as_str(),
             "edge a",
             "a&b=c",
             "a/b",
@@ -319,16 +346,38 @@ mod tests {
             "é",
             "a+b",
         ] {
-            for field in ["edge_id", "region"] {
-                let got = parse(&format!(r#","{field}":"{bad}""#))
-                    .unwrap_err()
-                    .to_string();
-                assert_eq!(got, format!("control_plane.{field}: {rule}"), "{bad:?}");
-            }
+            let got = parse(&format!(r#","edge_id":"{bad}""#))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(got, format!("control_plane.edge_id: {id_rule}"), "{bad:?}");
         }
+        // A region follows the one region rule of accounts and the control plane: stricter than
+        // an edge id (no capitals, '_' or '.', at most 32).
+        let region_too_long = "a".repeat(33);
+        for bad in [
+            "",
+            region_too_long.as_str(),
+            "US1",
+            "eu_1",
+            "eu.1",
+            "a&b=c",
+            "é",
+        ] {
+            let got = parse(&format!(r#","edge_id":"e","region":"{bad}""#))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                got, "control_plane.region: must be 1 to 32 lowercase letters, digits or '-'",
+                "{bad:?}"
+            );
+        }
+        // A region alone is enforced at the edge (and not sent: the fleet view knows edges by id).
+        let Ok(PluginConfig::ControlPlane(region_only)) = parse(r#","region":"in1""#) else {
+            panic!("a region without an id")
+        };
         assert_eq!(
-            parse(r#","region":"in1""#).unwrap_err().to_string(),
-            "control_plane.region: needs edge_id"
+            (region_only.edge_id, region_only.region.as_deref()),
+            (None, Some("in1"))
         );
         let Ok(PluginConfig::ControlPlane(id_only)) = parse(r#","edge_id":"edge-b""#) else {
             panic!("an id without a region")
@@ -340,6 +389,45 @@ mod tests {
         assert_eq!(
             parse(r#","edge_id":7"#).unwrap_err().path,
             "control_plane.edge_id"
+        );
+    }
+
+    #[test]
+    fn a_static_document_may_name_the_edge_s_region_beside_its_fields() {
+        let doc = |extra: &str| {
+            format!(
+                r#"{{"schema":"keygate.config/v1","version":4{extra},"accounts":[{{"sid":"AC1","status":"active","region":"us1"}}]}}"#
+            )
+        };
+        let Ok(PluginConfig::Static { config, region }) =
+            parse_plugin_config(doc(r#","region":"in1""#).as_bytes())
+        else {
+            panic!("static")
+        };
+        assert_eq!((config.version(), region.as_deref()), (4, Some("in1")));
+        assert_eq!(config.counts(), (1, 0, 0));
+        let Ok(PluginConfig::Static { region: None, .. }) = parse_plugin_config(doc("").as_bytes())
+        else {
+            panic!("static without a region")
+        };
+        for bad in [r#""IN1""#, r#""""#, "7", "null", r#"["in1"]"#] {
+            let got = parse_plugin_config(doc(&format!(r#","region":{bad}"#)).as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                got, "region: must be 1 to 32 lowercase letters, digits or '-'",
+                "{bad}"
+            );
+        }
+        // The document itself is still checked whole, with its paths.
+        let got = parse_plugin_config(
+            br#"{"schema":"keygate.config/v1","version":1,"region":"in1","accounts":[{"sid":"AC1","status":"active","regions":["in1","EU"]}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            got,
+            "accounts[0].regions[1]: invalid region \"EU\": must be 1 to 32 lowercase letters, digits or '-'"
         );
     }
 
@@ -388,7 +476,7 @@ mod tests {
     fn anything_else_is_a_static_document() {
         assert!(matches!(
             parse_plugin_config(br#"{"schema":"keygate.config/v1","version":1}"#),
-            Ok(PluginConfig::Static(_))
+            Ok(PluginConfig::Static { region: None, .. })
         ));
         assert!(parse_plugin_config(br#"{"schema":"nope","version":1}"#).is_err());
     }

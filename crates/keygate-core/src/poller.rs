@@ -12,8 +12,9 @@
 //! Fetch: the change feed, page by page ([`Update`]): `<path>?since=<version the free slot is
 //! complete at>&limit=<page_size>`, plus `&known=<version in force>&wait=<s>` on the first page
 //! (the long poll) and `&after=<cursor>` on the following ones, and on every request the edge's
-//! name, `&edge=<edge_id>&region=<region>`, when the plugin configuration gives them (the control
-//! plane's fleet view: which edge holds which version). A 200 page is checked completely
+//! name, `&edge=<edge_id>` and its `&region=<region>`, when the plugin configuration gives them
+//! (the control plane's fleet view: which edge holds which version; it knows edges by id, so a
+//! region is sent only with an id). A 200 page is checked completely
 //! and written into the free slot; after the last page of a consistent walk the head moves. 304
 //! records contact; 410 fills the slot from scratch; anything else (an error status, a timeout:
 //! no status) retries with exponential backoff and jitter.
@@ -383,10 +384,11 @@ impl Poller {
         if let Some(known) = known {
             path.push_str(&format!("&known={known}&wait={}", cp.wait_s));
         }
-        // Checked at load (plugin::valid_edge_name): nothing to escape.
-        for (name, value) in [("edge", &cp.edge_id), ("region", &cp.region)] {
-            if let Some(value) = value {
-                path.push_str(&format!("&{name}={value}"));
+        // Checked at load (plugin::valid_edge_name, region::valid_region): nothing to escape.
+        if let Some(id) = &cp.edge_id {
+            path.push_str(&format!("&edge={id}"));
+            if let Some(region) = &cp.region {
+                path.push_str(&format!("&region={region}"));
             }
         }
         env.dispatch.report(Event::Fetch);

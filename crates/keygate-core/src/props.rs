@@ -203,6 +203,8 @@ pub fn decide_fixture() -> ConfigDoc {
             auth_tokens: vec![d("tok-ac1")],
             allowed_ips: None,
             limits: None,
+            region: None,
+            regions: None,
         }],
         keys: vec![
             key("SK1", Role::Main, "s3cret-one", None),

@@ -44,11 +44,13 @@ pub enum Reason {
     LimiterUnavailable,
     /// The control plane has not been heard from for longer than allowed (`on_stale: deny`).
     ConfigStale,
+    /// The principal's account is not served in the edge's region.
+    WrongRegion,
 }
 
 impl Reason {
     /// Every reason, for docs, stats and tests.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::NoConfig,
         Reason::MissingCredentials,
         Reason::MultipleCredentials,
@@ -68,6 +70,7 @@ impl Reason {
         Reason::TooManyFailedAuth,
         Reason::LimiterUnavailable,
         Reason::ConfigStale,
+        Reason::WrongRegion,
     ];
 
     /// Stable reason code, used in the JSON body and in stat names.
@@ -92,6 +95,7 @@ impl Reason {
             Reason::TooManyFailedAuth => "too_many_failed_auth",
             Reason::LimiterUnavailable => "limiter_unavailable",
             Reason::ConfigStale => "config_stale",
+            Reason::WrongRegion => "wrong_region",
         }
     }
 
@@ -110,7 +114,7 @@ impl Reason {
                 400
             }
             Reason::AccountSuspended | Reason::IpNotAllowed | Reason::PermissionDenied => 403,
-            Reason::AccountMismatch | Reason::UnknownRoute => 404,
+            Reason::AccountMismatch | Reason::UnknownRoute | Reason::WrongRegion => 404,
         }
     }
 
@@ -135,6 +139,7 @@ impl Reason {
             Reason::TooManyFailedAuth => "Too many failed authentication attempts; retry later",
             Reason::LimiterUnavailable => "Rate limiting is temporarily unavailable; retry shortly",
             Reason::ConfigStale => "The gateway's key configuration is out of date; retry shortly",
+            Reason::WrongRegion => "This account is not served in this region",
         }
     }
 
@@ -195,6 +200,8 @@ mod tests {
         assert_eq!(Reason::IpNotAllowed.status(), 403);
         assert_eq!(Reason::AccountSuspended.status(), 403);
         assert_eq!(Reason::AccountMismatch.status(), 404);
+        // Exotel: "HTTP 404 | Incorrect Account SID or region".
+        assert_eq!(Reason::WrongRegion.status(), 404);
         assert_eq!(Reason::NoConfig.status(), 503);
     }
 }

@@ -241,9 +241,10 @@ mod tests {
         assert_eq!(names[..19], fixed);
         assert_eq!(names[19], "keygate.denied.no_config");
         assert_eq!(names[37], "keygate.denied.config_stale");
-        assert_eq!(names[38], "keygate.ratelimit.shadow_limited.key");
-        assert_eq!(names[41], "keygate.ratelimit.shadow_limited.failed_auth");
-        assert_eq!(names.len(), 42);
+        assert_eq!(names[38], "keygate.denied.wrong_region");
+        assert_eq!(names[39], "keygate.ratelimit.shadow_limited.key");
+        assert_eq!(names[42], "keygate.ratelimit.shadow_limited.failed_auth");
+        assert_eq!(names.len(), 43);
         for (i, stat) in Stat::all().enumerate() {
             assert_eq!(stat.index(), i, "{stat:?}");
             let gauge = matches!(stat, Stat::ConfigVersion | Stat::ConfigAge);

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::compile::{Catalog, CompiledConfig, Directory, Principal, StaticDirectory};
+use crate::config::WrongRegion;
 use crate::decision::Allow;
 use crate::digest::Digest32;
 use crate::gate::{self, Denial, FleetHold, InForce, InflightTicket, Verdict};
@@ -39,6 +40,8 @@ pub enum Source {
     Static {
         catalog: Arc<Catalog>,
         directory: StaticDirectory,
+        /// The edge's region, from the plugin configuration.
+        region: Option<String>,
     },
     /// The control plane's version in force, published in shared data by the elected poller.
     Published(Published),
@@ -86,7 +89,10 @@ impl Source {
             return keep(true, (Level::Warn, line.to_owned()));
         }
         match parse_plugin_config(bytes) {
-            Ok(PluginConfig::Static(cfg)) => {
+            Ok(PluginConfig::Static {
+                config: cfg,
+                region,
+            }) => {
                 let (accounts, keys, apis) = cfg.counts();
                 let version = cfg.version();
                 let line = format!(
@@ -96,7 +102,7 @@ impl Source {
                     tick_ms: cfg
                         .uses_concurrency_limits()
                         .then_some(gate::INFLIGHT_HEARTBEAT_S * 1000),
-                    source: Some(Source::from_static(*cfg)),
+                    source: Some(Source::from_static_in(*cfg, region)),
                     accepted: true,
                     log: (Level::Info, line),
                     version: Some(version),
@@ -135,10 +141,17 @@ impl Source {
         }
     }
 
+    /// A static config at an edge with no region.
     pub fn from_static(cfg: CompiledConfig) -> Source {
+        Source::from_static_in(cfg, None)
+    }
+
+    /// A static config at an edge in `region`.
+    pub fn from_static_in(cfg: CompiledConfig, region: Option<String>) -> Source {
         Source::Static {
             catalog: Arc::new(cfg.catalog),
             directory: cfg.directory,
+            region,
         }
     }
 
@@ -157,9 +170,14 @@ impl Source {
     pub fn view<'a>(&'a self, store: &'a dyn SharedStore, now_us: u64) -> Result<View<'a>, Reason> {
         match self {
             Source::None => Err(Reason::NoConfig),
-            Source::Static { catalog, directory } => Ok(View {
+            Source::Static {
+                catalog,
+                directory,
+                region,
+            } => Ok(View {
                 catalog: catalog.clone(),
                 directory: ViewDirectory::Static(directory),
+                region: region.as_deref(),
                 version: None,
                 stale_served: false,
                 compiled: None,
@@ -179,6 +197,7 @@ impl Source {
                         head,
                         cache: &p.cache,
                     },
+                    region: cp.region.as_deref(),
                     version: cp.debug_version_header.then(|| head.version.to_string()),
                     stale_served: stale,
                     compiled: compiled.then_some(head.version),
@@ -236,10 +255,12 @@ enum ViewDirectory<'a> {
     },
 }
 
-/// The config in force for one request: a catalogue and its principals.
+/// The config in force for one request: a catalogue and its principals, at an edge in a region
+/// or in none.
 pub struct View<'a> {
     catalog: Arc<Catalog>,
     directory: ViewDirectory<'a>,
+    region: Option<&'a str>,
     /// `x-keygate-config-version`, when enabled.
     version: Option<String>,
     /// The config is stale, and `on_stale: serve` lets the request be judged (count it).
@@ -256,14 +277,21 @@ impl View<'_> {
 
     /// What the glue does with the gate's verdict. `x-keygate-config-version` (when enabled)
     /// goes only on replies to requests whose credential authenticated: an unauthenticated
-    /// client learns nothing about the deployment.
+    /// client learns nothing about the deployment. With `settings.wrong_region: "401"` a
+    /// `wrong_region` denial gets the `invalid_credentials` reply, byte for byte (its reason,
+    /// for stats, stays `wrong_region`).
     pub fn answer(&self, verdict: Verdict) -> Answer {
         match verdict {
             Verdict::Deny(denial) => {
-                let version = self.version.as_deref().filter(|_| denial.authenticated());
+                let reason = denial.reason;
+                let shown = Denial {
+                    reason: replied_as(&self.catalog, reason),
+                    ..denial
+                };
+                let version = self.version.as_deref().filter(|_| shown.authenticated());
                 Answer::Deny {
-                    reason: denial.reason,
-                    reply: denial_reply(&denial, self.catalog.www_authenticate(), version),
+                    reason,
+                    reply: denial_reply(&shown, self.catalog.www_authenticate(), version),
                 }
             }
             Verdict::Allow {
@@ -295,6 +323,19 @@ impl InForce for View<'_> {
 
     fn directory(&self) -> &dyn Directory {
         self
+    }
+
+    fn region(&self) -> Option<&str> {
+        self.region
+    }
+}
+
+/// The reason a denial's reply is made from: `wrong_region` replies as `invalid_credentials`
+/// under `settings.wrong_region: "401"`.
+fn replied_as(catalog: &Catalog, reason: Reason) -> Reason {
+    match (reason, catalog.wrong_region) {
+        (Reason::WrongRegion, WrongRegion::Unauthorized) => Reason::InvalidCredentials,
+        _ => reason,
     }
 }
 
@@ -451,7 +492,7 @@ mod tests {
         );
         match parse_plugin_config(json.as_bytes()).unwrap() {
             PluginConfig::ControlPlane(cp) => Source::from_control_plane(cp),
-            PluginConfig::Static(_) => unreachable!(),
+            PluginConfig::Static { .. } => unreachable!(),
         }
     }
 
@@ -592,6 +633,103 @@ mod tests {
             ask(&view, &store, "/v2/accounts/AC1/calls", "s1"),
             Answer::Allow { response_headers, .. } if response_headers.is_empty()
         ));
+    }
+
+    /// Key `SK1` (secret `s1`) of account `AC1`, home region `us1`, with `settings.wrong_region`
+    /// `mode`; version 3.
+    fn regional_doc(mode: &str) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&doc(3)).unwrap();
+        v["accounts"][0]["region"] = "us1".into();
+        v["settings"] = serde_json::json!({ "wrong_region": mode });
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn a_wrong_region_is_a_404_or_byte_for_byte_the_invalid_credentials_reply() {
+        let calls = "/v2/accounts/AC1/calls";
+        for mode in ["404", "401"] {
+            let store = FakeStore::new();
+            publish(&store, &regional_doc(mode), NOW_S).unwrap();
+            let now = NOW_S * 1_000_000;
+            // Served at its home edge and at an edge with no region.
+            for edge in [r#","region":"us1""#, ""] {
+                let source = control_plane(edge);
+                let view = source.view(&store, now).unwrap();
+                assert!(
+                    matches!(ask(&view, &store, calls, "s1"), Answer::Allow { .. }),
+                    "{mode} {edge}"
+                );
+            }
+            let source = control_plane(r#","region":"in1","debug_version_header":true"#);
+            let view = source.view(&store, now).unwrap();
+            let Answer::Deny { reason, reply } = ask(&view, &store, calls, "s1") else {
+                panic!("{mode}: refused at the in1 edge")
+            };
+            // Counted as wrong_region whatever the reply.
+            assert_eq!(reason, Reason::WrongRegion, "{mode}");
+            let Answer::Deny {
+                reason: invalid,
+                reply: invalid_reply,
+            } = ask(&view, &store, calls, "x")
+            else {
+                panic!("a wrong secret is refused")
+            };
+            assert_eq!(invalid, Reason::InvalidCredentials);
+            if mode == "401" {
+                assert_eq!(reply, invalid_reply);
+                assert_eq!(reply.status, 401);
+                assert_eq!(header(&reply.headers, "x-keygate-config-version"), [""; 0]);
+                assert_eq!(
+                    header(&reply.headers, "www-authenticate"),
+                    view.catalog().www_authenticate()
+                );
+            } else {
+                assert_eq!(reply.status, 404);
+                assert_eq!(
+                    reply.body,
+                    r#"{"error":{"code":"wrong_region","message":"This account is not served in this region"}}"#
+                );
+                assert_eq!(
+                    reply.headers,
+                    [
+                        ("content-type", "application/json".to_owned()),
+                        ("cache-control", "no-store".to_owned()),
+                        ("x-keygate-config-version", "3".to_owned()),
+                    ]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_static_plugin_configuration_names_its_edge_s_region() {
+        let store = FakeStore::new();
+        let calls = "/v2/accounts/AC1/calls";
+        let with_region = |region: &str| {
+            let mut v: serde_json::Value = serde_json::from_slice(&regional_doc("404")).unwrap();
+            v["region"] = region.into();
+            serde_json::to_vec(&v).unwrap()
+        };
+        let configured = Source::None.configure(&with_region("in1"));
+        assert!(configured.accepted, "{:?}", configured.log);
+        let source = configured.source.unwrap();
+        let view = source.view(&store, 0).unwrap();
+        assert!(matches!(
+            ask(&view, &store, calls, "s1"),
+            Answer::Deny { reason: Reason::WrongRegion, reply } if reply.status == 404
+        ));
+        let source = Source::None.configure(&with_region("us1")).source.unwrap();
+        let view = source.view(&store, 0).unwrap();
+        assert!(matches!(
+            ask(&view, &store, calls, "s1"),
+            Answer::Allow { .. }
+        ));
+        let refused = source.configure(&with_region("IN1"));
+        assert!(!refused.accepted && refused.source.is_none());
+        assert_eq!(
+            refused.log.1,
+            "config rejected: region: must be 1 to 32 lowercase letters, digits or '-' (keeping version 3)"
+        );
     }
 
     #[test]

@@ -74,6 +74,17 @@ fn rejected_documents_name_path_and_reason() {
         ("unknown API limit", |v, _| v["keys"][0]["limits"] = json!({"apis": {"fax": {"requests": 1, "per": "1s"}}}), r#"keys[0].limits.apis.fax: unknown API "fax""#.into()),
         ("zero concurrency", |v, _| v["accounts"][0]["limits"] = json!({"concurrency": 0}), "accounts[0].limits.concurrency: must be at least 1".into()),
         ("limits unknown field", |v, _| v["limits"] = json!({"acount": {"requests": 1, "per": "1s"}}), "limits.acount: unknown field `acount`".into()),
+        ("bad home region", |v, _| v["accounts"][2]["region"] = json!("US1"), r#"accounts[2].region: invalid region "US1": must be 1 to 32 lowercase letters, digits or '-'"#.into()),
+        ("bad region in list", |v, _| v["accounts"][2]["regions"] = json!(["in1", "eu_1"]), r#"accounts[2].regions[1]: invalid region "eu_1": must be 1 to 32 lowercase letters, digits or '-'"#.into()),
+        ("region too long", |v, _| v["accounts"][0]["regions"] = json!(["a".repeat(33)]), format!("accounts[0].regions[0]: invalid region \"{}\": must be 1 to 32 lowercase letters, digits or '-'", "a".repeat(33))),
+        ("duplicate region", |v, _| v["accounts"][1]["regions"] = json!(["in1", "eu1", "in1"]), r#"accounts[1].regions[2]: duplicate region "in1" (also regions[0])"#.into()),
+        ("home region repeated", |v, _| { v["accounts"][1]["region"] = json!("us1"); v["accounts"][1]["regions"] = json!(["in1", "us1"]); }, r#"accounts[1].regions[1]: duplicate region "us1" (the home region)"#.into()),
+        ("empty regions", |v, _| v["accounts"][0]["regions"] = json!([]), "accounts[0].regions: must not be empty; omit the field for none".into()),
+        ("17 regions", |v, _| v["accounts"][0]["regions"] = json!((0..17).map(|i| format!("r{i}")).collect::<Vec<_>>()), "accounts[0].regions: at most 16 regions".into()),
+        ("16 regions and a home", |v, _| { v["accounts"][0]["region"] = json!("home"); v["accounts"][0]["regions"] = json!((0..16).map(|i| format!("r{i}")).collect::<Vec<_>>()); }, "compiled".into()),
+        ("region type", |v, _| v["accounts"][0]["region"] = json!(1), "accounts[0].region: invalid type: integer `1`, expected a string".into()),
+        ("wrong_region number", |v, _| v["settings"]["wrong_region"] = json!(401), r#"settings.wrong_region: must be "404" or "401" (a string)"#.into()),
+        ("wrong_region unknown", |v, _| v["settings"]["wrong_region"] = json!("403"), r#"settings.wrong_region: must be "404" or "401" (a string)"#.into()),
         ("ok 64-hex digest still unique", |v, h| v["keys"][0]["secrets"][0]["digest"] = json!(h), "compiled".into()),
     ];
     for (name, edit, want) in cases {
@@ -127,4 +138,26 @@ fn a_record_on_its_own_refuses_repeated_secrets() {
             )
         );
     }
+}
+
+#[test]
+fn regions_and_wrong_region_round_trip_and_are_omitted_when_unset() {
+    use keygate_core::config::{Settings, WrongRegion};
+    let mut doc = common::fixture_doc();
+    let plain = serde_json::to_value(&doc).unwrap();
+    assert!(plain["accounts"][0].get("region").is_none());
+    assert!(plain["accounts"][0].get("regions").is_none());
+    assert!(plain["settings"].get("wrong_region").is_none());
+    doc.accounts[0].region = Some("us1".into());
+    doc.accounts[0].regions = Some(vec!["in1".into(), "eu-west-1".into()]);
+    doc.settings.wrong_region = WrongRegion::Unauthorized;
+    let v = serde_json::to_value(&doc).unwrap();
+    assert_eq!(v["accounts"][0]["region"], "us1");
+    assert_eq!(v["accounts"][0]["regions"], json!(["in1", "eu-west-1"]));
+    assert_eq!(v["settings"]["wrong_region"], "401");
+    assert_eq!(parse(v.to_string().as_bytes()).unwrap(), doc);
+    assert!(compile(v.to_string().as_bytes()).is_ok());
+    let s: Settings = serde_json::from_value(json!({"wrong_region": "404"})).unwrap();
+    assert_eq!(s.wrong_region, WrongRegion::NotFound);
+    assert_eq!(Settings::default().wrong_region, WrongRegion::NotFound);
 }

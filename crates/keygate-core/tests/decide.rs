@@ -465,3 +465,110 @@ fn checked_secret_format_refuses_malformed_secrets_without_a_lookup() {
         Decision::Deny(Reason::InvalidCredentials)
     );
 }
+
+/// What `auth` gets for `path` at an edge in `edge` (`None`: an edge with no region), and
+/// whether the client address was read.
+fn at_edge(
+    cfg: &CompiledConfig,
+    edge: Option<&str>,
+    path: &str,
+    auth: &[u8],
+) -> (Result<String, Reason>, bool) {
+    use keygate_core::decision::decide_in_region;
+    let h = head("GET", path, AuthorizationHeader::One(auth), false);
+    let mut read = false;
+    let d = decide_in_region(
+        &cfg.catalog,
+        &cfg.directory,
+        edge,
+        &h,
+        T0 - 100,
+        &mut || {
+            read = true;
+            "10.0.0.1".parse().ok()
+        },
+    );
+    let d = match d {
+        Decision::Allow(a) => Ok(a.identity().map(|i| i.account_sid.to_owned()).unwrap()),
+        Decision::Deny(r) => Err(r),
+    };
+    (d, read)
+}
+
+/// Name, edge region, path, `Authorization`, outcome (the account admitted), address read.
+type RegionCase<'a> = (
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    &'a [u8],
+    Result<&'a str, Reason>,
+    bool,
+);
+
+#[test]
+fn an_account_is_served_only_in_its_regions_at_an_edge_that_has_one() {
+    use Reason::*;
+    let mut doc = fixture_doc();
+    // AC1: home us1. AC2 (suspended): home us1. AC3 (allowlist 10.0.0.0/8): home us1, also in1.
+    doc.accounts[0].region = Some("us1".into());
+    doc.accounts[1].region = Some("us1".into());
+    doc.accounts[2].region = Some("us1".into());
+    doc.accounts[2].regions = Some(vec!["in1".into()]);
+    let cfg = compile_doc(&doc).unwrap();
+    let calls = "/v2/accounts/AC1/calls";
+    let main = basic("SKmain", "sk_live_main");
+    let token = basic("AC1", "tok_ac1");
+    let wrong = basic("SKmain", "sk_live_nope");
+    let susp = basic("SKsusp", "sk_live_susp");
+    let ac3 = basic("SKac3", "sk_live_ac3");
+    let ac3_calls = "/v2/accounts/AC3/calls";
+    #[rustfmt::skip]
+    let cases: [RegionCase<'_>; 12] = [
+        ("home region", Some("us1"), calls, &main, Ok("AC1"), false),
+        ("no edge region serves all", None, calls, &main, Ok("AC1"), false),
+        ("another region", Some("in1"), calls, &main, Err(WrongRegion), false),
+        ("account credentials too", Some("in1"), calls, &token, Err(WrongRegion), false),
+        ("a wrong secret is still invalid_credentials", Some("in1"), calls, &wrong, Err(InvalidCredentials), false),
+        ("suspension first", Some("in1"), "/v2/accounts/AC2/calls", &susp, Err(AccountSuspended), false),
+        ("before the allowlist: no address read", Some("eu1"), ac3_calls, &ac3, Err(WrongRegion), false),
+        ("further region", Some("in1"), ac3_calls, &ac3, Ok("AC3"), true),
+        ("home of a multi-region account", Some("us1"), ac3_calls, &ac3, Ok("AC3"), true),
+        ("before the route: another account's path", Some("in1"), "/v2/accounts/AC2/calls", &main, Err(WrongRegion), false),
+        ("before the route: an unknown one", Some("in1"), "/v3/other", &main, Err(WrongRegion), false),
+        ("a prefix is not the region", Some("us"), calls, &main, Err(WrongRegion), false),
+    ];
+    for (name, edge, path, auth, want, read) in cases {
+        let got = at_edge(&cfg, edge, path, auth);
+        assert_eq!(got, (want.map(str::to_owned), read), "{name}");
+    }
+}
+
+#[test]
+fn regions_alone_or_neither_decide_where_an_account_is_served() {
+    let mut doc = fixture_doc();
+    // AC1 names further regions and no home; AC3 names none (every edge serves it).
+    doc.accounts[0].regions = Some(vec!["in1".into(), "sg1".into()]);
+    let cfg = compile_doc(&doc).unwrap();
+    let main = basic("SKmain", "sk_live_main");
+    let ac3 = basic("SKac3", "sk_live_ac3");
+    let calls = "/v2/accounts/AC1/calls";
+    for (edge, want) in [
+        (Some("in1"), Ok("AC1")),
+        (Some("sg1"), Ok("AC1")),
+        (Some("us1"), Err(Reason::WrongRegion)),
+        (None, Ok("AC1")),
+    ] {
+        let got = at_edge(&cfg, edge, calls, &main).0;
+        assert_eq!(got, want.map(str::to_owned), "{edge:?}");
+    }
+    for edge in [Some("us1"), Some("in1"), None] {
+        let got = at_edge(&cfg, edge, "/v2/accounts/AC3/calls", &ac3).0;
+        assert_eq!(got, Ok("AC3".to_owned()), "{edge:?}");
+    }
+    // `decide` and `decide_in` are an edge with no region.
+    let h = head("GET", calls, AuthorizationHeader::One(&main), false);
+    assert!(matches!(
+        decide(&cfg, &h, T0 - 100, &mut || None),
+        Decision::Allow(_)
+    ));
+}

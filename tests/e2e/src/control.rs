@@ -172,6 +172,8 @@ pub struct ControlPlane {
     tls: Option<(ControlTls, TlsClient)>,
     /// Set by [`ControlPlane::start_postgres`]: the Postgres URL served instead of the file.
     database: Option<String>,
+    /// Set by [`ControlPlane::start_with_catalog`]: served with `--catalog` this file.
+    catalog: Option<PathBuf>,
 }
 
 impl ControlPlane {
@@ -185,6 +187,27 @@ impl ControlPlane {
     pub fn start_tls(tls: ControlTls) -> ControlPlane {
         let client = TlsClient::new(&tls);
         ControlPlane::start_with(Some((tls, client)))
+    }
+
+    /// Starts a control plane whose API catalogue (`--catalog`) is `catalog`.
+    pub fn start_with_catalog(catalog: &serde_json::Value) -> ControlPlane {
+        let mut cp = ControlPlane::new(None, None);
+        let path = cp.dir.path().join("catalog.json");
+        std::fs::write(&path, catalog.to_string()).expect("write the catalogue");
+        cp.catalog = Some(path);
+        let stdout = cp.spawn();
+        cp.read_creds(&stdout);
+        cp
+    }
+
+    /// The built-in API catalogue (the demo's APIs and limit defaults), as JSON.
+    pub fn built_in_catalog() -> serde_json::Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../crates/keygate-control/src/default_catalog.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the built-in catalogue");
+        serde_json::from_str(&text).expect("the built-in catalogue is JSON")
     }
 
     fn start_with(tls: Option<(ControlTls, TlsClient)>) -> ControlPlane {
@@ -202,6 +225,7 @@ impl ControlPlane {
             creds: HashMap::new(),
             tls,
             database,
+            catalog: None,
         }
     }
 
@@ -294,6 +318,9 @@ impl ControlPlane {
                 .arg(self.db()),
         };
         cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+        if let Some(catalog) = &self.catalog {
+            cmd.arg("--catalog").arg(catalog);
+        }
         if let Some((tls, _)) = &self.tls {
             cmd.arg("--tls-cert")
                 .arg(&tls.cert)
@@ -426,7 +453,7 @@ impl ControlPlane {
     }
 
     /// `PATCH /v1/accounts/{AC}` on the first account with the admin token (status, region,
-    /// allowed_ips, limits).
+    /// regions, allowed_ips, limits).
     pub fn patch_account(&self, body: serde_json::Value) -> serde_json::Value {
         let path = format!("/v1/accounts/{}", self.account_sid());
         let r = self.send(

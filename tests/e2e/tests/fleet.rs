@@ -37,7 +37,11 @@ fn first_replica() -> ControlPlane {
     let cluster = PgCluster::shared().unwrap_or_else(|e| panic!("Postgres for the fleet: {e}"));
     let url = cluster.fresh_database().expect("a database");
     let a = ControlPlane::start_postgres(&url);
-    a.patch_account(json!({"limits": {"rate": {"requests": UNLIMITED, "per": "1m"}}}));
+    // Home region us1 (the default), served by the in1 edge too.
+    a.patch_account(json!({
+        "limits": {"rate": {"requests": UNLIMITED, "per": "1m"}},
+        "regions": ["in1"],
+    }));
     a
 }
 

@@ -50,7 +50,8 @@ pub const LISTENER_NAME: &str = "keygate-control-listen";
 
 /// Schema migrations, applied in order; `keygate_schema.version` is the number applied. Applied
 /// under an advisory lock, so replicas that start together migrate once.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE config_version (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     version BIGINT NOT NULL
@@ -163,7 +164,12 @@ CREATE TABLE edges (
     last_seen_ms BIGINT NOT NULL
 );
 CREATE INDEX edges_by_last_seen ON edges (last_seen_ms);
-"#];
+"#,
+    // 2: the further regions an account may be served in (JSON list; NULL: its home region only).
+    r#"
+ALTER TABLE accounts ADD COLUMN regions TEXT;
+"#,
+];
 
 /// Any advisory lock id, the same in every replica: migrations run one replica at a time.
 const MIGRATION_LOCK: i64 = 0x6b67_6d69_6772;
@@ -491,7 +497,7 @@ fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, Error> 
 }
 
 const ACCOUNT_COLS: &str =
-    "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at";
+    "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at, regions";
 
 fn account_row(r: &Row) -> Result<Account, Error> {
     let status: String = r.try_get(2)?;
@@ -504,6 +510,7 @@ fn account_row(r: &Row) -> Result<Account, Error> {
         limits: json_col(r, 5)?,
         created_at: r.try_get(6)?,
         updated_at: r.try_get(7)?,
+        regions: json_col(r, 8)?,
     })
 }
 
@@ -637,7 +644,7 @@ impl Tx for PgTx<'_> {
     fn insert_account(&mut self, a: &Account) -> Result<(), Error> {
         self.execute(
             &format!(
-                "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ),
             &[
                 &a.sid,
@@ -648,6 +655,7 @@ impl Tx for PgTx<'_> {
                 &to_json(&a.limits)?,
                 &a.created_at,
                 &a.updated_at,
+                &to_json(&a.regions)?,
             ],
         )?;
         Ok(())
@@ -656,7 +664,7 @@ impl Tx for PgTx<'_> {
     fn update_account(&mut self, a: &Account) -> Result<(), Error> {
         self.execute(
             "UPDATE accounts SET friendly_name = $2, status = $3, region = $4, allowed_ips = $5,
-                 limits = $6, updated_at = $7
+                 limits = $6, updated_at = $7, regions = $8
              WHERE sid = $1",
             &[
                 &a.sid,
@@ -666,6 +674,7 @@ impl Tx for PgTx<'_> {
                 &to_json(&a.allowed_ips)?,
                 &to_json(&a.limits)?,
                 &a.updated_at,
+                &to_json(&a.regions)?,
             ],
         )?;
         Ok(())

@@ -149,6 +149,10 @@ CREATE TABLE edges (
 );
 CREATE INDEX edges_by_last_seen ON edges (last_seen_ms);
 "#,
+    // 5: the further regions an account may be served in (JSON list; NULL: its home region only).
+    r#"
+ALTER TABLE accounts ADD COLUMN regions TEXT;
+"#,
 ];
 
 /// Opens (creating if needed) and migrates the database file.
@@ -366,7 +370,7 @@ pub fn has_admin(conn: &Connection) -> Result<bool, Error> {
 // ---- accounts ----
 
 const ACCOUNT_COLS: &str =
-    "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at";
+    "sid, friendly_name, status, region, allowed_ips, limits, created_at, updated_at, regions";
 
 fn account_row(r: &Row<'_>) -> rusqlite::Result<Account> {
     let status: String = r.get(2)?;
@@ -379,12 +383,15 @@ fn account_row(r: &Row<'_>) -> rusqlite::Result<Account> {
         limits: json_col::<AccountLimitsDoc>(r, 5)?,
         created_at: r.get(6)?,
         updated_at: r.get(7)?,
+        regions: json_col(r, 8)?,
     })
 }
 
 pub fn insert_account(tx: &Transaction<'_>, a: &Account) -> Result<(), Error> {
     tx.execute(
-        &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        &format!(
+            "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ),
         params![
             a.sid,
             a.friendly_name,
@@ -393,7 +400,8 @@ pub fn insert_account(tx: &Transaction<'_>, a: &Account) -> Result<(), Error> {
             to_json(&a.allowed_ips)?,
             to_json(&a.limits)?,
             a.created_at,
-            a.updated_at
+            a.updated_at,
+            to_json(&a.regions)?
         ],
     )?;
     Ok(())
@@ -401,9 +409,10 @@ pub fn insert_account(tx: &Transaction<'_>, a: &Account) -> Result<(), Error> {
 
 pub fn update_account(tx: &Transaction<'_>, a: &Account) -> Result<(), Error> {
     tx.execute(
-        "UPDATE accounts SET friendly_name = ?2, status = ?3, region = ?4, allowed_ips = ?5, limits = ?6, updated_at = ?7
+        "UPDATE accounts SET friendly_name = ?2, status = ?3, region = ?4, allowed_ips = ?5, limits = ?6, updated_at = ?7,
+             regions = ?8
          WHERE sid = ?1",
-        params![a.sid, a.friendly_name, status_str(a.status), a.region, to_json(&a.allowed_ips)?, to_json(&a.limits)?, a.updated_at],
+        params![a.sid, a.friendly_name, status_str(a.status), a.region, to_json(&a.allowed_ips)?, to_json(&a.limits)?, a.updated_at, to_json(&a.regions)?],
     )?;
     Ok(())
 }

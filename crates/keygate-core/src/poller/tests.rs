@@ -88,7 +88,7 @@ fn control_plane_with(fields: &str) -> ControlPlane {
     );
     match parse_plugin_config(json.as_bytes()).unwrap() {
         PluginConfig::ControlPlane(cp) => cp,
-        PluginConfig::Static(_) => unreachable!(),
+        PluginConfig::Static { .. } => unreachable!(),
     }
 }
 
@@ -560,8 +560,13 @@ fn a_named_edge_sends_its_id_and_region_on_every_feed_request() {
         assert_eq!(req.path, expected_path(req, "&edge=edge-a&region=us1"));
     }
 
-    // An id without a region, and neither: nothing is sent for a name not configured.
-    for (fields, name) in [(r#","edge_id":"edge-b""#, "&edge=edge-b"), ("", "")] {
+    // An id without a region, and neither: nothing is sent for a name not configured. A region
+    // without an id is enforced at the edge but not sent (the fleet view knows edges by id).
+    for (fields, name) in [
+        (r#","edge_id":"edge-b""#, "&edge=edge-b"),
+        ("", ""),
+        (r#","region":"in1""#, ""),
+    ] {
         let model = model_with_keys(3);
         let mut vm = Vm::first();
         vm.cp = control_plane_with(fields);

@@ -106,6 +106,8 @@ impl Model {
             auth_tokens: Vec::new(),
             allowed_ips: None,
             limits: None,
+            region: None,
+            regions: None,
         };
         self.rows
             .insert(sid.into(), (self.version, Some(Rec::Account(a))));

@@ -93,6 +93,8 @@ pub fn fixture_doc() -> ConfigDoc {
                 auth_tokens: vec![d("tok_ac1")],
                 allowed_ips: None,
                 limits: None,
+                region: None,
+                regions: None,
             },
             AccountDoc {
                 sid: "AC2".into(),
@@ -100,6 +102,8 @@ pub fn fixture_doc() -> ConfigDoc {
                 auth_tokens: vec![],
                 allowed_ips: None,
                 limits: None,
+                region: None,
+                regions: None,
             },
             AccountDoc {
                 sid: "AC3".into(),
@@ -107,6 +111,8 @@ pub fn fixture_doc() -> ConfigDoc {
                 auth_tokens: vec![],
                 allowed_ips: Some(vec!["10.0.0.0/8".into()]),
                 limits: None,
+                region: None,
+                regions: None,
             },
         ],
         keys: vec![
