@@ -121,10 +121,11 @@ run: setup build ## run the demo: control plane on :8088, echo upstream on :1808
 	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) \
 	  CONTROL_BIN="$(ROOT)/target/release/keygate-control" scripts/demo.sh
 
-run-fleet: setup build ## the fleet demo: Postgres (.run-fleet/pg), control-plane replicas on :8088 and :8089, Envoy edges on :10000 and :10001 (admin :9901, :9902), echo on :18080; Ctrl-C stops all
-	cargo build --release -p keygate-control -p keygate-e2e --bin keygate-control --bin keygate-echo
+run-fleet: setup build ## the fleet demo: Postgres (.run-fleet/pg), control-plane replicas on :8088 and :8089, Envoy edges on :10000 (us1) and :10001 (in1) (admin :9901, :9902), keygate-ratelimit on :8081 with Redis on :16379, echo on :18080; Ctrl-C stops all
+	cargo build --release -p keygate-control -p keygate-e2e -p keygate-ratelimit --bin keygate-control --bin keygate-echo --bin keygate-ratelimit
 	@ENVOY="$(ENVOY)" ECHO_BIN="$(ROOT)/target/release/keygate-echo" ECHO_PORT=$(ECHO_PORT) \
-	  CONTROL_BIN="$(ROOT)/target/release/keygate-control" scripts/fleet.sh
+	  CONTROL_BIN="$(ROOT)/target/release/keygate-control" \
+	  RATELIMIT_BIN="$(ROOT)/target/release/keygate-ratelimit" scripts/fleet.sh
 
 run-static: setup build ## the demo without a control plane: static config (envoy/envoy.yaml), echo on :18080, Envoy on :10000
 	cargo build --release -p keygate-e2e --bin keygate-echo

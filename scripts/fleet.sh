@@ -21,7 +21,8 @@
 # database and the credentials.
 #
 # Env: ENVOY (binary), ECHO_BIN (keygate-echo), ECHO_PORT (default 18080), CONTROL_BIN
-# (keygate-control), RUN_DIR (default .run-fleet), PG_PORT (default 15432).
+# (keygate-control), RATELIMIT_BIN (keygate-ratelimit), RUN_DIR (default .run-fleet), PG_PORT
+# (default 15432), REDIS_PORT (default 16379).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,8 @@ ENVOY=${ENVOY:-.venv/bin/envoy}
 ECHO_BIN=${ECHO_BIN:-target/release/keygate-echo}
 ECHO_PORT=${ECHO_PORT:-18080}
 CONTROL_BIN=${CONTROL_BIN:-target/release/keygate-control}
+RATELIMIT_BIN=${RATELIMIT_BIN:-target/release/keygate-ratelimit}
+REDIS_PORT=${REDIS_PORT:-16379}
 RUN_DIR=${RUN_DIR:-.run-fleet}
 PG_PORT=${PG_PORT:-15432}
 REPLICAS=(127.0.0.1:8088 127.0.0.1:8089)
@@ -63,7 +66,7 @@ die() { echo "fleet: $*" >&2; exit 1; }
 # True once something accepts TCP connections on 127.0.0.1:$1.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-for port in "${REPLICAS[@]##*:}" 10000 10001 9901 9902 "$ECHO_PORT"; do
+for port in "${REPLICAS[@]##*:}" 10000 10001 9901 9902 "$ECHO_PORT" 8081 8082 "$REDIS_PORT"; do
   listening "$port" && die "127.0.0.1:$port is already in use (another demo running?)"
 done
 
@@ -116,6 +119,25 @@ start_replica b "${REPLICAS[1]}" /dev/null
 EDGE_TOKEN=$(grep -E '^KEYGATE_EDGE_TOKEN=' "$CREDS" | tail -1 | cut -d= -f2-)
 [[ $EDGE_TOKEN =~ ^[A-Za-z0-9_]+$ ]] || die "unexpected edge token format in $CREDS"
 
+# Redis (counters only: nothing persisted) and keygate-ratelimit, which leases fleet limits to
+# both edges and follows replica a's export of them (the edge token from the environment).
+mkdir -p "$RUN_DIR/redis"
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$RUN_DIR/redis" --save '' \
+  --appendonly no --daemonize no >"$RUN_DIR/redis.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do listening "$REDIS_PORT" && break; sleep 0.1; done
+listening "$REDIS_PORT" || die "Redis did not start; see $RUN_DIR/redis.log"
+KEYGATE_EDGE_TOKEN=$EDGE_TOKEN "$RATELIMIT_BIN" --listen 127.0.0.1:8081 --http 127.0.0.1:8082 \
+  --redis "redis://127.0.0.1:$REDIS_PORT" --control-plane "https://${REPLICAS[0]}" \
+  --control-ca "$TLS_DIR/ca.pem" --log-format text 2>>"$RUN_DIR/ratelimit.log" &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -sf http://127.0.0.1:8082/readyz >/dev/null 2>&1 && break
+  kill -0 "${pids[-1]}" 2>/dev/null || die "keygate-ratelimit exited; see $RUN_DIR/ratelimit.log"
+  sleep 0.1
+done
+curl -sf http://127.0.0.1:8082/readyz >/dev/null 2>&1 || die "keygate-ratelimit not ready; see $RUN_DIR/ratelimit.log"
+
 "$ECHO_BIN" --port "$ECHO_PORT" --bind 127.0.0.1 &
 pids+=($!)
 sleep 0.3
@@ -145,6 +167,8 @@ keygate fleet demo:
            logs $RUN_DIR/control-{a,b}.log)
   database Postgres on 127.0.0.1:$PG_PORT, cluster in $PG_DIR (log $PG_DIR/postgres.log)
   upstream 127.0.0.1:$ECHO_PORT   (keygate-echo)
+  limits   keygate-ratelimit on 127.0.0.1:8081 (gRPC; /readyz, /metrics on :8082), Redis on
+           127.0.0.1:$REDIS_PORT (logs $RUN_DIR/ratelimit.log, $RUN_DIR/redis.log)
 
 Credentials (admin token, first account SID + auth token, edge token) are in $CREDS
 (mode 600). The edges are two regions: edge-a is us1, edge-b is in1. The first account
@@ -166,6 +190,17 @@ hold the deletion:
   curl -s --cacert \$CA -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X DELETE -w '%{http_code}\\n' \\
        https://${REPLICAS[1]}/v1/accounts/\$ACCOUNT_SID/keys/\$(jq -r .sid key.json)
   curl -s --cacert \$CA -H "authorization: Bearer \$KEYGATE_ADMIN_TOKEN" https://${REPLICAS[1]}/v1/edge/fleet | jq
+
+A limit that holds across both edges: give the account 60 requests a minute fleet-wide, then
+send 100 through both edges (with a new key: the deleted one is refused). About 60 get 200, the
+rest 429 rate_limited_account, whichever edge they went to:
+
+  curl -s --cacert \$CA -H "authorization: Bearer \$KEYGATE_ADMIN_TOKEN" -X PATCH https://${REPLICAS[0]}/v1/accounts/\$ACCOUNT_SID \\
+       -H 'content-type: application/json' -d '{"limits":{"rate":{"requests":60,"per":"1m","scope":"fleet"}}}' | jq .limits
+  curl -s --cacert \$CA -u "\$ACCOUNT_SID:\$AUTH_TOKEN" -X POST https://${REPLICAS[0]}/v1/accounts/\$ACCOUNT_SID/keys \\
+       -H 'content-type: application/json' -d '{"role":"main"}' > key.json
+  for i in \$(seq 100); do curl -s -o /dev/null -w '%{http_code}\\n' -u "\$(jq -r .sid key.json):\$(jq -r .secret key.json)" \\
+       http://127.0.0.1:1000\$((i % 2))/v2/accounts/\$ACCOUNT_SID/calls; done | sort | uniq -c
 
 Stop a replica (kill its pid) and the edges keep being fed by the other. Access-log lines of both
 edges appear below, each starting with the edge's id. Ctrl-C stops everything, Postgres included.
