@@ -402,6 +402,45 @@ descriptors:
         k_local = f.k_local,
     );
     assert_eq!(body, expected, "{body}");
+    // Only the keys envoyproxy/ratelimit accepts (its config loader refuses any other:
+    // validKeys in src/config/config_impl.go), units it knows, and a value where one is given.
+    let doc: serde_yaml::Value = serde_yaml::from_str(&body).unwrap();
+    check_envoy_keys(&doc);
+}
+
+fn check_envoy_keys(v: &serde_yaml::Value) {
+    const VALID: [&str; 12] = [
+        "domain",
+        "key",
+        "value",
+        "descriptors",
+        "rate_limit",
+        "unit",
+        "requests_per_unit",
+        "unlimited",
+        "shadow_mode",
+        "name",
+        "replaces",
+        "detailed_metric",
+    ];
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                let k = k.as_str().unwrap();
+                assert!(VALID.contains(&k), "envoyproxy/ratelimit refuses key {k:?}");
+                if k == "unit" {
+                    let unit = v.as_str().unwrap();
+                    assert!(
+                        ["second", "minute", "hour", "day"].contains(&unit),
+                        "{unit}"
+                    );
+                }
+                check_envoy_keys(v);
+            }
+        }
+        serde_yaml::Value::Sequence(items) => items.iter().for_each(check_envoy_keys),
+        _ => {}
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
