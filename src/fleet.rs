@@ -18,7 +18,7 @@ use keygate_core::decision::Allow;
 use keygate_core::fleet::lease::{
     read_answer, request, After, Answer, Ask, Claim, FleetLimits, FleetMode, Leases, Need,
 };
-use keygate_core::fleet::rls;
+use keygate_core::fleet::{rls, Subject};
 use keygate_core::gate::{self, Denial, FleetHold, InflightTicket};
 use keygate_core::headers::parse_header_map;
 use keygate_core::poller::Level;
@@ -35,6 +35,9 @@ use crate::host::{log, now_us, RequestHost, VmState};
 /// An allowed request waiting for its fleet limits.
 pub struct Waiter {
     pub context_id: u32,
+    /// Admitted already: it carries these asks for the next lease and goes on once they are
+    /// answered (or fail, or time out).
+    pub ahead: Vec<Subject>,
     pub since_us: u64,
     pub hold: Box<FleetHold>,
     pub allow: Allow,
@@ -125,6 +128,32 @@ pub fn start(
             Some(fleet) if fleet.cfg.mode == FleetMode::Envoy => Start::Go,
             Some(fleet) => match fleet.leases.claim(&hold.needs, now) {
                 Claim::Admitted => Start::Go,
+                Claim::AdmittedAskAhead(asks) => {
+                    let mut ahead = Vec::new();
+                    for ask in asks {
+                        let period_us = period_of(&hold.needs, &ask);
+                        let subject = ask.subject.clone();
+                        if send_ask(vm, fleet, ask, period_us, now, context_id) {
+                            ahead.push(subject);
+                        }
+                    }
+                    if ahead.is_empty() {
+                        Start::Go
+                    } else {
+                        fleet.waiters.push(Waiter {
+                            context_id,
+                            ahead,
+                            since_us: now,
+                            hold,
+                            allow: allow.clone(),
+                            catalog: catalog.clone(),
+                            raw_headers: raw_headers.to_vec(),
+                            ticket: ticket.clone(),
+                            response_headers: response_headers.to_vec(),
+                        });
+                        return Start::Wait;
+                    }
+                }
                 Claim::Refused {
                     kind,
                     limit,
@@ -140,6 +169,7 @@ pub fn start(
                         vm.metrics.bump(Stat::FleetWaits);
                         fleet.waiters.push(Waiter {
                             context_id,
+                            ahead: Vec::new(),
                             since_us: now,
                             hold,
                             allow: allow.clone(),
@@ -320,7 +350,7 @@ enum Outcome {
 /// Every waiter claims again (those needing `failed` get the failure mode); each is resumed or
 /// refused with the host's effective context switched to it, then back to `current`, which
 /// sends the asks still needed.
-fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&keygate_core::fleet::Subject>) {
+fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
     let mut done: Vec<(Waiter, Outcome)> = Vec::new();
     let mut asks: Vec<(Ask, u64)> = Vec::new();
     {
@@ -331,6 +361,17 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&keygate_core::fle
         let patience = fleet.leases.timeout_us.saturating_mul(2);
         let waiters = std::mem::take(&mut fleet.waiters);
         for w in waiters {
+            if !w.ahead.is_empty() {
+                // Admitted already: it goes on once the asks it carries are over.
+                let carrying = w.ahead.iter().any(|s| fleet.leases.asking(s, now))
+                    && now.saturating_sub(w.since_us) <= patience;
+                if carrying {
+                    fleet.waiters.push(w);
+                } else {
+                    done.push((w, Outcome::Go { failed_open: false }));
+                }
+                continue;
+            }
             let fails = failed.is_some_and(|s| w.hold.needs.iter().any(|n| &n.subject == s))
                 || now.saturating_sub(w.since_us) > patience;
             if fails {
@@ -343,6 +384,15 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&keygate_core::fle
             }
             match fleet.leases.claim(&w.hold.needs, now) {
                 Claim::Admitted => done.push((w, Outcome::Go { failed_open: false })),
+                Claim::AdmittedAskAhead(more) => {
+                    // Admitted; the running context sends the asks ahead.
+                    for ask in more {
+                        fleet.leases.sent(&ask, now, current);
+                        let period_us = period_of(&w.hold.needs, &ask);
+                        asks.push((ask, period_us));
+                    }
+                    done.push((w, Outcome::Go { failed_open: false }));
+                }
                 Claim::Refused {
                     kind,
                     limit,

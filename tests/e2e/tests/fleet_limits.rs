@@ -219,3 +219,44 @@ fn redis_down_denies_with_limiter_unavailable_and_the_local_tier_still_answers()
         rls.logs()
     );
 }
+
+#[test]
+fn a_hot_account_takes_its_leases_ahead_and_its_requests_do_not_wait_for_them() {
+    let redis = RedisServer::start().expect("redis");
+    let cp = ControlPlane::start();
+    cp.patch_account(
+        json!({"limits": {"rate": {"requests": 1_000_000, "per": "1m", "scope": "fleet"}}}),
+    );
+    // Its own local rate out of the way (the catalogue gives main keys 200 a minute).
+    let key = cp.create_key_v1(
+        json!({"role": "main", "limits": {"rate": {"requests": 1_000_000, "per": "1m"}}}),
+    );
+    let rls = RateLimitService::start(&redis.url(), &cp);
+    let echo = Echo::start();
+    let mut config = cp.plugin_config(json!({}));
+    config["fleet_limits"] = lease_config();
+    let a = EnvoyBuilder::new()
+        .plugin_config_json(&config)
+        .cluster("keygate_control", cp.port())
+        .grpc_cluster("keygate_ratelimit", rls.grpc_port())
+        .upstream_port(echo.port())
+        .start();
+    until_configured(&a, &cp, &key.0);
+    for _ in 0..400 {
+        let r = Req::get(cp.calls_path())
+            .basic(&key.0, &key.1)
+            .send(a.port());
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let (calls, waits) = (
+        a.custom_metric("keygate.fleet.calls").unwrap_or(0),
+        a.custom_metric("keygate.fleet.waits").unwrap_or(0),
+    );
+    let leased = a.custom_metric("keygate.fleet.hits_leased").unwrap_or(0);
+    eprintln!("400 requests: {calls} calls, {waits} waited, {leased} hits leased");
+    // Leases of 100, the next asked for when one is half spent: 4 or 5 calls, and only the very
+    // first request waited for a lease.
+    assert!((4..=5).contains(&calls), "{calls} calls");
+    assert_eq!(waits, 1);
+    assert_eq!(leased, 100 * calls);
+}

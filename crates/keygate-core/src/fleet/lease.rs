@@ -11,11 +11,14 @@
 //! **The loss, bounded.** Hits leased and not spent before the window ends are lost for that
 //! window. A lease is sized from the last `limit_remaining` this VM heard for the subject in
 //! the window (the whole limit when it has heard nothing): `B = clamp(remaining / divisor, 1,
-//! max_lease)`. So each VM holds at most `min(max_lease, max(1, limit / divisor))` unspent hits
-//! of a subject at any time, and a window admits at least `limit − V × that` when demand lasts
-//! to its end (`V` the number of VMs, workers × edges, that hold a lease of it). With the
-//! defaults (`max_lease` 100, `divisor` 16), a limit of 60 a minute on 2 edges of 4 workers
-//! loses at most 8 × 3 = 24; a hot key limited to 100,000 a minute takes 100 hits per call.
+//! max_lease)`, at most `Bcap = min(max_lease, max(1, limit / divisor))`. A VM asks for the next
+//! lease ahead, while it still holds some, once it is below half of a lease of at least
+//! [`ASK_AHEAD_FROM`] hits. So each VM holds at most `Bcap` unspent hits of a subject when
+//! `Bcap < 4`, and at most `Bcap + ⌈Bcap/2⌉ − 1` otherwise; a window admits at least
+//! `limit − V × that` when demand lasts to its end (`V` the number of VMs, workers × edges, that
+//! hold a lease of it). With the defaults (`max_lease` 100, `divisor` 16), a limit of 60 a
+//! minute on 2 edges of 4 workers loses at most 8 × 3 = 24; a hot key limited to 100,000 a
+//! minute takes 100 hits per call.
 //!
 //! A service answer of OVER_LIMIT with some hits left (`B` did not fit) asks again at once for
 //! what is left; with none left, the subject is refused on this VM until the window's end
@@ -23,7 +26,10 @@
 //! lease ends after the rate's period).
 //!
 //! The VM's requests wait (bounded by `timeout`) while a lease they need is being asked for; at
-//! most one request per subject per VM is in flight at a time.
+//! most one ask per subject per VM is in flight at a time. Asking ahead, the request that takes
+//! a lease below half carries the ask (it waits for the answer, already admitted) and the
+//! requests after it spend the rest meanwhile: with a round trip shorter than half a lease's
+//! worth of traffic, no request waits for a lease.
 
 use std::collections::HashMap;
 
@@ -138,6 +144,10 @@ pub enum FleetMode {
     Envoy,
 }
 
+/// Leases smaller than this are never asked for ahead (near the limit, or small limits: the
+/// loss bound stays one lease per VM).
+pub const ASK_AHEAD_FROM: u32 = 4;
+
 /// Hard cap on the subjects a VM keeps leases of; past it, the pools whose window has ended
 /// are dropped first.
 pub const MAX_POOLS: usize = 65_536;
@@ -161,6 +171,8 @@ struct Pool {
     exhausted_until_us: u64,
     /// The one request in flight for this subject: (hits asked, sent at, owner).
     in_flight: Option<(u32, u64, u32)>,
+    /// Hits of the last lease granted (asking ahead starts below half of it).
+    last_lease: u32,
 }
 
 /// Ask the service for `hits` of `subject`.
@@ -175,6 +187,10 @@ pub struct Ask {
 pub enum Claim {
     /// One hit of every need was taken from this VM's leases.
     Admitted,
+    /// Admitted, and a lease ran below half of its last grant: the request sends these asks
+    /// and carries them (waits for their answers) so that the requests after it find the next
+    /// lease already there instead of waiting for it.
+    AdmittedAskAhead(Vec<Ask>),
     /// A need is over its limit for the rest of its window.
     Refused {
         kind: LimitKind,
@@ -266,15 +282,32 @@ impl Leases {
         let ready = needs
             .iter()
             .all(|n| self.pools.get(&n.subject).is_some_and(|p| p.tokens > 0));
+        let timeout_us = self.timeout_us;
         if ready {
+            let mut ahead = Vec::new();
             for n in needs {
-                if let Some(p) = self.pools.get_mut(&n.subject) {
-                    p.tokens -= 1;
+                let Some(p) = self.pools.get_mut(&n.subject) else {
+                    continue;
+                };
+                p.tokens -= 1;
+                let asking = p
+                    .in_flight
+                    .is_some_and(|(_, sent, _)| now_us.saturating_sub(sent) <= timeout_us);
+                if p.last_lease >= ASK_AHEAD_FROM && p.tokens < p.last_lease.div_ceil(2) && !asking
+                {
+                    let p = p.clone();
+                    ahead.push(Ask {
+                        subject: n.subject.clone(),
+                        hits: self.lease_size(&p, &n.limit),
+                    });
                 }
             }
-            return Claim::Admitted;
+            return if ahead.is_empty() {
+                Claim::Admitted
+            } else {
+                Claim::AdmittedAskAhead(ahead)
+            };
         }
-        let timeout_us = self.timeout_us;
         let mut asks = Vec::new();
         for n in needs {
             let Some(pool) = self.pools.get(&n.subject) else {
@@ -348,6 +381,7 @@ impl Leases {
                     pool.valid_until_us = ends;
                     pool.tokens = hits;
                 }
+                pool.last_lease = hits;
                 pool.remaining = remaining.or(pool.remaining);
                 After::Claim
             }
@@ -369,6 +403,14 @@ impl Leases {
             }
             Answer::Failed => After::Failed,
         }
+    }
+
+    /// Whether an ask for `subject` is on its way (and not yet past the timeout).
+    pub fn asking(&self, subject: &Subject, now_us: u64) -> bool {
+        self.pools.get(subject).is_some_and(|p| {
+            p.in_flight
+                .is_some_and(|(_, sent, _)| now_us.saturating_sub(sent) <= self.timeout_us)
+        })
     }
 
     /// Subjects this VM holds something of (for tests and stats).
