@@ -229,10 +229,11 @@ bench-fleet: setup-fleet ## control plane as a fleet: key writes/s on Postgres (
 # `make bench-fleet-limits` builds the filter, keygate-ratelimit, the echo upstream and
 # bench/fleet-limits (a fixed-rate load generator, std only, its own workspace), then runs
 # bench/fleet_limits.py: bare Envoy, local only, Envoy's ratelimit filter per request and
-# keygate's leases at a fixed rate (half of local only's saturation), one hot key and 1,000 keys,
-# 3 alternating rounds; Redis started directly (Debian's redis-server). The background fuzzers are
-# paused while it measures. FL_ROUNDS, FL_SECONDS, FL_WARMUP, FL_KEYS, FL_CONNECTIONS, FL_RATE,
-# FL_SAT_SECONDS, FL_ONLY: see bench/fleet_limits.py. About 6 minutes.
+# keygate's leases (max_lease 100 and 1000) at a fixed rate (a quarter of local only's
+# saturation), one hot key and 1,000 keys, 3 alternating rounds; Redis started directly (Debian's
+# redis-server). The background fuzzers are paused while it measures. FL_ROUNDS, FL_SECONDS,
+# FL_WARMUP, FL_KEYS, FL_CONNECTIONS, FL_RATE, FL_RATE_FRACTION, FL_SAT_SECONDS, FL_ONLY: see
+# bench/fleet_limits.py. About 8 minutes.
 .PHONY: bench-fleet-limits
 bench-fleet-limits: setup-envoy setup-redis build ## fleet limits: remote calls per request and added p50/p99 of local only, Envoy's ratelimit filter and keygate's leases, one hot key and 1,000 keys (bench/results/fleet-limits-latest.md)
 	@command -v taskset >/dev/null || { $(BENCH_SUDO) apt-get update -qq && $(BENCH_SUDO) apt-get install -y -qq util-linux; }

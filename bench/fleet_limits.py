@@ -1,6 +1,6 @@
 """`make bench-fleet-limits`: what fleet-wide limits cost per request (issue 14, "Measure").
 
-Four Envoy configurations, each `--concurrency 1` pinned to CPU 1, proxying to the echo upstream
+Five Envoy configurations, each `--concurrency 1` pinned to CPU 1, proxying to the echo upstream
 (`keygate-echo`), with the same static keygate document of FL_KEYS keys (ten per account), every
 key limited to 10,000,000 requests a minute so nothing is ever refused:
 
@@ -11,6 +11,7 @@ key limited to 10,000,000 requests a minute so nothing is ever refused:
           rate-limit service per request
   leased  keygate with "fleet_limits": {"cluster": ...} (defaults: max_lease 100, lease_divisor
           16, timeout_ms 200) and the key rate "scope": "fleet": leases of hits, spent locally
+  leased1k  the same with "max_lease": 1000 (what the lease size does to the tail)
 
 One keygate-ratelimit (`--limits FILE`: one Limitador limit, `descriptors[0].keygate == 'key'`
 counted per `key_sid`, 10,000,000 per 60 s) over one Redis, both on CPU 0 with the echo upstream
@@ -21,23 +22,25 @@ and the load generator (bench/fleet-limits, wrk2's fixed-rate model, 16 keep-ali
    2-core machine is shared with other work, and at half of a saturation measured in a quiet
    moment any foreign load on Envoy's core turns p99 into queueing.
 2. FL_ROUNDS alternating rounds (order reversed on odd rounds): Redis emptied (FLUSHALL) and a
-   fresh Envoy per configuration, then for each load shape (`hot`: key 0 only; `spread`: the FL_KEYS keys in turn, each with its
-   own account's path) FL_WARMUP s of warm-up at the rate (leases taken, connections open), then
-   FL_SECONDS s measured. Remote calls per request are counter deltas over the measured part:
-   the filter's `wasmcustom.keygate.fleet.calls` (leased) and keygate-ratelimit's
-   `keygate_ratelimit_requests_total` (both), over Envoy's `downstream_rq_2xx`.
+   fresh Envoy per configuration, then for each load shape (`hot`: key 0 only; `spread`: the
+   FL_KEYS keys in turn, each with its own account's path) FL_WARMUP s of warm-up at the rate
+   (leases taken, connections open), then FL_SECONDS s measured. Remote calls per request are
+   counter deltas over the measured part: the filter's `wasmcustom.keygate.fleet.calls` (leased)
+   and keygate-ratelimit's `keygate_ratelimit_requests_total` (both), over Envoy's
+   `downstream_rq_2xx`.
 3. Per configuration and shape: medians over rounds of p50/p99, of p50/p99 minus bare Envoy's in
    the same round ("added"), calls per request, Envoy CPU per request, and keygate-ratelimit +
-   Redis CPU per request.
+   Redis CPU per request; and the best round's p99 (noise only adds latency).
 
 The background fuzzers (`fuzz/target/x86_64-unknown-linux-gnu/release/`) are stopped (SIGSTOP,
 by pid) while it measures and continued (SIGCONT) after, also on failure; `slow-unit-*`
-artifacts that appear meanwhile are deleted (an artefact of the pause).
+artifacts that appear meanwhile are deleted, and `timeout-*` ones that replay in time (a unit
+stopped mid-run longer than libFuzzer's -timeout is reported as one when it continues).
 
 Environment: FL_ROUNDS (3), FL_SECONDS (10), FL_WARMUP (3), FL_KEYS (1000), FL_CONNECTIONS (16),
-FL_RATE (0: FL_RATE_FRACTION of the saturation rate), FL_RATE_FRACTION (0.25), FL_SAT_SECONDS (5), FL_ONLY (comma-separated
-configurations; bare and local always run). Writes bench/results/fleet-limits-<stamp>.json and
-bench/results/fleet-limits-latest.md (also printed).
+FL_RATE (0: FL_RATE_FRACTION of the saturation rate), FL_RATE_FRACTION (0.25), FL_SAT_SECONDS
+(5), FL_ONLY (comma-separated configurations; bare and local always run). Writes
+bench/results/fleet-limits-<stamp>.json and bench/results/fleet-limits-latest.md (also printed).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ CONFIGS = [
     ("bare", "bare Envoy (baseline)"),
     ("local", "keygate, key rate scope local (local only)"),
     ("native", "keygate + Envoy's ratelimit filter, per request"),
-    ("leased", "keygate, leased (fleet_limits.cluster)"),
+    ("leased", "keygate, leased (defaults: max_lease 100)"),
+    ("leased1k", "keygate, leased, max_lease 1000"),
 ]
 SHAPES = [("hot", "one hot key"), ("spread", f"{KEYS:,} keys")]
 
@@ -240,6 +244,9 @@ def bootstrap(name: str, echo_port: int, rls_port: int) -> dict:
         route["rate_limits"] = rate_limits()
     elif name == "leased":
         filters = [gen.wasm_filter("keygate", gen.WASM, keygate_config("fleet", {"cluster": RLS_CLUSTER}))]
+    elif name == "leased1k":
+        fleet = {"cluster": RLS_CLUSTER, "max_lease": 1000}
+        filters = [gen.wasm_filter("keygate", gen.WASM, keygate_config("fleet", fleet))]
     hcm = gen._typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="bench",
@@ -330,8 +337,11 @@ class Side:
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 
-    def rls_redis_ticks(self) -> int:
-        return proc_ticks(self.rls.pid) + proc_ticks(self.redis.pid)
+    def rls_ticks(self) -> int:
+        return proc_ticks(self.rls.pid)
+
+    def redis_ticks(self) -> int:
+        return proc_ticks(self.redis.pid)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -349,12 +359,22 @@ class Side:
 
 
 class Fuzzers:
+    """Stops the background fuzzers (by pid) while measuring and continues them after. A unit
+    stopped mid-run for longer than libFuzzer's -timeout is reported when it continues: such
+    `timeout-*` artifacts are replayed and deleted when they run in time, `slow-unit-*` ones are
+    deleted."""
+
     def __init__(self):
         self.stopped: list[int] = []
-        self.slow_before: set[str] = set()
+        self.before: set[str] = set()
+        self.notes: list[str] = []
+
+    @staticmethod
+    def artifacts() -> set[str]:
+        return {f for pat in ("slow-unit-*", "timeout-*") for f in glob.glob(str(ROOT / "fuzz/artifacts" / "*" / pat))}
 
     def pause(self) -> None:
-        self.slow_before = set(glob.glob(str(ROOT / "fuzz/artifacts/*/slow-unit-*")))
+        self.before = self.artifacts()
         r = subprocess.run(["pgrep", "-f", FUZZ_PATTERN], capture_output=True, text=True)
         for pid in (int(x) for x in r.stdout.split()):
             try:
@@ -373,11 +393,28 @@ class Fuzzers:
         if self.stopped:
             log(f"fuzzers continued: {len(self.stopped)} processes (SIGCONT)")
         self.stopped = []
-        # Give a resumed fuzzer a moment to write what the pause made it think was slow.
-        time.sleep(1)
-        for f in set(glob.glob(str(ROOT / "fuzz/artifacts/*/slow-unit-*"))) - self.slow_before:
-            Path(f).unlink(missing_ok=True)
-            log(f"deleted {Path(f).relative_to(ROOT)} (written because of the pause)")
+        # Give a continued fuzzer a moment to write what the pause made it think was slow.
+        time.sleep(2)
+        for f in sorted(self.artifacts() - self.before):
+            path = Path(f)
+            rel = path.relative_to(ROOT)
+            if path.name.startswith("timeout-"):
+                fuzzer = ROOT / FUZZ_PATTERN / path.parent.name
+                try:
+                    r = subprocess.run([str(fuzzer), "-timeout=10", "-runs=1", str(path)],
+                                       capture_output=True, timeout=60)
+                    in_time = r.returncode == 0
+                except (OSError, subprocess.TimeoutExpired):
+                    in_time = False
+                if not in_time:
+                    note = f"kept {rel}: it does not replay within libFuzzer's timeout (a real finding?)"
+                    self.notes.append(note)
+                    log(note)
+                    continue
+            path.unlink(missing_ok=True)
+            note = f"deleted {rel} (written because of the pause; a timeout-* one replayed in time)"
+            self.notes.append(note)
+            log(note)
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -424,7 +461,8 @@ def snapshot(env: run.Envoy, side: Side) -> dict:
                                      http_get(f"http://127.0.0.1:{side.http_port}/metrics")[1], re.M)
     )
     s["envoy_ticks"] = env.cpu_ticks()
-    s["side_ticks"] = side.rls_redis_ticks()
+    s["rls_ticks"] = side.rls_ticks()
+    s["redis_ticks"] = side.redis_ticks()
     s["cpu"] = run.cpu_stat()
     return s
 
@@ -452,7 +490,8 @@ def measure(env: run.Envoy, side: Side, targets: Path, rate: float) -> dict:
         "rls_calls_per_req": d["rls_requests"] / rq,
         "waits_per_req": d["wasmcustom.keygate.fleet.waits"] / rq,
         "envoy_cpu_us_per_req": d["envoy_ticks"] * 1e6 / run.CLK_TCK / rq,
-        "side_cpu_us_per_req": d["side_ticks"] * 1e6 / run.CLK_TCK / rq,
+        "side_cpu_us_per_req": (d["rls_ticks"] + d["redis_ticks"]) * 1e6 / run.CLK_TCK / rq,
+        "redis_cpu_us_per_req": d["redis_ticks"] * 1e6 / run.CLK_TCK / rq,
         "foreign_load_envoy_cpu": max(core_busy - d["envoy_ticks"], 0) / max(core_total, 1),
         "others_core_busy": other_busy / max(other_total, 1),
     }
@@ -522,8 +561,9 @@ def main() -> int:
     result: dict = {
         "started": started.isoformat(),
         "machine": run.machine(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                  cwd=ROOT).stdout.strip(),
+        "wasm_sha256": hashlib.sha256(gen.WASM.read_bytes()).hexdigest(),
         "params": {"rounds": ROUNDS, "seconds": SECONDS, "warmup": WARMUP, "keys": KEYS,
                    "connections": CONNECTIONS, "limit_per_minute": LIMIT, "envoy_cpu": ENVOY_CPU,
                    "others_cpu": OTHERS_CPU},
@@ -563,7 +603,7 @@ def main() -> int:
                             f"p50 {m['p50_us']:>5} us  p99 {m['p99_us']:>6} us  calls/req "
                             f"filter {m['filter_calls_per_req']:.4f} service {m['rls_calls_per_req']:.4f}  "
                             f"waits/req {m['waits_per_req']:.4f}  envoy {m['envoy_cpu_us_per_req']:.1f} us/req  "
-                            f"rls+redis {m['side_cpu_us_per_req']:.1f} us/req  foreign "
+                            f"rls+redis {m['side_cpu_us_per_req']:.1f} (redis {m['redis_cpu_us_per_req']:.1f}) us/req  foreign "
                             f"{m['foreign_load_envoy_cpu'] * 100:.0f}%{flag}")
                 finally:
                     env.stop()
@@ -571,9 +611,12 @@ def main() -> int:
     finally:
         side.stop()
         fuzz.resume()
+    result["fuzz_artifacts"] = fuzz.notes
     result["finished"] = datetime.now(timezone.utc).isoformat()
+    json_path = RESULTS / f"fleet-limits-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")  # the raw runs, before any summary
     summarize(result, [c for c, _ in configs])
-    (RESULTS / f"fleet-limits-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result, configs)
     (RESULTS / "fleet-limits-latest.md").write_text(md)
     print(md)
@@ -584,7 +627,8 @@ def main() -> int:
 # ---- the summary -------------------------------------------------------------------------------
 
 KEYS_MEDIAN = ["rps", "p50_us", "p99_us", "p999_us", "filter_calls_per_req", "rls_calls_per_req",
-               "waits_per_req", "envoy_cpu_us_per_req", "side_cpu_us_per_req", "foreign_load_envoy_cpu"]
+               "waits_per_req", "envoy_cpu_us_per_req", "side_cpu_us_per_req", "redis_cpu_us_per_req",
+               "foreign_load_envoy_cpu"]
 
 
 def summarize(result: dict, names: list[str]) -> None:
@@ -599,23 +643,27 @@ def summarize(result: dict, names: list[str]) -> None:
             s["unsent"] = sum(r.get("unsent", 0) for r in runs)
             s["added_p50_us"] = med([r["p50_us"] - bare[r["round"]]["p50_us"] for r in runs])
             s["added_p99_us"] = med([r["p99_us"] - bare[r["round"]]["p99_us"] for r in runs])
+            # Noise on this shared machine only adds latency: the best round is the other view.
+            s["best_p99_us"] = min(r["p99_us"] for r in runs)
+            s["best_added_p99_us"] = s["best_p99_us"] - min(r["p99_us"] for r in bare.values())
             s["added_envoy_cpu_us"] = med(
                 [r["envoy_cpu_us_per_req"] - bare[r["round"]]["envoy_cpu_us_per_req"] for r in runs])
             summary[f"{name}/{shape}"] = s
         local = {r["round"]: r for r in result["runs"].get(f"local/{shape}", [])}
-        for name in ("native", "leased"):
-            runs = result["runs"].get(f"{name}/{shape}")
-            if not runs or not local:
+        lo = summary.get(f"local/{shape}")
+        for name in names:
+            if name in ("bare", "local") or not local:
                 continue
-            # Within a round: (p99 - bare p99) / (local p99 - bare p99), then the median.
-            ratios = []
-            for r in runs:
-                b, l = bare[r["round"]]["p99_us"], local[r["round"]]["p99_us"]
-                if l - b > 0:
-                    ratios.append((r["p99_us"] - b) / (l - b))
-            summary[f"{name}/{shape}"]["added_p99_x_local"] = med(ratios) if ratios else float("nan")
-            summary[f"{name}/{shape}"]["p99_x_local"] = med(
-                [r["p99_us"] / local[r["round"]]["p99_us"] for r in runs])
+            s = summary[f"{name}/{shape}"]
+            # Added p99 against local only's, as the ratio of the medians and of the best rounds;
+            # where local only adds nothing measurable (<= 0), the ratio of the p99s themselves.
+            def ratio(a: float, b: float, pa: float, pb: float) -> float:
+                return a / b if b > 0 else pa / pb
+            s["added_p99_x_local"] = ratio(s["added_p99_us"], lo["added_p99_us"], s["p99_us"], lo["p99_us"])
+            s["best_added_p99_x_local"] = ratio(s["best_added_p99_us"], lo["best_added_p99_us"],
+                                                s["best_p99_us"], lo["best_p99_us"])
+            # p99 against local only's p99, within each round, then the median.
+            s["p99_x_local"] = med([r["p99_us"] / local[r["round"]]["p99_us"] for r in result["runs"][f"{name}/{shape}"]])
     result["summary"] = summary
     goals = []
     lh = summary.get("leased/hot")
@@ -629,10 +677,12 @@ def summarize(result: dict, names: list[str]) -> None:
         if s and "added_p99_x_local" in s:
             lo = summary[f"local/{shape}"]
             goals.append({
-                "goal": f"leased, {label}: added p99 within 10% of local only's",
-                "measured": f"{s['added_p99_us']:+.0f} us against {lo['added_p99_us']:+.0f} us: "
-                            f"x{s['added_p99_x_local']:.2f} (p99 x{s['p99_x_local']:.2f})",
-                "met": s["added_p99_x_local"] <= 1.10,
+                "goal": f"leased (defaults), {label}: added p99 within 10% of local only's",
+                "measured": f"medians: {s['added_p99_us']:+.0f} µs against {lo['added_p99_us']:+.0f} µs "
+                            f"(x{s['added_p99_x_local']:.2f}); best rounds: {s['best_added_p99_us']:+.0f} against "
+                            f"{lo['best_added_p99_us']:+.0f} µs (x{s['best_added_p99_x_local']:.2f}); p99 "
+                            f"x{s['p99_x_local']:.2f} of local only's within rounds",
+                "met": s["added_p99_x_local"] <= 1.10 and s["best_added_p99_x_local"] <= 1.10,
             })
     result["goals"] = goals
 
@@ -641,7 +691,8 @@ def markdown(result: dict, configs: list[tuple[str, str]]) -> str:
     p, m, sat = result["params"], result["machine"], result["saturation"]
     frac = f"{p['rate_fraction']:g} of" if p.get("rate_fraction") else "set by FL_RATE; against"
     lines = [
-        f"Run {result['started'][:19]}Z on commit {result['commit']}: {p['rounds']} alternating rounds; per "
+        f"Run {result['started'][:19]}Z on commit {result['commit']} (filter .wasm sha256 "
+        f"{result.get('wasm_sha256', '?')[:12]}…): {p['rounds']} alternating rounds; per "
         f"configuration and load shape {p['warmup']:g} s of warm-up, then {p['seconds']:g} s measured at a fixed "
         f"{p['rate']:,.0f} req/s ({frac} local only's saturation, {sat['rps']:,.0f} req/s closed loop) from "
         f"{p['connections']} keep-alive connections (bench/fleet-limits, latency from the scheduled send when a "
@@ -651,12 +702,15 @@ def markdown(result: dict, configs: list[tuple[str, str]]) -> str:
         f"{' '.join(result['loadavg_measure_start'])} when measuring started, "
         f"{' '.join(result.get('loadavg_measure_end', ['?']))} at its end (other sessions' builds; the fuzzers "
         "were stopped). Key limits of 10,000,000 a minute: nothing is refused. Medians over rounds; "
-        "\"added\" is minus bare Envoy's in the same round.",
+        "\"added\" is minus bare Envoy's in the same round; \"x local\" is the added p99 over local only's "
+        "(the p99s' ratio where local only's added p99 is not above 0); \"best round\" is the lowest p99 of "
+        "the rounds (noise only adds latency) and its difference to bare Envoy's lowest.",
         "",
-        "| configuration | load | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | added p99 x local | "
-        "remote calls / req (filter stat; service) | requests that waited | Envoy CPU µs/req (added) | "
-        "RLS + Redis CPU µs/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | load | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99 x local | "
+        "best round: p99 µs, added | "
+        "remote calls / req (filter stat; service) | waited for a lease (fleet.waits) | Envoy CPU µs/req (added) | "
+        "RLS + Redis CPU µs/req (Redis) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape, label in SHAPES:
         for name, clabel in configs:
@@ -667,11 +721,11 @@ def markdown(result: dict, configs: list[tuple[str, str]]) -> str:
             xl = s.get("added_p99_x_local")
             calls = "–" if name == "bare" else f"{s['filter_calls_per_req']:.4f}; {s['rls_calls_per_req']:.4f}"
             lines.append(
-                f"| {clabel}{err} | {label} | {s['rps']:,.0f} | {s['p50_us']:.0f} | {s['p99_us']:.0f} | "
+                f"| {clabel}{err} | {label} | {s['rps']:,.0f} | {s['p50_us']:.0f} | {s['p99_us']:.0f} | {s['p999_us']:.0f} | "
                 f"{s['added_p50_us']:+.0f} | {s['added_p99_us']:+.0f} | "
-                f"{'–' if xl is None else f'{xl:.2f}'} | {calls} | "
+                f"{'–' if xl is None else f'{xl:.2f}'} | {s['best_p99_us']:.0f}, {s['best_added_p99_us']:+.0f} | {calls} | "
                 f"{s['waits_per_req'] * 100:.2f}% | {s['envoy_cpu_us_per_req']:.1f} ({s['added_envoy_cpu_us']:+.1f}) | "
-                f"{s['side_cpu_us_per_req']:.1f} |"
+                f"{s['side_cpu_us_per_req']:.1f} ({s['redis_cpu_us_per_req']:.1f}) |"
             )
     foreign = [r["foreign_load_envoy_cpu"] for runs in result["runs"].values() for r in runs]
     lines += ["", f"Noise: other processes used a median {run.median(foreign) * 100:.0f}% (max "
