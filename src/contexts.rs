@@ -3,7 +3,6 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use keygate_core::compile::Catalog;
 use keygate_core::decision::Allow;
@@ -23,9 +22,9 @@ use crate::fleet::{self, FleetState, Start};
 use crate::host::{header_map, log, now_us, RequestHost, VmState};
 use crate::poller;
 
-/// The root's tick when fleet leases are on and nothing else sets one: how soon a lease lost
-/// with the request that asked for it is asked again.
-const FLEET_TICK_MS: u64 = 250;
+/// The root's tick when fleet leases are on: how soon a lease running below half is asked for
+/// ahead (and one lost with the request that asked for it asked again).
+const FLEET_TICK_MS: u64 = 20;
 
 pub struct KeygateRoot {
     context_id: u32,
@@ -86,6 +85,11 @@ impl RootContext for KeygateRoot {
         let Some(vm) = self.vm.clone() else {
             return;
         };
+        fleet::on_tick(&vm, self.context_id);
+        // The poller and the heartbeat at their own period (the fleet's tick may be shorter).
+        if !vm.ticks.base_due(now_us()) {
+            return;
+        }
         if let Source::Published(p) = &*self.source {
             let poller = &mut self.poller;
             poller::run(&vm, &p.control_plane, 0, |env| poller.on_tick(env));
@@ -96,7 +100,6 @@ impl RootContext for KeygateRoot {
         vm.held
             .heartbeat(&mut retries, &RequestHost::new(&vm), &mut counters);
         vm.metrics.record(counters.stats());
-        fleet::on_tick(&vm, self.context_id);
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
@@ -122,18 +125,14 @@ impl RootContext for KeygateRoot {
         let (level, line) = &configured.log;
         log(*level, line);
         vm.metrics.record(configured.stats());
-        // Leases lost with the request that asked for them are asked again on a tick.
-        let lease_tick = (fleet_limits.as_ref())
-            .is_some_and(|f| f.mode == FleetMode::Lease)
-            .then_some(FLEET_TICK_MS);
-        let tick = match (configured.tick_ms, lease_tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(ms) = tick.filter(|_| configured.source.is_some()) {
-            let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
-        }
         if let Some(source) = configured.source {
+            // Leases are asked for ahead, and asks lost with their request asked again, on the
+            // fleet's tick.
+            let lease_tick = (fleet_limits.as_ref())
+                .is_some_and(|f| f.mode == FleetMode::Lease)
+                .then_some(FLEET_TICK_MS);
+            vm.ticks.set_base(configured.tick_ms);
+            vm.ticks.set_fleet(lease_tick);
             self.source = Rc::new(source);
             *vm.fleet.borrow_mut() = fleet_limits.map(FleetState::new);
         }

@@ -35,9 +35,6 @@ use crate::host::{log, now_us, RequestHost, VmState};
 /// An allowed request waiting for its fleet limits.
 pub struct Waiter {
     pub context_id: u32,
-    /// Admitted already: it carries these asks for the next lease and goes on once they are
-    /// answered (or fail, or time out).
-    pub ahead: Vec<Subject>,
     pub since_us: u64,
     pub hold: Box<FleetHold>,
     pub allow: Allow,
@@ -128,32 +125,6 @@ pub fn start(
             Some(fleet) if fleet.cfg.mode == FleetMode::Envoy => Start::Go,
             Some(fleet) => match fleet.leases.claim(&hold.needs, now) {
                 Claim::Admitted => Start::Go,
-                Claim::AdmittedAskAhead(asks) => {
-                    let mut ahead = Vec::new();
-                    for ask in asks {
-                        let period_us = period_of(&hold.needs, &ask);
-                        let subject = ask.subject.clone();
-                        if send_ask(vm, fleet, ask, period_us, now, context_id) {
-                            ahead.push(subject);
-                        }
-                    }
-                    if ahead.is_empty() {
-                        Start::Go
-                    } else {
-                        fleet.waiters.push(Waiter {
-                            context_id,
-                            ahead,
-                            since_us: now,
-                            hold,
-                            allow: allow.clone(),
-                            catalog: catalog.clone(),
-                            raw_headers: raw_headers.to_vec(),
-                            ticket: ticket.clone(),
-                            response_headers: response_headers.to_vec(),
-                        });
-                        return Start::Wait;
-                    }
-                }
                 Claim::Refused {
                     kind,
                     limit,
@@ -169,7 +140,6 @@ pub fn start(
                         vm.metrics.bump(Stat::FleetWaits);
                         fleet.waiters.push(Waiter {
                             context_id,
-                            ahead: Vec::new(),
                             since_us: now,
                             hold,
                             allow: allow.clone(),
@@ -298,8 +268,9 @@ pub fn on_answer(vm: &VmState, current: u32, token: u32, status: u32, size: usiz
     drive(vm, current, now, failed_subject.as_ref());
 }
 
-/// The root's tick: waiters whose ask was lost (its sender ended) ask again from the root, and
-/// any waiting longer than twice the timeout gets the failure mode.
+/// The root's tick: leases running below half are asked for ahead; waiters whose ask was lost
+/// (its sender ended) ask again from the root, and any waiting longer than twice the timeout
+/// gets the failure mode.
 pub fn on_tick(vm: &VmState, root_id: u32) {
     let now = now_us();
     let waiting = {
@@ -307,6 +278,14 @@ pub fn on_tick(vm: &VmState, root_id: u32) {
         let Some(fleet) = guard.as_mut() else {
             return;
         };
+        // Leases running below half, asked for ahead from the root (which outlives the
+        // answer): the requests spend the rest meanwhile.
+        for (ask, period_us) in fleet.leases.due(now) {
+            let subject = ask.subject.clone();
+            if !send_ask(vm, fleet, ask, period_us, now, root_id) {
+                fleet.leases.forget(&subject);
+            }
+        }
         // Answers that will never come (their context ended and Envoy cancelled the call).
         let forget_after = fleet.leases.timeout_us.saturating_mul(10);
         (fleet.calls).retain(|_, c| now.saturating_sub(c.sent_us) < forget_after);
@@ -361,17 +340,6 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
         let patience = fleet.leases.timeout_us.saturating_mul(2);
         let waiters = std::mem::take(&mut fleet.waiters);
         for w in waiters {
-            if !w.ahead.is_empty() {
-                // Admitted already: it goes on once the asks it carries are over.
-                let carrying = w.ahead.iter().any(|s| fleet.leases.asking(s, now))
-                    && now.saturating_sub(w.since_us) <= patience;
-                if carrying {
-                    fleet.waiters.push(w);
-                } else {
-                    done.push((w, Outcome::Go { failed_open: false }));
-                }
-                continue;
-            }
             let fails = failed.is_some_and(|s| w.hold.needs.iter().any(|n| &n.subject == s))
                 || now.saturating_sub(w.since_us) > patience;
             if fails {
@@ -384,15 +352,6 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
             }
             match fleet.leases.claim(&w.hold.needs, now) {
                 Claim::Admitted => done.push((w, Outcome::Go { failed_open: false })),
-                Claim::AdmittedAskAhead(more) => {
-                    // Admitted; the running context sends the asks ahead.
-                    for ask in more {
-                        fleet.leases.sent(&ask, now, current);
-                        let period_us = period_of(&w.hold.needs, &ask);
-                        asks.push((ask, period_us));
-                    }
-                    done.push((w, Outcome::Go { failed_open: false }));
-                }
                 Claim::Refused {
                     kind,
                     limit,

@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::net::IpAddr;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use keygate_core::concurrency::next_vm_id;
 use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, HeldSlots, Host};
@@ -28,6 +28,54 @@ pub struct VmState {
     pub metrics: Metrics,
     /// Fleet limits: the leases, the asks on their way and the requests waiting for them.
     pub fleet: RefCell<Option<FleetState>>,
+    /// The root's tick period.
+    pub ticks: Ticks,
+}
+
+/// The root's one tick period, the shorter of two: the poller's (or the concurrency heartbeat's)
+/// and the fleet leases'; the poller's work runs at its own period ([`Ticks::base_due`]).
+#[derive(Default)]
+pub struct Ticks {
+    base_ms: Cell<u64>,
+    fleet_ms: Cell<u64>,
+    last_base_us: Cell<u64>,
+}
+
+impl Ticks {
+    /// The poller's or heartbeat's period (`None`: no such work).
+    pub fn set_base(&self, ms: Option<u64>) {
+        self.base_ms.set(ms.unwrap_or(0));
+        self.apply();
+    }
+
+    /// The fleet leases' period (`None`: no leases).
+    pub fn set_fleet(&self, ms: Option<u64>) {
+        self.fleet_ms.set(ms.unwrap_or(0));
+        self.apply();
+    }
+
+    fn apply(&self) {
+        let period = match (self.base_ms.get(), self.fleet_ms.get()) {
+            (0, f) => f,
+            (b, 0) => b,
+            (b, f) => b.min(f),
+        };
+        let _ = hostcalls::set_tick_period(Duration::from_millis(period));
+    }
+
+    /// Whether this tick runs the poller's work (at its own period, not the fleet's shorter one).
+    pub fn base_due(&self, now_us: u64) -> bool {
+        let base_us = self.base_ms.get().saturating_mul(1000);
+        if base_us == 0 {
+            return false;
+        }
+        // A tick early by up to a millisecond still counts (ticks are not exact).
+        if now_us.saturating_sub(self.last_base_us.get()) + 1000 < base_us {
+            return false;
+        }
+        self.last_base_us.set(now_us);
+        true
+    }
 }
 
 /// Envoy shared data as keygate-core's [`SharedStore`]; the anchor CAS lives in the VM state.
@@ -63,6 +111,7 @@ impl VmState {
             failed_auth_key: OnceCell::new(),
             metrics: Metrics::define(),
             fleet: RefCell::new(None),
+            ticks: Ticks::default(),
         };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);
         if let Ok((_, Some(cas))) = hostcalls::get_shared_data(ANCHOR_KEY) {

@@ -9,13 +9,14 @@ use keygate_core::poller::{Clock, Dispatch, Env, Event, Level, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
-use crate::host::{log, now_us, VmState};
+use crate::host::{log, now_us, Ticks, VmState};
 use crate::metrics::Metrics;
 
 /// Envoy as the poller's host, for one callback.
 struct Host<'a> {
     cp: &'a ControlPlane,
     metrics: &'a Metrics,
+    ticks: &'a Ticks,
     /// The size of the answer's body being handled.
     body_size: usize,
 }
@@ -66,7 +67,7 @@ impl Dispatch for Host<'_> {
     }
 
     fn tick_every(&mut self, ms: u64) {
-        let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
+        self.ticks.set_base(Some(ms));
     }
 
     fn report(&mut self, event: Event) {
@@ -83,6 +84,7 @@ pub fn run(vm: &VmState, cp: &ControlPlane, body_size: usize, f: impl FnOnce(&mu
     let mut host = Host {
         cp,
         metrics: &vm.metrics,
+        ticks: &vm.ticks,
         body_size,
     };
     f(&mut Env {

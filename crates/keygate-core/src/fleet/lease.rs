@@ -25,11 +25,11 @@
 //! without asking again. A subject the service has no limit for is leased like any other (its
 //! lease ends after the rate's period).
 //!
-//! The VM's requests wait (bounded by `timeout`) while a lease they need is being asked for; at
-//! most one ask per subject per VM is in flight at a time. Asking ahead, the request that takes
-//! a lease below half carries the ask (it waits for the answer, already admitted) and the
-//! requests after it spend the rest meanwhile: with a round trip shorter than half a lease's
-//! worth of traffic, no request waits for a lease.
+//! The VM's requests wait (bounded by `timeout`) while a lease they need and do not have is
+//! being asked for; at most one ask per subject per VM is in flight at a time. A lease of at
+//! least [`ASK_AHEAD_FROM`] hits that runs below half is asked for ahead, by the root on its
+//! next tick ([`Leases::due`]), while the requests spend the rest: when a tick plus a round trip
+//! is shorter than half a lease's worth of traffic, no request waits for a lease.
 
 use std::collections::HashMap;
 
@@ -173,6 +173,10 @@ struct Pool {
     in_flight: Option<(u32, u64, u32)>,
     /// Hits of the last lease granted (asking ahead starts below half of it).
     last_lease: u32,
+    /// The limit it was last claimed under (to size a lease asked for ahead).
+    limit: Option<LimitRate>,
+    /// In [`Leases::due`]: below half of its last lease, to be asked for ahead.
+    due: bool,
 }
 
 /// Ask the service for `hits` of `subject`.
@@ -187,10 +191,6 @@ pub struct Ask {
 pub enum Claim {
     /// One hit of every need was taken from this VM's leases.
     Admitted,
-    /// Admitted, and a lease ran below half of its last grant: the request sends these asks
-    /// and carries them (waits for their answers) so that the requests after it find the next
-    /// lease already there instead of waiting for it.
-    AdmittedAskAhead(Vec<Ask>),
     /// A need is over its limit for the rest of its window.
     Refused {
         kind: LimitKind,
@@ -234,6 +234,8 @@ pub enum After {
 #[derive(Debug)]
 pub struct Leases {
     pools: HashMap<Subject, Pool>,
+    /// Subjects whose lease ran below half: asked for ahead on the next tick ([`Leases::due`]).
+    due: Vec<Subject>,
     pub max_lease: u32,
     pub divisor: u32,
     pub timeout_us: u64,
@@ -243,6 +245,7 @@ impl Leases {
     pub fn new(cfg: &FleetLimits) -> Leases {
         Leases {
             pools: HashMap::new(),
+            due: Vec::new(),
             max_lease: cfg.max_lease.max(1),
             divisor: cfg.lease_divisor.max(1),
             timeout_us: cfg.timeout_ms.saturating_mul(1000),
@@ -284,29 +287,18 @@ impl Leases {
             .all(|n| self.pools.get(&n.subject).is_some_and(|p| p.tokens > 0));
         let timeout_us = self.timeout_us;
         if ready {
-            let mut ahead = Vec::new();
             for n in needs {
                 let Some(p) = self.pools.get_mut(&n.subject) else {
                     continue;
                 };
                 p.tokens -= 1;
-                let asking = p
-                    .in_flight
-                    .is_some_and(|(_, sent, _)| now_us.saturating_sub(sent) <= timeout_us);
-                if p.last_lease >= ASK_AHEAD_FROM && p.tokens < p.last_lease.div_ceil(2) && !asking
-                {
-                    let p = p.clone();
-                    ahead.push(Ask {
-                        subject: n.subject.clone(),
-                        hits: self.lease_size(&p, &n.limit),
-                    });
+                p.limit = Some(n.limit);
+                if !p.due && p.last_lease >= ASK_AHEAD_FROM && p.tokens < p.last_lease.div_ceil(2) {
+                    p.due = true;
+                    self.due.push(n.subject.clone());
                 }
             }
-            return if ahead.is_empty() {
-                Claim::Admitted
-            } else {
-                Claim::AdmittedAskAhead(ahead)
-            };
+            return Claim::Admitted;
         }
         let mut asks = Vec::new();
         for n in needs {
@@ -403,6 +395,35 @@ impl Leases {
             }
             Answer::Failed => After::Failed,
         }
+    }
+
+    /// The asks for leases running below half (each with its limit's period), to be sent now
+    /// by a context that outlives them (the root, on its tick): the requests go on spending
+    /// what is left meanwhile, and none waits for the next lease. Empties the list.
+    pub fn due(&mut self, now_us: u64) -> Vec<(Ask, u64)> {
+        let mut asks = Vec::new();
+        for subject in std::mem::take(&mut self.due) {
+            let asking = self.asking(&subject, now_us);
+            let Some(p) = self.pools.get_mut(&subject) else {
+                continue;
+            };
+            p.due = false;
+            let Some(limit) = p.limit else {
+                continue;
+            };
+            let live = now_us < p.valid_until_us && now_us >= p.exhausted_until_us;
+            if live && !asking && p.tokens < p.last_lease.div_ceil(2) {
+                let p = p.clone();
+                asks.push((
+                    Ask {
+                        subject,
+                        hits: self.lease_size(&p, &limit),
+                    },
+                    limit.rate.period_us,
+                ));
+            }
+        }
+        asks
     }
 
     /// Whether an ask for `subject` is on its way (and not yet past the timeout).

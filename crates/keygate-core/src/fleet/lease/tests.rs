@@ -63,33 +63,40 @@ impl Service {
     }
 }
 
-/// One request on `vm`, answered at once (asks and re-asks until the claim settles).
-fn one_request(vm: &mut Leases, svc: &mut Service, n: &Need, now: u64, calls: &mut u32) -> bool {
+/// Sends `ask` and its re-asks to the service at once; false if the service failed.
+fn ask_all(vm: &mut Leases, svc: &mut Service, mut ask: Ask, now: u64, calls: &mut u32) -> bool {
     loop {
-        let claim = vm.claim(std::slice::from_ref(n), now);
-        let admitted = matches!(claim, Claim::Admitted | Claim::AdmittedAskAhead(_));
-        match claim {
-            Claim::Admitted => return true,
-            Claim::Refused { .. } => return false,
-            Claim::Wait(asks) | Claim::AdmittedAskAhead(asks) => {
-                for mut ask in asks {
-                    loop {
-                        vm.sent(&ask, now, 1);
-                        *calls += 1;
-                        let answer = svc.ask(ask.hits, now);
-                        match vm.answered(&ask.subject, ask.hits, now, MIN, answer, now) {
-                            After::AskAgain(again) => ask = again,
-                            After::Claim => break,
-                            After::Failed => return admitted,
-                        }
+        vm.sent(&ask, now, 1);
+        *calls += 1;
+        let answer = svc.ask(ask.hits, now);
+        match vm.answered(&ask.subject, ask.hits, now, MIN, answer, now) {
+            After::AskAgain(again) => ask = again,
+            After::Claim => return true,
+            After::Failed => return false,
+        }
+    }
+}
+
+/// One request on `vm`, answered at once (asks and re-asks until the claim settles), then the
+/// root's tick (the leases due ahead, answered at once).
+fn one_request(vm: &mut Leases, svc: &mut Service, n: &Need, now: u64, calls: &mut u32) -> bool {
+    let admitted = loop {
+        match vm.claim(std::slice::from_ref(n), now) {
+            Claim::Admitted => break true,
+            Claim::Refused { .. } => break false,
+            Claim::Wait(asks) => {
+                for ask in asks {
+                    if !ask_all(vm, svc, ask, now, calls) {
+                        return false;
                     }
-                }
-                if admitted {
-                    return true;
                 }
             }
         }
+    };
+    for (ask, _) in vm.due(now) {
+        ask_all(vm, svc, ask, now, calls);
     }
+    admitted
 }
 
 #[test]
@@ -274,10 +281,7 @@ fn a_request_takes_from_every_need_or_from_none() {
         matches!(vm.claim(&both, 2), Claim::Wait(asks) if asks.len() == 1 && asks[0].subject == b.subject)
     );
     for _ in 0..5 {
-        assert!(matches!(
-            vm.claim(std::slice::from_ref(&a), 3),
-            Claim::Admitted | Claim::AdmittedAskAhead(_)
-        ));
+        assert_eq!(vm.claim(std::slice::from_ref(&a), 3), Claim::Admitted);
     }
     assert!(matches!(
         vm.claim(std::slice::from_ref(&a), 3),
@@ -408,7 +412,7 @@ fn the_fleet_limits_section_is_checked_with_exact_messages() {
 }
 
 #[test]
-fn a_lease_below_half_is_asked_for_ahead_by_one_request_while_the_others_spend_the_rest() {
+fn a_lease_below_half_is_due_ahead_once_while_the_requests_spend_the_rest() {
     let mut vm = Leases::new(&cfg());
     let n = need("AC6", 1_000_000);
     let granted = Answer::Granted {
@@ -416,39 +420,33 @@ fn a_lease_below_half_is_asked_for_ahead_by_one_request_while_the_others_spend_t
         reset_us: Some(MIN),
     };
     vm.answered(&n.subject, 100, 0, MIN, granted.clone(), 1);
-    // The 51st request leaves 49 < 50: it asks ahead (and sends it, as the glue does at once);
-    // until the answer nobody asks again.
-    let mut ahead = Vec::new();
-    for i in 0..60 {
-        match vm.claim(std::slice::from_ref(&n), 10 + i) {
-            Claim::Admitted => {}
-            Claim::AdmittedAskAhead(asks) => {
-                assert_eq!(asks[0].hits, 100);
-                vm.sent(&asks[0], 60, 9);
-                ahead.push(i);
-            }
-            other => panic!("{other:?}"),
-        }
+    // Every request is admitted; the 51st leaves 49 < 50 and makes the lease due, once.
+    for i in 0..50 {
+        assert_eq!(vm.claim(std::slice::from_ref(&n), 10 + i), Claim::Admitted);
+        assert!(vm.due(10 + i).is_empty(), "request {i}");
     }
-    assert_eq!(ahead, vec![50]);
-    assert!(vm.asking(&n.subject, 61));
+    assert_eq!(vm.claim(std::slice::from_ref(&n), 60), Claim::Admitted);
+    assert_eq!(vm.claim(std::slice::from_ref(&n), 61), Claim::Admitted);
+    let due = vm.due(62);
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].0.hits, due[0].1), (100, MIN));
+    vm.sent(&due[0].0, 62, 1);
+    assert!(vm.asking(&n.subject, 63));
     for i in 0..9 {
         assert_eq!(vm.claim(std::slice::from_ref(&n), 70 + i), Claim::Admitted);
     }
-    // Its answer adds to what is left: 100 − 60 − 9 + 100.
-    vm.answered(&n.subject, 100, 60, MIN, granted, 100);
+    assert!(vm.due(80).is_empty(), "asked already");
+    // Its answer adds to what is left: 100 − 52 − 9 + 100.
+    vm.answered(&n.subject, 100, 62, MIN, granted, 100);
     assert!(!vm.asking(&n.subject, 101));
     let mut admitted = 0;
-    while matches!(
-        vm.claim(std::slice::from_ref(&n), 200),
-        Claim::Admitted | Claim::AdmittedAskAhead(_)
-    ) {
+    while vm.claim(std::slice::from_ref(&n), 200) == Claim::Admitted {
         admitted += 1;
         if admitted > 1000 {
             break;
         }
     }
-    assert_eq!(admitted, 131);
+    assert_eq!(admitted, 139);
 }
 
 #[test]
