@@ -54,15 +54,13 @@ fn until_configured(edge: &Envoy, cp: &ControlPlane, sid: &str) {
     assert!(ok.is_some(), "edge never got its config:\n{}", edge.logs());
 }
 
+/// Per status: how many, and the error codes seen.
+type Seen = BTreeMap<u16, (usize, Vec<String>)>;
+
 /// `total` requests with `(sid, secret)` on `path`, from 16 threads alternating the edges:
 /// status → (count, the error codes seen).
-fn burst(
-    edges: &[&Envoy],
-    path: &str,
-    (sid, secret): &(String, String),
-    total: usize,
-) -> BTreeMap<u16, (usize, Vec<String>)> {
-    let seen: Arc<Mutex<BTreeMap<u16, (usize, Vec<String>)>>> = Arc::default();
+fn burst(edges: &[&Envoy], path: &str, (sid, secret): &(String, String), total: usize) -> Seen {
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let ports: Vec<u16> = edges.iter().map(|e| e.port()).collect();
     let threads = 16;
     thread::scope(|s| {
