@@ -8,19 +8,20 @@ use keygate_core::compile::Catalog;
 use keygate_core::decision::Allow;
 use keygate_core::fleet::lease::{parse_fleet_limits, FleetMode};
 use keygate_core::gate::{self, GateStats, InflightTicket};
-use keygate_core::headers::{client_copies, forwarded_headers, parse_header_map};
+use keygate_core::headers::parse_header_map;
 use keygate_core::poller::{Level, Poller};
 use keygate_core::ratelimit::Counters;
 use keygate_core::stats::Stat;
-use keygate_core::view::{denial_reply, refusal, Answer, Reply, Source};
-use keygate_core::{Identity, RequestHead};
+use keygate_core::view::{denial_reply, refusal, Answer, Source};
+use keygate_core::RequestHead;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
-use crate::fleet::{self, FleetState, Start};
+use crate::fleet::{self, Fleet, FleetState, Start};
 use crate::host::{header_map, log, now_us, RequestHost, VmState};
 use crate::poller;
+use crate::request::{forward, remove, send, set_each};
 
 /// The root's tick when fleet leases are on: how soon a lease running below half is asked for
 /// ahead (and one lost with the request that asked for it asked again).
@@ -29,6 +30,8 @@ const FLEET_TICK_MS: u64 = 20;
 pub struct KeygateRoot {
     context_id: u32,
     source: Rc<Source>,
+    /// Fleet limits, shared with the HTTP contexts.
+    fleet: Rc<Fleet>,
     /// Set when the VM starts.
     vm: Option<Rc<VmState>>,
     poller: Poller,
@@ -39,6 +42,7 @@ impl KeygateRoot {
         KeygateRoot {
             context_id,
             source: Rc::default(),
+            fleet: Rc::default(),
             vm: None,
             poller: Poller::default(),
         }
@@ -70,7 +74,14 @@ impl Context for KeygateRoot {
     /// The answer to a lease asked for on a tick.
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
         if let Some(vm) = &self.vm {
-            fleet::on_answer(vm, self.context_id, token_id, status_code, size);
+            fleet::on_answer(
+                vm,
+                &self.fleet,
+                self.context_id,
+                token_id,
+                status_code,
+                size,
+            );
         }
     }
 }
@@ -85,7 +96,7 @@ impl RootContext for KeygateRoot {
         let Some(vm) = self.vm.clone() else {
             return;
         };
-        fleet::on_tick(&vm, self.context_id);
+        fleet::on_tick(&vm, &self.fleet, self.context_id);
         // The poller and the heartbeat at their own period (the fleet's tick may be shorter).
         if !vm.ticks.base_due(now_us()) {
             return;
@@ -134,7 +145,7 @@ impl RootContext for KeygateRoot {
             vm.ticks.set_base(configured.tick_ms);
             vm.ticks.set_fleet(lease_tick);
             self.source = Rc::new(source);
-            *vm.fleet.borrow_mut() = fleet_limits.map(FleetState::new);
+            *self.fleet.borrow_mut() = fleet_limits.map(FleetState::new);
         }
         configured.accepted
     }
@@ -144,6 +155,7 @@ impl RootContext for KeygateRoot {
             context_id,
             source: self.source.clone(),
             vm: self.vm.clone()?,
+            fleet: self.fleet.clone(),
             ticket: None,
             response_headers: Vec::new(),
             judged_by: None,
@@ -160,6 +172,7 @@ impl RootContext for KeygateRoot {
 struct KeygateHttp {
     context_id: u32,
     source: Rc<Source>,
+    fleet: Rc<Fleet>,
     vm: Rc<VmState>,
     /// A concurrency slot held until the stream ends.
     ticket: Option<InflightTicket>,
@@ -177,7 +190,14 @@ struct KeygateHttp {
 
 impl Context for KeygateHttp {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
-        fleet::on_answer(&self.vm, self.context_id, token_id, status_code, size);
+        fleet::on_answer(
+            &self.vm,
+            &self.fleet,
+            self.context_id,
+            token_id,
+            status_code,
+            size,
+        );
         self.settle();
     }
 }
@@ -189,79 +209,11 @@ impl KeygateHttp {
             return;
         }
         let resolved =
-            (self.vm.fleet.borrow_mut().as_mut()).and_then(|f| f.resolved.remove(&self.context_id));
+            (self.fleet.borrow_mut().as_mut()).and_then(|f| f.resolved.remove(&self.context_id));
         if let Some(r) = resolved {
             self.waiting = false;
             self.ticket = r.ticket;
             self.response_headers = r.response_headers;
-        }
-    }
-}
-
-/// Sends a local reply on the current (effective) context's request.
-pub(crate) fn send(reply: &Reply) -> Action {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, &**v)).collect();
-    if let Err(status) =
-        hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()))
-    {
-        let msg = format!("cannot send local reply: {status:?}");
-        log(Level::Error, &msg);
-        let _ = hostcalls::reset_http_request();
-    }
-    Action::Pause
-}
-
-/// Sets identity headers (replacing client copies), removes client copies of unset ones and
-/// of `_` look-alikes and, unless configured otherwise, the `Authorization` header: one
-/// whole-map write (one host call and one route-cache clear instead of one per header).
-pub(crate) fn forward(cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
-    let names = cat.identity_headers();
-    let values = identity.map_or([None; 4], Identity::header_values);
-    let out = forwarded_headers(pairs, names, values, cat.forward_authorization());
-    // Envoy validated every header name, so each is a token (ASCII).
-    let utf8 = out
-        .iter()
-        .map(|(n, v)| Some((std::str::from_utf8(n).ok()?, *v)));
-    let map = MapType::HttpRequestHeaders;
-    match utf8.collect::<Option<Vec<_>>>() {
-        _ if out == pairs => {}
-        Some(headers) => {
-            let _ = hostcalls::set_map_bytes(map, headers);
-        }
-        // A header name that is not UTF-8: the same edits one host call each.
-        None => {
-            remove(map, pairs, cat, cat.forward_authorization());
-            let set = names.iter().zip(values);
-            set_each(map, set.filter_map(|(n, v)| Some((&**n, v?))));
-        }
-    }
-    if let Some(id) = identity {
-        let _ =
-            hostcalls::set_property(vec!["keygate.account_sid"], Some(id.account_sid.as_bytes()));
-        if let Some(key) = id.key_sid {
-            let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
-        }
-    }
-}
-
-/// Sets each `(name, value)` in `map`.
-fn set_each<'a>(map: MapType, headers: impl Iterator<Item = (&'a str, &'a str)>) {
-    for (name, value) in headers {
-        let _ = hostcalls::set_map_value(map, name, Some(value));
-    }
-}
-
-/// Removes the client copies of identity headers (and `_` look-alikes, and `Authorization`
-/// unless `keep_authorization`) that `pairs` of `map` hold.
-pub(crate) fn remove(
-    map: MapType,
-    pairs: &[(&[u8], &[u8])],
-    cat: &Catalog,
-    keep_authorization: bool,
-) {
-    for name in client_copies(pairs, cat.identity_headers(), keep_authorization) {
-        if let Ok(n) = std::str::from_utf8(name) {
-            let _ = hostcalls::remove_map_value(map, n);
         }
     }
 }
@@ -301,6 +253,7 @@ impl HttpContext for KeygateHttp {
             } => {
                 let start = fleet::start(
                     &self.vm,
+                    &self.fleet,
                     self.context_id,
                     now,
                     hold,
@@ -359,7 +312,7 @@ impl HttpContext for KeygateHttp {
     fn on_log(&mut self) {
         if self.waiting || self.asked {
             // Still waiting: it gives back what it took; either way its asks die with it.
-            if let Some(r) = fleet::on_end(&self.vm, self.context_id) {
+            if let Some(r) = fleet::on_end(&self.vm, &self.fleet, self.context_id) {
                 self.ticket = r.ticket;
             }
             self.waiting = false;

@@ -9,6 +9,7 @@
 //! request remembers nothing in its own context: what it needs later (its concurrency ticket,
 //! response headers, the catalogue that judged it) is left in [`FleetState::resolved`] for it.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +30,8 @@ use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
-use crate::contexts::{forward, remove, send};
 use crate::host::{log, now_us, RequestHost, VmState};
+use crate::request::{forward, remove, send};
 
 /// An allowed request waiting for its fleet limits.
 pub struct Waiter {
@@ -57,6 +58,10 @@ struct Call {
     sent_us: u64,
     period_us: u64,
 }
+
+/// The VM's fleet-limit state (none without a `fleet_limits` section), shared by its root and
+/// HTTP contexts.
+pub type Fleet = RefCell<Option<FleetState>>;
 
 /// The VM's fleet-limit state for the plugin configuration in force.
 pub struct FleetState {
@@ -108,6 +113,7 @@ pub enum Start {
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     vm: &VmState,
+    cell: &Fleet,
     context_id: u32,
     now: u64,
     hold: Box<FleetHold>,
@@ -118,7 +124,7 @@ pub fn start(
     response_headers: &[(&'static str, String)],
 ) -> Start {
     let outcome = {
-        let mut guard = vm.fleet.borrow_mut();
+        let mut guard = cell.borrow_mut();
         match guard.as_mut() {
             // Fleet limits with no service configured: the limiter cannot answer.
             None => hold.failed().map_or(Start::Go, Start::Deny),
@@ -221,10 +227,10 @@ fn send_ask(
 
 /// The answer to call `token` (gRPC status `status`, body of `size` bytes), received by the
 /// context `current`.
-pub fn on_answer(vm: &VmState, current: u32, token: u32, status: u32, size: usize) {
+pub fn on_answer(vm: &VmState, cell: &Fleet, current: u32, token: u32, status: u32, size: usize) {
     let now = now_us();
     let failed_subject = {
-        let mut guard = vm.fleet.borrow_mut();
+        let mut guard = cell.borrow_mut();
         let Some(fleet) = guard.as_mut() else {
             return;
         };
@@ -265,16 +271,16 @@ pub fn on_answer(vm: &VmState, current: u32, token: u32, status: u32, size: usiz
             After::Failed => Some(call.ask.subject),
         }
     };
-    drive(vm, current, now, failed_subject.as_ref());
+    drive(vm, cell, current, now, failed_subject.as_ref());
 }
 
 /// The root's tick: leases running below half are asked for ahead; waiters whose ask was lost
 /// (its sender ended) ask again from the root, and any waiting longer than twice the timeout
 /// gets the failure mode.
-pub fn on_tick(vm: &VmState, root_id: u32) {
+pub fn on_tick(vm: &VmState, cell: &Fleet, root_id: u32) {
     let now = now_us();
     let waiting = {
-        let mut guard = vm.fleet.borrow_mut();
+        let mut guard = cell.borrow_mut();
         let Some(fleet) = guard.as_mut() else {
             return;
         };
@@ -292,14 +298,14 @@ pub fn on_tick(vm: &VmState, root_id: u32) {
         !fleet.waiters.is_empty()
     };
     if waiting {
-        drive(vm, root_id, now, None);
+        drive(vm, cell, root_id, now, None);
     }
 }
 
 /// The context `context_id` ended: if it was waiting, it gives back what it took; the asks it
 /// sent will not be answered.
-pub fn on_end(vm: &VmState, context_id: u32) -> Option<Resolved> {
-    let mut guard = vm.fleet.borrow_mut();
+pub fn on_end(vm: &VmState, cell: &Fleet, context_id: u32) -> Option<Resolved> {
+    let mut guard = cell.borrow_mut();
     let fleet = guard.as_mut()?;
     fleet.leases.orphan(context_id);
     if let Some(i) = fleet
@@ -329,11 +335,11 @@ enum Outcome {
 /// Every waiter claims again (those needing `failed` get the failure mode); each is resumed or
 /// refused with the host's effective context switched to it, then back to `current`, which
 /// sends the asks still needed.
-fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
+fn drive(vm: &VmState, cell: &Fleet, current: u32, now: u64, failed: Option<&Subject>) {
     let mut done: Vec<(Waiter, Outcome)> = Vec::new();
     let mut asks: Vec<(Ask, u64)> = Vec::new();
     {
-        let mut guard = vm.fleet.borrow_mut();
+        let mut guard = cell.borrow_mut();
         let Some(fleet) = guard.as_mut() else {
             return;
         };
@@ -376,7 +382,7 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
         let _ = hostcalls::set_effective_context(w.context_id);
         let resolved = resolve(vm, w, outcome);
         if let Some((id, r)) = resolved {
-            if let Some(f) = vm.fleet.borrow_mut().as_mut() {
+            if let Some(f) = cell.borrow_mut().as_mut() {
                 f.resolved.insert(id, r);
             }
         }
@@ -387,7 +393,7 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
     }
     let mut lost = Vec::new();
     {
-        let mut guard = vm.fleet.borrow_mut();
+        let mut guard = cell.borrow_mut();
         let Some(fleet) = guard.as_mut() else {
             return;
         };
@@ -400,7 +406,7 @@ fn drive(vm: &VmState, current: u32, now: u64, failed: Option<&Subject>) {
         }
     }
     for subject in lost {
-        drive(vm, current, now, Some(&subject));
+        drive(vm, cell, current, now, Some(&subject));
     }
 }
 

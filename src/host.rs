@@ -1,7 +1,7 @@
 //! The host as keygate-core sees it: Envoy shared data as a [`SharedStore`], the request's view
 //! ([`Host`]), and the byte-level reads the request path needs.
 
-use std::cell::{Cell, OnceCell, RefCell};
+use std::cell::{Cell, OnceCell};
 use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -13,11 +13,10 @@ use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, Status};
 
-use crate::fleet::FleetState;
 use crate::metrics::Metrics;
 
 /// Per-VM state shared by the root context and every HTTP context of this VM: the shared-data
-/// anchor, the VM id, held concurrency slots, the failed-auth key and the stats' ids.
+/// anchor, the VM id, held concurrency slots, the failed-auth key, the stats' ids and the tick.
 pub struct VmState {
     anchor_cas: Cell<u32>,
     pub vm_id: Cell<u64>,
@@ -26,8 +25,6 @@ pub struct VmState {
     /// The process's failed-auth hashing key, once this VM has read (or created) it.
     failed_auth_key: OnceCell<FailedAuthKey>,
     pub metrics: Metrics,
-    /// Fleet limits: the leases, the asks on their way and the requests waiting for them.
-    pub fleet: RefCell<Option<FleetState>>,
     /// The root's tick period.
     pub ticks: Ticks,
 }
@@ -110,7 +107,6 @@ impl VmState {
             held: HeldSlots::default(),
             failed_auth_key: OnceCell::new(),
             metrics: Metrics::define(),
-            fleet: RefCell::new(None),
             ticks: Ticks::default(),
         };
         let _ = hostcalls::set_shared_data(ANCHOR_KEY, Some(b"1"), None);

@@ -10,7 +10,8 @@
 //! Modules: `contexts` (the root and HTTP contexts), `fleet` (fleet limits: leases asked for
 //! with `dispatch_grpc_call`, requests waiting for them), `host` (shared data as the core's
 //! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (the poller's
-//! `dispatch_http_call`, answers, tick period, logs and stats), `metrics` (an Envoy metric per
+//! `dispatch_http_call`, answers, tick period, logs and stats), `request` (the request's own host calls: forward with the identity headers, strip the
+//! client's copies, send a local reply), `metrics` (an Envoy metric per
 //! [`keygate_core::stats::Stat`], recording what the core counts).
 //!
 //! Invariants kept here:
@@ -25,6 +26,7 @@ mod fleet;
 mod host;
 mod metrics;
 mod poller;
+mod request;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

@@ -1,0 +1,76 @@
+//! The request's own host calls, whichever context makes them (the request's, or another that
+//! resumes or refuses it with the host's effective context switched to it): forward it with
+//! keygate's identity headers, strip the client's copies, send a local reply.
+
+use keygate_core::compile::Catalog;
+use keygate_core::headers::{client_copies, forwarded_headers};
+use keygate_core::poller::Level;
+use keygate_core::view::Reply;
+use keygate_core::Identity;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{Action, MapType};
+
+use crate::host::log;
+
+/// Sends a local reply on the current (effective) context's request.
+pub fn send(reply: &Reply) -> Action {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, &**v)).collect();
+    if let Err(status) =
+        hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()))
+    {
+        let msg = format!("cannot send local reply: {status:?}");
+        log(Level::Error, &msg);
+        let _ = hostcalls::reset_http_request();
+    }
+    Action::Pause
+}
+
+/// Sets identity headers (replacing client copies), removes client copies of unset ones and
+/// of `_` look-alikes and, unless configured otherwise, the `Authorization` header: one
+/// whole-map write (one host call and one route-cache clear instead of one per header).
+pub fn forward(cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
+    let names = cat.identity_headers();
+    let values = identity.map_or([None; 4], Identity::header_values);
+    let out = forwarded_headers(pairs, names, values, cat.forward_authorization());
+    // Envoy validated every header name, so each is a token (ASCII).
+    let utf8 = out
+        .iter()
+        .map(|(n, v)| Some((std::str::from_utf8(n).ok()?, *v)));
+    let map = MapType::HttpRequestHeaders;
+    match utf8.collect::<Option<Vec<_>>>() {
+        _ if out == pairs => {}
+        Some(headers) => {
+            let _ = hostcalls::set_map_bytes(map, headers);
+        }
+        // A header name that is not UTF-8: the same edits one host call each.
+        None => {
+            remove(map, pairs, cat, cat.forward_authorization());
+            let set = names.iter().zip(values);
+            set_each(map, set.filter_map(|(n, v)| Some((&**n, v?))));
+        }
+    }
+    if let Some(id) = identity {
+        let _ =
+            hostcalls::set_property(vec!["keygate.account_sid"], Some(id.account_sid.as_bytes()));
+        if let Some(key) = id.key_sid {
+            let _ = hostcalls::set_property(vec!["keygate.key_sid"], Some(key.as_bytes()));
+        }
+    }
+}
+
+/// Sets each `(name, value)` in `map`.
+pub fn set_each<'a>(map: MapType, headers: impl Iterator<Item = (&'a str, &'a str)>) {
+    for (name, value) in headers {
+        let _ = hostcalls::set_map_value(map, name, Some(value));
+    }
+}
+
+/// Removes the client copies of identity headers (and `_` look-alikes, and `Authorization`
+/// unless `keep_authorization`) that `pairs` of `map` hold.
+pub fn remove(map: MapType, pairs: &[(&[u8], &[u8])], cat: &Catalog, keep_authorization: bool) {
+    for name in client_copies(pairs, cat.identity_headers(), keep_authorization) {
+        if let Ok(n) = std::str::from_utf8(name) {
+            let _ = hostcalls::remove_map_value(map, n);
+        }
+    }
+}
