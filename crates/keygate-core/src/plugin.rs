@@ -148,21 +148,25 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         path: String::new(),
         message: e.to_string(),
     })?;
-    // `fleet_limits` is the edge's own (crate::fleet::lease::parse_fleet_limits), not the
-    // document's.
-    let edge_only = probe
-        .as_object_mut()
-        .and_then(|o| o.remove("fleet_limits"))
-        .is_some();
+    // The edge's own fields, not the document's: `fleet_limits` (read by
+    // crate::fleet::lease::parse_fleet_limits) and, beside a static document, `region`.
+    let is_static = probe.get("control_plane").is_none();
+    let (fleet_limits, region) = match probe.as_object_mut() {
+        Some(o) => (
+            o.remove("fleet_limits"),
+            if is_static { o.remove("region") } else { None },
+        ),
+        None => (None, None),
+    };
     let rest;
-    let json = if edge_only {
+    let json = if fleet_limits.is_some() || region.is_some() {
         rest = serde_json::to_vec(&probe).unwrap_or_default();
         &rest[..]
     } else {
         json
     };
-    if probe.get("control_plane").is_none() {
-        let region = match probe.as_object_mut().and_then(|o| o.remove("region")) {
+    if is_static {
+        let region = match region {
             None => None,
             Some(serde_json::Value::String(r)) if valid_region(&r) => Some(r),
             Some(_) => {
@@ -172,11 +176,7 @@ pub fn parse_plugin_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
                 })
             }
         };
-        let config = match region {
-            None => compile(json)?,
-            // The document without the edge's field.
-            Some(_) => compile(probe.to_string().as_bytes())?,
-        };
+        let config = compile(json)?;
         return Ok(PluginConfig::Static {
             config: Box::new(config),
             region,

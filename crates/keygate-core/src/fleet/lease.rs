@@ -252,10 +252,9 @@ impl Leases {
         }
     }
 
-    /// How many hits to ask for.
-    fn lease_size(&self, pool: &Pool, limit: &LimitRate) -> u32 {
-        let known = pool.remaining.unwrap_or(limit.rate.requests);
-        (known / self.divisor).clamp(1, self.max_lease)
+    /// How many hits to ask for, knowing `known` are left in the window.
+    fn lease_size(&self, known: u32) -> u32 {
+        lease_size(known, self.divisor, self.max_lease)
     }
 
     /// Takes one hit of every need, or says why not. All or nothing: nothing is taken unless
@@ -311,7 +310,7 @@ impl Leases {
             if pool.tokens == 0 && !waiting_on_one {
                 asks.push(Ask {
                     subject: n.subject.clone(),
-                    hits: self.lease_size(pool, &n.limit),
+                    hits: self.lease_size(pool.remaining.unwrap_or(n.limit.rate.requests)),
                 });
             }
         }
@@ -387,7 +386,7 @@ impl Leases {
                     pool.exhausted_until_us = ends;
                     return After::Claim;
                 }
-                let hits = (remaining / divisor).clamp(1, max_lease).min(remaining);
+                let hits = lease_size(remaining, divisor, max_lease).min(remaining);
                 After::AskAgain(Ask {
                     subject: subject.clone(),
                     hits,
@@ -413,11 +412,11 @@ impl Leases {
             };
             let live = now_us < p.valid_until_us && now_us >= p.exhausted_until_us;
             if live && !asking && p.tokens < p.last_lease.div_ceil(2) {
-                let p = p.clone();
+                let known = p.remaining.unwrap_or(limit.rate.requests);
                 asks.push((
                     Ask {
                         subject,
-                        hits: self.lease_size(&p, &limit),
+                        hits: self.lease_size(known),
                     },
                     limit.rate.period_us,
                 ));
@@ -442,6 +441,12 @@ impl Leases {
     pub fn is_empty(&self) -> bool {
         self.pools.is_empty()
     }
+}
+
+/// A lease's hits when `known` are left in the window (the whole limit when nothing was heard):
+/// `clamp(known / divisor, 1, max_lease)`.
+fn lease_size(known: u32, divisor: u32, max_lease: u32) -> u32 {
+    (known / divisor).clamp(1, max_lease)
 }
 
 /// The request for an ask: one descriptor, `hits_addend` hits.
