@@ -1,0 +1,250 @@
+"""`make bench-ladder`: what one host call of each kind costs on this Envoy.
+
+bench/ladder-filter is the wasm floor (one read of the Authorization header) plus N host calls of
+one kind per request (`{"call": "<kind>", "n": N}`, kinds in KINDS). Method, the same as
+`make bench` (bench/run.py, whose Envoy, wrk and measure this reuses):
+1. a direct_response bootstrap per (kind, N) and one for bare Envoy (bench/gen.py);
+2. BENCH_REPEATS rounds; each runs bare Envoy and then every kind at every N in NS once, the
+   order reversed on odd rounds (linear drift cancels): a fresh Envoy, `--concurrency 1` pinned to
+   CPU 1, `wrk -t1 -c32` pinned to CPU 0, BENCH_WARMUP s of warm-up then BENCH_SECONDS s measured,
+   Envoy CPU per request from /proc/<pid>/stat;
+3. per kind and round, the least-squares slope of Envoy CPU µs/request against N is the cost of
+   one call, and req/s at N = 8 over N = 0 the throughput kept; the median over rounds of each;
+4. bench/results/ladder-<stamp>.json and bench/results/ladder-latest.md (also printed), with the
+   machine description and the load average seen.
+
+Environment: BENCH_REPEATS (3), BENCH_SECONDS (5), BENCH_WARMUP (1), BENCH_CONNECTIONS (32),
+BENCH_ONLY (comma-separated kinds), BENCH_START_TIMEOUT (600).
+`ladder.py --report <json>` rewrites ladder-latest.md from a results file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gen  # noqa: E402
+import run  # noqa: E402
+
+# This harness's defaults (short runs); run.measure reads them from its module.
+run.SECONDS = run.env_int("BENCH_SECONDS", 5)
+run.WARMUP = run.env_int("BENCH_WARMUP", 1)
+REPEATS = run.env_int("BENCH_REPEATS", 3)
+ONLY = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+
+LADDER_WASM = gen.ROOT / "target/bench-ladder/wasm32-wasip1/release/keygate_bench_ladder.wasm"
+NS = [0, 1, 2, 4, 8]
+
+# Kind, what one call is (as keygate's request path makes it).
+KINDS = [
+    ("none", "nothing (the floor at every N: the harness's noise)"),
+    ("header", "get one request header (`:path`)"),
+    ("header_map", "read the whole request header map (proxy_get_header_map_pairs)"),
+    ("property", "get_property(source.address)"),
+    ("clock", "get_current_time"),
+    ("shared_get", "get_shared_data of a 13-byte record"),
+    ("shared_get_cas", "get_shared_data + set_shared_data with its CAS (a rate take)"),
+    ("header_add", "add_http_request_header, a distinct name"),
+    ("header_map_set", "set_map_bytes: the whole request map + 1 header (route cache cleared)"),
+    ("header_remove", "remove_http_request_header of an absent name (route cache cleared)"),
+    ("set_property", "set_property of filter state keygate.x<i>, a SID-sized value"),
+    ("metric", "increment_metric on a counter"),
+    ("log_debug", "log at debug, below Envoy's level (dropped)"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[ladder {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def configurations(kinds: list[str]) -> list[dict]:
+    confs = [{"name": "bare", "kind": None, "n": None, "filters": lambda: [], "auth": None}]
+    for kind in kinds:
+        for n in NS:
+            config = json.dumps({"call": kind, "n": n})
+            confs.append({
+                "name": f"{kind}_{n}",
+                "kind": kind,
+                "n": n,
+                "filters": (lambda c=config: [gen.wasm_filter("ladder", LADDER_WASM, c)]),
+                "auth": gen.basic_header(),
+            })
+    return confs
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y on x."""
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
+
+
+def main() -> int:
+    run.OUT.mkdir(parents=True, exist_ok=True)
+    run.RESULTS.mkdir(parents=True, exist_ok=True)
+    for f in (run.ENVOY, LADDER_WASM):
+        if not f.exists():
+            raise SystemExit(f"bench-ladder: {f} missing (make bench-ladder builds it)")
+    kinds = [k for k, _ in KINDS if not ONLY or k in ONLY]
+    if not kinds:
+        raise SystemExit(f"bench-ladder: BENCH_ONLY names no kind of {', '.join(k for k, _ in KINDS)}")
+
+    started = datetime.now(timezone.utc)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    confs = configurations(kinds)
+    result: dict = {
+        "started": started.isoformat(),
+        "machine": run.machine(),
+        "params": {
+            "repeats": REPEATS, "seconds": run.SECONDS, "warmup": run.WARMUP,
+            "connections": run.CONNECTIONS, "ns": NS, "envoy_cpu": run.ENVOY_CPU, "wrk_cpu": run.WRK_CPU,
+        },
+        "wasm_bytes": LADDER_WASM.stat().st_size,
+        "kinds": {k: {"label": label} for k, label in KINDS if k in kinds},
+        "configs": {c["name"]: {"kind": c["kind"], "n": c["n"], "runs": []} for c in confs},
+        "loadavg": [],
+    }
+    log(f"machine: {result['machine']}")
+    log(f"{len(confs)} configurations x {REPEATS} rounds x ({run.WARMUP} + {run.SECONDS}) s")
+
+    d = run.OUT / "ladder"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for c in confs:
+        paths[c["name"]] = d / f"{c['name']}.json"
+        gen.write_json(paths[c["name"]], gen.static_bootstrap(c["filters"]()))
+
+    for rnd in range(REPEATS):
+        order = confs if rnd % 2 == 0 else list(reversed(confs))
+        for c in order:
+            e = run.Envoy(f"ladder-{c['name']}", paths[c["name"]], 1, run.ENVOY_CPU)
+            e.start()
+            try:
+                e.wait_ready()
+                status = run.request(e.port, gen.bench_path(), c["auth"])
+                if status != 200:
+                    raise RuntimeError(f"{c['name']}: got {status}, not 200")
+                m = run.measure(e, c["auth"], False)
+                if c["kind"] == "metric" and c["n"]:
+                    m["metric"] = e.counter("wasmcustom.ladder.calls")
+            finally:
+                e.stop()
+            m["round"] = rnd
+            m["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+            result["configs"][c["name"]]["runs"].append(m)
+            flag = "" if m["errors"] == 0 else f"  ERRORS {m['errors']}"
+            log(
+                f"round {rnd + 1}/{REPEATS} {c['name']:<18} {m['rps']:>8.0f} req/s  "
+                f"cpu {m['cpu_us_per_req']:5.2f} us/req  foreign load {m['foreign_load_envoy_cpu'] * 100:3.0f}%  "
+                f"load {' '.join(m['loadavg'])}{flag}"
+            )
+
+    result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    result["finished"] = datetime.now(timezone.utc).isoformat()
+    summarize(result)
+    json_path = run.RESULTS / f"ladder-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    (run.RESULTS / "ladder-latest.md").write_text(md)
+    print(md)
+    log(f"wrote {json_path.relative_to(gen.ROOT)}, bench/results/ladder-latest.md")
+    return 0
+
+
+def summarize(result: dict) -> None:
+    cfgs = result["configs"]
+    ns = result["params"]["ns"]
+    rounds = range(result["params"]["repeats"])
+    bare = {r["round"]: r for r in cfgs["bare"]["runs"]}
+    for kind, k in result["kinds"].items():
+        by_round = {rnd: {} for rnd in rounds}
+        for n in ns:
+            for r in cfgs[f"{kind}_{n}"]["runs"]:
+                by_round[r["round"]][n] = r
+        slopes, ratios, cpu0, cpu8, over_bare = [], [], [], [], []
+        for rnd, runs in by_round.items():
+            if set(runs) != set(ns):
+                continue
+            slopes.append(slope([(n, runs[n]["cpu_us_per_req"]) for n in ns]))
+            ratios.append(runs[ns[-1]]["rps"] / runs[0]["rps"])
+            cpu0.append(runs[0]["cpu_us_per_req"])
+            cpu8.append(runs[ns[-1]]["cpu_us_per_req"])
+            if rnd in bare:
+                over_bare.append(runs[0]["cpu_us_per_req"] - bare[rnd]["cpu_us_per_req"])
+        k["slopes_us"] = slopes
+        k["per_call_us"] = run.median(slopes)
+        k["rps_ratio_top"] = run.median(ratios)
+        k["cpu_us_n0"] = run.median(cpu0)
+        k["cpu_us_top"] = run.median(cpu8)
+        k["n0_over_bare_us"] = run.median(over_bare)
+        k["errors"] = sum(r["errors"] for n in ns for r in cfgs[f"{kind}_{n}"]["runs"])
+    b = cfgs["bare"]["runs"]
+    result["bare"] = {
+        "rps": run.median([r["rps"] for r in b]),
+        "cpu_us_per_req": run.median([r["cpu_us_per_req"] for r in b]),
+    }
+
+
+def markdown(result: dict) -> str:
+    p, m = result["params"], result["machine"]
+    runs = [r for c in result["configs"].values() for r in c["runs"]]
+    foreign = sorted(r["foreign_load_envoy_cpu"] for r in runs)
+    load1 = sorted(float(r["loadavg"][0]) for r in runs if r.get("loadavg"))
+    top = p["ns"][-1]
+    lines = [
+        f"Run {result['started'][:19]}Z: {p['repeats']} alternating rounds x {p['seconds']} s "
+        f"(+{p['warmup']} s warm-up) per (kind, N), N in {{{', '.join(map(str, p['ns']))}}}, wrk -t1 "
+        f"-c{p['connections']} on CPU {p['wrk_cpu']}, Envoy --concurrency 1 on CPU {p['envoy_cpu']}, "
+        f"direct_response; {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Envoy {m['envoy']}, {m['wrk']}; load average {' '.join(m['loadavg_start'])} at start, "
+        f"{' '.join(m.get('loadavg_end', ['?']))} at end"
+        + (f" (1-minute load seen after the runs: median {run.median(load1):.2f}, max {load1[-1]:.2f})" if load1 else "")
+        + ".",
+        "",
+        f"Bare Envoy: {result['bare']['rps']:,.0f} req/s, {result['bare']['cpu_us_per_req']:.2f} µs Envoy CPU "
+        "per request (medians).",
+        "",
+        "Per-call cost: the least-squares slope of Envoy CPU µs/request against N within a round, "
+        f"median over rounds (each round's slope in brackets); x req/s: N = {top} over N = 0 in the "
+        "same round, median.",
+        "",
+        f"| call (one of N per request) | µs per call | rounds' slopes | CPU µs/req N=0 | N={top} | x req/s N={top} |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    kinds = sorted(result["kinds"].items(), key=lambda kv: -kv[1]["per_call_us"] if kv[0] != "none" else float("inf"))
+    for kind, k in kinds:
+        err = f" ⚠ {k['errors']} errors" if k["errors"] else ""
+        slopes = ", ".join(f"{s:.2f}" for s in k["slopes_us"])
+        lines.append(
+            f"| `{kind}`: {k['label']}{err} | {k['per_call_us']:.2f} | {slopes} | {k['cpu_us_n0']:.2f} | "
+            f"{k['cpu_us_top']:.2f} | {k['rps_ratio_top']:.2f} |"
+        )
+    if foreign:
+        lines += ["", f"Noise: other processes used a median {run.median(foreign) * 100:.0f}% "
+                      f"(max {foreign[-1] * 100:.0f}%) of Envoy's core during the measured runs."]
+    return "\n".join(lines) + "\n"
+
+
+def report(json_path: Path) -> int:
+    result = json.loads(json_path.read_text())
+    summarize(result)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    (run.RESULTS / "ladder-latest.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        if len(sys.argv) == 3 and sys.argv[1] == "--report":
+            sys.exit(report(Path(sys.argv[2])))
+        sys.exit(main())
+    finally:
+        run.stop_all()
