@@ -217,6 +217,17 @@ bench-live: setup-envoy build ## control-plane mode at 1k and 1M keys: start-up,
 	cargo build --release -p keygate-control
 	"$(VENV)/bin/python" bench/live.py
 
+# `make bench-ladder` builds bench/ladder-filter (its own workspace, like the floor filter) and
+# runs bench/ladder.py: the cost of one host call of each kind (N = 0, 1, 2, 4, 8 calls per request,
+# the slope of Envoy CPU per request). BENCH_REPEATS (3), BENCH_SECONDS (5), BENCH_WARMUP (1),
+# BENCH_ONLY (kinds): see bench/ladder.py. About 25 minutes.
+.PHONY: bench-ladder
+bench-ladder: setup-envoy setup-rust ## per-call cost of each proxy-wasm host call keygate makes, on this Envoy (bench/results/ladder-latest.md)
+	@command -v wrk >/dev/null && command -v taskset >/dev/null || { $(BENCH_SUDO) apt-get update -qq && $(BENCH_SUDO) apt-get install -y -qq wrk util-linux; }
+	CARGO_TARGET_DIR="$(ROOT)/target/bench-ladder" cargo build --release --target $(WASM_TARGET) \
+	  --manifest-path bench/ladder-filter/Cargo.toml
+	"$(VENV)/bin/python" bench/ladder.py
+
 # `make bench-fleet` builds the release control plane and bench/fleet (a Rust load generator) and
 # runs it: Postgres from keygate-pgtest (durable defaults), replicas as child processes on free
 # ports. FLEET_SECONDS, FLEET_WARMUP, FLEET_RUNS, FLEET_CONCURRENCY, FLEET_POLLS, FLEET_ROUNDS,
