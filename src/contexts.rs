@@ -105,11 +105,17 @@ impl RootContext for KeygateRoot {
             let poller = &mut self.poller;
             poller::run(&vm, &p.control_plane, 0, |env| poller.on_tick(env));
         }
-        // Refresh this VM's concurrency leases for accounts with requests in flight here.
+        // Refresh this VM's concurrency leases for accounts with slots here (and give back the
+        // idle ones no request took), and give back what expired rate leases left unspent.
         let mut counters = Counters::default();
         let mut retries = || self.source.max_cas_retries(&*vm);
-        vm.held
-            .heartbeat(&mut retries, &RequestHost::new(&vm), &mut counters);
+        let host = RequestHost::new(&vm);
+        (vm.local.slots).heartbeat(&mut retries, &host, &mut counters);
+        if !vm.local.rates.is_empty() {
+            let retries = self.source.max_cas_retries(&*vm);
+            let (id, now) = (vm.vm_id.get(), now_us());
+            (vm.local.rates).sweep(&*vm, id, now, retries, &mut counters);
+        }
         vm.metrics.record(counters.stats());
     }
 
@@ -320,7 +326,8 @@ impl HttpContext for KeygateHttp {
         // The stream is over, however it ended: give the concurrency slot back.
         if let Some(ticket) = self.ticket.take() {
             let mut counters = Counters::default();
-            (self.vm.held).release(&ticket, &RequestHost::new(&self.vm), &mut counters);
+            let slots = &self.vm.local.slots;
+            slots.release(&ticket, &RequestHost::new(&self.vm), &mut counters);
             self.vm.metrics.record(counters.stats());
         }
     }
@@ -338,10 +345,7 @@ impl KeygateHttp {
     ) -> Action {
         forward(cat, pairs, allow.identity());
         if let Some(ticket) = &ticket {
-            self.vm.held.hold(ticket);
-        }
-        if let Some(ticket) = &ticket {
-            self.vm.held.hold(ticket);
+            self.vm.local.slots.hold(ticket);
         }
         self.ticket = ticket;
         self.response_headers = response_headers;

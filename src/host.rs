@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use keygate_core::concurrency::next_vm_id;
-use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, HeldSlots, Host};
+use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, Host};
+use keygate_core::local::VmLocal;
 use keygate_core::ip::parse_client_address;
 use keygate_core::poller::Level;
 use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY};
@@ -16,12 +17,12 @@ use proxy_wasm::types::{LogLevel, MapType, Status};
 use crate::metrics::Metrics;
 
 /// Per-VM state shared by the root context and every HTTP context of this VM: the shared-data
-/// anchor, the VM id, held concurrency slots, the failed-auth key, the stats' ids and the tick.
+/// anchor, the VM id, its leases and slots, the failed-auth key, the stats' ids and the tick.
 pub struct VmState {
     anchor_cas: Cell<u32>,
     pub vm_id: Cell<u64>,
-    /// The concurrency slots requests on this VM hold.
-    pub held: HeldSlots,
+    /// What this VM keeps between requests: rate leases, concurrency slots, clear addresses.
+    pub local: VmLocal,
     /// The process's failed-auth hashing key, once this VM has read (or created) it.
     failed_auth_key: OnceCell<FailedAuthKey>,
     pub metrics: Metrics,
@@ -104,7 +105,7 @@ impl VmState {
         let state = VmState {
             anchor_cas: Cell::new(0),
             vm_id: Cell::new(0),
-            held: HeldSlots::default(),
+            local: VmLocal::default(),
             failed_auth_key: OnceCell::new(),
             metrics: Metrics::define(),
             ticks: Ticks::default(),
@@ -160,6 +161,10 @@ impl Host for RequestHost<'_> {
 
     fn vm_id(&self) -> u64 {
         self.vm.vm_id.get()
+    }
+
+    fn local(&self) -> Option<&VmLocal> {
+        Some(&self.vm.local)
     }
 
     /// The key in shared data (`kg:fa:key`), created by the first VM of the process that needs

@@ -281,6 +281,18 @@ impl CompiledConfig {
             .values()
             .any(|a| a.concurrency.is_some())
     }
+
+    /// Whether any account, key or API has a rate limit (the filter's leases are then given
+    /// back on a tick).
+    pub fn uses_rate_limits(&self) -> bool {
+        let d = &self.directory;
+        (d.accounts.values()).any(|a| a.rate.is_some())
+            || (d.by_sid.values()).any(|p| match p {
+                Principal::Key(k) => k.rate.is_some() || !k.api_rates.is_empty(),
+                Principal::Account(a) => a.rate.is_some(),
+            })
+            || self.catalog.apis.iter().any(|a| a.limit.is_some())
+    }
 }
 
 /// Parses and compiles a JSON config document.

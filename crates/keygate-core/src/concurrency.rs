@@ -95,19 +95,30 @@ pub struct Inflight<'s, S: SharedStore + ?Sized> {
 
 enum Op {
     Acquire(u32),
-    Release,
+    Release(u32),
     Heartbeat,
 }
 
 impl<S: SharedStore + ?Sized> Inflight<'_, S> {
     /// Takes a slot if the account has fewer than `limit` live requests in flight.
     pub fn acquire(&self, key: &str, limit: u32, now_s: u64, counters: &mut Counters) -> Acquire {
+        self.acquire_counted(key, limit, now_s, counters).0
+    }
+
+    /// [`Inflight::acquire`], with the account's live total in flight after it.
+    pub fn acquire_counted(
+        &self,
+        key: &str,
+        limit: u32,
+        now_s: u64,
+        counters: &mut Counters,
+    ) -> (Acquire, u32) {
         self.update(key, Op::Acquire(limit), now_s, counters)
     }
 
-    /// Gives back a slot taken by this VM.
-    pub fn release(&self, key: &str, now_s: u64, counters: &mut Counters) {
-        let _ = self.update(key, Op::Release, now_s, counters);
+    /// Gives back `n` slots taken by this VM.
+    pub fn release(&self, key: &str, n: u32, now_s: u64, counters: &mut Counters) {
+        let _ = self.update(key, Op::Release(n), now_s, counters);
     }
 
     /// Refreshes this VM's lease (call periodically while it has requests in flight).
@@ -132,7 +143,7 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
         l.vm_id == self.vm_id || l.heartbeat_s.saturating_add(self.lease_s) >= now_s
     }
 
-    fn update(&self, key: &str, op: Op, now_s: u64, counters: &mut Counters) -> Acquire {
+    fn update(&self, key: &str, op: Op, now_s: u64, counters: &mut Counters) -> (Acquire, u32) {
         for attempt in 0..=self.max_retries {
             if attempt > 0 {
                 counters.cas_retries += 1;
@@ -143,22 +154,22 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
                     None => {
                         counters.garbage_values += 1;
                         let _ = self.store.set(key, &encode(&[]), cas);
-                        return Acquire::Failed;
+                        return (Acquire::Failed, 0);
                     }
                 },
                 Ok(None) => (Vec::new(), self.store.absent_cas()),
                 Err(StoreError) => {
                     counters.store_errors += 1;
-                    return Acquire::Failed;
+                    return (Acquire::Failed, 0);
                 }
             };
             leases.retain(|l| self.live(l, now_s) && (l.count > 0 || l.vm_id == self.vm_id));
             let mine = match leases.iter().position(|l| l.vm_id == self.vm_id) {
                 Some(i) => i,
                 None => {
-                    if matches!(op, Op::Release | Op::Heartbeat) {
+                    if matches!(op, Op::Release(_) | Op::Heartbeat) {
                         // Nothing of ours to give back or refresh (e.g. already pruned).
-                        return Acquire::Acquired;
+                        return (Acquire::Acquired, 0);
                     }
                     leases.push(Lease {
                         vm_id: self.vm_id,
@@ -168,17 +179,18 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
                     leases.len() - 1
                 }
             };
+            let total: u64 = leases.iter().map(|l| u64::from(l.count)).sum();
+            let total = u32::try_from(total).unwrap_or(u32::MAX);
             match op {
                 Op::Acquire(limit) => {
-                    let total: u64 = leases.iter().map(|l| u64::from(l.count)).sum();
-                    if total >= u64::from(limit) {
-                        return Acquire::Refused;
+                    if total >= limit {
+                        return (Acquire::Refused, total);
                     }
                     leases[mine].count += 1;
                     leases[mine].heartbeat_s = now_s;
                 }
-                Op::Release => {
-                    leases[mine].count = leases[mine].count.saturating_sub(1);
+                Op::Release(n) => {
+                    leases[mine].count = leases[mine].count.saturating_sub(n);
                     if leases[mine].count == 0 {
                         leases.remove(mine);
                     }
@@ -186,16 +198,19 @@ impl<S: SharedStore + ?Sized> Inflight<'_, S> {
                 Op::Heartbeat => leases[mine].heartbeat_s = now_s,
             }
             match self.store.set(key, &encode(&leases), cas) {
-                Ok(()) => return Acquire::Acquired,
+                Ok(()) => {
+                    let after = matches!(op, Op::Acquire(_));
+                    return (Acquire::Acquired, total + u32::from(after));
+                }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Other) => {
                     counters.store_errors += 1;
-                    return Acquire::Failed;
+                    return (Acquire::Failed, 0);
                 }
             }
         }
         counters.retries_exhausted += 1;
-        Acquire::Failed
+        (Acquire::Failed, 0)
     }
 }
 
@@ -225,7 +240,7 @@ mod tests {
         assert_eq!(b.acquire("acc", 3, 100, &mut n), Acquire::Acquired);
         assert_eq!(a.acquire("acc", 3, 100, &mut n), Acquire::Refused);
         assert_eq!(a.total("acc", 100), Some(3));
-        b.release("acc", 101, &mut n);
+        b.release("acc", 1, 101, &mut n);
         assert_eq!(a.acquire("acc", 3, 101, &mut n), Acquire::Acquired);
         assert_eq!(a.total("acc", 101), Some(3));
     }

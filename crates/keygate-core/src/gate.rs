@@ -26,8 +26,6 @@
 //! (every VM of the process shares the buckets, so they share the key):
 //! [`shared_failed_auth_key`] stores it once under [`FAILED_AUTH_KEY`].
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -42,7 +40,11 @@ use crate::decision::{
 use crate::fleet::lease::Need;
 use crate::fleet::Subject;
 use crate::headers::{AuthorizationHeader, RequestHead};
-use crate::ratelimit::{Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota};
+use crate::local::VmLocal;
+use crate::ratelimit::lease::Local;
+use crate::ratelimit::{
+    Admission, Check, Counters, LimitKind, Limiter, OnStoreError, Quota, Taken,
+};
 use crate::reason::Reason;
 use crate::store::{
     account_inflight_key, account_rate_key, compare_and_swap, failed_auth_bucket_key, key_rate_key,
@@ -67,6 +69,11 @@ pub trait Host {
     /// (see [`shared_failed_auth_key`]); `None` if it cannot be had (no randomness, store
     /// error), which the limiter treats as a store failure. Asked only when the limiter runs.
     fn failed_auth_key(&self) -> Option<FailedAuthKey>;
+    /// This VM's own state (leases, kept slots, addresses found clear), in a filter's VM; `None`
+    /// (the control plane's door) takes everything from the store.
+    fn local(&self) -> Option<&VmLocal> {
+        None
+    }
 }
 
 /// The secret key of the failed-auth limiter's hash: 128 random bits, one per Envoy process (or
@@ -115,51 +122,8 @@ pub struct InflightTicket {
     pub store_key: String,
     /// The compare-and-swap tries of the config that took the slot.
     pub max_cas_retries: u32,
-}
-
-/// The concurrency slots this VM holds, counted by account: whose leases its heartbeat
-/// refreshes ([`HeldSlots::heartbeat`]).
-#[derive(Debug, Default)]
-pub struct HeldSlots(RefCell<HashMap<String, u32>>);
-
-impl HeldSlots {
-    /// Counts a slot an allowed request took.
-    pub fn hold(&self, ticket: &InflightTicket) {
-        *self
-            .0
-            .borrow_mut()
-            .entry(ticket.store_key.clone())
-            .or_insert(0) += 1;
-    }
-
-    /// Gives the slot back when the request's stream ends, however it ends.
-    pub fn release(&self, ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
-        release(ticket, host, counters);
-        if let Some(n) = self.0.borrow_mut().get_mut(&ticket.store_key) {
-            *n = n.saturating_sub(1);
-        }
-    }
-
-    /// Refreshes this VM's lease on every account with requests in flight here;
-    /// `max_cas_retries` is asked only if there is one.
-    pub fn heartbeat(
-        &self,
-        max_cas_retries: &mut dyn FnMut() -> u32,
-        host: &dyn Host,
-        counters: &mut Counters,
-    ) {
-        let held: Vec<String> = (self.0.borrow().iter())
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, _)| k.clone())
-            .collect();
-        if held.is_empty() {
-            return;
-        }
-        let retries = max_cas_retries();
-        for key in held {
-            heartbeat(retries, &key, host, counters);
-        }
-    }
+    /// The account's limit when the slot was taken (whether the VM may keep it idle).
+    pub limit: u32,
 }
 
 /// What a request is judged against: a catalogue and where its principals are looked up. A
@@ -255,9 +219,9 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetHold {
     pub needs: Vec<Need>,
-    /// The local limits taken (`taken` indexes `checks`).
+    /// The local limits taken.
     checks: Vec<Check>,
-    taken: Vec<usize>,
+    taken: Vec<Taken>,
     max_retries: u32,
     on_store_error: OnStoreError,
 }
@@ -300,6 +264,7 @@ impl FleetHold {
             store: host.store(),
             max_retries: self.max_retries,
             on_store_error: self.on_store_error,
+            local: local(host),
         };
         limiter.give_back(&self.checks, &self.taken, host.now_us(), counters);
     }
@@ -401,7 +366,16 @@ fn limiter<'s>(cat: &Catalog, store: &'s dyn SharedStore) -> Limiter<'s, dyn Sha
         store,
         max_retries: cat.limits.max_cas_retries,
         on_store_error: cat.limits.on_store_error,
+        local: None,
     }
+}
+
+/// The host's VM state as the limiter's leases.
+fn local(host: &dyn Host) -> Option<Local<'_>> {
+    host.local().map(|l| Local {
+        leases: &l.rates,
+        vm_id: host.vm_id(),
+    })
 }
 
 /// The failed-auth pre-check, before any secret is compared: 429 `too_many_failed_auth` (with
@@ -484,7 +458,9 @@ pub fn evaluate(
         store: host.store(),
         max_retries: cat.limits.max_cas_retries,
         on_store_error: cat.limits.on_store_error,
+        local: local(host),
     };
+    let vm = host.local();
 
     // 1. Failed-auth gate, only for requests that present credentials.
     let failed_auth = match (cat.limits.failed_auth, head.authorization) {
@@ -517,8 +493,16 @@ pub fn evaluate(
         _ => None,
     };
     if let Some((ip, key)) = &failed_auth {
-        if let Some(denial) = failed_auth_precheck(cat, key, host.store(), *ip, now_us, stats) {
-            return Verdict::Deny(denial);
+        // An address this VM found clear a moment ago is not read again (see ClearAddresses).
+        if !vm.is_some_and(|v| v.clear.is_clear(*ip, now_us)) {
+            let shadow_before = stats.shadow_limited.len();
+            if let Some(denial) = failed_auth_precheck(cat, key, host.store(), *ip, now_us, stats)
+            {
+                return Verdict::Deny(denial);
+            }
+            if let (Some(v), true) = (vm, stats.shadow_limited.len() == shadow_before) {
+                v.clear.mark(*ip, now_us);
+            }
         }
     }
 
@@ -530,6 +514,9 @@ pub fn evaluate(
         Decision::Deny(reason) => {
             if reason == Reason::InvalidCredentials {
                 if let Some((ip, key)) = &failed_auth {
+                    if let Some(v) = vm {
+                        v.clear.forget(*ip);
+                    }
                     failed_auth_record(cat, key, host.store(), *ip, now_us, &mut stats.counters);
                 }
             }
@@ -643,21 +630,34 @@ pub fn evaluate(
         stats.store_failures_allowed += 1;
     }
 
-    // 4. Concurrency.
+    // 4. Concurrency: one of this VM's idle slots of the account if it has one, else the store.
     let mut inflight = None;
     if let Some(limit) = account.concurrency {
         let store_key = account_inflight_key(&account.sid);
-        let slots = Inflight {
-            store: host.store(),
-            max_retries: cat.limits.max_cas_retries,
-            lease_s: INFLIGHT_LEASE_S,
-            vm_id: host.vm_id(),
+        let idle = vm.is_some_and(|v| v.slots.take_idle(&store_key));
+        let acquired = if idle {
+            Acquire::Acquired
+        } else {
+            let slots = Inflight {
+                store: host.store(),
+                max_retries: cat.limits.max_cas_retries,
+                lease_s: INFLIGHT_LEASE_S,
+                vm_id: host.vm_id(),
+            };
+            let now_s = now_us / 1_000_000;
+            let (acquired, total) =
+                slots.acquire_counted(&store_key, limit, now_s, &mut stats.counters);
+            if let (Some(v), Acquire::Acquired) = (vm, acquired) {
+                v.slots.seen(&store_key, total);
+            }
+            acquired
         };
-        match slots.acquire(&store_key, limit, now_us / 1_000_000, &mut stats.counters) {
+        match acquired {
             Acquire::Acquired => {
                 inflight = Some(InflightTicket {
                     store_key,
                     max_cas_retries: cat.limits.max_cas_retries,
+                    limit,
                 })
             }
             Acquire::Refused => {
@@ -710,14 +710,14 @@ fn local_tier(limit: &LimitRate, fleet: &mut Vec<Need>, subject: impl FnOnce() -
 }
 
 /// Gives back a concurrency slot when the request's stream ends, however it ends.
-pub fn release(ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
+pub fn release(ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters, n: u32) {
     let slots = Inflight {
         store: host.store(),
         max_retries: ticket.max_cas_retries,
         lease_s: INFLIGHT_LEASE_S,
         vm_id: host.vm_id(),
     };
-    slots.release(&ticket.store_key, host.now_us() / 1_000_000, counters);
+    slots.release(&ticket.store_key, n, host.now_us() / 1_000_000, counters);
 }
 
 /// Refreshes this VM's lease on an account's slots (call every [`INFLIGHT_HEARTBEAT_S`] while

@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod gate;
 pub mod headers;
 pub mod ip;
+pub mod local;
 pub mod path;
 pub mod plugin;
 pub mod poller;

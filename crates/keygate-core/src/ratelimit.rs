@@ -21,7 +21,9 @@
 
 use std::fmt;
 
-use crate::store::{SetError, SharedStore, StoreError, RATE_TAG};
+use crate::store::{SetError, SharedStore, StoreError, RATE_LEASED_TAG, RATE_TAG};
+
+pub mod lease;
 
 /// One rate limit: `requests` per `period_us`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,8 +120,8 @@ pub enum Admission {
     Admitted {
         tightest: Option<Quota>,
         shadow_limited: Vec<LimitKind>,
-        /// Indices of the checks that actually took a request (for [`Limiter::give_back`]).
-        taken: Vec<usize>,
+        /// The checks that actually took a request (for [`Limiter::give_back`]).
+        taken: Vec<Taken>,
     },
     /// Refused by `quota.kind`; retry after `retry_after_s` seconds.
     Limited { quota: Quota, retry_after_s: u64 },
@@ -128,37 +130,94 @@ pub enum Admission {
 }
 
 /// Value format: [`RATE_TAG`], then `(slot: u32, TAT in µs: u64)` entries, little-endian. A slot
-/// that is absent (or whose TAT has passed) has its whole quota.
+/// that is absent (or whose TAT has passed) has its whole quota. A record on which a VM holds a
+/// lease ([`lease`]) is [`RATE_LEASED_TAG`], the number of TAT entries (u8), those entries, then
+/// `(slot: u32, vm_id: u64, count: u32, expiry in µs: u64)` lease entries; without a live lease
+/// the record is written in the first form again, byte for byte what it would be without leases.
 const ENTRY: usize = 12;
+const LEASE_ENTRY: usize = 24;
 /// Entries kept per record: a key's own rate plus per-API rates; beyond that the entries whose
 /// TAT is furthest in the past are dropped first (they are the closest to a full quota anyway).
 const MAX_ENTRIES: usize = 64;
 
 type Entries = Vec<(u32, u64)>;
 
-fn encode(entries: &[(u32, u64)]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + entries.len() * ENTRY);
-    v.push(RATE_TAG);
-    for (slot, tat) in entries {
+/// A subject's record: the TAT of each slot and the leases VMs hold on them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Record {
+    tats: Entries,
+    leases: Vec<lease::Entry>,
+}
+
+fn encode(record: &Record) -> Vec<u8> {
+    let leased = !record.leases.is_empty();
+    let mut v = Vec::with_capacity(
+        2 + record.tats.len() * ENTRY + record.leases.len() * LEASE_ENTRY,
+    );
+    if leased {
+        v.push(RATE_LEASED_TAG);
+        // `compact` keeps at most MAX_ENTRIES (64) TAT entries.
+        v.push(u8::try_from(record.tats.len()).unwrap_or(u8::MAX));
+    } else {
+        v.push(RATE_TAG);
+    }
+    for (slot, tat) in record.tats.iter().take(usize::from(u8::MAX)) {
         v.extend_from_slice(&slot.to_le_bytes());
         v.extend_from_slice(&tat.to_le_bytes());
+    }
+    for l in &record.leases {
+        v.extend_from_slice(&l.slot.to_le_bytes());
+        v.extend_from_slice(&l.vm_id.to_le_bytes());
+        v.extend_from_slice(&l.count.to_le_bytes());
+        v.extend_from_slice(&l.expiry_us.to_le_bytes());
     }
     v
 }
 
-fn decode(bytes: &[u8]) -> Option<Entries> {
+fn u32_at(c: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(c.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(c: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(c.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn decode_tats(bytes: &[u8]) -> Option<Entries> {
+    if !bytes.len().is_multiple_of(ENTRY) {
+        return None;
+    }
+    (bytes.chunks_exact(ENTRY))
+        .map(|c| Some((u32_at(c, 0)?, u64_at(c, 4)?)))
+        .collect()
+}
+
+fn decode(bytes: &[u8]) -> Option<Record> {
     match bytes {
-        [RATE_TAG, rest @ ..] if rest.len() % ENTRY == 0 => Some(
-            rest.chunks_exact(ENTRY)
+        [RATE_TAG, rest @ ..] => Some(Record {
+            tats: decode_tats(rest)?,
+            leases: Vec::new(),
+        }),
+        [RATE_LEASED_TAG, n, rest @ ..] => {
+            let split = usize::from(*n) * ENTRY;
+            let (tats, leases) = (rest.get(..split)?, rest.get(split..)?);
+            if !leases.len().is_multiple_of(LEASE_ENTRY) {
+                return None;
+            }
+            let leases = (leases.chunks_exact(LEASE_ENTRY))
                 .map(|c| {
-                    let mut slot = [0u8; 4];
-                    slot.copy_from_slice(&c[..4]);
-                    let mut tat = [0u8; 8];
-                    tat.copy_from_slice(&c[4..]);
-                    (u32::from_le_bytes(slot), u64::from_le_bytes(tat))
+                    Some(lease::Entry {
+                        slot: u32_at(c, 0)?,
+                        vm_id: u64_at(c, 4)?,
+                        count: u32_at(c, 12)?,
+                        expiry_us: u64_at(c, 16)?,
+                    })
                 })
-                .collect(),
-        ),
+                .collect::<Option<Vec<_>>>()?;
+            Some(Record {
+                tats: decode_tats(tats)?,
+                leases,
+            })
+        }
         _ => None,
     }
 }
@@ -177,20 +236,34 @@ fn upsert(entries: &mut Entries, slot: u32, tat: u64) {
     }
 }
 
-/// Drops entries that carry no information any more (TAT not after `now`) and bounds the rest.
-fn compact(entries: &mut Entries, now: u64) {
+/// Drops entries that carry no information any more (TAT not after `now`, leases expired) and
+/// bounds the rest.
+fn compact(record: &mut Record, now: u64) {
+    let entries = &mut record.tats;
     entries.retain(|(_, t)| *t > now);
     if entries.len() > MAX_ENTRIES {
         entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
         entries.truncate(MAX_ENTRIES);
     }
+    record.leases.retain(|l| l.expiry_us > now);
 }
 
-/// The limiter: store, retry bound and failure policy.
+/// The limiter: store, retry bound and failure policy, and (in a VM of the filter) the leases
+/// this VM holds.
 pub struct Limiter<'s, S: SharedStore + ?Sized> {
     pub store: &'s S,
     pub max_retries: u32,
     pub on_store_error: OnStoreError,
+    /// This VM's leases ([`lease`]); `None` takes every request from the store.
+    pub local: Option<lease::Local<'s>>,
+}
+
+/// One limit a request took, and whether from this VM's lease (given back to it) or the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// Index into the checks.
+    pub index: usize,
+    pub leased: bool,
 }
 
 /// Result of one subject's update (all its limits of one request).
@@ -199,6 +272,7 @@ enum Step {
     Admitted {
         taken: Vec<(usize, u64)>,
         shadow_refused: Vec<usize>,
+        leased: bool,
     },
     Refused {
         index: usize,
@@ -227,19 +301,30 @@ fn quota(check: &Check, tat_after: u64, now: u64) -> Quota {
 
 impl<S: SharedStore + ?Sized> Limiter<'_, S> {
     /// Takes one request from every check, all or nothing. Checks with the same `store_key`
-    /// are taken together: one read and one compare-and-swap for the subject.
+    /// are taken together: one read and one compare-and-swap for the subject, or none when this
+    /// VM's lease on every one of them has a request left.
     pub fn admit(&self, checks: &[Check], now_us: u64, counters: &mut Counters) -> Admission {
-        let mut taken: Vec<usize> = Vec::with_capacity(checks.len());
+        let mut taken: Vec<Taken> = Vec::with_capacity(checks.len());
         let mut tightest: Option<Quota> = None;
         let mut shadow_limited = Vec::new();
         for group in groups(checks) {
-            match self.take(checks, &group, now_us, counters) {
+            let local = (self.local.as_ref()).and_then(|l| l.leases.spend(checks, &group, now_us));
+            let step = match local {
+                Some(took) => Step::Admitted {
+                    taken: took,
+                    shadow_refused: Vec::new(),
+                    leased: true,
+                },
+                None => self.take(checks, &group, now_us, counters),
+            };
+            match step {
                 Step::Admitted {
                     taken: took,
                     shadow_refused,
+                    leased,
                 } => {
                     for (i, tat_after) in took {
-                        taken.push(i);
+                        taken.push(Taken { index: i, leased });
                         let q = quota(&checks[i], tat_after, now_us);
                         if tightest.is_none_or(|t| q.remaining < t.remaining) {
                             tightest = Some(q);
@@ -282,7 +367,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
     pub fn would_refuse(&self, check: &Check, now_us: u64, counters: &mut Counters) -> Option<u64> {
         let tat = match self.store.get(&check.store_key) {
             Ok(Some((bytes, _))) => match decode(&bytes) {
-                Some(e) => tat_of(&e, check.slot),
+                Some(r) => tat_of(&r.tats, check.slot),
                 None => {
                     counters.garbage_values += 1;
                     return (self.on_store_error == OnStoreError::Deny).then_some(1);
@@ -299,42 +384,56 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
             .then(|| ceil_div(base - now_us - check.rate.tolerance_us(), 1_000_000).max(1))
     }
 
-    /// Takes one request from each of `group` (indices into `checks`, one subject).
+    /// Takes one request from each of `group` (indices into `checks`, one subject) in the store;
+    /// with leases on, this VM gives back what its earlier lease on these slots left unspent and
+    /// takes a new one when the subject is far from its limits ([`lease::extra`]).
     fn take(&self, checks: &[Check], group: &[usize], now: u64, counters: &mut Counters) -> Step {
         let Some(&first) = group.first() else {
             return Step::Admitted {
                 taken: Vec::new(),
                 shadow_refused: Vec::new(),
+                leased: false,
             };
         };
         let store_key = &checks[first].store_key;
+        let local = self.local.as_ref();
+        let held = local.map(|l| l.leases.held(store_key)).unwrap_or_default();
+        let slots: Vec<u32> = group.iter().map(|&i| checks[i].slot).collect();
         for attempt in 0..=self.max_retries {
             if attempt > 0 {
                 counters.cas_retries += 1;
             }
-            let (mut entries, cas) = match self.store.get(store_key) {
+            let (mut record, cas) = match self.store.get(store_key) {
                 Ok(Some((bytes, cas))) => match decode(&bytes) {
-                    Some(e) => (e, cas),
+                    Some(r) => (r, cas),
                     None => {
                         // Unreadable: count it, repair it (so the subject is not stuck), and
                         // let the configured outcome decide this request.
                         counters.garbage_values += 1;
-                        let _ = self.store.set(store_key, &encode(&[]), cas);
+                        let _ = self.store.set(store_key, &encode(&Record::default()), cas);
                         return Step::Failed;
                     }
                 },
-                Ok(None) => (Vec::new(), self.store.absent_cas()),
+                Ok(None) => (Record::default(), self.store.absent_cas()),
                 Err(StoreError) => {
                     counters.store_errors += 1;
                     return Step::Failed;
                 }
             };
+            // This VM's earlier leases on these slots end here: what they left is given back.
+            if let Some(l) = local {
+                lease::give_back_held(&mut record, &held, &slots, l.vm_id);
+            }
             // The checks of one subject use distinct slots: each reads its own entry.
-            let mut taken = Vec::with_capacity(group.len());
+            let mut bases = Vec::with_capacity(group.len());
             let mut shadow_refused = Vec::new();
+            let mut extra = u64::MAX;
             for &i in group {
                 let check = &checks[i];
-                let base = tat_of(&entries, check.slot).max(now);
+                let held_by_others = lease::outstanding(&record, check.slot, now);
+                let t = check.rate.interval_us();
+                let floor = now.saturating_add(held_by_others.saturating_mul(t));
+                let base = tat_of(&record.tats, check.slot).max(floor);
                 if base - now > check.rate.tolerance_us() {
                     if check.shadow {
                         shadow_refused.push(i);
@@ -345,23 +444,54 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                         tat: base,
                     };
                 }
-                let tat_after = base + check.rate.interval_us();
-                upsert(&mut entries, check.slot, tat_after);
-                taken.push((i, tat_after));
+                let left = (check.rate.tolerance_us() - (base - now)) / t;
+                extra = extra.min(if check.shadow { 0 } else { lease::extra(left) });
+                bases.push((i, base));
             }
-            if taken.is_empty() {
+            if bases.is_empty() {
                 return Step::Admitted {
-                    taken,
+                    taken: Vec::new(),
                     shadow_refused,
+                    leased: false,
                 };
             }
-            compact(&mut entries, now);
-            match self.store.set(store_key, &encode(&entries), cas) {
+            let extra = match local {
+                Some(_) if shadow_refused.is_empty() && record.leases.len() < lease::MAX_ENTRIES => {
+                    u32::try_from(extra).unwrap_or(0)
+                }
+                _ => 0,
+            };
+            let mut taken = Vec::with_capacity(bases.len());
+            for &(i, base) in &bases {
+                let check = &checks[i];
+                let t = check.rate.interval_us();
+                let tat_after = base + t;
+                upsert(
+                    &mut record.tats,
+                    check.slot,
+                    tat_after + u64::from(extra) * t,
+                );
+                if let (Some(l), true) = (local, extra > 0) {
+                    record.leases.push(lease::Entry {
+                        slot: check.slot,
+                        vm_id: l.vm_id,
+                        count: extra,
+                        expiry_us: now + lease::TTL_US,
+                    });
+                }
+                taken.push((i, tat_after));
+            }
+            compact(&mut record, now);
+            match self.store.set(store_key, &encode(&record), cas) {
                 Ok(()) => {
+                    if let Some(l) = local {
+                        l.leases.took(checks, &taken, &slots, extra, now);
+                    }
                     return Step::Admitted {
                         taken,
                         shadow_refused,
-                    }
+                        leased: false,
+                    };
                 }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Other) => {
@@ -374,10 +504,20 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
         Step::Failed
     }
 
-    /// Undoes the takes of an admission (`taken` indexes `checks`) after a later, separate
-    /// limit refused: moves each TAT back by `T` (never below `now`), one CAS per subject.
-    pub fn give_back(&self, checks: &[Check], taken: &[usize], now: u64, counters: &mut Counters) {
-        for group in groups_of(checks, taken) {
+    /// Undoes the takes of an admission after a later, separate limit refused: one taken from
+    /// this VM's lease goes back to the lease; one taken from the store moves its TAT back by
+    /// `T` (never below `now`), one CAS per subject.
+    pub fn give_back(&self, checks: &[Check], taken: &[Taken], now: u64, counters: &mut Counters) {
+        let mut from_store = Vec::with_capacity(taken.len());
+        for t in taken {
+            let check = &checks[t.index];
+            let unspent = t.leased
+                && (self.local.as_ref()).is_some_and(|l| l.leases.unspend(check, now));
+            if !unspent {
+                from_store.push(t.index);
+            }
+        }
+        for group in groups_of(checks, &from_store) {
             let Some(&first) = group.first() else {
                 continue;
             };
@@ -389,18 +529,18 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 let Ok(Some((bytes, cas))) = self.store.get(store_key) else {
                     break;
                 };
-                let Some(mut entries) = decode(&bytes) else {
+                let Some(mut record) = decode(&bytes) else {
                     break;
                 };
                 for &i in &group {
                     let check = &checks[i];
-                    let back = tat_of(&entries, check.slot)
+                    let back = tat_of(&record.tats, check.slot)
                         .saturating_sub(check.rate.interval_us())
                         .max(now);
-                    upsert(&mut entries, check.slot, back);
+                    upsert(&mut record.tats, check.slot, back);
                 }
-                compact(&mut entries, now);
-                match self.store.set(store_key, &encode(&entries), cas) {
+                compact(&mut record, now);
+                match self.store.set(store_key, &encode(&record), cas) {
                     Ok(()) => break,
                     Err(SetError::CasMismatch) => continue,
                     Err(SetError::Other) => break,
@@ -445,7 +585,7 @@ impl crate::store::testing::FakeStore {
             .borrow()
             .get(key)
             .and_then(|(v, _)| decode(v))
-            .map(|e| tat_of(&e, slot))
+            .map(|r| tat_of(&r.tats, slot))
     }
 }
 
@@ -484,6 +624,14 @@ mod tests {
             store,
             max_retries: 4,
             on_store_error: OnStoreError::Deny,
+            local: None,
+        }
+    }
+
+    fn tats(entries: &[(u32, u64)]) -> Record {
+        Record {
+            tats: entries.to_vec(),
+            leases: Vec::new(),
         }
     }
 
@@ -618,6 +766,7 @@ mod tests {
             store: &store,
             max_retries: 4,
             on_store_error: OnStoreError::Allow,
+            local: None,
         };
         assert!(admitted(&allow.admit(&c, NOW, &mut n)));
         assert_eq!(n.retries_exhausted, 2);
@@ -656,9 +805,9 @@ mod tests {
         let store = FakeStore::new();
         let absent = store.absent_cas();
         assert!(store.get("new").unwrap().is_none());
-        store.set("new", &encode(&[(0, NOW + 1)]), absent).unwrap();
+        store.set("new", &encode(&tats(&[(0, NOW + 1)])), absent).unwrap();
         assert_eq!(
-            store.set("new", &encode(&[(0, NOW + 2)]), absent),
+            store.set("new", &encode(&tats(&[(0, NOW + 2)])), absent),
             Err(SetError::CasMismatch)
         );
         assert_eq!(store.tat("new"), Some(NOW + 1));

@@ -140,6 +140,9 @@ pub fn put_bucket_key(key: &mut String, slot: u8, n: u32) {
 
 /// A rate record: then `(slot u32, TAT in µs u64)` entries.
 pub const RATE_TAG: u8 = 2;
+/// A rate record on which VMs hold leases: then the TAT entries' count (u8), those entries and
+/// `(slot u32, vm_id u64, count u32, expiry_us u64)` lease entries.
+pub const RATE_LEASED_TAG: u8 = 13;
 /// A lease table: then `(vm_id u64, count u32, heartbeat_s u64)` entries.
 pub const LEASES_TAG: u8 = 2;
 /// A published settings record: then its epoch (u64) and the payload.

@@ -66,7 +66,7 @@ pub struct Configured {
     /// What to log (never the edge token nor a secret).
     pub log: (Level, String),
     /// The tick period to set, in ms: the poller's, or the lease heartbeat's when a static
-    /// config has concurrency limits.
+    /// config has concurrency or rate limits.
     pub tick_ms: Option<u64>,
     /// The static version now in force (the version gauge).
     pub version: Option<u64>,
@@ -99,8 +99,8 @@ impl Source {
                     "config version {version} in force: {accounts} accounts, {keys} keys, {apis} apis"
                 );
                 Configured {
-                    tick_ms: cfg
-                        .uses_concurrency_limits()
+                    // Concurrency heartbeats, and rate leases given back once expired.
+                    tick_ms: (cfg.uses_concurrency_limits() || cfg.uses_rate_limits())
                         .then_some(gate::INFLIGHT_HEARTBEAT_S * 1000),
                     source: Some(Source::from_static_in(*cfg, region)),
                     accepted: true,
