@@ -13,8 +13,14 @@ one kind per request (`{"call": "<kind>", "n": N}`, kinds in KINDS). Method, the
 4. bench/results/ladder-<stamp>.json and bench/results/ladder-latest.md (also printed), with the
    machine description and the load average seen.
 
+Other benchmarks on the machine (another session's `make bench`) pin the same CPUs: before each
+measurement this waits while one runs (a load generator, wrk or keygate-bench-load, or an Envoy on
+a bootstrap under target/bench*; at most BENCH_QUIET_WAIT s, default 600), and measures again (at
+most twice more) when other processes took more than 10% of Envoy's core, keeping the attempt they
+disturbed least; the JSON keeps the waits and the discarded attempts' foreign load.
+
 Environment: BENCH_REPEATS (3), BENCH_SECONDS (5), BENCH_WARMUP (1), BENCH_CONNECTIONS (32),
-BENCH_ONLY (comma-separated kinds), BENCH_START_TIMEOUT (600).
+BENCH_ONLY (comma-separated kinds), BENCH_START_TIMEOUT (600), BENCH_QUIET_WAIT (600).
 `ladder.py --report <json>` rewrites ladder-latest.md from a results file.
 """
 
@@ -36,6 +42,10 @@ run.SECONDS = run.env_int("BENCH_SECONDS", 5)
 run.WARMUP = run.env_int("BENCH_WARMUP", 1)
 REPEATS = run.env_int("BENCH_REPEATS", 3)
 ONLY = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+QUIET_WAIT = run.env_int("BENCH_QUIET_WAIT", 600)
+FOREIGN_MAX = 0.10  # share of Envoy's core others may use before a measurement is taken again
+RETRIES = 2
+LOAD_GENERATORS = ("wrk", "keygate-bench-load")
 
 LADDER_WASM = gen.ROOT / "target/bench-ladder/wasm32-wasip1/release/keygate_bench_ladder.wasm"
 NS = [0, 1, 2, 4, 8]
@@ -60,6 +70,50 @@ KINDS = [
 
 def log(msg: str) -> None:
     print(f"[ladder {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def other_load_generators() -> list[int]:
+    """Pids of load generators, and of Envoys another benchmark started (bootstraps under
+    target/bench*), running now: this harness's own have all exited by then."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            comm = (proc / "comm").read_text().strip()
+            argv = (proc / "cmdline").read_bytes().split(b"\0") if comm == "envoy" else []
+        except OSError:
+            continue
+        if comm in LOAD_GENERATORS or any(b"/target/bench" in a for a in argv):
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_quiet() -> float:
+    """Waits (at most QUIET_WAIT s) while another load generator runs; returns the seconds waited."""
+    t0 = time.monotonic()
+    said = False
+    while other_load_generators() and time.monotonic() - t0 < QUIET_WAIT:
+        if not said:
+            log(f"another benchmark's load generator is running ({other_load_generators()}): waiting")
+            said = True
+        time.sleep(1)
+    return time.monotonic() - t0
+
+
+def measure_once(c: dict, path: Path) -> dict:
+    e = run.Envoy(f"ladder-{c['name']}", path, 1, run.ENVOY_CPU)
+    e.start()
+    try:
+        e.wait_ready()
+        status = run.request(e.port, gen.bench_path(), c["auth"])
+        if status != 200:
+            raise RuntimeError(f"{c['name']}: got {status}, not 200")
+        m = run.measure(e, c["auth"], False)
+        if c["kind"] == "metric" and c["n"]:
+            m["metric"] = e.counter("wasmcustom.ladder.calls")
+    finally:
+        e.stop()
+    m["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+    return m
 
 
 def configurations(kinds: list[str]) -> list[dict]:
@@ -123,20 +177,17 @@ def main() -> int:
     for rnd in range(REPEATS):
         order = confs if rnd % 2 == 0 else list(reversed(confs))
         for c in order:
-            e = run.Envoy(f"ladder-{c['name']}", paths[c["name"]], 1, run.ENVOY_CPU)
-            e.start()
-            try:
-                e.wait_ready()
-                status = run.request(e.port, gen.bench_path(), c["auth"])
-                if status != 200:
-                    raise RuntimeError(f"{c['name']}: got {status}, not 200")
-                m = run.measure(e, c["auth"], False)
-                if c["kind"] == "metric" and c["n"]:
-                    m["metric"] = e.counter("wasmcustom.ladder.calls")
-            finally:
-                e.stop()
-            m["round"] = rnd
-            m["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+            # The attempt others disturbed least is kept.
+            waited, tries = 0.0, []
+            for _ in range(RETRIES + 1):
+                waited += wait_quiet()
+                tries.append(measure_once(c, paths[c["name"]]))
+                if tries[-1]["foreign_load_envoy_cpu"] <= FOREIGN_MAX:
+                    break
+                log(f"{c['name']}: others used {tries[-1]['foreign_load_envoy_cpu'] * 100:.0f}% of Envoy's core: again")
+            m = min(tries, key=lambda t: t["foreign_load_envoy_cpu"])
+            noisy = [t["foreign_load_envoy_cpu"] for t in tries if t is not m]
+            m.update(round=rnd, waited_s=waited, discarded_foreign_load=noisy)
             result["configs"][c["name"]]["runs"].append(m)
             flag = "" if m["errors"] == 0 else f"  ERRORS {m['errors']}"
             log(
@@ -226,8 +277,12 @@ def markdown(result: dict) -> str:
             f"{k['cpu_us_top']:.2f} | {k['rps_ratio_top']:.2f} |"
         )
     if foreign:
+        waited = sum(r.get("waited_s", 0) for r in runs)
+        again = sum(len(r.get("discarded_foreign_load", [])) for r in runs)
         lines += ["", f"Noise: other processes used a median {run.median(foreign) * 100:.0f}% "
-                      f"(max {foreign[-1] * 100:.0f}%) of Envoy's core during the measured runs."]
+                      f"(max {foreign[-1] * 100:.0f}%) of Envoy's core during the measured runs; "
+                      f"{waited:.0f} s waited for another benchmark's load generator or Envoy to finish, "
+                      f"{again} measurements taken again (others above {FOREIGN_MAX * 100:.0f}% of Envoy's core)."]
     return "\n".join(lines) + "\n"
 
 
