@@ -196,8 +196,9 @@ clean: ## remove build output (keeps .venv and installed tools)
 
 # ---- benchmark (not part of `make test`) ---------------------------------------------------------
 # `make bench` installs what it needs (wrk and taskset from Debian, matplotlib into .venv), builds
-# keygate and the floor filter, then runs bench/run.py. BENCH_REPEATS, BENCH_SECONDS, BENCH_WARMUP,
-# BENCH_SIZES, BENCH_RELOAD_SIZES, BENCH_ONLY, BENCH_BREAKDOWN: see bench/run.py.
+# keygate, the floor filter and the fixed-rate load generator (bench/fleet-limits), then runs
+# bench/run.py. BENCH_REPEATS, BENCH_SECONDS, BENCH_WARMUP, BENCH_SIZES, BENCH_RELOAD_SIZES,
+# BENCH_ONLY, BENCH_BREAKDOWN, BENCH_WASM_B, BENCH_FIXED, BENCH_FIXED_FRACTION: see bench/run.py.
 BENCH_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: bench
 bench: setup-envoy build ## benchmark Envoy + keygate against bare Envoy and native filters; results in bench/results/
@@ -209,6 +210,7 @@ bench: setup-envoy build ## benchmark Envoy + keygate against bare Envoy and nat
 	  "$(VENV)/bin/pip" install --quiet --disable-pip-version-check matplotlib || echo "bench: no matplotlib, no plot"; }
 	CARGO_TARGET_DIR="$(ROOT)/target/bench-floor" cargo build --release --target $(WASM_TARGET) \
 	  --manifest-path bench/floor-filter/Cargo.toml
+	CARGO_TARGET_DIR="$(ROOT)/target/bench-load" cargo build --release --manifest-path bench/fleet-limits/Cargo.toml
 	"$(VENV)/bin/python" bench/run.py
 
 .PHONY: bench-live

@@ -8,7 +8,16 @@ What it does (see README "Performance" for the reading of the results):
    `wrk -t1 -c32 --latency` pinned to CPU 0, keep-alive HTTP/1.1 with valid credentials,
    BENCH_WARMUP s of warm-up then BENCH_SECONDS s measured; Envoy CPU per request from
    /proc/<pid>/stat, RSS after the load; then that Envoy stops. Ratios are taken within a round,
-   then the median over rounds;
+   then the median over rounds: "x (1)" to bare Envoy, "x (3)" to the native composition, "x floor"
+   to the wasm floor (4), and Envoy CPU per request over bare's and over the floor's;
+3. latency at a fixed load (BENCH_FIXED=1): after the saturated runs of a round, every
+   configuration again (same order, a fresh Envoy each) at a fixed rate of BENCH_FIXED_FRACTION
+   of bare Envoy's saturated req/s in that round, from bench/fleet-limits's generator
+   (keygate-bench-load --rate: wrk2's model, latency from the scheduled send when a connection is
+   behind, so no coordinated omission), BENCH_CONNECTIONS keep-alive connections on CPU 0,
+   BENCH_WARMUP s at the rate then BENCH_SECONDS s measured. p50/p99/p99.9 minus bare's in the same
+   round ("added"), then the median over rounds. A configuration that cannot keep up is reported
+   (requests sent late, never sent), not left out;
 4. a second instance per configuration at --concurrency 4 (just for time to LIVE and RSS);
 5. time for a keygate config change to take effect (file-based LDS, atomic rename, until a key
    that only the new config has gets 200);
@@ -18,7 +27,12 @@ Environment: BENCH_REPEATS (3), BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONN
 BENCH_SIZES (1000,100000,1000000), BENCH_RELOAD_SIZES (same as BENCH_SIZES),
 BENCH_ONLY (comma-separated configuration names, for smoke tests), BENCH_START_TIMEOUT (600),
 BENCH_BREAKDOWN (1: add keygate with parts of the pipeline only, for the cost breakdown),
-BENCH_WASM_B (another build of the filter, measured as one more configuration in the same run).
+BENCH_WASM_B (another build of the filter, measured as one more configuration in the same run),
+BENCH_FIXED (1; 0: no fixed-rate runs), BENCH_FIXED_FRACTION (0.5: the fixed rate as a share of
+bare Envoy's saturated req/s in the round). The fixed-rate generator is
+target/bench-load/release/keygate-bench-load (`make bench` builds it from bench/fleet-limits).
+`run.py --report <json>` rewrites latest.md and the plot from a results file (older files without
+fixed-rate runs show "—" there).
 """
 
 from __future__ import annotations
@@ -68,6 +82,13 @@ RELOAD_SIZES = [
     int(s) for s in os.environ.get("BENCH_RELOAD_SIZES", ",".join(map(str, SIZES))).split(",") if s
 ]
 ONLY = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+FIXED = os.environ.get("BENCH_FIXED", "1") != "0"
+FIXED_FRACTION = float(os.environ.get("BENCH_FIXED_FRACTION", "0.5"))
+LOAD = ROOT / "target/bench-load/release/keygate-bench-load"
+# A fixed-rate run is "not sustained" when more than this share of its requests left late (the
+# connection still busy at the slot) or any was never sent: the configuration is past capacity.
+LATE_SHARE_MAX = 0.01
+FLOOR = "wasm_floor"
 
 
 def log(msg: str) -> None:
@@ -280,6 +301,56 @@ def measure(env: Envoy, auth: str | None, keygate: bool) -> dict:
     }
 
 
+def fixed_load(port: int, targets: Path, rate: float, seconds: int) -> dict:
+    """One run of the fixed-rate generator (bench/fleet-limits) pinned where wrk runs."""
+    cmd = [
+        "taskset", "-c", WRK_CPU, str(LOAD), "--port", str(port), "--targets", str(targets),
+        "--connections", str(CONNECTIONS), "--rate", f"{rate:.0f}", "--seconds", str(seconds),
+        "--warmup", "0",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_fixed(env: Envoy, auth: str | None, rate: float) -> dict:
+    """Warm-up at `rate`, then one measured fixed-rate run against `env`. Separate runs of the
+    generator, so the Envoy CPU of the measured part alone is known (the measured run opens its
+    connections again: CONNECTIONS requests of tens of thousands)."""
+    targets = OUT / "run" / f"{env.name}.targets"
+    targets.write_text(gen.bench_path() + (f"\t{auth}" if auth else "") + "\n")
+    if WARMUP > 0:
+        fixed_load(env.port, targets, rate, WARMUP)
+    ticks0, stat0 = env.cpu_ticks(), cpu_stat()
+    w = fixed_load(env.port, targets, rate, SECONDS)
+    ticks1, stat1 = env.cpu_ticks(), cpu_stat()
+    core_busy, core_total = busy_ticks(stat0[f"cpu{ENVOY_CPU}"], stat1[f"cpu{ENVOY_CPU}"])
+    load_busy, load_total = busy_ticks(stat0[f"cpu{WRK_CPU}"], stat1[f"cpu{WRK_CPU}"])
+    non2xx = sum(n for code, n in w["status"].items() if code != "200")
+    # Every slot of the measured part: answered (any status), failed, or never sent.
+    scheduled = w["requests"] + w["errors"] + w["unsent"]
+    return {
+        "rate": rate,
+        "rps": w["rps"],
+        "requests": w["requests"],
+        "p50_us": w["p50_us"],
+        "p90_us": w["p90_us"],
+        "p99_us": w["p99_us"],
+        "p999_us": w["p999_us"],
+        "max_us": w["max_us"],
+        "errors": w["errors"] + non2xx,
+        "late": w["late"],
+        "unsent": w["unsent"],
+        "late_share": w["late"] / max(scheduled, 1),
+        "status": w["status"],
+        "cpu_us_per_req": (ticks1 - ticks0) * 1e6 / CLK_TCK / max(w["requests"], 1),
+        # Envoy's share of its core at this rate: at a fixed rate Envoy wakes for nearly every
+        # request instead of serving many per wake-up, so this is well above rate x saturated CPU.
+        "envoy_core_busy": (ticks1 - ticks0) / max(core_total, 1),
+        "foreign_load_envoy_cpu": max(core_busy - (ticks1 - ticks0), 0) / max(core_total, 1),
+        "load_core_busy": load_busy / max(load_total, 1),
+    }
+
+
 # ---- phases -------------------------------------------------------------------------------------
 
 
@@ -418,7 +489,7 @@ def main() -> int:
     for tool in ("wrk", "taskset"):
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} not found (make bench installs it)")
-    for f in (ENVOY, gen.WASM, gen.FLOOR_WASM):
+    for f in (ENVOY, gen.WASM, gen.FLOOR_WASM) + ((LOAD,) if FIXED else ()):
         if not f.exists():
             raise SystemExit(f"bench: {f} missing (make bench builds it)")
 
@@ -436,6 +507,8 @@ def main() -> int:
         "params": {
             "repeats": REPEATS, "seconds": SECONDS, "warmup": WARMUP, "connections": CONNECTIONS,
             "sizes": SIZES, "reload_sizes": RELOAD_SIZES, "envoy_cpu": ENVOY_CPU, "wrk_cpu": WRK_CPU,
+            "breakdown": os.environ.get("BENCH_BREAKDOWN") == "1", "fixed": FIXED,
+            "fixed_fraction": FIXED_FRACTION, "fixed_late_share_max": LATE_SHARE_MAX,
         },
         "wasm_bytes": {"keygate": gen.WASM.stat().st_size, "floor": gen.FLOOR_WASM.stat().st_size},
         "configs": {c["name"]: {"label": c["label"], "keys": c.get("keys"), "runs": []} for c in confs},
@@ -489,6 +562,8 @@ def main() -> int:
                 f"p99 {m['p99_us']:>5} us  cpu {m['cpu_us_per_req']:.1f} us/req  LIVE {m['start_s']:.2f}s  "
                 f"RSS {m['rss_after_kib'] / 1024:.0f} MiB  foreign load {m['foreign_load_envoy_cpu'] * 100:.0f}%{flag}"
             )
+        if FIXED:
+            fixed_round(rnd, order, paths, result, failed)
     confs = [c for c in confs if c["name"] not in failed]
     for c in confs:
         r = result["configs"][c["name"]]
@@ -540,10 +615,55 @@ def main() -> int:
     return 0
 
 
+def fixed_round(rnd: int, order: list[dict], paths: dict[str, Path], result: dict, failed: set[str]) -> None:
+    """The fixed-rate runs of round `rnd`: every configuration that loaded, in the round's order,
+    at FIXED_FRACTION of bare Envoy's saturated req/s in this round."""
+    bare = [m for m in result["configs"]["bare"]["runs"] if m["round"] == rnd]
+    if not bare:
+        log(f"round {rnd + 1}/{REPEATS}: no saturated run of bare Envoy, no fixed-rate runs")
+        return
+    rate = max(1.0, round(bare[0]["rps"] * FIXED_FRACTION))
+    for c in order:
+        if c["name"] in failed:
+            continue
+        e = Envoy(c["name"], paths[c["name"]], 1, ENVOY_CPU)
+        e.start()
+        try:
+            try:
+                e.wait_ready()
+            except LoadFailed as lf:
+                # It loaded for the saturated run; reported, the others go on.
+                log(f"round {rnd + 1}/{REPEATS} fixed rate: FAILED to load {c['name']}: {lf}")
+                continue
+            check_one(e, c)
+            f = measure_fixed(e, c["auth"], rate)
+        finally:
+            e.stop()
+        f["round"] = rnd
+        result["configs"][c["name"]].setdefault("fixed_runs", []).append(f)
+        flag = "" if f["errors"] == 0 else f"  ERRORS {f['errors']} {f['status']}"
+        if f["unsent"] or f["late_share"] > LATE_SHARE_MAX:
+            flag += f"  NOT SUSTAINED: {f['late_share'] * 100:.1f}% late, {f['unsent']} never sent"
+        log(
+            f"round {rnd + 1}/{REPEATS} {c['name']:<22} at {rate:>6.0f} req/s: p50 {f['p50_us']:>5} us  "
+            f"p99 {f['p99_us']:>5} us  p99.9 {f['p999_us']:>6} us  cpu {f['cpu_us_per_req']:.1f} us/req  "
+            f"foreign load {f['foreign_load_envoy_cpu'] * 100:.0f}%{flag}"
+        )
+
+
+def within(runs: list[dict], base: dict[int, dict], f) -> float | None:
+    """Median over rounds of f(run, the base configuration's run of the same round); None when no
+    round has both."""
+    xs = [f(r, base[r["round"]]) for r in runs if r["round"] in base]
+    return median(xs) if xs else None
+
+
 def summarize(result: dict, names: list[str], failed: set[str]) -> None:
     cfgs = result["configs"]
     bare_runs = {r["round"]: r for r in cfgs["bare"]["runs"]}
     native_runs = {r["round"]: r for r in cfgs.get("native_composed", {}).get("runs", [])}
+    floor_runs = {r["round"]: r for r in cfgs.get(FLOOR, {}).get("runs", [])}
+    bare_fixed = {r["round"]: r for r in cfgs["bare"].get("fixed_runs", [])}
     for name in names:
         c = cfgs[name]
         runs = c["runs"]
@@ -554,6 +674,30 @@ def summarize(result: dict, names: list[str], failed: set[str]) -> None:
         med["added_cpu_us"] = median([r["cpu_us_per_req"] - bare_runs[r["round"]]["cpu_us_per_req"] for r in runs])
         if native_runs:
             med["ratio_native"] = median([r["rps"] / native_runs[r["round"]]["rps"] for r in runs])
+        ratio_floor = within(runs, floor_runs, lambda r, f: r["rps"] / f["rps"])
+        if ratio_floor is not None:
+            med["ratio_floor"] = ratio_floor
+            med["over_floor_cpu_us"] = within(runs, floor_runs, lambda r, f: r["cpu_us_per_req"] - f["cpu_us_per_req"])
+        fixed = c.get("fixed_runs", [])
+        if fixed:
+            fx = {k: median([r[k] for r in fixed]) for k in ("rate", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")}
+            fx["envoy_core_busy"] = median([r.get("envoy_core_busy", float("nan")) for r in fixed])
+            fx["foreign_load_envoy_cpu"] = median([r["foreign_load_envoy_cpu"] for r in fixed])
+            for k in ("requests", "errors", "late", "unsent"):
+                fx[k] = sum(r[k] for r in fixed)
+            fx["late_share"] = fx["late"] / max(fx["requests"] + sum(r.get("errors", 0) for r in fixed) + fx["unsent"], 1)
+            fx["rounds"] = len(fixed)
+            fx["rounds_not_sustained"] = sum(
+                1 for r in fixed if r["unsent"] or r["late_share"] > LATE_SHARE_MAX
+            )
+            # Judged like the other figures, on the median round: one noisy round of three does not
+            # make a configuration "not sustained", a rate past its capacity (late in every round) does.
+            fx["sustained"] = (
+                median([r["late_share"] for r in fixed]) <= LATE_SHARE_MAX and median([r["unsent"] for r in fixed]) == 0
+            )
+            for q in ("p50", "p99", "p999"):
+                fx[f"added_{q}_us"] = within(fixed, bare_fixed, lambda r, b, q=q: r[f"{q}_us"] - b[f"{q}_us"])
+            med["fixed"] = fx
         c["median"] = med
 
     targets = []
@@ -592,9 +736,155 @@ def summarize(result: dict, names: list[str], failed: set[str]) -> None:
                 # A cost target: no more than 10% worse (cheaper is noise, not a miss).
                 "met": cpu_ratio <= 1.10 and rps_ratio >= 0.90,
             })
+    b = f"{kg1k}_b"
+    for name, what in ((kg1k, "full pipeline"), (b, "full pipeline, build B")):
+        if name == b and b not in cfgs:
+            continue
+        targets.append(floor_target(result, failed, name, f"{what} ({gen.size_name(SIZES[0])} keys, Basic)", 0.80))
+    targets.append(floor_target(result, failed, "kg_auth", "auth + binding + permissions (breakdown row)", 0.92))
+    for name, what in ((kg1k, "full pipeline"), (b, "full pipeline, build B")):
+        if name == b and b not in cfgs:
+            continue
+        targets.append(fixed_target(result, failed, name, what))
     size = result["wasm_bytes"]["keygate"]
     targets.append({"target": ".wasm under 1 MiB", "value": f"{size / 1024:.0f} KiB", "met": size < 1 << 20})
     result["targets"] = targets
+
+
+def floor_target(result: dict, failed: set[str], name: str, what: str, goal: float) -> dict:
+    """Throughput of `name` at least `goal` x the wasm floor's, within rounds."""
+    t = {"target": f"{what} >= {goal:.2f} x the wasm floor (4), same run", "met": None}
+    cfgs = result["configs"]
+    if name not in cfgs:
+        no_breakdown = name.startswith("kg_") and not any(n.startswith("kg_") for n in cfgs)
+        t["value"] = "not measured (BENCH_BREAKDOWN=0)" if no_breakdown else "not measured (not in BENCH_ONLY)"
+    elif name in failed:
+        t["value"] = "not measured (did not load)"
+    elif "ratio_floor" not in cfgs[name].get("median", {}):
+        t["value"] = "not measured (no wasm floor (4) in this run)"
+    else:
+        m = cfgs[name]["median"]
+        t["value"] = f"{m['ratio_floor']:.2f} x floor (CPU {m['over_floor_cpu_us']:+.1f} µs/req over the floor's)"
+        t["met"] = m["ratio_floor"] >= goal
+    return t
+
+
+def fraction_words(frac: float) -> str:
+    return "half" if frac == 0.5 else f"{frac:g}"
+
+
+def fixed_target(result: dict, failed: set[str], name: str, what: str) -> dict:
+    """Added p99 over bare Envoy's at the fixed rate (FIXED_FRACTION of bare's capacity)."""
+    p = result["params"]
+    frac = p.get("fixed_fraction", FIXED_FRACTION)
+    t = {"target": f"{what}: added p99 <= 100 µs at {fraction_words(frac)} of bare's capacity (fixed rate)", "met": None}
+    fx = result["configs"].get(name, {}).get("median", {}).get("fixed")
+    if name not in result["configs"]:
+        t["value"] = "not measured (not in BENCH_ONLY)"
+    elif name in failed:
+        t["value"] = "not measured (did not load)"
+    elif "fixed" in p and not p["fixed"]:
+        t["value"] = "not measured (BENCH_FIXED=0)"
+    elif not fx:
+        t["value"] = "not measured (no fixed-rate runs in this results file)"
+    elif fx["added_p99_us"] is None:
+        t["value"] = "not measured (no fixed-rate run of bare Envoy in the same rounds)"
+    elif not fx["sustained"]:
+        t["value"] = (
+            f"not sustained at {fx['rate']:,.0f} req/s: {fx['late_share'] * 100:.1f}% of requests sent late, "
+            f"{fx['unsent']:,} never sent ({fx['rounds_not_sustained']} of {fx['rounds']} rounds); "
+            f"added p99 {fx['added_p99_us']:+,.0f} µs"
+        )
+        t["met"] = False
+    else:
+        t["value"] = (
+            f"{fx['added_p99_us']:+.0f} µs (added p50 {fx['added_p50_us']:+.0f} µs) at {fx['rate']:,.0f} req/s"
+        )
+        t["met"] = fx["added_p99_us"] <= 100
+        bfx = result["configs"]["bare"]["median"].get("fixed")
+        if bfx and not bfx["sustained"]:
+            # Against a baseline that queues, "added" means little either way.
+            t["value"] += "; not judged: bare Envoy itself did not sustain the rate"
+            t["met"] = None
+    return t
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def fixed_words(result: dict) -> str:
+    p = result["params"]
+    if "fixed" not in p:
+        return "This results file has no fixed-rate runs (—)."
+    if not p["fixed"]:
+        return "No fixed-rate runs (BENCH_FIXED=0: —)."
+    return (
+        f"\"At {fraction_words(p['fixed_fraction'])} load\": each round, every configuration again at a fixed "
+        f"{p['fixed_fraction']:g} x bare Envoy's req/s of that round (bench/fleet-limits's generator, "
+        f"{p['connections']} connections on CPU {p['wrk_cpu']}, latency from the scheduled send, so no coordinated "
+        "omission); added = minus bare's p50 / p99 in the same round, then the median."
+    )
+
+
+def fixed_cell(fx: dict | None) -> str:
+    """The main table's "added p50 / p99 at half load" cell."""
+    if not fx or fx.get("added_p99_us") is None:
+        return "—"
+    if not fx["sustained"]:
+        never = f", {fx['unsent']:,} never sent" if fx["unsent"] else ""
+        return f"⚠ not sustained ({fx['late_share'] * 100:.1f}% late{never})"
+    return f"{fx['added_p50_us']:+.0f} / {fx['added_p99_us']:+.0f}"
+
+
+def fixed_table(result: dict, names: list[str]) -> list[str]:
+    """Latency at the fixed rate, per configuration (nothing when no configuration has such runs)."""
+    rows = [(n, result["configs"][n]["median"].get("fixed")) for n in names]
+    if not any(fx for _, fx in rows):
+        return []
+    p = result["params"]
+    lines = [
+        "",
+        f"Latency at a fixed load ({p['fixed_fraction']:g} x bare Envoy's saturated req/s, per round; medians "
+        f"over rounds; {p['connections']} connections, request i on connection i mod {p['connections']}; \"late\" is "
+        "the share of requests sent after their slot because their connection was still waiting for the one "
+        "before, \"never sent\" what the generator gave up on; a "
+        f"round with more than {p.get('fixed_late_share_max', LATE_SHARE_MAX) * 100:g}% late or any never sent did "
+        "not sustain the rate, and its latency is mostly queueing; a configuration is \"sustained\" when its median "
+        "round is):",
+        "",
+        "| configuration | rate req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99.9 µs | "
+        "Envoy CPU µs/req | Envoy core busy | late | never sent | sustained |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, fx in rows:
+        label = result["configs"][name]["label"]
+        if not fx:
+            lines.append(f"| {label} |" + " — |" * 12)
+            continue
+        err = f" ⚠ {fx['errors']} errors" if fx["errors"] else ""
+        sustained = "yes" if fx["sustained"] else "**no**"
+        if fx["rounds_not_sustained"]:
+            sustained += f" ({fx['rounds_not_sustained']} of {fx['rounds']} rounds not)"
+        lines.append(
+            f"| {label}{err} | {fx['rate']:,.0f} | {fx['p50_us']:.0f} | {fx['p99_us']:.0f} | {fx['p999_us']:.0f} | "
+            f"{fmt(fx['added_p50_us'], '+.0f')} | {fmt(fx['added_p99_us'], '+.0f')} | {fmt(fx['added_p999_us'], '+.0f')} | "
+            f"{fx['cpu_us_per_req']:.1f} | {fx['envoy_core_busy'] * 100:.0f}% | {fx['late_share'] * 100:.1f}% | "
+            f"{fx['unsent']:,} | {sustained} |"
+        )
+    bare = result["configs"]["bare"]
+    bfx = bare["median"].get("fixed")
+    if bfx and not bfx["sustained"]:
+        lines += [
+            "",
+            f"**Bare Envoy itself did not sustain the rate** ({bfx['rounds_not_sustained']} of {bfx['rounds']} rounds): "
+            f"at {bfx['rate']:,.0f} req/s it used {bfx['cpu_us_per_req']:.1f} µs of CPU per request against "
+            f"{bare['median']['cpu_us_per_req']:.1f} saturated (paced requests wake Envoy one by one), "
+            f"{bfx['envoy_core_busy'] * 100:.0f}% of its core, and other processes "
+            f"{bfx['foreign_load_envoy_cpu'] * 100:.0f}%. The added figures are then against a queueing baseline: "
+            "run on a quiet machine, or lower BENCH_FIXED_FRACTION.",
+        ]
+    return lines
 
 
 def fmt_mib(kib) -> str:
@@ -609,10 +899,13 @@ def markdown(result: dict, names: list[str], failed: set[str]) -> str:
         f"--concurrency 1 on CPU {p['envoy_cpu']}; {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}, Envoy {m['envoy']}, {m['wrk']}; load average {' '.join(m['loadavg_start'])} "
         f"at start, {' '.join(m.get('loadavg_end', ['?']))} at end. Medians over rounds; ratios are taken "
-        "within a round, then the median.",
+        "within a round, then the median; \"x floor\" and \"CPU over floor\" are against the wasm floor (4). "
+        + fixed_words(result),
         "",
-        "| configuration | req/s | x (1) | x (3) | p50 µs | p99 µs | p99 over (1) µs | Envoy CPU µs/req | over (1) | RSS c1 MiB | RSS c4 MiB | LIVE c1 s | LIVE c4 s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | req/s | x (1) | x (3) | x floor | p50 µs | p99 µs | p99 over (1) µs | "
+        f"added p50 / p99 µs at {fraction_words(p.get('fixed_fraction', FIXED_FRACTION))} load | "
+        "Envoy CPU µs/req | over (1) | CPU over floor | RSS c1 MiB | RSS c4 MiB | LIVE c1 s | LIVE c4 s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in names:
         c = result["configs"][name]
@@ -620,15 +913,24 @@ def markdown(result: dict, names: list[str], failed: set[str]) -> str:
         err = f" ⚠ {md['errors']} errors" if md["errors"] else ""
         lines.append(
             f"| {c['label']}{err} | {md['rps']:,.0f} | {md['ratio_bare']:.2f} | "
-            f"{md.get('ratio_native', float('nan')):.2f} | {md['p50_us']:.0f} | {md['p99_us']:.0f} | "
-            f"{md['added_p99_us']:+.0f} | {md['cpu_us_per_req']:.1f} | {md['added_cpu_us']:+.1f} | "
+            f"{fmt(md.get('ratio_native'), '.2f')} | {fmt(md.get('ratio_floor'), '.2f')} | "
+            f"{md['p50_us']:.0f} | {md['p99_us']:.0f} | {md['added_p99_us']:+.0f} | {fixed_cell(md.get('fixed'))} | "
+            f"{md['cpu_us_per_req']:.1f} | {md['added_cpu_us']:+.1f} | {fmt(md.get('over_floor_cpu_us'), '+.1f')} | "
             f"{fmt_mib(c.get('rss_after_kib'))} | {fmt_mib(c.get('rss_c4_kib'))} | "
             f"{c.get('start_s', 0):.2f} | {c.get('start_c4_s', 0):.2f} |"
         )
+    lines += fixed_table(result, names)
     foreign = [r["foreign_load_envoy_cpu"] for n in names for r in result["configs"][n]["runs"]]
     if foreign:
+        fixed_foreign = [
+            r["foreign_load_envoy_cpu"] for n in names for r in result["configs"][n].get("fixed_runs", [])
+        ]
+        during_fixed = (
+            f" (fixed-rate runs: median {median(fixed_foreign) * 100:.0f}%, max {max(fixed_foreign) * 100:.0f}%)"
+            if fixed_foreign else ""
+        )
         lines += ["", f"Noise: other processes used a median {median(foreign) * 100:.0f}% "
-                      f"(max {max(foreign) * 100:.0f}%) of Envoy's core during the measured runs."]
+                      f"(max {max(foreign) * 100:.0f}%) of Envoy's core during the measured saturated runs{during_fixed}."]
     lines += ["", "Config compile (time to LIVE over bare Envoy's, and RSS over bare's) and config change:", "",
               "| keys | LIVE c1 s | over bare s | RSS c1 MiB | over bare MiB | LIVE c4 s | RSS c4 MiB | over bare MiB | config change in effect s |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -659,7 +961,8 @@ def markdown(result: dict, names: list[str], failed: set[str]) -> str:
         lines += shown + ["```"]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+        met = "–" if t["met"] is None else "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['target']} | {t['value']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
