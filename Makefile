@@ -253,3 +253,16 @@ bench-fleet-limits: setup-envoy setup-redis build ## fleet limits: remote calls 
 	cargo build --release -p keygate-ratelimit -p keygate-e2e --bin keygate-ratelimit --bin keygate-echo
 	CARGO_TARGET_DIR="$(ROOT)/target/bench-load" cargo build --release --manifest-path bench/fleet-limits/Cargo.toml
 	KEYGATE_REDIS_SERVER="$$( { $(REDIS_FIND); } || true)" "$(VENV)/bin/python" bench/fleet_limits.py
+
+# ---- soak (not part of `make test`) --------------------------------------------------------------
+# `make soak` builds the filter, the release control plane and the soak (tests/e2e/src/bin/
+# keygate-soak), then sends SOAK_REQUESTS (default 10,000,000; SOAK_SECONDS caps the time) through
+# a 4-worker Envoy in control-plane mode while the control plane's API churns keys; it fails on a
+# VM restart, a reply of an unexpected class, an over-admission, an upstream count that differs,
+# or Envoy's memory growing after warm-up. SOAK_CONNECTIONS (default 16); SOAK_FAULT=near-limit
+# must fail (the limit check holds keys of 60/10s to 50/10s). About 30 minutes at 10 million.
+.PHONY: soak
+soak: setup-envoy build ## soak: 10M requests (SOAK_REQUESTS) through 4 workers under key churn; checks VMs, reply classes, limits, upstream count, memory (target/soak/)
+	cargo build --release -p keygate-control -p keygate-e2e --bin keygate-control --bin keygate-soak
+	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/release/keygate-control" \
+	  target/release/keygate-soak

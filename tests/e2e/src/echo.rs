@@ -11,7 +11,7 @@
 //! connection, keep-alive supported); the server stops when the [`Echo`] is dropped.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -59,6 +59,8 @@ struct Shared {
     verbose: bool,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Requests answered since start, recorded or not ([`Echo::received`]).
+    received: AtomicU64,
 }
 
 /// A running echo upstream. Dropping it stops the server.
@@ -78,6 +80,13 @@ impl Echo {
     /// Starts on `bind:port` (port 0 picks a free one), recording requests.
     pub fn start_on(bind: &str, port: u16) -> io::Result<Echo> {
         Echo::spawn(bind, port, true, false)
+    }
+
+    /// Starts on 127.0.0.1 with an ephemeral port, counting requests ([`Echo::received`])
+    /// without recording them: for long runs (the soak), whose millions of requests would not
+    /// fit in memory.
+    pub fn start_counting() -> Echo {
+        Echo::spawn("127.0.0.1", 0, false, false).expect("start echo upstream on 127.0.0.1:0")
     }
 
     /// Serves forever without recording, printing one line per request (the `keygate-echo`
@@ -159,6 +168,12 @@ impl Echo {
         }
     }
 
+    /// How many requests it has answered since it started (recorded or not; not reset by
+    /// [`Echo::clear`]).
+    pub fn received(&self) -> u64 {
+        self.shared.received.load(Ordering::SeqCst)
+    }
+
     /// Requests currently being answered.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
@@ -200,6 +215,7 @@ impl Handler for Shared {
                 .push(trailers);
         }
 
+        self.received.fetch_add(1, Ordering::SeqCst);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         if let Some(delay) = delay {
@@ -273,6 +289,17 @@ mod tests {
         assert_eq!(got[0].body, b"hello");
         assert_eq!(got[1].body, b"abc");
         assert_eq!(got[1].path, "/two");
+    }
+
+    #[test]
+    fn a_counting_echo_counts_without_recording() {
+        let echo = Echo::start_counting();
+        let mut conn = crate::client::Conn::open(echo.port()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(conn.send(&Req::get("/n")).unwrap().status, 200);
+        }
+        assert_eq!(echo.received(), 3);
+        assert!(echo.captured().is_empty());
     }
 
     #[test]

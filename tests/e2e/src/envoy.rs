@@ -60,6 +60,8 @@ pub struct EnvoyBuilder {
     log_level: String,
     component_log_level: Option<String>,
     access_log_format: String,
+    /// Whether the listener writes an access log ([`EnvoyBuilder::no_access_log`]).
+    access_log: bool,
     envoy_bin: Option<PathBuf>,
     wasm: Option<PathBuf>,
     ready_timeout: Duration,
@@ -91,6 +93,7 @@ impl EnvoyBuilder {
             log_level: "info".to_string(),
             component_log_level: None,
             access_log_format: DEFAULT_ACCESS_LOG_FORMAT.to_string(),
+            access_log: true,
             envoy_bin: None,
             wasm: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
@@ -215,6 +218,13 @@ impl EnvoyBuilder {
     /// The access-log line format (Envoy command operators; end it with `\n`).
     pub fn access_log_format(mut self, format: &str) -> Self {
         self.access_log_format = format.to_string();
+        self
+    }
+
+    /// No access log (for long runs: the soak's millions of requests would fill the disk);
+    /// [`Envoy::access_log`] then stays empty.
+    pub fn no_access_log(mut self) -> Self {
+        self.access_log = false;
         self
     }
 
@@ -343,6 +353,9 @@ impl EnvoyBuilder {
             ]
         });
         if let Some(obj) = hcm.as_object_mut() {
+            if !self.access_log {
+                obj.remove("access_log");
+            }
             obj.extend(self.hcm.clone());
         }
 
@@ -732,6 +745,22 @@ mod tests {
             4242
         );
         assert_eq!(clusters[1]["name"], "control");
+    }
+
+    #[test]
+    fn no_access_log_leaves_the_listener_without_one() {
+        let hcm = |b: EnvoyBuilder| {
+            b.bootstrap(Path::new("/f.wasm"), Path::new("/a.log"))["static_resources"]["listeners"]
+                [0]["filter_chains"][0]["filters"][0]["typed_config"]
+                .clone()
+        };
+        assert_eq!(
+            hcm(EnvoyBuilder::new())["access_log"][0]["typed_config"]["path"],
+            "/a.log"
+        );
+        assert!(hcm(EnvoyBuilder::new().no_access_log())
+            .get("access_log")
+            .is_none());
     }
 
     #[test]
