@@ -9,7 +9,7 @@ use keygate_core::decision::Allow;
 use keygate_core::fleet::lease::{parse_fleet_limits, FleetMode};
 use keygate_core::gate::{self, GateStats, InflightTicket};
 use keygate_core::headers::parse_header_map;
-use keygate_core::poller::{Level, Poller};
+use keygate_core::poller::{Level, Poller, TICK_MS};
 use keygate_core::ratelimit::Counters;
 use keygate_core::stats::Stat;
 use keygate_core::view::{denial_reply, refusal, Answer, Source};
@@ -114,7 +114,9 @@ impl RootContext for KeygateRoot {
         if !vm.local.rates.is_empty() {
             let retries = self.source.max_cas_retries(&*vm);
             let (id, now) = (vm.vm_id.get(), now_us());
-            (vm.local.rates).sweep(&*vm, id, now, retries, &mut counters);
+            // Every lease that would expire before the tick after next ends now.
+            let horizon_us = 2 * TICK_MS * 1000;
+            (vm.local.rates).sweep(&*vm, id, now, horizon_us, retries, &mut counters);
         }
         vm.metrics.record(counters.stats());
     }

@@ -496,8 +496,7 @@ pub fn evaluate(
         // An address this VM found clear a moment ago is not read again (see ClearAddresses).
         if !vm.is_some_and(|v| v.clear.is_clear(*ip, now_us)) {
             let shadow_before = stats.shadow_limited.len();
-            if let Some(denial) = failed_auth_precheck(cat, key, host.store(), *ip, now_us, stats)
-            {
+            if let Some(denial) = failed_auth_precheck(cat, key, host.store(), *ip, now_us, stats) {
                 return Verdict::Deny(denial);
             }
             if let (Some(v), true) = (vm, stats.shadow_limited.len() == shadow_before) {

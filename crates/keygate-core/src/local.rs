@@ -87,8 +87,8 @@ impl HeldSlots {
             let mut map = self.0.borrow_mut();
             let a = map.entry(ticket.store_key.clone()).or_default();
             a.in_flight = a.in_flight.saturating_sub(1);
-            let far = ticket.limit >= POOL_MIN_LIMIT
-                && u64::from(a.total) * 2 <= u64::from(ticket.limit);
+            let far =
+                ticket.limit >= POOL_MIN_LIMIT && u64::from(a.total) * 2 <= u64::from(ticket.limit);
             if far && a.idle < POOL_MAX {
                 a.idle += 1;
                 true

@@ -132,10 +132,10 @@ pub enum Admission {
 /// Value format: [`RATE_TAG`], then `(slot: u32, TAT in µs: u64)` entries, little-endian. A slot
 /// that is absent (or whose TAT has passed) has its whole quota. A record on which a VM holds a
 /// lease ([`lease`]) is [`RATE_LEASED_TAG`], the number of TAT entries (u8), those entries, then
-/// `(slot: u32, vm_id: u64, count: u32, expiry in µs: u64)` lease entries; without a live lease
+/// `(slot: u32, vm_id: u64, reserved µs: u64, expiry in µs: u64)` lease entries; without a lease
 /// the record is written in the first form again, byte for byte what it would be without leases.
 const ENTRY: usize = 12;
-const LEASE_ENTRY: usize = 24;
+const LEASE_ENTRY: usize = 28;
 /// Entries kept per record: a key's own rate plus per-API rates; beyond that the entries whose
 /// TAT is furthest in the past are dropped first (they are the closest to a full quota anyway).
 const MAX_ENTRIES: usize = 64;
@@ -151,9 +151,8 @@ struct Record {
 
 fn encode(record: &Record) -> Vec<u8> {
     let leased = !record.leases.is_empty();
-    let mut v = Vec::with_capacity(
-        2 + record.tats.len() * ENTRY + record.leases.len() * LEASE_ENTRY,
-    );
+    let mut v =
+        Vec::with_capacity(2 + record.tats.len() * ENTRY + record.leases.len() * LEASE_ENTRY);
     if leased {
         v.push(RATE_LEASED_TAG);
         // `compact` keeps at most MAX_ENTRIES (64) TAT entries.
@@ -168,7 +167,7 @@ fn encode(record: &Record) -> Vec<u8> {
     for l in &record.leases {
         v.extend_from_slice(&l.slot.to_le_bytes());
         v.extend_from_slice(&l.vm_id.to_le_bytes());
-        v.extend_from_slice(&l.count.to_le_bytes());
+        v.extend_from_slice(&l.reserved_us.to_le_bytes());
         v.extend_from_slice(&l.expiry_us.to_le_bytes());
     }
     v
@@ -208,8 +207,8 @@ fn decode(bytes: &[u8]) -> Option<Record> {
                     Some(lease::Entry {
                         slot: u32_at(c, 0)?,
                         vm_id: u64_at(c, 4)?,
-                        count: u32_at(c, 12)?,
-                        expiry_us: u64_at(c, 16)?,
+                        reserved_us: u64_at(c, 12)?,
+                        expiry_us: u64_at(c, 20)?,
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
@@ -236,16 +235,16 @@ fn upsert(entries: &mut Entries, slot: u32, tat: u64) {
     }
 }
 
-/// Drops entries that carry no information any more (TAT not after `now`, leases expired) and
-/// bounds the rest.
+/// Drops entries that carry no information any more (TAT not after `now`; expired leases are
+/// charged first) and bounds the rest.
 fn compact(record: &mut Record, now: u64) {
+    lease::fold_expired(record, now);
     let entries = &mut record.tats;
     entries.retain(|(_, t)| *t > now);
     if entries.len() > MAX_ENTRIES {
         entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
         entries.truncate(MAX_ENTRIES);
     }
-    record.leases.retain(|l| l.expiry_us > now);
 }
 
 /// The limiter: store, retry bound and failure policy, and (in a VM of the filter) the leases
@@ -420,20 +419,23 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                     return Step::Failed;
                 }
             };
-            // This VM's earlier leases on these slots end here: what they left is given back.
-            if let Some(l) = local {
-                lease::give_back_held(&mut record, &held, &slots, l.vm_id);
+            // Leases past their expiry are charged whole; this VM's own on these slots end here
+            // and charge what they spent.
+            lease::fold_expired(&mut record, now);
+            let vm_id = local.map_or(0, |l| l.vm_id);
+            if local.is_some() {
+                lease::end_mine(&mut record, &held, &slots, vm_id, now);
             }
-            // The checks of one subject use distinct slots: each reads its own entry.
+            // The checks of one subject use distinct slots: each reads its own entry, plus what
+            // the other VMs' leases on it reserve.
             let mut bases = Vec::with_capacity(group.len());
             let mut shadow_refused = Vec::new();
             let mut extra = u64::MAX;
             for &i in group {
                 let check = &checks[i];
-                let held_by_others = lease::outstanding(&record, check.slot, now);
                 let t = check.rate.interval_us();
-                let floor = now.saturating_add(held_by_others.saturating_mul(t));
-                let base = tat_of(&record.tats, check.slot).max(floor);
+                let own = tat_of(&record.tats, check.slot).max(now);
+                let base = own.saturating_add(lease::reserved(&record, check.slot, vm_id, now));
                 if base - now > check.rate.tolerance_us() {
                     if check.shadow {
                         shadow_refused.push(i);
@@ -445,8 +447,13 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                     };
                 }
                 let left = (check.rate.tolerance_us() - (base - now)) / t;
-                extra = extra.min(if check.shadow { 0 } else { lease::extra(left) });
-                bases.push((i, base));
+                let size = lease::RateLeases::size(&held, check.slot);
+                extra = extra.min(if check.shadow {
+                    0
+                } else {
+                    lease::extra(left, size)
+                });
+                bases.push((i, own, base));
             }
             if bases.is_empty() {
                 return Step::Admitted {
@@ -456,30 +463,28 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 };
             }
             let extra = match local {
-                Some(_) if shadow_refused.is_empty() && record.leases.len() < lease::MAX_ENTRIES => {
+                Some(_)
+                    if shadow_refused.is_empty() && record.leases.len() < lease::MAX_ENTRIES =>
+                {
                     u32::try_from(extra).unwrap_or(0)
                 }
                 _ => 0,
             };
             let mut taken = Vec::with_capacity(bases.len());
-            for &(i, base) in &bases {
+            for &(i, own, base) in &bases {
                 let check = &checks[i];
                 let t = check.rate.interval_us();
-                let tat_after = base + t;
-                upsert(
-                    &mut record.tats,
-                    check.slot,
-                    tat_after + u64::from(extra) * t,
-                );
+                upsert(&mut record.tats, check.slot, own + t);
                 if let (Some(l), true) = (local, extra > 0) {
                     record.leases.push(lease::Entry {
                         slot: check.slot,
                         vm_id: l.vm_id,
-                        count: extra,
+                        reserved_us: u64::from(extra) * t,
                         expiry_us: now + lease::TTL_US,
                     });
                 }
-                taken.push((i, tat_after));
+                // As this VM sees it: this request and every lease, its own included.
+                taken.push((i, base + t + u64::from(extra) * t));
             }
             compact(&mut record, now);
             match self.store.set(store_key, &encode(&record), cas) {
@@ -511,8 +516,8 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
         let mut from_store = Vec::with_capacity(taken.len());
         for t in taken {
             let check = &checks[t.index];
-            let unspent = t.leased
-                && (self.local.as_ref()).is_some_and(|l| l.leases.unspend(check, now));
+            let unspent =
+                t.leased && (self.local.as_ref()).is_some_and(|l| l.leases.unspend(check, now));
             if !unspent {
                 from_store.push(t.index);
             }
@@ -805,7 +810,9 @@ mod tests {
         let store = FakeStore::new();
         let absent = store.absent_cas();
         assert!(store.get("new").unwrap().is_none());
-        store.set("new", &encode(&tats(&[(0, NOW + 1)])), absent).unwrap();
+        store
+            .set("new", &encode(&tats(&[(0, NOW + 1)])), absent)
+            .unwrap();
         assert_eq!(
             store.set("new", &encode(&tats(&[(0, NOW + 2)])), absent),
             Err(SetError::CasMismatch)

@@ -99,9 +99,13 @@ impl Source {
                     "config version {version} in force: {accounts} accounts, {keys} keys, {apis} apis"
                 );
                 Configured {
-                    // Concurrency heartbeats, and rate leases given back once expired.
-                    tick_ms: (cfg.uses_concurrency_limits() || cfg.uses_rate_limits())
-                        .then_some(gate::INFLIGHT_HEARTBEAT_S * 1000),
+                    // Rate leases ended before they expire (every TICK_MS), concurrency
+                    // heartbeats.
+                    tick_ms: if cfg.uses_rate_limits() {
+                        Some(TICK_MS)
+                    } else {
+                        (cfg.uses_concurrency_limits()).then_some(gate::INFLIGHT_HEARTBEAT_S * 1000)
+                    },
                     source: Some(Source::from_static_in(*cfg, region)),
                     accepted: true,
                     log: (Level::Info, line),
