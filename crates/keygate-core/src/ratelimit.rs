@@ -98,6 +98,8 @@ pub enum OnStoreError {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
     pub cas_retries: u32,
+    /// Leases taken ([`lease`]).
+    pub leases: u32,
     pub retries_exhausted: u32,
     pub garbage_values: u32,
     pub store_errors: u32,
@@ -491,6 +493,7 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 Ok(()) => {
                     if let Some(l) = local {
                         l.leases.took(checks, &taken, &slots, extra, now);
+                        counters.leases += u32::from(extra > 0);
                     }
                     return Step::Admitted {
                         taken,

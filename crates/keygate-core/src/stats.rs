@@ -51,10 +51,13 @@ pub enum Stat {
     FleetWaits,
     /// Fleet limits: answers that failed (service or Redis down, timeout, bad reply).
     FleetErrors,
+    /// Local limits: leases a VM took (a batch of a subject's requests it then spends without a
+    /// shared-data call).
+    Leases,
 }
 
 /// The stats that are neither per reason nor per limit kind, in [`Stat::index`] order.
-const FIXED: [Stat; 19] = [
+const FIXED: [Stat; 20] = [
     Stat::Allowed,
     Stat::ConfigLoaded,
     Stat::ConfigRejected,
@@ -74,6 +77,7 @@ const FIXED: [Stat; 19] = [
     Stat::FleetHitsLeased,
     Stat::FleetWaits,
     Stat::FleetErrors,
+    Stat::Leases,
 ];
 
 impl Stat {
@@ -119,6 +123,7 @@ impl Stat {
             Stat::ConfigStaleServed => "config.stale_served",
             Stat::ConfigAge => "config.age_seconds",
             Stat::CasRetries => "ratelimit.cas_retries",
+            Stat::Leases => "ratelimit.leases",
             Stat::RetriesExhausted => "ratelimit.retries_exhausted",
             Stat::GarbageValues => "ratelimit.garbage_values",
             Stat::StoreErrors => "ratelimit.store_errors",
@@ -137,9 +142,10 @@ impl Stat {
 
 impl Counters {
     /// The limiter's counters as stat increments.
-    pub fn stats(&self) -> [(Stat, u64); 4] {
+    pub fn stats(&self) -> [(Stat, u64); 5] {
         [
             (Stat::CasRetries, self.cas_retries.into()),
+            (Stat::Leases, self.leases.into()),
             (Stat::RetriesExhausted, self.retries_exhausted.into()),
             (Stat::GarbageValues, self.garbage_values.into()),
             (Stat::StoreErrors, self.store_errors.into()),
@@ -237,14 +243,15 @@ mod tests {
             "keygate.fleet.hits_leased",
             "keygate.fleet.waits",
             "keygate.fleet.errors",
+            "keygate.ratelimit.leases",
         ];
-        assert_eq!(names[..19], fixed);
-        assert_eq!(names[19], "keygate.denied.no_config");
-        assert_eq!(names[37], "keygate.denied.config_stale");
-        assert_eq!(names[38], "keygate.denied.wrong_region");
-        assert_eq!(names[39], "keygate.ratelimit.shadow_limited.key");
-        assert_eq!(names[42], "keygate.ratelimit.shadow_limited.failed_auth");
-        assert_eq!(names.len(), 43);
+        assert_eq!(names[..20], fixed);
+        assert_eq!(names[20], "keygate.denied.no_config");
+        assert_eq!(names[38], "keygate.denied.config_stale");
+        assert_eq!(names[39], "keygate.denied.wrong_region");
+        assert_eq!(names[40], "keygate.ratelimit.shadow_limited.key");
+        assert_eq!(names[43], "keygate.ratelimit.shadow_limited.failed_auth");
+        assert_eq!(names.len(), 44);
         for (i, stat) in Stat::all().enumerate() {
             assert_eq!(stat.index(), i, "{stat:?}");
             let gauge = matches!(stat, Stat::ConfigVersion | Stat::ConfigAge);
@@ -257,6 +264,7 @@ mod tests {
         let stats = GateStats {
             counters: Counters {
                 cas_retries: 3,
+                leases: 0,
                 retries_exhausted: 0,
                 garbage_values: 1,
                 store_errors: 2,
@@ -269,6 +277,7 @@ mod tests {
             got,
             [
                 (Stat::CasRetries, 3),
+                (Stat::Leases, 0),
                 (Stat::RetriesExhausted, 0),
                 (Stat::GarbageValues, 1),
                 (Stat::StoreErrors, 2),

@@ -768,3 +768,129 @@ fn concurrent_guesses_from_one_address_are_limited_without_admitting_anyone() {
         "too_many_failed_auth"
     );
 }
+
+// ---- Leases (far from a limit, a worker spends a batch without shared data) ------------------
+
+#[test]
+fn a_large_limit_is_spent_from_leases_and_never_exceeded_across_four_workers() {
+    // 1,000 an hour: far from the limit each worker reserves a batch of the key's requests (1,
+    // then doubling, at most 64 and 1/16 of what is left) and spends it without shared data;
+    // under 64 left every request is taken from the record, as without leases.
+    const LIMIT: usize = 1000;
+    let (echo, envoy) = start(&config_with(json!({"key": {"main": hour(1000)}})));
+    let port = envoy.port();
+    // Under the limit: every request gets in.
+    let under = burst(port, same_request(&get(CALLS, MAIN), 24, 30));
+    assert_eq!(tally(under.iter().flatten()), counts(&[("ok", 720)]));
+    let leases = metric(&envoy, "keygate.ratelimit.leases");
+    assert!(leases > 0, "the burst was served from leases");
+
+    // Every lease has ended 1 s after it was taken (its worker's tick ends it, or the next
+    // writer charges it whole at its expiry), and the 3.6 s interval refills nothing meanwhile.
+    // Over the limit: never more than what is left.
+    thread::sleep(Duration::from_millis(1500));
+    let over = burst(port, same_request(&get(CALLS, MAIN), 32, 20));
+    let all: Vec<&Response> = over.iter().flatten().collect();
+    let counted = tally(all.iter().copied());
+    let ok = counted.get("ok").copied().unwrap_or(0);
+    assert_eq!(
+        counted,
+        counts(&[("ok", ok), ("rate_limited_key", 640 - ok)]),
+        "nothing but admissions and key refusals"
+    );
+    let first = 720 + ok;
+    assert!(
+        first <= LIMIT,
+        "{first} admitted against a limit of {LIMIT}"
+    );
+
+    // Then one connection (one worker) gets what is left.
+    thread::sleep(Duration::from_millis(1500));
+    let mut conn = Conn::open(port).unwrap();
+    let mut second = 0;
+    loop {
+        let res = conn.send(&get(CALLS, MAIN)).unwrap();
+        if res.status != 200 {
+            assert_rate_limited(&res, "rate_limited_key", "key", 1000);
+            break;
+        }
+        second += 1;
+        assert!(second <= LIMIT, "runaway");
+    }
+    let total = first + second;
+    eprintln!(
+        "leases: {leases} taken under the limit; 720 + {ok} admitted, {second} after: {total}"
+    );
+    assert!(
+        total <= LIMIT,
+        "{total} admitted against a limit of {LIMIT}"
+    );
+    // What leases may cost: a lease its worker could not end before it expired is charged whole
+    // (at most 64 per worker); with ticks on time nothing is lost.
+    assert!(
+        total >= LIMIT - 4 * 64,
+        "{total}: more lost than four workers' leases"
+    );
+    assert_eq!(
+        echo.captured().len(),
+        total,
+        "the upstream saw exactly the admitted"
+    );
+    assert_eq!(metric(&envoy, "keygate.allowed"), total as u64);
+}
+
+#[test]
+fn kept_concurrency_slots_never_let_more_than_the_limit_in_flight() {
+    // A limit of 64: a worker keeps up to 8 released slots for its next requests while the
+    // account is at most half full; they stay counted as that worker's, so the total in flight
+    // never passes the limit.
+    const N: usize = 64;
+    let (echo, envoy) = start(&config_with(json!({"account_concurrency": 64})));
+    let port = envoy.port();
+    // Quick requests on 16 connections: every worker ends up keeping some slots.
+    let warm = burst(port, same_request(&get(CALLS, MAIN), 16, 20));
+    assert_eq!(tally(warm.iter().flatten()), counts(&[("ok", 320)]));
+
+    let slow = |n: usize, ms: u32| {
+        let (tx, rx) = mpsc::channel();
+        let barrier = Arc::new(Barrier::new(n));
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let (tx, barrier) = (tx.clone(), Arc::clone(&barrier));
+                thread::spawn(move || {
+                    let mut conn = Conn::open(port).unwrap();
+                    barrier.wait();
+                    tx.send(conn.send(&get(&format!("/__slow/{ms}"), MAIN)).unwrap())
+                        .unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let all: Vec<Response> = rx.try_iter().collect();
+        tally(&all)
+    };
+    // 80 held requests at once: never more than 64 at the upstream; at least 64 less what the
+    // workers that got none of them keep (8 each).
+    let held = slow(N + 16, 2000);
+    let admitted = held.get("ok").copied().unwrap_or(0);
+    assert_eq!(
+        held,
+        counts(&[("ok", admitted), ("concurrency_limited", N + 16 - admitted)])
+    );
+    assert!(
+        echo.max_in_flight() <= N,
+        "{} in flight",
+        echo.max_in_flight()
+    );
+    assert!(admitted >= N - 3 * 8, "{admitted} admitted");
+    eprintln!("kept slots: {admitted} of {N} admitted with slots kept");
+
+    // Kept slots that no request takes go back at the heartbeat (every 2 s): after two, the
+    // limit is whole again and exactly 64 of 72 held requests get in.
+    thread::sleep(Duration::from_millis(4500));
+    let again = slow(N + 8, 2000);
+    assert_eq!(again, counts(&[("ok", N), ("concurrency_limited", 8)]));
+    assert!(echo.max_in_flight() <= N);
+}
