@@ -270,7 +270,8 @@ fn main() -> ExitCode {
         tally: &tally,
         progress: &progress,
         rss: &rss,
-        span_us: ended_us.saturating_sub(started_us),
+        started_us,
+        ended_us: ended_us.max(started_us),
     });
     let outcome = Outcome {
         tally: &tally,
@@ -396,7 +397,9 @@ struct Run<'a> {
     tally: &'a Tally,
     progress: &'a Progress,
     rss: &'a [(f64, u64)],
-    span_us: u64,
+    /// When the load started and ended, wall clock (µs).
+    started_us: u64,
+    ended_us: u64,
 }
 
 /// Every check, in the order of the module documentation.
@@ -545,18 +548,18 @@ fn check(run: &Run<'_>) -> Vec<Verdict> {
 
     // limits
     verdicts.push(limit_verdict(
-        "near-limit keys",
+        "limits (near-limit keys)",
         &run.tally.near_admitted,
         &run.tally.near_sent,
         NEAR_RATE,
-        run.span_us,
+        (run.started_us, run.ended_us),
     ));
     verdicts.push(limit_verdict(
-        "API-limited keys",
+        "limits (API-limited keys)",
         &run.tally.api_admitted,
         &run.tally.api_sent,
         API_RATE,
-        run.span_us,
+        (run.started_us, run.ended_us),
     ));
 
     // upstream
@@ -601,29 +604,25 @@ fn check(run: &Run<'_>) -> Vec<Verdict> {
 }
 
 /// The limit check of one pool: no window over GCRA, and not under half of it when asked for
-/// at least twice as much.
+/// at least twice as much. `load` is when the load started and ended (wall clock, µs).
 fn limit_verdict(
-    pool: &'static str,
+    check: &'static str,
     admitted: &[(usize, u64, u64)],
     sent: &BTreeMap<usize, u64>,
     rate: Rate,
-    span_us: u64,
+    (started_us, ended_us): (u64, u64),
 ) -> Verdict {
-    let check = if pool.starts_with("near") {
-        "limits (near-limit keys)"
-    } else {
-        "limits (API-limited keys)"
-    };
     let mut by_key: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
     for &(k, s, r) in admitted {
         by_key.entry(k).or_default().push((s, r));
     }
-    let allowance = limits::allowance(rate.requests, rate.interval_us(), span_us);
+    let allowance = limits::allowance(rate.requests, rate.interval_us(), ended_us - started_us);
+    let since_start = |us: u64| (us as f64 - started_us as f64) / 1e6;
     let mut over = Vec::new();
     let mut under = Vec::new();
     let mut tightest = f64::NEG_INFINITY;
     let mut total = 0u64;
-    for (&k, requests) in &sent.clone() {
+    for (&k, &requests) in sent {
         let mut pairs = by_key.remove(&k).unwrap_or_default();
         let count = pairs.len() as u64;
         total += count;
@@ -631,30 +630,31 @@ fn limit_verdict(
             tightest = tightest.max(w.excess);
             if w.excess > 0.0 {
                 over.push(format!(
-                    "key {k} ({}) admitted {} requests in {:.3} s (sent from {:.3} to answered by {:.3}, wall clock), GCRA allows at most {}",
+                    "key {k} ({}) admitted {} requests in {:.3} s (sent from {:+.3} s, answered by {:+.3} s of the load), GCRA allows at most {}",
                     rate.label(),
                     w.admitted,
                     (w.to_us - w.from_us) as f64 / 1e6,
-                    w.from_us as f64 / 1e6,
-                    w.to_us as f64 / 1e6,
+                    since_start(w.from_us),
+                    since_start(w.to_us),
                     w.allowed
                 ));
             }
         }
-        if *requests >= 2 * allowance && count * 2 < allowance {
+        if requests >= 2 * allowance && count * 2 < allowance {
             under.push(format!(
                 "key {k} ({}) admitted {count} of {requests} requests, GCRA allows {allowance} over the run",
                 rate.label()
             ));
         }
     }
+    let list = |items: &[String]| match items.len() {
+        0..=3 => items.join("; "),
+        n => format!("{}; and {} more keys", items[..3].join("; "), n - 3),
+    };
     let failure = if !over.is_empty() {
-        Some(format!("{pool}: over the limit: {}", over.join("; ")))
+        Some(format!("over the limit: {}", list(&over)))
     } else if !under.is_empty() {
-        Some(format!(
-            "{pool}: under half the limit: {}",
-            under.join("; ")
-        ))
+        Some(format!("under half the limit: {}", list(&under)))
     } else {
         None
     };
