@@ -105,7 +105,8 @@ impl VmState {
         let state = VmState {
             anchor_cas: Cell::new(0),
             vm_id: Cell::new(0),
-            local: VmLocal::default(),
+            // Without a random key there is no digest memo (every secret is digested).
+            local: random_key().map_or_else(VmLocal::default, VmLocal::with_memo_key),
             failed_auth_key: OnceCell::new(),
             metrics: Metrics::define(),
             ticks: Ticks::default(),

@@ -27,7 +27,7 @@ use crate::compile::{
 };
 use crate::config::{CorsPreflight, Role, UnknownRoutes};
 use crate::credential::{parse_authorization, Credential};
-use crate::digest::Digest32;
+use crate::digest::{Digest32, Digester};
 use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::path::{canonicalize, CanonicalPath, TemplateMatch};
 use crate::reason::Reason;
@@ -108,9 +108,19 @@ pub enum Decision {
 
 /// Where the decision reads the client address (in the filter, a host call through
 /// [`crate::gate::Host`]): asked at most once, and only when an allowlist applies (reading it is
-/// a host call the common case should not pay). Any `FnMut() -> Option<IpAddr>` is one.
+/// a host call the common case should not pay). Any `FnMut() -> Option<IpAddr>` is one. In the
+/// filter it also digests presented secrets through the VM's memo
+/// ([`crate::local::DigestMemo`]); by default every secret is digested.
 pub trait ClientAddress {
     fn client_ip(&mut self) -> Option<IpAddr>;
+
+    /// The digest of a presented secret.
+    fn digest(&mut self, digester: &Digester, secret: &[u8]) -> Digest32 {
+        digester.digest(secret)
+    }
+
+    /// The secret last digested authenticated its principal.
+    fn authenticated(&mut self) {}
 }
 
 impl<F: FnMut() -> Option<IpAddr>> ClientAddress for F {
@@ -182,7 +192,9 @@ fn decide_inner(
     };
     let credential = parse_authorization(value, cat.schemes)?;
     let path = canonicalize(req.path).ok_or(Reason::MalformedPath)?;
-    let principal = authenticate(cat, dir, &credential, now).ok_or(Reason::InvalidCredentials)?;
+    let principal =
+        authenticate(cat, dir, &credential, now, client).ok_or(Reason::InvalidCredentials)?;
+    client.authenticated();
 
     let (account, key) = match principal {
         Principal::Key(key) => {
@@ -319,6 +331,7 @@ fn authenticate(
     dir: &dyn Directory,
     credential: &Credential<'_>,
     now: u64,
+    client: &mut dyn ClientAddress,
 ) -> Option<Principal> {
     if cat.check_secret_format {
         let secret = match credential {
@@ -332,7 +345,7 @@ fn authenticate(
     }
     match credential {
         Credential::Basic { user, secret } => {
-            let digest = cat.digester.digest(secret);
+            let digest = client.digest(&cat.digester, secret);
             match dir.by_sid(user) {
                 Some(Principal::Key(key)) => {
                     let ok = secret_matches(&key.secrets, &digest, now)
@@ -351,7 +364,7 @@ fn authenticate(
             }
         }
         Credential::Bearer { token } => {
-            let digest = cat.digester.digest(token);
+            let digest = client.digest(&cat.digester, token);
             let key = dir.by_token(&digest)?;
             let ok = secret_matches(&key.secrets, &digest, now)
                 & key_usable(key.enabled, key.expires_at, now);

@@ -18,8 +18,9 @@ pub type Digest32 = [u8; 32];
 #[derive(Clone)]
 pub enum Digester {
     Sha256,
-    /// Keyed once at compile time; each digest clones the keyed state.
-    HmacSha256(Hmac<Sha256>),
+    /// Keyed once at compile time; each digest clones the keyed state. With the key's
+    /// fingerprint (see [`Digester::fingerprint`]).
+    HmacSha256(Hmac<Sha256>, u64),
 }
 
 impl std::fmt::Debug for Digester {
@@ -27,7 +28,7 @@ impl std::fmt::Debug for Digester {
         // Never print the HMAC key.
         match self {
             Digester::Sha256 => f.write_str("Digester::Sha256"),
-            Digester::HmacSha256(_) => f.write_str("Digester::HmacSha256(..)"),
+            Digester::HmacSha256(..) => f.write_str("Digester::HmacSha256(..)"),
         }
     }
 }
@@ -50,9 +51,17 @@ impl Digester {
                 "hmac_key must be at least {MIN_HMAC_KEY_LEN} bytes, got {}",
                 k.len()
             )),
-            (DigestAlgorithm::HmacSha256, Some(k)) => Hmac::<Sha256>::new_from_slice(k)
-                .map(Digester::HmacSha256)
-                .map_err(|_| "hmac_key rejected".to_owned()),
+            (DigestAlgorithm::HmacSha256, Some(k)) => {
+                let keyed = Hmac::<Sha256>::new_from_slice(k)
+                    .map_err(|_| "hmac_key rejected".to_owned())?;
+                let mut mark = keyed.clone();
+                mark.update(b"keygate digest fingerprint");
+                let mark = mark.finalize().into_bytes();
+                let fingerprint = u64::from_le_bytes([
+                    mark[0], mark[1], mark[2], mark[3], mark[4], mark[5], mark[6], mark[7],
+                ]);
+                Ok(Digester::HmacSha256(keyed, fingerprint | 1))
+            }
         }
     }
 
@@ -60,11 +69,20 @@ impl Digester {
     pub fn digest(&self, secret: &[u8]) -> Digest32 {
         match self {
             Digester::Sha256 => Sha256::digest(secret).into(),
-            Digester::HmacSha256(keyed) => {
+            Digester::HmacSha256(keyed, _) => {
                 let mut mac = keyed.clone();
                 mac.update(secret);
                 mac.finalize().into_bytes().into()
             }
+        }
+    }
+
+    /// Which digest function this is, as a number: 0 for SHA-256, another for each HMAC key (a
+    /// MAC of a fixed string under it), so a memo of digests never answers for another key.
+    pub fn fingerprint(&self) -> u64 {
+        match self {
+            Digester::Sha256 => 0,
+            Digester::HmacSha256(_, fingerprint) => *fingerprint,
         }
     }
 

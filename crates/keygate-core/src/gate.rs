@@ -37,6 +37,7 @@ use crate::config::LimitScope;
 use crate::decision::{
     decide_in_region, denied_after_authentication, Allow, ClientAddress, Decision,
 };
+use crate::digest::{Digest32, Digester};
 use crate::fleet::lease::Need;
 use crate::fleet::Subject;
 use crate::headers::{AuthorizationHeader, RequestHead};
@@ -166,12 +167,25 @@ impl InForce for Parts<'_> {
     }
 }
 
-/// The host as the decision's source of the client address.
+/// The host as the decision's source of the client address, and of digests (the VM's memo).
 struct ViaHost<'h>(&'h dyn Host);
 
 impl ClientAddress for ViaHost<'_> {
     fn client_ip(&mut self) -> Option<IpAddr> {
         self.0.client_ip()
+    }
+
+    fn digest(&mut self, digester: &Digester, secret: &[u8]) -> Digest32 {
+        match self.0.local() {
+            Some(local) => local.digests.digest(digester, secret),
+            None => digester.digest(secret),
+        }
+    }
+
+    fn authenticated(&mut self) {
+        if let Some(local) = self.0.local() {
+            local.digests.authenticated();
+        }
     }
 }
 
@@ -511,6 +525,9 @@ pub fn evaluate(
     let decision = decide_in_region(cat, dir, region, head, now_s, &mut ViaHost(host));
     let allow = match decision {
         Decision::Deny(reason) => {
+            if let Some(v) = vm {
+                v.digests.forget_pending();
+            }
             if reason == Reason::InvalidCredentials {
                 if let Some((ip, key)) = &failed_auth {
                     if let Some(v) = vm {

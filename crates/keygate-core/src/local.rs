@@ -8,7 +8,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use siphasher::sip128::{Hasher128 as _, SipHasher24};
+
 use crate::concurrency::Inflight;
+use crate::digest::{Digest32, Digester};
 use crate::gate::{release, Host, InflightTicket, INFLIGHT_LEASE_S};
 use crate::ratelimit::lease::RateLeases;
 use crate::ratelimit::Counters;
@@ -19,6 +22,18 @@ pub struct VmLocal {
     pub rates: RateLeases,
     pub slots: HeldSlots,
     pub clear: ClearAddresses,
+    pub digests: DigestMemo,
+}
+
+impl VmLocal {
+    /// With a digest memo keyed by `memo_key` (16 bytes from the host's random source); the
+    /// default has none.
+    pub fn with_memo_key(memo_key: [u8; 16]) -> VmLocal {
+        VmLocal {
+            digests: DigestMemo::keyed(memo_key),
+            ..VmLocal::default()
+        }
+    }
 }
 
 /// Slots are kept for the VM's next requests only on accounts whose limit is at least this.
@@ -183,5 +198,131 @@ impl ClearAddresses {
 
     pub fn forget(&self, ip: IpAddr) {
         self.0.borrow_mut().remove(&ip);
+    }
+}
+
+/// Digests remembered per VM.
+pub const MEMO_MAX: usize = 4096;
+
+/// The digests of secrets that authenticated on this VM, so a client presenting the same secret
+/// again costs a SipHash instead of a SHA-256 (or HMAC). Entries are found by SipHash-2-4's
+/// 128-bit output of the presented secret under a per-VM random key, and hold the digest and
+/// which digest function made it ([`Digester::fingerprint`]); the decision then compares that
+/// digest with the principal's, in constant time, exactly as it compares a fresh one. Only the
+/// digests of secrets that authenticated are kept (a guesser cannot fill it), never a secret.
+/// Without the key nobody can choose a secret that collides with a remembered one: a wrong secret
+/// is taken for a remembered one with probability 2^-128 per try. A lookup that hits takes less
+/// time than one that misses; that tells a client only that its secret authenticated recently,
+/// which the reply tells it anyway.
+#[derive(Debug, Default)]
+pub struct DigestMemo {
+    key: Option<[u8; 16]>,
+    map: RefCell<HashMap<u128, (u64, Digest32)>>,
+    /// The last miss: remembered if the secret authenticates.
+    pending: RefCell<Option<(u128, u64, Digest32)>>,
+}
+
+impl DigestMemo {
+    pub fn keyed(key: [u8; 16]) -> DigestMemo {
+        DigestMemo {
+            key: Some(key),
+            ..DigestMemo::default()
+        }
+    }
+
+    /// The digest of `secret` under `digester`, remembered or computed.
+    pub fn digest(&self, digester: &Digester, secret: &[u8]) -> Digest32 {
+        let Some(key) = &self.key else {
+            return digester.digest(secret);
+        };
+        let mut hasher = SipHasher24::new_with_key(key);
+        std::hash::Hasher::write(&mut hasher, secret);
+        let id = hasher.finish128().as_u128();
+        let fingerprint = digester.fingerprint();
+        if let Some((f, d)) = self.map.borrow().get(&id) {
+            if *f == fingerprint {
+                self.pending.borrow_mut().take();
+                return *d;
+            }
+        }
+        let digest = digester.digest(secret);
+        *self.pending.borrow_mut() = Some((id, fingerprint, digest));
+        digest
+    }
+
+    /// The secret last digested (and missed) authenticated: remember its digest.
+    pub fn authenticated(&self) {
+        let Some((id, fingerprint, digest)) = self.pending.borrow_mut().take() else {
+            return;
+        };
+        let mut map = self.map.borrow_mut();
+        if map.len() >= MEMO_MAX {
+            map.clear();
+        }
+        map.insert(id, (fingerprint, digest));
+    }
+
+    /// Forgets the last miss (a request that did not authenticate).
+    pub fn forget_pending(&self) {
+        self.pending.borrow_mut().take();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DigestAlgorithm;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn the_memo_answers_only_for_secrets_that_authenticated_and_only_under_their_digester() {
+        let memo = DigestMemo::keyed([7; 16]);
+        let sha = Digester::Sha256;
+        let good = b"sk_live_the_real_secret";
+        let wrong = b"sk_live_not_the_secret!";
+        // A guess that fails is not remembered.
+        assert_eq!(memo.digest(&sha, wrong), sha.digest(wrong));
+        memo.forget_pending();
+        assert!(memo.is_empty());
+        // One that authenticates is, and answers next time with the same digest.
+        assert_eq!(memo.digest(&sha, good), sha.digest(good));
+        memo.authenticated();
+        assert_eq!(memo.len(), 1);
+        assert_eq!(memo.digest(&sha, good), sha.digest(good));
+        // A hit leaves nothing pending: a later `authenticated` adds nothing.
+        memo.authenticated();
+        assert_eq!(memo.len(), 1);
+        // Another secret is digested afresh, never answered with the remembered digest.
+        assert_eq!(memo.digest(&sha, wrong), sha.digest(wrong));
+        // Under another digest function (an HMAC key) the remembered SHA-256 is not used.
+        let hmac = Digester::new(DigestAlgorithm::HmacSha256, Some(&[9; 32])).unwrap();
+        assert_ne!(hmac.fingerprint(), sha.fingerprint());
+        assert_eq!(memo.digest(&hmac, good), hmac.digest(good));
+        let other = Digester::new(DigestAlgorithm::HmacSha256, Some(&[8; 32])).unwrap();
+        assert_ne!(other.fingerprint(), hmac.fingerprint());
+    }
+
+    #[test]
+    fn without_a_key_there_is_no_memo_and_a_full_memo_starts_over() {
+        let memo = DigestMemo::default();
+        let sha = Digester::Sha256;
+        assert_eq!(memo.digest(&sha, b"x"), sha.digest(b"x"));
+        memo.authenticated();
+        assert!(memo.is_empty());
+        let memo = DigestMemo::keyed([1; 16]);
+        for i in 0..MEMO_MAX + 1 {
+            let _ = memo.digest(&sha, format!("secret{i}").as_bytes());
+            memo.authenticated();
+        }
+        assert_eq!(memo.len(), 1, "cleared when full, then the last one");
     }
 }

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 
 use crate::gate::{shared_failed_auth_key, FailedAuthKey, Host};
+use crate::local::VmLocal;
 pub use crate::store::testing::FakeStore;
 use crate::store::SharedStore;
 
@@ -38,6 +39,8 @@ pub struct FakeHost {
     pub random: Cell<Option<[u8; 16]>>,
     /// A key used as it is, bypassing the shared store ([`FakeHost::with_failed_auth_key`]).
     fixed_key: Option<FailedAuthKey>,
+    /// A VM's own state, as the filter has ([`FakeHost::with_local`]); none by default.
+    pub local: Option<VmLocal>,
 }
 
 impl Default for FakeHost {
@@ -56,7 +59,15 @@ impl FakeHost {
             vm_id: 1,
             random: Cell::new(Some(key_bytes(1))),
             fixed_key: None,
+            local: None,
         }
+    }
+
+    /// With a VM's own state (leases, kept slots, clear addresses, a digest memo), as in the
+    /// filter.
+    pub fn with_local(mut self) -> FakeHost {
+        self.local = Some(VmLocal::with_memo_key(key_bytes(2)));
+        self
     }
 
     /// The clock at `now_us` microseconds since the Unix epoch.
@@ -103,6 +114,9 @@ impl Host for FakeHost {
     }
     fn vm_id(&self) -> u64 {
         self.vm_id
+    }
+    fn local(&self) -> Option<&VmLocal> {
+        self.local.as_ref()
     }
     // As the filter does: the process's key from the shared store, created on first use.
     fn failed_auth_key(&self) -> Option<FailedAuthKey> {

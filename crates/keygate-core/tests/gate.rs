@@ -695,3 +695,41 @@ fn quota_is_reported_only_when_configured() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_remembered_secret_is_refused_once_its_grace_ends_or_the_key_loses_it() {
+    // The VM's digest memo only saves digesting: the decision still compares with the key's
+    // secrets as they are now, with their expiry.
+    let doc = fixture_doc();
+    let cfg = compile_doc(&doc).unwrap();
+    let before = (T0 - 10) * 1_000_000;
+    let host = FakeHost::new().with_local().with_now_us(before);
+    let old = basic("SKrot", "sk_live_old");
+    assert_eq!(outcome(&run(&cfg, &host, &old, CALLS).0), Ok(()));
+    assert_eq!(outcome(&run(&cfg, &host, &old, CALLS).0), Ok(()));
+    assert_eq!(host.local.as_ref().unwrap().digests.len(), 1);
+    host.now_us.set((T0 + 1) * 1_000_000);
+    assert_eq!(
+        outcome(&run(&cfg, &host, &old, CALLS).0),
+        Err(Reason::InvalidCredentials)
+    );
+    // The new secret, remembered, then taken off the key by a new config.
+    let new = basic("SKrot", "sk_live_new");
+    assert_eq!(outcome(&run(&cfg, &host, &new, CALLS).0), Ok(()));
+    let mut doc = doc;
+    let rot = doc.keys.iter_mut().find(|k| k.sid == "SKrot").unwrap();
+    rot.secrets = vec![common::d("sk_live_newer")];
+    let cfg = compile_doc(&doc).unwrap();
+    assert_eq!(
+        outcome(&run(&cfg, &host, &new, CALLS).0),
+        Err(Reason::InvalidCredentials)
+    );
+    // A wrong secret is never remembered.
+    let wrong = basic("SKmain", "sk_live_wrong");
+    let remembered = host.local.as_ref().unwrap().digests.len();
+    assert_eq!(
+        outcome(&run(&cfg, &host, &wrong, CALLS).0),
+        Err(Reason::InvalidCredentials)
+    );
+    assert_eq!(host.local.as_ref().unwrap().digests.len(), remembered);
+}
