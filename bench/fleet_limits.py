@@ -450,6 +450,8 @@ STATS = [
 
 
 def snapshot(env: run.Envoy, side: Side) -> dict:
+    # keygate's counters reach Envoy's on the filter's tick: let the last requests' land.
+    time.sleep(run.STATS_SETTLE_S)
     text = env.get_admin("/stats")
     s = {}
     for name in STATS:

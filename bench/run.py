@@ -82,6 +82,8 @@ RELOAD_SIZES = [
     int(s) for s in os.environ.get("BENCH_RELOAD_SIZES", ",".join(map(str, SIZES))).split(",") if s
 ]
 ONLY = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+# keygate's counters reach Envoy's on the filter's tick (250 ms) and a margin.
+STATS_SETTLE_S = 0.4
 FIXED = os.environ.get("BENCH_FIXED", "1") != "0"
 FIXED_FRACTION = float(os.environ.get("BENCH_FIXED_FRACTION", "0.5"))
 LOAD = ROOT / "target/bench-load/release/keygate-bench-load"
@@ -271,11 +273,14 @@ def measure(env: Envoy, auth: str | None, keygate: bool) -> dict:
     """Warm-up, then one measured wrk run against `env`."""
     if WARMUP > 0:
         wrk(env.port, auth, WARMUP)
+    # keygate adds its counters to Envoy's on its tick (250 ms): let the warm-up's land first.
+    time.sleep(STATS_SETTLE_S if keygate else 0)
     rq0 = env.counter("http.bench.downstream_rq_2xx")
     allowed0 = env.counter("wasmcustom.keygate.allowed") if keygate else 0
     ticks0, stat0 = env.cpu_ticks(), cpu_stat()
     w = wrk(env.port, auth, SECONDS)
     ticks1, stat1 = env.cpu_ticks(), cpu_stat()
+    time.sleep(STATS_SETTLE_S if keygate else 0)
     rq = env.counter("http.bench.downstream_rq_2xx") - rq0
     allowed = env.counter("wasmcustom.keygate.allowed") - allowed0 if keygate else None
     envoy_busy = ticks1 - ticks0

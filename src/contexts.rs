@@ -119,6 +119,8 @@ impl RootContext for KeygateRoot {
             (vm.local.rates).sweep(&*vm, id, now, horizon_us, retries, &mut counters);
         }
         vm.metrics.record(counters.stats());
+        // What this VM counted since the last tick.
+        vm.metrics.flush();
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
@@ -137,6 +139,7 @@ impl RootContext for KeygateRoot {
             Err(e) => {
                 log(Level::Error, &format!("config rejected: {e}"));
                 vm.metrics.bump(Stat::ConfigRejected);
+                vm.metrics.flush();
                 return false;
             }
         };
@@ -144,13 +147,16 @@ impl RootContext for KeygateRoot {
         let (level, line) = &configured.log;
         log(*level, line);
         vm.metrics.record(configured.stats());
+        // A rejected configuration may be the VM's last word.
+        vm.metrics.flush();
         if let Some(source) = configured.source {
             // Leases are asked for ahead, and asks lost with their request asked again, on the
             // fleet's tick.
             let lease_tick = (fleet_limits.as_ref())
                 .is_some_and(|f| f.mode == FleetMode::Lease)
                 .then_some(FLEET_TICK_MS);
-            vm.ticks.set_base(configured.tick_ms);
+            // Every config ticks: counters are flushed on it.
+            vm.ticks.set_base(configured.tick_ms.or(Some(TICK_MS)));
             vm.ticks.set_fleet(lease_tick);
             self.source = Rc::new(source);
             *self.fleet.borrow_mut() = fleet_limits.map(FleetState::new);

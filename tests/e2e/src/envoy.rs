@@ -32,6 +32,10 @@ use crate::{demo, paths};
 
 /// Default access-log line: request, status, response details, and the identity the filter
 /// established (filter state, identity headers, dynamic metadata).
+/// How long after a request keygate's counters are surely in Envoy's (`Envoy::stats`): the
+/// filter's tick (250 ms) and a margin.
+pub const STATS_SETTLE: std::time::Duration = std::time::Duration::from_millis(400);
+
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% account=%FILTER_STATE(wasm.keygate.account_sid:PLAIN)% key=%REQ(X-KEYGATE-KEY-SID)% role=%REQ(X-KEYGATE-ROLE)% api=%REQ(X-KEYGATE-API)% meta=%DYNAMIC_METADATA(keygate)% client=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n";
 
 /// Name of the listener, the HCM stat prefix (`http.keygate.*`) and the wasm filter.
@@ -595,8 +599,11 @@ impl Envoy {
         Req::post(path).body("").send(self.admin_port)
     }
 
-    /// Admin `/stats` as text (`name: value` lines).
+    /// Admin `/stats` as text (`name: value` lines). keygate counts its stats in each VM and adds
+    /// them to Envoy's counters on the VM's tick (every 250 ms): this waits [`STATS_SETTLE`]
+    /// first, so the counts include every request answered before the call.
     pub fn stats(&self) -> String {
+        std::thread::sleep(STATS_SETTLE);
         self.admin_get("/stats").body_text()
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use keygate_e2e::{Conn, Req, Response};
 
-use crate::mix::{judge, Class, Judged, Target};
+use crate::mix::{judge, Class, Judged, Pool, Target};
 use crate::now_us;
 
 /// Unexpected replies (and transport errors) kept for the report.
@@ -44,13 +44,10 @@ impl Progress {
 pub struct Tally {
     /// Replies by class and label (`200`, `429 rate_limited_key`, `503 ...`).
     pub replies: BTreeMap<(Class, String), u64>,
-    /// Admitted requests of near-limit keys: (key, sent, answered), wall clock in µs.
-    pub near_admitted: Vec<(usize, u64, u64)>,
-    /// The same for the API-limited keys' limited API.
-    pub api_admitted: Vec<(usize, u64, u64)>,
-    /// Requests sent to each near-limit key (the demand), and to each API-limited key's API.
-    pub near_sent: BTreeMap<usize, u64>,
-    pub api_sent: BTreeMap<usize, u64>,
+    /// Admitted requests of each pool's keys: (key, sent, answered), wall clock in µs.
+    pub admitted: BTreeMap<Pool, Vec<(usize, u64, u64)>>,
+    /// Requests sent to each key of a pool (the demand).
+    pub sent: BTreeMap<(Pool, usize), u64>,
 }
 
 impl Tally {
@@ -58,13 +55,11 @@ impl Tally {
         for (k, n) in other.replies {
             *self.replies.entry(k).or_insert(0) += n;
         }
-        self.near_admitted.extend(other.near_admitted);
-        self.api_admitted.extend(other.api_admitted);
-        for (k, n) in other.near_sent {
-            *self.near_sent.entry(k).or_insert(0) += n;
+        for (pool, admitted) in other.admitted {
+            self.admitted.entry(pool).or_default().extend(admitted);
         }
-        for (k, n) in other.api_sent {
-            *self.api_sent.entry(k).or_insert(0) += n;
+        for (k, n) in other.sent {
+            *self.sent.entry(k).or_insert(0) += n;
         }
     }
 }
@@ -112,8 +107,8 @@ pub fn generate(
             break;
         }
         let n = rng.next();
-        let class = Class::pick((n % 1000) as u32);
-        let planned = target.plan(class, n >> 10);
+        let planned = target.plan(Class::pick((n % 1000) as u32), n >> 10);
+        let class = planned.class;
         // A client address per request (Envoy trusts one X-Forwarded-For hop), spread over
         // 198.18.0.0/15: no address fails often enough to meet the failed-auth limit.
         let client = format!(
@@ -141,13 +136,8 @@ pub fn generate(
                 continue;
             }
         };
-        if let Some(i) = planned.limited_key {
-            let sent_to = if class == Class::ApiLimited {
-                &mut tally.api_sent
-            } else {
-                &mut tally.near_sent
-            };
-            *sent_to.entry(i).or_insert(0) += 1;
+        if let Some(key) = planned.limited_key {
+            *tally.sent.entry(key).or_insert(0) += 1;
         }
         let label = match judge(&planned.expect, &res, sent, done) {
             Judged::Expected(label) => label,
@@ -165,10 +155,12 @@ pub fn generate(
         match res.status {
             200 => {
                 progress.ok.fetch_add(1, Ordering::Relaxed);
-                match (class, planned.limited_key) {
-                    (Class::ApiLimited, Some(i)) => tally.api_admitted.push((i, sent, done)),
-                    (_, Some(i)) => tally.near_admitted.push((i, sent, done)),
-                    _ => {}
+                if let Some((pool, i)) = planned.limited_key {
+                    tally
+                        .admitted
+                        .entry(pool)
+                        .or_default()
+                        .push((i, sent, done));
                 }
             }
             429 => {

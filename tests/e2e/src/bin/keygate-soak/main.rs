@@ -45,7 +45,7 @@ use serde_json::{json, Value};
 
 use churn::{Api, Churn};
 use load::{Budget, Progress, Tally};
-use mix::{Class, Key, Rate, Target};
+use mix::{Class, Key, Pool, Pulse, Rate, Target};
 use report::{thousands, Verdict};
 
 const WORKERS: u32 = 4;
@@ -71,6 +71,11 @@ const API_KEYS: usize = 4;
 const API_RATE: Rate = Rate {
     requests: 30,
     per_s: 6,
+};
+const PULSED_KEYS: usize = 4;
+const PULSED_RATE: Rate = Rate {
+    requests: 100,
+    per_s: 10,
 };
 const FAR_KEYS: usize = 8;
 const FAR_RATE: Rate = Rate {
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
         "api",
         json!({"rate": FAR_RATE.json(), "apis": {"calls": API_RATE.json()}}),
     );
+    let pulsed = pool(PULSED_KEYS, "pulsed", json!({"rate": PULSED_RATE.json()}));
     let far = pool(FAR_KEYS, "far", json!({"rate": FAR_RATE.json()}));
     let publishable = api
         .create_with(json!({
@@ -198,6 +204,9 @@ fn main() -> ExitCode {
         near_rate,
         api: api_keys,
         api_rate: API_RATE,
+        pulsed,
+        pulsed_rate: PULSED_RATE,
+        pulse: Pulse::new(PULSED_KEYS),
         far,
         publishable,
         churn: Arc::clone(&churn),
@@ -321,6 +330,7 @@ fn wait_until_known(envoy: &Envoy, target: &Target) {
         .near
         .iter()
         .chain(&target.api)
+        .chain(&target.pulsed)
         .chain(&target.far)
         .chain([&target.publishable]);
     for key in keys {
@@ -547,20 +557,19 @@ fn check(run: &Run<'_>) -> Vec<Verdict> {
     });
 
     // limits
-    verdicts.push(limit_verdict(
-        "limits (near-limit keys)",
-        &run.tally.near_admitted,
-        &run.tally.near_sent,
-        NEAR_RATE,
-        (run.started_us, run.ended_us),
-    ));
-    verdicts.push(limit_verdict(
-        "limits (API-limited keys)",
-        &run.tally.api_admitted,
-        &run.tally.api_sent,
-        API_RATE,
-        (run.started_us, run.ended_us),
-    ));
+    for (check, pool, rate) in [
+        ("limits (near-limit keys)", Pool::Near, NEAR_RATE),
+        ("limits (API-limited keys)", Pool::Api, API_RATE),
+        ("limits (pulsed keys)", Pool::Pulsed, PULSED_RATE),
+    ] {
+        verdicts.push(limit_verdict(
+            check,
+            pool,
+            run.tally,
+            rate,
+            (run.started_us, run.ended_us),
+        ));
+    }
 
     // upstream
     let received = run.echo.received() - run.echo_start;
@@ -607,22 +616,28 @@ fn check(run: &Run<'_>) -> Vec<Verdict> {
 /// at least twice as much. `load` is when the load started and ended (wall clock, µs).
 fn limit_verdict(
     check: &'static str,
-    admitted: &[(usize, u64, u64)],
-    sent: &BTreeMap<usize, u64>,
+    pool: Pool,
+    tally: &Tally,
     rate: Rate,
     (started_us, ended_us): (u64, u64),
 ) -> Verdict {
     let mut by_key: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-    for &(k, s, r) in admitted {
+    for &(k, s, r) in tally.admitted.get(&pool).into_iter().flatten() {
         by_key.entry(k).or_default().push((s, r));
     }
+    let sent: BTreeMap<usize, u64> = tally
+        .sent
+        .iter()
+        .filter(|((p, _), _)| *p == pool)
+        .map(|(&(_, k), &n)| (k, n))
+        .collect();
     let allowance = limits::allowance(rate.requests, rate.interval_us(), ended_us - started_us);
     let since_start = |us: u64| (us as f64 - started_us as f64) / 1e6;
     let mut over = Vec::new();
     let mut under = Vec::new();
     let mut tightest = f64::NEG_INFINITY;
     let mut total = 0u64;
-    for (&k, &requests) in sent {
+    for (&k, &requests) in &sent {
         let mut pairs = by_key.remove(&k).unwrap_or_default();
         let count = pairs.len() as u64;
         total += count;
@@ -809,7 +824,7 @@ fn write_json(opts: &Options, (file_stamp, rfc3339): &(String, String), o: &Outc
             "propagation_window_s": churn::PROPAGATION.as_secs(),
         },
         "rates": {
-            "near": NEAR_RATE.label(), "api": API_RATE.label(),
+            "near": NEAR_RATE.label(), "api": API_RATE.label(), "pulsed": PULSED_RATE.label(),
             "far": FAR_RATE.label(), "account": ACCOUNT_RATE.label(),
         },
         "rss_kib": rss.iter().map(|(t, k)| json!([(t * 10.0).round() / 10.0, k])).collect::<Vec<_>>(),

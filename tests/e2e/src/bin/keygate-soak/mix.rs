@@ -3,11 +3,13 @@
 //! expected reply is exact: the status and the reason code of the body, and for rate limits the
 //! `RateLimit-Policy` of the limit that refused.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keygate_e2e::{Req, Response};
 
 use crate::churn::{Churn, Cred, Verdict};
+use crate::now_us;
 
 /// A key of a pool: its SID and secret.
 #[derive(Clone, Debug)]
@@ -39,6 +41,66 @@ impl Rate {
     }
 }
 
+/// The pools of rate-limited keys whose admitted requests are checked against GCRA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Pool {
+    /// Asked for far more than their own rate, all the time.
+    Near,
+    /// Asked for far more than their `calls` rate, all the time.
+    Api,
+    /// Asked for less than their rate, then far more, then nothing (see [`Pulse`]).
+    Pulsed,
+}
+
+/// The demand on the pulsed keys, on a cycle of [`Pulse::CYCLE_MS`] (each key shifted by
+/// [`Pulse::SHIFT_MS`]): a trickle at half the key's rate, then a burst (every request the mix
+/// draws), then nothing, long enough for the key's bucket to refill whole. What a lease taken
+/// in the trickle and spent after a refill would over-admit is what the limit check sees.
+pub struct Pulse {
+    /// The load's start, wall clock (µs).
+    pub start_us: u64,
+    /// Per key: the earliest next trickle request (µs).
+    pub next_us: Vec<AtomicU64>,
+}
+
+impl Pulse {
+    pub const CYCLE_MS: u64 = 16_000;
+    pub const TRICKLE_MS: u64 = 4_000;
+    pub const BURST_MS: u64 = 1_500;
+    pub const SHIFT_MS: u64 = 4_000;
+
+    pub fn new(keys: usize) -> Pulse {
+        Pulse {
+            start_us: now_us(),
+            next_us: (0..keys).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Whether key `k` (of `rate`) takes a request now.
+    fn wants(&self, k: usize, rate: Rate) -> bool {
+        let now = now_us();
+        let at_ms = (now.saturating_sub(self.start_us) / 1_000 + k as u64 * Pulse::SHIFT_MS)
+            % Pulse::CYCLE_MS;
+        if at_ms < Pulse::TRICKLE_MS {
+            let Some(next) = self.next_us.get(k) else {
+                return false;
+            };
+            let due = next.load(Ordering::Relaxed);
+            now >= due
+                && next
+                    .compare_exchange(
+                        due,
+                        now + 2 * rate.interval_us(),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+        } else {
+            at_ms < Pulse::TRICKLE_MS + Pulse::BURST_MS
+        }
+    }
+}
+
 /// What the soak sends to: the account, the pools of keys, the churned credentials.
 pub struct Target {
     pub account: String,
@@ -50,6 +112,10 @@ pub struct Target {
     /// Keys whose `calls` API rate is small (`api_rate`), the key's own rate far.
     pub api: Vec<Key>,
     pub api_rate: Rate,
+    /// Keys whose own rate (`pulsed_rate`) is met by a demand that comes and goes (`pulse`).
+    pub pulsed: Vec<Key>,
+    pub pulsed_rate: Rate,
+    pub pulse: Pulse,
     /// Keys far from every limit: always 200.
     pub far: Vec<Key>,
     /// A publishable key, far from its limit.
@@ -64,6 +130,7 @@ pub enum Class {
     NearBearer,
     ApiLimited,
     ApiOther,
+    Pulsed,
     FarBasic,
     FarBearer,
     Publishable,
@@ -85,13 +152,14 @@ pub enum Class {
 
 impl Class {
     /// Every class with its weight (out of 1,000).
-    pub const MIX: [(Class, u32); 21] = [
+    pub const MIX: [(Class, u32); 22] = [
         (Class::NearBasic, 100),
         (Class::NearBearer, 100),
         (Class::ApiLimited, 60),
         (Class::ApiOther, 30),
-        (Class::FarBasic, 130),
-        (Class::FarBearer, 100),
+        (Class::Pulsed, 60),
+        (Class::FarBasic, 100),
+        (Class::FarBearer, 70),
         (Class::Publishable, 30),
         (Class::Churn, 100),
         (Class::WrongSecret, 60),
@@ -115,6 +183,7 @@ impl Class {
             Class::NearBearer => "near limit, Bearer",
             Class::ApiLimited => "near API limit (calls)",
             Class::ApiOther => "same keys, other API",
+            Class::Pulsed => "pulsed demand",
             Class::FarBasic => "far from limits, Basic",
             Class::FarBearer => "far from limits, Bearer",
             Class::Publishable => "publishable, balance",
@@ -138,7 +207,7 @@ impl Class {
     /// What the class expects, for the summary table.
     pub fn expects(self) -> &'static str {
         match self {
-            Class::NearBasic | Class::NearBearer => "200 or 429 rate_limited_key",
+            Class::NearBasic | Class::NearBearer | Class::Pulsed => "200 or 429 rate_limited_key",
             Class::ApiLimited => "200 or 429 rate_limited_api",
             Class::ApiOther | Class::FarBasic | Class::FarBearer | Class::Publishable => "200",
             Class::Churn => "200 or 401 invalid_credentials, by the key's timeline",
@@ -181,8 +250,10 @@ pub enum Expect {
 
 /// One request of the mix, ready to send.
 pub struct Planned {
+    /// Its class (a pulsed key at rest sends a far key's request instead).
+    pub class: Class,
     /// The near- or API-limited key it uses (index in its pool), for the limit check.
-    pub limited_key: Option<usize>,
+    pub limited_key: Option<(Pool, usize)>,
     pub req: Req,
     pub expect: Expect,
 }
@@ -217,6 +288,7 @@ impl Target {
         );
         let denied = |status, code| Expect::Denied { status, code };
         let plain = |req: Req, expect: Expect| Planned {
+            class,
             limited_key: None,
             req,
             expect,
@@ -233,7 +305,8 @@ impl Target {
                     req.bearer(&key.secret)
                 };
                 Planned {
-                    limited_key: Some(i),
+                    class,
+                    limited_key: Some((Pool::Near, i)),
                     req,
                     expect: Expect::OkOrLimited {
                         code: "rate_limited_key",
@@ -245,7 +318,8 @@ impl Target {
                 let i = pick(&self.api);
                 let key = &self.api[i];
                 Planned {
-                    limited_key: Some(i),
+                    class,
+                    limited_key: Some((Pool::Api, i)),
                     req: Req::post(self.calls())
                         .basic(&key.sid, &key.secret)
                         .body("To=%2B15550100&From=%2B15550101"),
@@ -258,6 +332,25 @@ impl Target {
             Class::ApiOther => {
                 let key = &self.api[pick(&self.api)];
                 plain(Req::get(self.messages()).bearer(&key.secret), Expect::Ok)
+            }
+            Class::Pulsed => {
+                let i = pick(&self.pulsed);
+                if !self.pulse.wants(i, self.pulsed_rate) {
+                    return self.plan(Class::FarBasic, n);
+                }
+                let key = &self.pulsed[i];
+                Planned {
+                    class,
+                    limited_key: Some((Pool::Pulsed, i)),
+                    req: Req::get(self.calls()).basic(&key.sid, &key.secret),
+                    expect: Expect::OkOrLimited {
+                        code: "rate_limited_key",
+                        policy: format!(
+                            "\"key\";q={};w={}",
+                            self.pulsed_rate.requests, self.pulsed_rate.per_s
+                        ),
+                    },
+                }
             }
             Class::FarBasic => plain(
                 Req::get(format!("{}/CA{n:032x}", self.calls())).basic(&far.sid, &far.secret),
