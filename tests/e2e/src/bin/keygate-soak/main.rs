@@ -10,8 +10,9 @@
 //!   failed at the transport level;
 //! - **stats**: keygate's own counters disagree with the client's (`wasmcustom.keygate.allowed`
 //!   and every `denied.<code>`, as deltas over the run);
-//! - **limits**: a near-limit key admitted more than GCRA allows in some window ([`limits`]), or
-//!   admitted less than half of what GCRA allows over the run while asked for twice as much;
+//! - **limits**: a limited key (near its own or its API's limit all the time, or pulsed: see
+//!   [`mix::Pulse`]) admitted more than GCRA allows in some window ([`limits`]), or admitted less
+//!   than half of what GCRA allows over the run while asked for twice as much;
 //! - **upstream**: the echo upstream did not receive exactly the requests answered 200;
 //! - **memory**: Envoy's RSS (sampled every [`RSS_EVERY`]) is more than [`RSS_TOLERANCE_PCT`] %
 //!   higher in the last third of the run (median) than in the second (the first is warm-up).
