@@ -123,30 +123,35 @@ impl VmState {
 /// The gate's view of the host for one request.
 pub struct RequestHost<'a> {
     vm: &'a VmState,
-    now_us: u64,
+    /// The clock, read when first asked (a stream's end often needs none).
+    now_us: OnceCell<u64>,
     /// The client address, read when the gate first asks.
     client_ip: OnceCell<Option<IpAddr>>,
 }
 
 impl<'a> RequestHost<'a> {
+    /// A view that reads the clock when first asked.
     pub fn new(vm: &'a VmState) -> RequestHost<'a> {
-        RequestHost::at(vm, now_us())
+        RequestHost {
+            vm,
+            now_us: OnceCell::new(),
+            client_ip: OnceCell::new(),
+        }
     }
 
     /// A view at a clock reading the caller already has (one host call per request, not two).
-    pub fn at(vm: &'a VmState, now_us: u64) -> RequestHost<'a> {
-        let client_ip = OnceCell::new();
+    pub fn at(vm: &'a VmState, now: u64) -> RequestHost<'a> {
         RequestHost {
             vm,
-            now_us,
-            client_ip,
+            now_us: OnceCell::from(now),
+            client_ip: OnceCell::new(),
         }
     }
 }
 
 impl Host for RequestHost<'_> {
     fn now_us(&self) -> u64 {
-        self.now_us
+        *self.now_us.get_or_init(now_us)
     }
 
     fn client_ip(&self) -> Option<IpAddr> {
