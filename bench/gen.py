@@ -384,7 +384,7 @@ BREAKDOWN = [
 
 
 def breakdown_configurations(n: int) -> list[dict]:
-    return [
+    confs = [
         {
             "name": f"kg_{name}",
             "label": f"keygate {size_name(n)}: {label}",
@@ -394,6 +394,20 @@ def breakdown_configurations(n: int) -> list[dict]:
         }
         for name, feats, label in BREAKDOWN
     ]
+    other = os.environ.get("BENCH_WASM_B")
+    if other:
+        # The first breakdown row (auth + binding + permissions) for build B too.
+        name, feats, label = BREAKDOWN[0]
+        confs.append(
+            {
+                "name": f"kg_{name}_b",
+                "label": f"keygate {size_name(n)}: {label}, build B",
+                "filters": (lambda f=feats: [wasm_filter("keygate", Path(other), keygate_config(n, features=f))]),
+                "auth": basic_header(),
+                "keys": n,
+            }
+        )
+    return confs
 
 
 def size_name(n: int) -> str:
