@@ -9,6 +9,8 @@ use keygate_control::secret::OperatorKind;
 use keygate_control::store::{Database, Db};
 use keygate_control::{service, tls, ApiCatalog, AppState, Config, DEFAULT_REGION};
 
+mod cli;
+
 /// keygate control plane: accounts and API keys (Twilio-compatible Keys API, Exotel-style
 /// regeneration with grace), and the edge config feed for keygate's Envoy filter.
 ///
@@ -35,7 +37,9 @@ Environment variables (each sets the flag of the same meaning; flags win):
   KEYGATE_MAX_KEYS_PER_ACCOUNT, KEYGATE_MAX_ALLOWLIST_ENTRIES, KEYGATE_MAX_SECRETS_IN_GRACE,
   KEYGATE_MAX_REGENERATIONS_PER_HOUR, KEYGATE_MAX_BODY_BYTES: serve: the caps of the same names
 
-Exit status: 0 on success, 1 with a one-line `keygate-control: error: ...` on stderr.";
+Exit status: 0 on success, 1 with a one-line `keygate-control: error: ...` on stderr (also for a
+flag that does not parse); `keys` and `accounts` add 2 (the server refused) and 3 (no answer):
+see `keygate-control keys --help`.";
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate-control", version, propagate_version = true, after_long_help = ENV_HELP)]
@@ -61,6 +65,13 @@ enum Command {
     /// server.key in --dir). The CA's private key is not kept. Refuses to overwrite.
     #[command(name = "tls-init")]
     TlsInit(TlsInitArgs),
+    /// Create, list, show, regenerate and delete keys through a running control plane's API.
+    #[command(after_long_help = cli::HELP)]
+    Keys(cli::KeysArgs),
+    /// List, show, suspend and reactivate accounts through a running control plane's API
+    /// (admin token).
+    #[command(after_long_help = cli::HELP)]
+    Accounts(cli::AccountsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -430,14 +441,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<(), cli::Failure> {
     match cli.command {
         Command::Serve(args) => {
             init_logs(&args.data);
             let rt =
                 tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
-            rt.block_on(serve(args))
+            Ok(rt.block_on(serve(args))?)
         }
+        Command::Keys(args) => cli::keys(args),
+        Command::Accounts(args) => cli::accounts(args),
         Command::Init(args) => {
             init_logs(&args.data);
             let cfg = config(&args.data)?;
@@ -509,11 +522,23 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let parsed = match Cli::try_parse() {
+        Ok(parsed) => parsed,
+        // --help and --version print to stdout and succeed; a usage error is status 1.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(cli::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(parsed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keygate-control: error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

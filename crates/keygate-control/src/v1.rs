@@ -3,7 +3,7 @@
 //!
 //! | method | path | who | |
 //! |---|---|---|---|
-//! | `POST` | `/v1/accounts` | admin | create an account (201, `auth_token` shown once) |
+//! | `GET` `POST` | `/v1/accounts` | admin | list every account, by SID; create an account (201, `auth_token` shown once) |
 //! | `GET` | `/v1/accounts/{sid}` | admin, account, main key | fetch |
 //! | `PATCH` | `/v1/accounts/{sid}` | admin (all fields); account, main key (`friendly_name`, `allowed_ips`) | suspend / reactivate, region, regions, allowlist, limits |
 //! | `GET` `POST` | `/v1/accounts/{sid}/keys` | admin, account, main key | list; create (201, `secret` shown once) |
@@ -29,7 +29,7 @@ use crate::{parse_json, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/accounts", post(create_account))
+        .route("/v1/accounts", get(list_accounts).post(create_account))
         .route(
             "/v1/accounts/{sid}",
             get(fetch_account).patch(update_account),
@@ -128,6 +128,16 @@ async fn create_account(
     let mut body = account_json(&account);
     body["auth_token"] = json!(token.expose());
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_accounts(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, Error> {
+    caller.require_admin()?;
+    let accounts = state.db().read(|c| c.all_accounts()).await?;
+    let accounts: Vec<Value> = accounts.iter().map(account_json).collect();
+    Ok(Json(json!({ "accounts": accounts })))
 }
 
 async fn fetch_account(
