@@ -330,9 +330,15 @@ pub struct Binary {
 
 impl Binary {
     pub fn spawn(database: &Database) -> Binary {
+        Binary::spawn_with(database, &[])
+    }
+
+    /// [`Binary::spawn`] with more `serve` flags (`--tls-cert`, ...).
+    pub fn spawn_with(database: &Database, flags: &[&str]) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-control"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(database_args(database))
+            .args(flags)
             .env_remove("KEYGATE_CATALOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
