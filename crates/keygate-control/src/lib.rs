@@ -19,12 +19,15 @@
 //!   into a status and the `/v1` or Twilio shape;
 //! - [`fleet`]: the view of the edges polling the feed; [`ops`]: `/healthz`, `/readyz`,
 //!   `/metrics`;
+//! - [`console`]: the web console at `/console` (sessions; each page the `/v1` requests it
+//!   stands for, judged by the same door);
 //! - [`auth`]: every request judged by keygate-core's gate (the edge's own decision) over the
 //!   store, before any handler runs; [`policy`]: no escalation through management, and caps;
 //!   [`secret`]: CSPRNG secrets, digests, redaction.
 
 pub mod auth;
 pub mod catalog;
+pub mod console;
 pub mod edge;
 pub mod error;
 pub mod fleet;
@@ -116,6 +119,7 @@ struct Inner {
     feed: tokio::sync::Mutex<Option<(u64, axum::body::Bytes)>>,
     fleet: fleet::Fleet,
     metrics: ops::Metrics,
+    console: console::Console,
 }
 
 /// Checks every stored account and key with the edge's compiler against this catalogue, page
@@ -169,6 +173,7 @@ impl AppState {
                 door: Arc::new(door),
                 fleet: fleet::Fleet::new(config.edge_ttl, version),
                 metrics: ops::Metrics::new(),
+                console: console::Console::new(console::session::Limits::default()),
                 config,
                 version: watch::Sender::new(version),
                 closing: watch::Sender::new(false),
@@ -201,6 +206,10 @@ impl AppState {
         &self.inner.metrics
     }
 
+    pub fn console(&self) -> &console::Console {
+        &self.inner.console
+    }
+
     /// Records a committed config version and wakes long-polls.
     pub fn published(&self, version: u64) {
         self.inner.fleet.published(version);
@@ -228,6 +237,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ratelimit_config::routes())
         .merge(fleet::routes())
         .merge(ops::routes())
+        .merge(console::routes())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), gatekeeper))
@@ -243,7 +253,8 @@ async fn gatekeeper(
     req: Request,
     next: Next,
 ) -> Response {
-    if ops::is_open_path(req.uri().path()) {
+    // The console judges its own requests: by session, then each as the API request it makes.
+    if ops::is_open_path(req.uri().path()) || console::is_console_path(req.uri().path()) {
         return next.run(req).await;
     }
     let twilio = req.uri().path().starts_with("/2010-04-01/");

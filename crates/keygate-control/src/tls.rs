@@ -241,6 +241,10 @@ impl Service<IncomingStream<'_, TlsListener>> for MakeWithPeer {
     }
 }
 
+/// Marks a request that came over TLS (the console's cookie is then `Secure`).
+#[derive(Debug, Clone, Copy)]
+pub struct ServedOverTls;
+
 #[derive(Clone)]
 struct WithPeer {
     router: Router,
@@ -258,6 +262,7 @@ impl Service<Request> for WithPeer {
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         req.extensions_mut().insert(ConnectInfo(self.peer));
+        req.extensions_mut().insert(ServedOverTls);
         self.router.call(req)
     }
 }
