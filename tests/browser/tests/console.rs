@@ -106,6 +106,19 @@ async fn arrive(b: &Browser, path: &str) {
     panic!("the browser is at {}, not {path}", b.path().await);
 }
 
+/// Waits until the page shows `needle` (a click's navigation may still be under way); answers
+/// the page.
+async fn shows(b: &Browser, needle: &str) -> String {
+    for _ in 0..200 {
+        let source = b.source().await;
+        if source.contains(needle) {
+            return source;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the page never showed {needle:?}: {}", b.source().await);
+}
+
 /// Replaces the shown secret by its first characters (for screenshots kept in the repository).
 async fn mask_secret(b: &Browser) {
     b.client
@@ -188,6 +201,7 @@ async fn a_keys_life_in_the_console_is_what_the_edge_does() {
     );
     b.click("#regenerate button[type=submit]").await;
     arrive(&b, &page).await;
+    shows(&b, "more seconds").await;
     let second = b.text("#new-secret").await;
     assert!(second.starts_with("sk_live_") && second != first);
     let shown = seen.note(&b).await;
@@ -200,6 +214,7 @@ async fn a_keys_life_in_the_console_is_what_the_edge_does() {
     // Revoke the previous secret early: only the new one works.
     b.click("form[action$='/revoke-previous'] button").await;
     arrive(&b, &page).await;
+    shows(&b, "previous secrets of key").await;
     seen.note(&b).await;
     edge_comes_to(&envoy, &cp, &sid, &first, 401);
     assert_eq!(blocking(|| edge_status(&envoy, &cp, &sid, &second)), 200);
@@ -216,8 +231,8 @@ async fn a_keys_life_in_the_console_is_what_the_edge_does() {
     b.fill("#create-name", "no csrf").await;
     b.click("#create button[type=submit]").await;
     arrive(&b, "/console/keys").await;
-    let refused = seen.note(&b).await;
-    assert!(refused.contains("csrf_invalid"), "{refused}");
+    shows(&b, "csrf_invalid").await;
+    seen.note(&b).await;
     b.open(&format!("{console}/console/keys")).await;
     assert!(!seen.note(&b).await.contains("no csrf"));
 
@@ -243,8 +258,8 @@ async fn a_keys_life_in_the_console_is_what_the_edge_does() {
     b.fill("#secret", &std_secret).await;
     b.click("#owner-login button[type=submit]").await;
     arrive(&b, "/console/login").await;
-    let refused = seen.note(&b).await;
-    assert!(refused.contains("permission_denied"), "{refused}");
+    shows(&b, "permission_denied").await;
+    seen.note(&b).await;
     b.open(&format!("{console}/console/keys")).await;
     assert_eq!(b.path().await, "/console/login");
 
