@@ -9,7 +9,7 @@ one kind per request (`{"call": "<kind>", "n": N}`, kinds in KINDS). Method, the
    CPU 1, `wrk -t1 -c32` pinned to CPU 0, BENCH_WARMUP s of warm-up then BENCH_SECONDS s measured,
    Envoy CPU per request from /proc/<pid>/stat;
 3. per kind and round, the least-squares slope of Envoy CPU µs/request against N is the cost of
-   one call, and req/s at N = 8 over N = 0 the throughput kept; the median over rounds of each;
+   one call, and req/s at the top N over N = 0 the throughput kept; the median over rounds of each;
 4. bench/results/ladder-<stamp>.json and bench/results/ladder-latest.md (also printed), with the
    machine description and the load average seen.
 
@@ -20,8 +20,11 @@ most twice more) when other processes took more than 10% of Envoy's core, keepin
 disturbed least; the JSON keeps the waits and the discarded attempts' foreign load.
 
 Environment: BENCH_REPEATS (3), BENCH_SECONDS (5), BENCH_WARMUP (1), BENCH_CONNECTIONS (32),
-BENCH_ONLY (comma-separated kinds), BENCH_START_TIMEOUT (600), BENCH_QUIET_WAIT (600).
-`ladder.py --report <json>` rewrites ladder-latest.md from a results file.
+BENCH_ONLY (comma-separated kinds), BENCH_NS (0,1,2,4,8: the calls per request), BENCH_START_TIMEOUT
+(600), BENCH_QUIET_WAIT (600).
+The results file is written after every measurement: `ladder.py --resume <json>` finishes an
+interrupted run (a kind's round that lacks some N is measured again whole); `ladder.py --report
+<json>` rewrites ladder-latest.md from a results file.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ RETRIES = 2
 LOAD_GENERATORS = ("wrk", "keygate-bench-load")
 
 LADDER_WASM = gen.ROOT / "target/bench-ladder/wasm32-wasip1/release/keygate_bench_ladder.wasm"
-NS = [0, 1, 2, 4, 8]
+# The rungs: calls per request (BENCH_NS; 0 first, at most 64, the filter's limit). On a noisy
+# machine a taller ladder (say 0,8,16,32) resolves the cheap calls better.
+NS = [int(s) for s in os.environ.get("BENCH_NS", "0,1,2,4,8").split(",") if s]
 
 # Kind, what one call is (as keygate's request path makes it).
 KINDS = [
@@ -116,10 +121,10 @@ def measure_once(c: dict, path: Path) -> dict:
     return m
 
 
-def configurations(kinds: list[str]) -> list[dict]:
+def configurations(kinds: list[str], ns: list[int]) -> list[dict]:
     confs = [{"name": "bare", "kind": None, "n": None, "filters": lambda: [], "auth": None}]
     for kind in kinds:
-        for n in NS:
+        for n in ns:
             config = json.dumps({"call": kind, "n": n})
             confs.append({
                 "name": f"{kind}_{n}",
@@ -139,33 +144,46 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
 
 
-def main() -> int:
+def main(resume: Path | None = None) -> int:
     run.OUT.mkdir(parents=True, exist_ok=True)
     run.RESULTS.mkdir(parents=True, exist_ok=True)
     for f in (run.ENVOY, LADDER_WASM):
         if not f.exists():
             raise SystemExit(f"bench-ladder: {f} missing (make bench-ladder builds it)")
-    kinds = [k for k, _ in KINDS if not ONLY or k in ONLY]
-    if not kinds:
-        raise SystemExit(f"bench-ladder: BENCH_ONLY names no kind of {', '.join(k for k, _ in KINDS)}")
-
-    started = datetime.now(timezone.utc)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    confs = configurations(kinds)
-    result: dict = {
-        "started": started.isoformat(),
-        "machine": run.machine(),
-        "params": {
-            "repeats": REPEATS, "seconds": run.SECONDS, "warmup": run.WARMUP,
-            "connections": run.CONNECTIONS, "ns": NS, "envoy_cpu": run.ENVOY_CPU, "wrk_cpu": run.WRK_CPU,
-        },
-        "wasm_bytes": LADDER_WASM.stat().st_size,
-        "kinds": {k: {"label": label} for k, label in KINDS if k in kinds},
-        "configs": {c["name"]: {"kind": c["kind"], "n": c["n"], "runs": []} for c in confs},
-        "loadavg": [],
-    }
+    if resume:
+        json_path = resume.resolve()
+        result = json.loads(json_path.read_text())
+        result.setdefault("resumed", []).append(datetime.now(timezone.utc).isoformat())
+        kinds = list(result["kinds"])
+        ns, repeats = result["params"]["ns"], result["params"]["repeats"]
+        run.SECONDS, run.WARMUP = result["params"]["seconds"], result["params"]["warmup"]
+        drop_partial_rounds(result)
+    else:
+        ns, repeats = NS, REPEATS
+        if len(ns) < 2 or ns[0] != 0 or ns != sorted(set(ns)) or ns[-1] > 64:
+            raise SystemExit(f"bench-ladder: BENCH_NS must rise from 0 to at most 64, not {ns}")
+        kinds = [k for k, _ in KINDS if not ONLY or k in ONLY]
+        if not kinds:
+            raise SystemExit(f"bench-ladder: BENCH_ONLY names no kind of {', '.join(k for k, _ in KINDS)}")
+        started = datetime.now(timezone.utc)
+        json_path = run.RESULTS / f"ladder-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+        result = {
+            "started": started.isoformat(),
+            "machine": run.machine(),
+            "params": {
+                "repeats": repeats, "seconds": run.SECONDS, "warmup": run.WARMUP,
+                "connections": run.CONNECTIONS, "ns": ns, "envoy_cpu": run.ENVOY_CPU, "wrk_cpu": run.WRK_CPU,
+            },
+            "wasm_bytes": LADDER_WASM.stat().st_size,
+            "kinds": {k: {"label": label} for k, label in KINDS if k in kinds},
+            "configs": {},
+        }
+    confs = configurations(kinds, ns)
+    for c in confs:
+        result["configs"].setdefault(c["name"], {"kind": c["kind"], "n": c["n"], "runs": []})
     log(f"machine: {result['machine']}")
-    log(f"{len(confs)} configurations x {REPEATS} rounds x ({run.WARMUP} + {run.SECONDS}) s")
+    log(f"{len(confs)} configurations x {repeats} rounds x ({run.WARMUP} + {run.SECONDS}) s; "
+        f"results (after every measurement) in {json_path.relative_to(gen.ROOT)}")
 
     d = run.OUT / "ladder"
     d.mkdir(parents=True, exist_ok=True)
@@ -174,9 +192,12 @@ def main() -> int:
         paths[c["name"]] = d / f"{c['name']}.json"
         gen.write_json(paths[c["name"]], gen.static_bootstrap(c["filters"]()))
 
-    for rnd in range(REPEATS):
+    for rnd in range(repeats):
         order = confs if rnd % 2 == 0 else list(reversed(confs))
         for c in order:
+            runs = result["configs"][c["name"]]["runs"]
+            if any(r["round"] == rnd for r in runs):
+                continue  # measured before a resume
             # The attempt others disturbed least is kept.
             waited, tries = 0.0, []
             for _ in range(RETRIES + 1):
@@ -188,10 +209,11 @@ def main() -> int:
             m = min(tries, key=lambda t: t["foreign_load_envoy_cpu"])
             noisy = [t["foreign_load_envoy_cpu"] for t in tries if t is not m]
             m.update(round=rnd, waited_s=waited, discarded_foreign_load=noisy)
-            result["configs"][c["name"]]["runs"].append(m)
+            runs.append(m)
+            write_atomic(json_path, json.dumps(result, indent=1) + "\n")
             flag = "" if m["errors"] == 0 else f"  ERRORS {m['errors']}"
             log(
-                f"round {rnd + 1}/{REPEATS} {c['name']:<18} {m['rps']:>8.0f} req/s  "
+                f"round {rnd + 1}/{repeats} {c['name']:<18} {m['rps']:>8.0f} req/s  "
                 f"cpu {m['cpu_us_per_req']:5.2f} us/req  foreign load {m['foreign_load_envoy_cpu'] * 100:3.0f}%  "
                 f"load {' '.join(m['loadavg'])}{flag}"
             )
@@ -199,13 +221,34 @@ def main() -> int:
     result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     result["finished"] = datetime.now(timezone.utc).isoformat()
     summarize(result)
-    json_path = run.RESULTS / f"ladder-{stamp}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(json_path, json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (run.RESULTS / "ladder-latest.md").write_text(md)
     print(md)
     log(f"wrote {json_path.relative_to(gen.ROOT)}, bench/results/ladder-latest.md")
     return 0
+
+
+def drop_partial_rounds(result: dict) -> None:
+    """Before a resume: a kind's round missing some N loses the N it has, so that a slope's points
+    are all measured together (within minutes of each other)."""
+    ns = result["params"]["ns"]
+    for kind in result["kinds"]:
+        names = [f"{kind}_{n}" for n in ns]
+        for rnd in range(result["params"]["repeats"]):
+            runs = {n: result["configs"].get(n, {}).get("runs", []) for n in names}
+            have = [n for n in names if any(r["round"] == rnd for r in runs[n])]
+            if have and len(have) < len(names):
+                for n in have:
+                    c = result["configs"][n]
+                    c["runs"] = [r for r in c["runs"] if r["round"] != rnd]
+                log(f"resume: {kind} round {rnd + 1} had {len(have)} of {len(names)} rungs: all again")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def summarize(result: dict) -> None:
@@ -235,6 +278,8 @@ def summarize(result: dict) -> None:
         k["cpu_us_top"] = run.median(cpu8)
         k["n0_over_bare_us"] = run.median(over_bare)
         k["errors"] = sum(r["errors"] for n in ns for r in cfgs[f"{kind}_{n}"]["runs"])
+        foreign = [r["foreign_load_envoy_cpu"] for n in ns for r in cfgs[f"{kind}_{n}"]["runs"]]
+        k["foreign_median"], k["foreign_max"] = run.median(foreign), max(foreign, default=float("nan"))
     b = cfgs["bare"]["runs"]
     result["bare"] = {
         "rps": run.median([r["rps"] for r in b]),
@@ -262,11 +307,11 @@ def markdown(result: dict) -> str:
         "per request (medians).",
         "",
         "Per-call cost: the least-squares slope of Envoy CPU µs/request against N within a round, "
-        f"median over rounds (each round's slope in brackets); x req/s: N = {top} over N = 0 in the "
+        f"median over rounds (each round's slope listed); x req/s: N = {top} over N = 0 in the "
         "same round, median.",
         "",
-        f"| call (one of N per request) | µs per call | rounds' slopes | CPU µs/req N=0 | N={top} | x req/s N={top} |",
-        "|---|---:|---|---:|---:|---:|",
+        f"| call (one of N per request) | µs per call | rounds' slopes | CPU µs/req N=0 | N={top} | x req/s N={top} | others on Envoy's core, median / max |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     kinds = sorted(result["kinds"].items(), key=lambda kv: -kv[1]["per_call_us"] if kv[0] != "none" else float("inf"))
     for kind, k in kinds:
@@ -274,15 +319,23 @@ def markdown(result: dict) -> str:
         slopes = ", ".join(f"{s:.2f}" for s in k["slopes_us"])
         lines.append(
             f"| `{kind}`: {k['label']}{err} | {k['per_call_us']:.2f} | {slopes} | {k['cpu_us_n0']:.2f} | "
-            f"{k['cpu_us_top']:.2f} | {k['rps_ratio_top']:.2f} |"
+            f"{k['cpu_us_top']:.2f} | {k['rps_ratio_top']:.2f} | "
+            f"{k['foreign_median'] * 100:.0f}% / {k['foreign_max'] * 100:.0f}% |"
         )
     if foreign:
         waited = sum(r.get("waited_s", 0) for r in runs)
+        unknown = sum(1 for r in runs if "waited_s" not in r)
         again = sum(len(r.get("discarded_foreign_load", [])) for r in runs)
         lines += ["", f"Noise: other processes used a median {run.median(foreign) * 100:.0f}% "
                       f"(max {foreign[-1] * 100:.0f}%) of Envoy's core during the measured runs; "
-                      f"{waited:.0f} s waited for another benchmark's load generator or Envoy to finish, "
-                      f"{again} measurements taken again (others above {FOREIGN_MAX * 100:.0f}% of Envoy's core)."]
+                      f"{waited:.0f} s waited for another benchmark's load generator or Envoy to finish"
+                      + (f" (not recorded for {unknown} measurements)" if unknown else "")
+                      + f", {again} measurements taken again (others above {FOREIGN_MAX * 100:.0f}% of "
+                      "Envoy's core). A slope's own noise is what `none` shows (no call at any N)."]
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
+    if result.get("resumed"):
+        lines += ["", f"Resumed (`--resume`) at {', '.join(t[:19] + 'Z' for t in result['resumed'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +353,8 @@ if __name__ == "__main__":
     try:
         if len(sys.argv) == 3 and sys.argv[1] == "--report":
             sys.exit(report(Path(sys.argv[2])))
+        if len(sys.argv) == 3 and sys.argv[1] == "--resume":
+            sys.exit(main(Path(sys.argv[2])))
         sys.exit(main())
     finally:
         run.stop_all()
