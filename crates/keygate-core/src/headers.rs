@@ -105,34 +105,6 @@ pub fn is_identity_lookalike(name: &[u8], identity: &[Box<str>; 4]) -> bool {
         })
 }
 
-/// The request headers an allowed request leaves with, for one whole-map write: the client's
-/// headers without any copy of an identity header (nor `_` look-alikes) and, unless
-/// `keep_authorization`, without `Authorization`; then keygate's identity headers (`names[i]`
-/// set to `values[i]` where present). Order and bytes of everything kept are unchanged.
-pub fn forwarded_headers<'a>(
-    pairs: &[(&'a [u8], &'a [u8])],
-    names: &'a [Box<str>; 4],
-    values: [Option<&'a str>; 4],
-    keep_authorization: bool,
-) -> Vec<(&'a [u8], &'a [u8])> {
-    let mut out = Vec::with_capacity(pairs.len() + 4);
-    for &(name, value) in pairs {
-        let identity = names
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
-        let auth = !keep_authorization && name.eq_ignore_ascii_case(b"authorization");
-        if !identity && !auth && !is_identity_lookalike(name, names) {
-            out.push((name, value));
-        }
-    }
-    for (name, value) in names.iter().zip(values) {
-        if let Some(v) = value {
-            out.push((name.as_bytes(), v.as_bytes()));
-        }
-    }
-    out
-}
-
 /// The names among `pairs` (a request's headers or trailers) that keygate removes: client copies
 /// of the identity headers `names`, their `_` look-alikes and, unless `keep_authorization`,
 /// `Authorization`. Each name once, in order of first appearance.
@@ -258,45 +230,6 @@ mod tests {
             "x-keygate-role".into(),
             "x-keygate-api".into(),
         ]
-    }
-
-    #[test]
-    fn forwarded_headers_replace_identity_and_drop_credentials_and_lookalikes() {
-        let names = names();
-        let pairs: Vec<(&[u8], &[u8])> = vec![
-            (b":method", b"GET"),
-            (b":path", b"/v2/x"),
-            (b"authorization", b"Basic abc"),
-            (b"X-Keygate-Key-Sid", b"SKforged"),
-            (b"x_keygate_account_sid", b"ACforged"),
-            (b"X_KEYGATE_ROLE", b"main"),
-            (b"x_keygate_other", b"kept"),
-            (b"x-keygate-api", b"forged"),
-            (b"cookie", b"a=1"),
-            (b"cookie", b"b=\xff"),
-        ];
-        let out = forwarded_headers(
-            &pairs,
-            &names,
-            [Some("AC1"), Some("SK1"), Some("standard"), None],
-            false,
-        );
-        let want: Vec<(&[u8], &[u8])> = vec![
-            (b":method", b"GET"),
-            (b":path", b"/v2/x"),
-            (b"x_keygate_other", b"kept"),
-            (b"cookie", b"a=1"),
-            (b"cookie", b"b=\xff"),
-            (b"x-keygate-account-sid", b"AC1"),
-            (b"x-keygate-key-sid", b"SK1"),
-            (b"x-keygate-role", b"standard"),
-        ];
-        assert_eq!(out, want);
-        let kept = forwarded_headers(&pairs, &names, [None; 4], true);
-        assert!(kept.contains(&(b"authorization".as_slice(), b"Basic abc".as_slice())));
-        assert!(!kept
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case(b"x-keygate-api")));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::{demo, paths};
 /// filter's tick (250 ms) and a margin.
 pub const STATS_SETTLE: std::time::Duration = std::time::Duration::from_millis(400);
 
-pub const DEFAULT_ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% account=%FILTER_STATE(wasm.keygate.account_sid:PLAIN)% key=%REQ(X-KEYGATE-KEY-SID)% role=%REQ(X-KEYGATE-ROLE)% api=%REQ(X-KEYGATE-API)% meta=%DYNAMIC_METADATA(keygate)% client=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n";
+pub const DEFAULT_ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% identity=%FILTER_STATE(wasm.keygate.identity:PLAIN)% key=%REQ(X-KEYGATE-KEY-SID)% role=%REQ(X-KEYGATE-ROLE)% api=%REQ(X-KEYGATE-API)% meta=%DYNAMIC_METADATA(keygate)% client=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n";
 
 /// Name of the listener, the HCM stat prefix (`http.keygate.*`) and the wasm filter.
 pub const NAME: &str = "keygate";

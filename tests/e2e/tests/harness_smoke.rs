@@ -34,7 +34,10 @@ fn demo_config_denies_anonymous_and_admits_the_main_key_without_forwarding_its_c
     let lines = envoy.wait_access_log(2, Duration::from_secs(10));
     assert!(lines[0].contains(" 401 "), "{lines:?}");
     assert!(lines[1].contains(" 200 "), "{lines:?}");
-    assert!(lines[1].contains("account=ACdemo0001"), "{lines:?}");
+    assert!(
+        lines[1].contains("identity=ACdemo0001 SKdemomain01 key=SKdemomain01"),
+        "{lines:?}"
+    );
     assert_eq!(envoy.counter("http.keygate.downstream_rq_4xx"), Some(1));
     assert_eq!(envoy.counter("http.keygate.downstream_rq_2xx"), Some(1));
     assert_eq!(envoy.counter("http.keygate.no-such-counter"), None);

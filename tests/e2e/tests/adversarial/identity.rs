@@ -327,7 +327,7 @@ fn a_denied_request_is_never_attributed_to_a_key_the_client_named() {
     let lines = bench.envoy.wait_access_log(3, Duration::from_secs(10));
     for line in &lines {
         assert!(
-            line.contains("account=- key=- role=- api=-"),
+            line.contains("identity=- key=- role=- api=-"),
             "denied request attributed by client headers: {line}"
         );
     }
