@@ -27,9 +27,9 @@ pub fn send(reply: &Reply) -> Action {
 
 /// Sets identity headers, after removing every client copy of them, their `_` look-alikes and,
 /// unless configured otherwise, the `Authorization` header: one host call per header touched
-/// (a typical request: four sets and one removal). Measured on this Envoy (`make bench-ladder`),
-/// that is cheaper than one whole-map write, which Envoy turns into clearing and rebuilding the
-/// map. Then one filter-state entry, `keygate.identity`: the account SID, and the key SID after a
+/// (a typical request: four sets and one removal, about 0.2 µs each on this Envoy, `make
+/// bench-ladder`), cheaper than one whole-map write (about 2.5 µs: Envoy clears and rebuilds the
+/// map). Then one filter-state entry, `keygate.identity`: the account SID, and the key SID after a
 /// space for a key.
 pub fn forward(cat: &Catalog, pairs: &[(&[u8], &[u8])], identity: Option<Identity<'_>>) {
     let map = MapType::HttpRequestHeaders;
