@@ -212,6 +212,29 @@ fn bench_gate(c: &mut Criterion) {
             }
         })
     });
+    // As the filter runs it: the VM's own state (leases, kept slots, clear addresses, digest memo).
+    let vm = FakeHost::new()
+        .with_client_ip(Some(LOOPBACK))
+        .with_failed_auth_key(FailedAuthKey::from_bytes([7; 16]))
+        .with_local();
+    group.bench_function("evaluate_full_pipeline_vm_local/1000", |b| {
+        b.iter(|| {
+            vm.now_us.set(now_us());
+            let mut stats = GateStats::default();
+            let verdict = gate::evaluate(&cfg, black_box(&head), &vm, &mut stats);
+            match verdict {
+                Verdict::Allow {
+                    inflight: Some(ticket),
+                    ..
+                } => {
+                    let local = vm.local.as_ref().expect("local");
+                    local.slots.hold(&ticket);
+                    local.slots.release(&ticket, &vm, &mut Counters::default());
+                }
+                other => panic!("the benchmark key must be admitted: {other:?}"),
+            }
+        })
+    });
     group.finish();
 }
 
