@@ -58,7 +58,7 @@ pub fn apply(tx: &mut dyn Tx, batch: &UsageBatch, now: i64) -> Result<bool, Erro
         let minute = big(e.minute);
         let key_sid = e.key_sid.clone().unwrap_or_default();
         let outcomes = (e.allowed > 0)
-            .then(|| ("allowed", e.allowed))
+            .then_some(("allowed", e.allowed))
             .into_iter()
             .chain(e.denied.iter().map(|(r, n)| (r.as_str(), *n)))
             .filter(|(_, n)| *n > 0);
