@@ -22,6 +22,7 @@ use crate::fleet::{self, Fleet, FleetState, Start};
 use crate::host::{header_map, log, now_us, RequestHost, VmState};
 use crate::poller;
 use crate::request::{forward, remove, send, set_each};
+use crate::usage;
 
 /// The root's tick when fleet leases are on: how soon a lease running below half is asked for
 /// ahead (and one lost with the request that asked for it asked again).
@@ -35,6 +36,8 @@ pub struct KeygateRoot {
     /// Set when the VM starts.
     vm: Option<Rc<VmState>>,
     poller: Poller,
+    /// Sends the process's usage batches while this VM is the elected poller.
+    usage: keygate_core::usage::Sender,
 }
 
 impl KeygateRoot {
@@ -45,6 +48,7 @@ impl KeygateRoot {
             fleet: Rc::default(),
             vm: None,
             poller: Poller::default(),
+            usage: keygate_core::usage::Sender::default(),
         }
     }
 
@@ -65,8 +69,11 @@ impl Context for KeygateRoot {
     ) {
         // Then long-poll again right away (nothing is asked while backing off).
         if let (Some(vm), Source::Published(p)) = (&self.vm, &*self.source) {
-            let poller = &mut self.poller;
             let cp = &p.control_plane;
+            if usage::on_response(vm, cp, &mut self.usage, token_id) {
+                return;
+            }
+            let poller = &mut self.poller;
             poller::run(vm, cp, body_size, |env| poller.on_response(env, token_id));
         }
     }
@@ -104,6 +111,8 @@ impl RootContext for KeygateRoot {
         if let Source::Published(p) = &*self.source {
             let poller = &mut self.poller;
             poller::run(&vm, &p.control_plane, 0, |env| poller.on_tick(env));
+            // This VM's usage counts into shared data; the elected poller sends the batches.
+            usage::on_tick(&vm, &p.control_plane, &mut self.usage);
         }
         // Refresh this VM's concurrency leases for accounts with slots here (and give back the
         // idle ones no request took), and give back what expired rate leases left unspent.
@@ -158,6 +167,10 @@ impl RootContext for KeygateRoot {
             // Every config ticks: counters are flushed on it.
             vm.ticks.set_base(configured.tick_ms.or(Some(TICK_MS)));
             vm.ticks.set_fleet(lease_tick);
+            // Usage is counted where someone sends it: in control-plane mode.
+            vm.local
+                .usage
+                .enable(matches!(source, Source::Published(_)));
             self.source = Rc::new(source);
             *self.fleet.borrow_mut() = fleet_limits.map(FleetState::new);
         }
@@ -278,8 +291,12 @@ impl HttpContext for KeygateHttp {
                     &response_headers,
                 );
                 match start {
-                    Start::Go => self.admit(&cat, &pairs, &allow, ticket, response_headers),
+                    Start::Go => {
+                        usage::fleet_decided(&self.vm, &allow, now, None);
+                        self.admit(&cat, &pairs, &allow, ticket, response_headers)
+                    }
                     Start::Deny(denial) => {
+                        usage::fleet_decided(&self.vm, &allow, now, Some(denial.reason));
                         self.vm.metrics.bump(Stat::Denied(denial.reason));
                         remove(MapType::HttpRequestHeaders, &pairs, &cat, true);
                         send(&denial_reply(&denial, cat.www_authenticate(), None))

@@ -420,6 +420,7 @@ fn resolve(vm: &VmState, w: Waiter, outcome: Outcome) -> Option<(u32, Resolved)>
                 vm.local.slots.hold(ticket);
             }
             vm.metrics.bump(Stat::Allowed);
+            crate::usage::fleet_decided(vm, &w.allow, now_us(), None);
             if failed_open {
                 vm.metrics.bump(Stat::StoreFailuresAllowed);
             }
@@ -441,6 +442,7 @@ fn resolve(vm: &VmState, w: Waiter, outcome: Outcome) -> Option<(u32, Resolved)>
             }
             vm.metrics.record(counters.stats());
             vm.metrics.bump(Stat::Denied(denial.reason));
+            crate::usage::fleet_decided(vm, &w.allow, now_us(), Some(denial.reason));
             remove(MapType::HttpRequestHeaders, &pairs, &w.catalog, true);
             send(&denial_reply(&denial, w.catalog.www_authenticate(), None));
             Some((

@@ -12,7 +12,8 @@
 //! `SharedStore`, the request's `Host`, byte-level header reads), `poller` (the poller's
 //! `dispatch_http_call`, answers, tick period, logs and stats), `request` (the request's own host calls: forward with the identity headers, strip the
 //! client's copies, send a local reply), `metrics` (an Envoy metric per
-//! [`keygate_core::stats::Stat`], recording what the core counts).
+//! [`keygate_core::stats::Stat`], recording what the core counts), `usage` (the VM's usage
+//! counts into shared data on the tick; the elected poller's `POST /v1/edge/usage`).
 //!
 //! Invariants kept here:
 //! - every host call goes through the `Result`-returning `hostcalls` functions or our own
@@ -27,6 +28,7 @@ mod host;
 mod metrics;
 mod poller;
 mod request;
+mod usage;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

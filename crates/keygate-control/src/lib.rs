@@ -17,6 +17,8 @@
 //!   handlers and the CLI; [`store`]: one interface over SQLite and Postgres; [`model`]:
 //!   validation against the edge compiler; [`error`]: the service error, which [`http`] turns
 //!   into a status and the `/v1` or Twilio shape;
+//! - [`usage`]: `POST /v1/edge/usage` (the edges' counts, applied once per batch) and
+//!   `GET /v1/accounts/{sid}/usage`; keys' `last_used_at`;
 //! - [`fleet`]: the view of the edges polling the feed; [`ops`]: `/healthz`, `/readyz`,
 //!   `/metrics`;
 //! - [`console`]: the web console at `/console` (sessions; each page the `/v1` requests it
@@ -43,6 +45,7 @@ pub mod service;
 pub mod store;
 pub mod tls;
 pub mod twilio;
+pub mod usage;
 pub mod v1;
 
 use std::future::Future;
@@ -82,6 +85,10 @@ pub struct Config {
     /// How often the server reads the config version from the database, to pick up versions
     /// committed elsewhere (the CLI; other replicas, whose NOTIFY normally comes first).
     pub version_poll: Duration,
+    /// How long usage is kept per minute, then only per hour ([`usage`]).
+    pub usage_retention: Duration,
+    /// How long usage is kept per hour.
+    pub usage_hourly_retention: Duration,
 }
 
 impl Config {
@@ -94,6 +101,10 @@ impl Config {
             trusted_proxies: None,
             edge_ttl: fleet::DEFAULT_EDGE_TTL,
             version_poll: Duration::from_millis(500),
+            usage_retention: Duration::from_secs(usage::DEFAULT_RETENTION_DAYS * 86_400),
+            usage_hourly_retention: Duration::from_secs(
+                usage::DEFAULT_HOURLY_RETENTION_DAYS * 86_400,
+            ),
         })
     }
 }
@@ -236,6 +247,7 @@ pub fn app(state: AppState) -> Router {
         .merge(edge::routes())
         .merge(ratelimit_config::routes())
         .merge(fleet::routes())
+        .merge(usage::routes())
         .merge(ops::routes())
         .merge(console::routes())
         .fallback(|| async { Error::NotFound })
@@ -380,6 +392,12 @@ async fn serve_on(
 ) -> std::io::Result<()> {
     let poller = tokio::spawn(poll_version(state.clone()));
     let fleet_writer = tokio::spawn(fleet::flush_every_second(state.clone()));
+    let usage_pruner = {
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let c = &state.inner.config;
+        let (minutes, hours) = (secs(c.usage_retention), secs(c.usage_hourly_retention));
+        tokio::spawn(usage::prune_every_minute(state.clone(), minutes, hours))
+    };
     let listener_task = state.db().postgres().map(|pg| {
         let s = state.clone();
         tokio::spawn(pg.clone().listen(move |v| s.published(v)))
@@ -402,6 +420,7 @@ async fn serve_on(
     };
     poller.abort();
     fleet_writer.abort();
+    usage_pruner.abort();
     if let Some(t) = listener_task {
         t.abort();
     }

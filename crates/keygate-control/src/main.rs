@@ -32,6 +32,8 @@ Environment variables (each sets the flag of the same meaning; flags win):
   KEYGATE_TLS_KEY         --tls-key         serve: TLS private key, PEM (with --tls-cert)
   KEYGATE_TRUSTED_PROXIES --trusted-proxies serve: peers whose X-Forwarded-For is believed (default none)
   KEYGATE_EDGE_TTL        --edge-ttl        serve: seconds until a silent edge leaves the fleet view (default 600)
+  KEYGATE_USAGE_RETENTION_DAYS --usage-retention-days serve: days usage is kept per minute (default 7)
+  KEYGATE_USAGE_HOURLY_RETENTION_DAYS --usage-hourly-retention-days serve: days usage is kept per hour (default 400)
   KEYGATE_FAILED_AUTH_LIMIT --failed-auth-limit serve: failed authentications per client address (default 30/1m)
   KEYGATE_CREDENTIAL_RATE --credential-rate serve: requests per key and per account (default 600/1m)
   KEYGATE_MAX_KEYS_PER_ACCOUNT, KEYGATE_MAX_ALLOWLIST_ENTRIES, KEYGATE_MAX_SECRETS_IN_GRACE,
@@ -134,6 +136,22 @@ struct ServeArgs {
         value_name = "SECONDS"
     )]
     edge_ttl: u64,
+    /// Days usage is kept per minute (then per hour only), 1 to 366.
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_RETENTION_DAYS",
+        default_value_t = keygate_control::usage::DEFAULT_RETENTION_DAYS,
+        value_name = "DAYS"
+    )]
+    usage_retention_days: u64,
+    /// Days usage is kept per hour, 1 to 3660 (at least the minute retention).
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_HOURLY_RETENTION_DAYS",
+        default_value_t = keygate_control::usage::DEFAULT_HOURLY_RETENTION_DAYS,
+        value_name = "DAYS"
+    )]
+    usage_hourly_retention_days: u64,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(flatten)]
@@ -405,6 +423,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         return Err("--edge-ttl: must be between 1 and 604800 seconds".to_owned());
     }
     cfg.edge_ttl = std::time::Duration::from_secs(args.edge_ttl);
+    if !(1..=366).contains(&args.usage_retention_days) {
+        return Err("--usage-retention-days: must be between 1 and 366".to_owned());
+    }
+    if !(args.usage_retention_days..=3660).contains(&args.usage_hourly_retention_days) {
+        return Err(
+            "--usage-hourly-retention-days: must be between --usage-retention-days and 3660"
+                .to_owned(),
+        );
+    }
+    let days = |d: u64| std::time::Duration::from_secs(d * 86_400);
+    cfg.usage_retention = days(args.usage_retention_days);
+    cfg.usage_hourly_retention = days(args.usage_hourly_retention_days);
     let database = args.data.database()?;
     {
         let db = Db::open(&database).await?;

@@ -10,6 +10,10 @@
 //! | `GET` `PATCH` `DELETE` | `/v1/accounts/{sid}/keys/{key_sid}` | same | fetch; change role, apis, allowed_ips, limits, expires_at, enabled, friendly_name; delete (204) |
 //! | `POST` | `/v1/accounts/{sid}/keys/{key_sid}/regenerate` | same | new secret (shown once); old one valid for `grace_seconds` (default 172800; 0 = revoke now) |
 //! | `DELETE` | `/v1/accounts/{sid}/keys/{key_sid}/secrets/previous` | same | revoke rotated secrets before their grace ends (204) |
+//! | `GET` | `/v1/accounts/{sid}/usage` | same | requests per minute or hour by outcome ([`crate::usage`]) |
+//!
+//! A key's JSON has `last_used_at` and each of its `secrets[]` one: when the edges last saw it
+//! used (RFC 3339, `null` if never), from their usage batches.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -25,6 +29,7 @@ use crate::auth::Caller;
 use crate::error::Error;
 use crate::model::{self, rfc3339, Account, Key, StoredSecret};
 use crate::service::{self, NewAccount, NewKey, DEFAULT_GRACE_SECONDS};
+use crate::store::LastUsed;
 use crate::{parse_json, AppState};
 
 pub fn routes() -> Router<AppState> {
@@ -70,8 +75,8 @@ fn account_json(a: &Account) -> Value {
     })
 }
 
-fn key_json(k: &Key, secrets: &[StoredSecret]) -> Value {
-    json!({
+fn key_json(k: &Key, secrets: &[StoredSecret], last: &LastUsed) -> Value {
+    let mut body = json!({
         "sid": k.sid,
         "account_sid": k.account_sid,
         "friendly_name": k.friendly_name,
@@ -89,7 +94,9 @@ fn key_json(k: &Key, secrets: &[StoredSecret]) -> Value {
             "created_at": rfc3339(s.created_at),
             "not_after": s.not_after.map(rfc3339),
         })).collect::<Vec<_>>(),
-    })
+    });
+    crate::usage::last_used_json(&mut body, secrets, last);
+    body
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,7 +232,8 @@ async fn list_keys(
                 .into_iter()
                 .map(|k| {
                     let s = c.secrets_of(&k.sid)?;
-                    Ok(key_json(&k, &s))
+                    let last = c.last_used(&k.sid)?;
+                    Ok(key_json(&k, &s, &last))
                 })
                 .collect::<Result<Vec<_>, Error>>()
         })
@@ -279,7 +287,7 @@ async fn create_key(
         })
         .await?;
     state.published(version);
-    let mut body = key_json(&key, &secrets);
+    let mut body = key_json(&key, &secrets, &LastUsed::default());
     body["secret"] = json!(secret.expose());
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -290,15 +298,16 @@ async fn fetch_key(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, Error> {
     caller.managing(&sid)?;
-    let (key, secrets) = state
+    let (key, secrets, last) = state
         .db()
         .read(move |c| {
             let key = c.get_key(&sid, &key_sid)?.ok_or(Error::NotFound)?;
             let secrets = c.secrets_of(&key.sid)?;
-            Ok((key, secrets))
+            let last = c.last_used(&key.sid)?;
+            Ok((key, secrets, last))
         })
         .await?;
-    Ok(Json(key_json(&key, &secrets)))
+    Ok(Json(key_json(&key, &secrets, &last)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,8 +373,11 @@ async fn update_key(
     state.published(version);
     // Read after the write's commit: the bump is a write's last statement.
     let owner = key.sid.clone();
-    let secrets = state.db().read(move |c| c.secrets_of(&owner)).await?;
-    Ok(Json(key_json(&key, &secrets)))
+    let (secrets, last) = state
+        .db()
+        .read(move |c| Ok((c.secrets_of(&owner)?, c.last_used(&owner)?)))
+        .await?;
+    Ok(Json(key_json(&key, &secrets, &last)))
 }
 
 async fn delete_key(
@@ -403,7 +415,9 @@ async fn regenerate(
         .write(move |c| service::regenerate(c, &caps, &holder, &sid, &key_sid, grace))
         .await?;
     state.published(r.version);
-    let mut body = key_json(&r.key, &r.secrets);
+    let owner = r.key.sid.clone();
+    let last = state.db().read(move |c| c.last_used(&owner)).await?;
+    let mut body = key_json(&r.key, &r.secrets, &last);
     body["secret"] = json!(r.secret.expose());
     Ok(Json(body))
 }

@@ -20,7 +20,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
 use crate::compile::{
     role_allows, Account, Catalog, CompiledConfig, Directory, Key, Principal, Secret,
@@ -32,6 +32,7 @@ use crate::headers::{AuthorizationHeader, RequestHead};
 use crate::path::{canonicalize, CanonicalPath, TemplateMatch};
 use crate::reason::Reason;
 use crate::secret_format;
+use crate::usage::{secret_tag, SecretTag, Used};
 
 /// What kind of credential authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub(crate) struct Admitted {
     pub(crate) account: Arc<Account>,
     /// Index into the catalogue's APIs, and the API's name.
     pub(crate) api: Option<(u32, Arc<str>)>,
+    /// The secret that matched (its digest's tag), for usage.
+    pub(crate) secret: SecretTag,
 }
 
 /// An admitted request.
@@ -96,6 +99,15 @@ impl Allow {
             },
             role: a.key.as_ref().map_or("account", |k| k.role.as_str()),
             api: a.api.as_ref().map(|(_, name)| &**name),
+        })
+    }
+
+    /// Who was admitted and which of its secrets matched (usage); `None` for a CORS preflight.
+    pub fn used(&self) -> Option<Used> {
+        self.admitted.as_ref().map(|a| Used {
+            account_sid: a.account.sid.clone(),
+            key_sid: a.key.as_ref().map(|k| k.sid.clone()),
+            secret: a.secret,
         })
     }
 }
@@ -121,6 +133,10 @@ pub trait ClientAddress {
 
     /// The secret last digested authenticated its principal.
     fn authenticated(&mut self) {}
+
+    /// The principal that authenticated, with its account, and the secret that matched: every
+    /// later denial is this principal's (usage).
+    fn admitted_as(&mut self, _used: &Used) {}
 }
 
 impl<F: FnMut() -> Option<IpAddr>> ClientAddress for F {
@@ -192,7 +208,7 @@ fn decide_inner(
     };
     let credential = parse_authorization(value, cat.schemes)?;
     let path = canonicalize(req.path).ok_or(Reason::MalformedPath)?;
-    let principal =
+    let (principal, secret) =
         authenticate(cat, dir, &credential, now, client).ok_or(Reason::InvalidCredentials)?;
     client.authenticated();
 
@@ -205,6 +221,11 @@ fn decide_inner(
         }
         Principal::Account(account) => (account, None),
     };
+    client.admitted_as(&Used {
+        account_sid: account.sid.clone(),
+        key_sid: key.as_ref().map(|k| k.sid.clone()),
+        secret,
+    });
     if account.suspended {
         return Err(Reason::AccountSuspended);
     }
@@ -272,7 +293,12 @@ fn decide_inner(
     };
 
     Ok(Allow {
-        admitted: Some(Admitted { key, account, api }),
+        admitted: Some(Admitted {
+            key,
+            account,
+            api,
+            secret,
+        }),
     })
 }
 
@@ -315,15 +341,22 @@ pub fn denied_after_authentication(reason: Reason) -> bool {
     }
 }
 
-/// Whether `digest` equals a secret that is still valid at `now`. Every secret is compared, in
-/// constant time, whatever the earlier ones gave.
-fn secret_matches(secrets: &[Secret], digest: &Digest32, now: u64) -> bool {
+/// Whether `digest` equals a secret that is still valid at `now`, and which one (its tag).
+/// Every secret is compared, in constant time, whatever the earlier ones gave; the match is
+/// selected without a branch.
+fn secret_matches(secrets: &[Secret], digest: &Digest32, now: u64) -> (Choice, SecretTag) {
     let mut ok = Choice::from(0);
+    let mut tag = [0u8; 8];
     for s in secrets {
         let live = Choice::from(u8::from(s.not_after.is_none_or(|t| now <= t)));
-        ok |= s.digest.ct_eq(digest) & live;
+        let hit = s.digest.ct_eq(digest) & live;
+        let candidate = secret_tag(&s.digest);
+        for (t, c) in tag.iter_mut().zip(candidate) {
+            t.conditional_assign(&c, hit);
+        }
+        ok |= hit;
     }
-    bool::from(ok)
+    (ok, tag)
 }
 
 fn authenticate(
@@ -332,7 +365,7 @@ fn authenticate(
     credential: &Credential<'_>,
     now: u64,
     client: &mut dyn ClientAddress,
-) -> Option<Principal> {
+) -> Option<(Principal, SecretTag)> {
     if cat.check_secret_format {
         let secret = match credential {
             Credential::Basic { secret, .. } => secret.as_slice(),
@@ -348,13 +381,13 @@ fn authenticate(
             let digest = client.digest(&cat.digester, secret);
             match dir.by_sid(user) {
                 Some(Principal::Key(key)) => {
-                    let ok = secret_matches(&key.secrets, &digest, now)
-                        & key_usable(key.enabled, key.expires_at, now);
-                    ok.then_some(Principal::Key(key))
+                    let (ok, tag) = secret_matches(&key.secrets, &digest, now);
+                    let ok = bool::from(ok) & key_usable(key.enabled, key.expires_at, now);
+                    ok.then_some((Principal::Key(key), tag))
                 }
                 Some(Principal::Account(account)) => {
-                    secret_matches(&account.auth_tokens, &digest, now)
-                        .then_some(Principal::Account(account))
+                    let (ok, tag) = secret_matches(&account.auth_tokens, &digest, now);
+                    bool::from(ok).then_some((Principal::Account(account), tag))
                 }
                 None => {
                     // Same work as a wrong secret, then fail.
@@ -366,9 +399,9 @@ fn authenticate(
         Credential::Bearer { token } => {
             let digest = client.digest(&cat.digester, token);
             let key = dir.by_token(&digest)?;
-            let ok = secret_matches(&key.secrets, &digest, now)
-                & key_usable(key.enabled, key.expires_at, now);
-            ok.then_some(Principal::Key(key))
+            let (ok, tag) = secret_matches(&key.secrets, &digest, now);
+            let ok = bool::from(ok) & key_usable(key.enabled, key.expires_at, now);
+            ok.then_some((Principal::Key(key), tag))
         }
     }
 }

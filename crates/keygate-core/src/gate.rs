@@ -51,6 +51,7 @@ use crate::store::{
     account_inflight_key, account_rate_key, compare_and_swap, failed_auth_bucket_key, key_rate_key,
     Change, SharedStore, FAILED_AUTH_KEY,
 };
+use crate::usage::Used;
 
 /// Seconds after which a VM's in-flight lease stops counting unless refreshed.
 pub const INFLIGHT_LEASE_S: u64 = 10;
@@ -167,10 +168,11 @@ impl InForce for Parts<'_> {
     }
 }
 
-/// The host as the decision's source of the client address, and of digests (the VM's memo).
-struct ViaHost<'h>(&'h dyn Host);
+/// The host as the decision's source of the client address, and of digests (the VM's memo);
+/// it keeps who authenticated, for usage.
+struct ViaHost<'h, 'u>(&'h dyn Host, &'u mut Option<Used>);
 
-impl ClientAddress for ViaHost<'_> {
+impl ClientAddress for ViaHost<'_, '_> {
     fn client_ip(&mut self) -> Option<IpAddr> {
         self.0.client_ip()
     }
@@ -185,6 +187,12 @@ impl ClientAddress for ViaHost<'_> {
     fn authenticated(&mut self) {
         if let Some(local) = self.0.local() {
             local.digests.authenticated();
+        }
+    }
+
+    fn admitted_as(&mut self, used: &Used) {
+        if self.0.local().is_some_and(|l| l.usage.is_enabled()) {
+            *self.1 = Some(used.clone());
         }
     }
 }
@@ -460,11 +468,34 @@ fn check(store_key: String, slot: u32, limit: LimitRate, kind: LimitKind) -> Che
 
 /// Runs the whole gate for one request against the config in force, static or published: the
 /// one entry point (the edge's filter and the control plane's door). The clock is read once.
+///
+/// In a filter's VM with usage on ([`crate::usage::Usage`]), a request whose credential
+/// authenticated is counted for its principal and secret: allowed, or denied by reason; one
+/// that still owes the fleet is counted when the fleet decides (by the glue).
 pub fn evaluate(
     config: &dyn InForce,
     head: &RequestHead<'_>,
     host: &dyn Host,
     stats: &mut GateStats,
+) -> Verdict {
+    let mut used = None;
+    let verdict = judge(config, head, host, stats, &mut used);
+    if let (Some(vm), Some(used)) = (host.local(), &used) {
+        match &verdict {
+            Verdict::Allow { fleet: None, .. } => vm.usage.allowed(used, host.now_us()),
+            Verdict::Allow { fleet: Some(_), .. } => {}
+            Verdict::Deny(d) => vm.usage.denied(used, host.now_us(), d.reason),
+        }
+    }
+    verdict
+}
+
+fn judge(
+    config: &dyn InForce,
+    head: &RequestHead<'_>,
+    host: &dyn Host,
+    stats: &mut GateStats,
+    used: &mut Option<Used>,
 ) -> Verdict {
     let (cat, dir) = (config.catalog(), config.directory());
     let now_us = host.now_us();
@@ -522,7 +553,7 @@ pub fn evaluate(
     // 2. Authentication and authorization.
     let now_s = now_us / 1_000_000;
     let region = config.region();
-    let decision = decide_in_region(cat, dir, region, head, now_s, &mut ViaHost(host));
+    let decision = decide_in_region(cat, dir, region, head, now_s, &mut ViaHost(host, used));
     let allow = match decision {
         Decision::Deny(reason) => {
             if let Some(v) = vm {

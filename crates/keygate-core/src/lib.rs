@@ -35,6 +35,7 @@ pub mod stats;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod usage;
 pub mod view;
 
 pub use compile::{compile, Catalog, CompiledConfig, ConfigError, Directory};

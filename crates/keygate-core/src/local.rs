@@ -23,6 +23,7 @@ pub struct VmLocal {
     pub slots: HeldSlots,
     pub clear: ClearAddresses,
     pub digests: DigestMemo,
+    pub usage: crate::usage::Usage,
 }
 
 impl VmLocal {

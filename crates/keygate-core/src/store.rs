@@ -23,6 +23,7 @@
 //! | [`slot_state_key`] `kg:cfg:<slot>:state` | a slot's state ([`STATE_TAG`]) | [`crate::published`] |
 //! | [`slot_settings_key`] `kg:cfg:<slot>:meta:-` | a slot's settings record ([`RECORD_TAG`], epoch, the version's settings, APIs and limits as JSON) | [`crate::published`] |
 //! | [`put_bucket_key`] `kg:cfg:<slot>:b:<n>` | a bucket of published entries ([`BUCKET_TAG`]), or an empty value | [`crate::published`] |
+//! | [`USAGE_KEY`] `kg:usage` | the process's usage counts and the batch being sent ([`USAGE_TAG`], then JSON: [`crate::usage::Record`]) | every VM's tick, the elected poller's sender ([`crate::usage`]) |
 //!
 //! Integers are little-endian. The value formats are described where they are encoded
 //! (`ratelimit`, `concurrency`, `published::layout`). Keys made from a SID hold only SIDs a
@@ -101,6 +102,8 @@ pub const POLLER_KEY: &str = "kg:cfg:poller";
 pub const HEAD_KEY: &str = "kg:cfg:head";
 /// The last epoch handed out to a published update.
 pub const EPOCH_KEY: &str = "kg:cfg:epoch";
+/// The process's usage counts and the batch being sent ([`crate::usage`]).
+pub const USAGE_KEY: &str = "kg:usage";
 
 /// One bucket of the failed-auth limiter.
 pub fn failed_auth_bucket_key(bucket: u32) -> String {
@@ -155,6 +158,8 @@ pub const EPOCH_TAG: u8 = 9;
 pub const HEAD_TAG: u8 = 10;
 pub const STATE_TAG: u8 = 11;
 pub const BUCKET_TAG: u8 = 12;
+/// The usage record: then JSON ([`crate::usage::Record`]).
+pub const USAGE_TAG: u8 = 14;
 
 /// Test support (the `testing` feature): a fake of Envoy shared data with the host's exact CAS
 /// rules and fault injection.

@@ -147,6 +147,62 @@ pub trait Tx {
     fn release_savepoint(&mut self) -> Result<(), Error>;
     /// `ROLLBACK TO SAVEPOINT write` and release it: nothing of the failed write is kept.
     fn rollback_to_savepoint(&mut self) -> Result<(), Error>;
+
+    /// Records that usage batch `id` is applied; false if it already was (apply nothing).
+    fn claim_usage_batch(&mut self, id: &str, now: i64) -> Result<bool, Error>;
+    /// Adds `row.n` to the row's count.
+    fn add_usage(&mut self, row: &UsageRow) -> Result<(), Error>;
+    /// The secret of `owner_sid` whose digest starts with `tag` (16 hex digits) was used at
+    /// `at` (kept if later than what is stored); false if the owner has no such secret.
+    fn note_secret_used(&mut self, owner_sid: &str, tag: &str, at: i64) -> Result<bool, Error>;
+    /// Key `key_sid` (if it exists) was used at `at`.
+    fn note_key_used(&mut self, key_sid: &str, at: i64) -> Result<(), Error>;
+    /// An account's counts (one key's, or every principal's summed) in buckets of `width`
+    /// seconds starting in `[from, to)`: `(start, outcome, n)` by start then outcome.
+    fn usage_counts(
+        &mut self,
+        account_sid: &str,
+        key_sid: Option<&str>,
+        width: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, String, u64)>, Error>;
+    /// When a key (or an account's own credentials) and each of its secrets were last used.
+    fn last_used(&mut self, owner_sid: &str) -> Result<LastUsed, Error>;
+    /// Forgets counts, batch ids and last uses past their retention; how many rows went.
+    fn prune_usage(&mut self, before: &UsagePrune) -> Result<u64, Error>;
+}
+
+/// One usage count to add ([`Tx::add_usage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub account_sid: String,
+    /// `""` for the account's own credentials.
+    pub key_sid: String,
+    /// 60 or 3600.
+    pub width: i64,
+    /// Unix seconds, a multiple of `width`.
+    pub start: i64,
+    /// `allowed` or a reason code.
+    pub outcome: String,
+    pub n: i64,
+}
+
+/// Last uses of a key and of its secrets (by digest), unix seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LastUsed {
+    pub key: Option<i64>,
+    pub secrets: Vec<(String, i64)>,
+}
+
+/// What [`Tx::prune_usage`] forgets: minute counts starting before `minutes`, hour counts
+/// before `hours`, batch ids applied before `batches` (unix seconds); last uses of secrets and
+/// keys that no longer exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsagePrune {
+    pub minutes: i64,
+    pub hours: i64,
+    pub batches: i64,
 }
 
 /// Which database a control plane runs on.

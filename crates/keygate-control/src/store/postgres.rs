@@ -34,7 +34,7 @@ use tokio::runtime::Handle;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
-use super::{EdgeSeen, Owners, Tx};
+use super::{EdgeSeen, LastUsed, Owners, Tx, UsagePrune, UsageRow};
 use crate::error::{internal, Error};
 use crate::model::{parse_role, parse_status, role_str, status_str, Account, Key, StoredSecret};
 use crate::secret::OperatorKind;
@@ -168,6 +168,28 @@ CREATE INDEX edges_by_last_seen ON edges (last_seen_ms);
     // 2: the further regions an account may be served in (JSON list; NULL: its home region only).
     r#"
 ALTER TABLE accounts ADD COLUMN regions TEXT;
+"#,
+    // 3: usage from the edges (SQLite's migration 6, the same tables).
+    r#"
+CREATE TABLE usage_counts (
+    account_sid TEXT COLLATE "C" NOT NULL,
+    width       INTEGER NOT NULL,
+    start       BIGINT NOT NULL,
+    key_sid     TEXT COLLATE "C" NOT NULL,
+    outcome     TEXT COLLATE "C" NOT NULL,
+    n           BIGINT NOT NULL,
+    PRIMARY KEY (account_sid, width, start, key_sid, outcome)
+);
+CREATE INDEX usage_counts_by_start ON usage_counts (width, start);
+CREATE TABLE usage_batches (id TEXT COLLATE "C" PRIMARY KEY, applied_at BIGINT NOT NULL);
+CREATE INDEX usage_batches_by_time ON usage_batches (applied_at);
+CREATE TABLE secret_last_used (
+    digest       TEXT PRIMARY KEY,
+    owner_sid    TEXT COLLATE "C" NOT NULL,
+    last_used_at BIGINT NOT NULL
+);
+CREATE INDEX secret_last_used_by_owner ON secret_last_used (owner_sid);
+CREATE TABLE key_last_used (sid TEXT COLLATE "C" PRIMARY KEY, last_used_at BIGINT NOT NULL);
 "#,
 ];
 
@@ -954,6 +976,129 @@ impl Tx for PgTx<'_> {
         let r = self.query_one("SELECT version FROM keygate_schema", &[])?;
         let v: i32 = r.try_get(0)?;
         Ok(usize::try_from(v).unwrap_or(0))
+    }
+
+    fn claim_usage_batch(&mut self, id: &str, now: i64) -> Result<bool, Error> {
+        // A replica applying the same id concurrently holds the row: this waits for its commit,
+        // then finds it.
+        let n = self.execute(
+            "INSERT INTO usage_batches (id, applied_at) VALUES ($1, $2)
+             ON CONFLICT (id) DO NOTHING",
+            &[&id, &now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn add_usage(&mut self, row: &UsageRow) -> Result<(), Error> {
+        let width = i32::try_from(row.width).unwrap_or(i32::MAX);
+        self.execute(
+            "INSERT INTO usage_counts (account_sid, width, start, key_sid, outcome, n)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (account_sid, width, start, key_sid, outcome)
+             DO UPDATE SET n = usage_counts.n + EXCLUDED.n",
+            &[
+                &row.account_sid,
+                &width,
+                &row.start,
+                &row.key_sid,
+                &row.outcome,
+                &row.n,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn note_secret_used(&mut self, owner_sid: &str, tag: &str, at: i64) -> Result<bool, Error> {
+        let n = self.execute(
+            "INSERT INTO secret_last_used (digest, owner_sid, last_used_at)
+             SELECT digest, owner_sid, $3 FROM secrets
+             WHERE owner_sid = $1 AND substr(digest, 1, 16) = $2
+             ON CONFLICT (digest) DO UPDATE
+             SET last_used_at = GREATEST(secret_last_used.last_used_at, EXCLUDED.last_used_at)",
+            &[&owner_sid, &tag, &at],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn note_key_used(&mut self, key_sid: &str, at: i64) -> Result<(), Error> {
+        self.execute(
+            "INSERT INTO key_last_used (sid, last_used_at)
+             SELECT sid, $2 FROM keys WHERE sid = $1
+             ON CONFLICT (sid) DO UPDATE
+             SET last_used_at = GREATEST(key_last_used.last_used_at, EXCLUDED.last_used_at)",
+            &[&key_sid, &at],
+        )?;
+        Ok(())
+    }
+
+    fn usage_counts(
+        &mut self,
+        account_sid: &str,
+        key_sid: Option<&str>,
+        width: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, String, u64)>, Error> {
+        let width = i32::try_from(width).unwrap_or(i32::MAX);
+        let found = self.query(
+            "SELECT start, outcome, sum(n)::BIGINT FROM usage_counts
+             WHERE account_sid = $1 AND width = $2 AND start >= $3 AND start < $4
+               AND ($5::TEXT IS NULL OR key_sid = $5)
+             GROUP BY start, outcome ORDER BY start, outcome",
+            &[&account_sid, &width, &from, &to, &key_sid],
+        )?;
+        found
+            .iter()
+            .map(|r| {
+                let n: i64 = r.try_get(2)?;
+                Ok((r.try_get(0)?, r.try_get(1)?, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    fn last_used(&mut self, owner_sid: &str) -> Result<LastUsed, Error> {
+        let key = self
+            .query_opt(
+                "SELECT last_used_at FROM key_last_used WHERE sid = $1",
+                &[&owner_sid],
+            )?
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()?;
+        let found = self.query(
+            "SELECT digest, last_used_at FROM secret_last_used WHERE owner_sid = $1",
+            &[&owner_sid],
+        )?;
+        let secrets = found
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(LastUsed { key, secrets })
+    }
+
+    fn prune_usage(&mut self, before: &UsagePrune) -> Result<u64, Error> {
+        let mut n = 0;
+        n += self.execute(
+            "DELETE FROM usage_counts WHERE width = 60 AND start < $1",
+            &[&before.minutes],
+        )?;
+        n += self.execute(
+            "DELETE FROM usage_counts WHERE width = 3600 AND start < $1",
+            &[&before.hours],
+        )?;
+        n += self.execute(
+            "DELETE FROM usage_batches WHERE applied_at < $1",
+            &[&before.batches],
+        )?;
+        n += self.execute(
+            "DELETE FROM secret_last_used s WHERE NOT EXISTS
+             (SELECT 1 FROM secrets WHERE secrets.digest = s.digest)",
+            &[],
+        )?;
+        n += self.execute(
+            "DELETE FROM key_last_used k WHERE NOT EXISTS (SELECT 1 FROM keys WHERE keys.sid = k.sid)",
+            &[],
+        )?;
+        Ok(n as u64)
     }
 
     fn edges(&mut self, since_ms: i64) -> Result<Vec<EdgeSeen>, Error> {

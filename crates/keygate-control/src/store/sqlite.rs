@@ -18,7 +18,7 @@ use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::de::DeserializeOwned;
 
-use super::{EdgeSeen, Owners, Tx};
+use super::{EdgeSeen, LastUsed, Owners, Tx, UsagePrune, UsageRow};
 use crate::error::{internal, Error};
 use crate::model::{parse_role, parse_status, role_str, status_str, Account, Key, StoredSecret};
 use crate::secret::OperatorKind;
@@ -152,6 +152,30 @@ CREATE INDEX edges_by_last_seen ON edges (last_seen_ms);
     // 5: the further regions an account may be served in (JSON list; NULL: its home region only).
     r#"
 ALTER TABLE accounts ADD COLUMN regions TEXT;
+"#,
+    // 6: usage from the edges (crate::usage): counts per account, key ('' for the account's own
+    // credentials), bucket (width 60 or 3600 seconds, start in unix seconds) and outcome
+    // ('allowed' or a reason code); the batch ids applied (each applied once); when each secret
+    // (by digest) and each key was last used. No trigger: usage is not config.
+    r#"
+CREATE TABLE usage_counts (
+    account_sid TEXT NOT NULL,
+    width       INTEGER NOT NULL,
+    start       INTEGER NOT NULL,
+    key_sid     TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    PRIMARY KEY (account_sid, width, start, key_sid, outcome)
+) WITHOUT ROWID;
+CREATE INDEX usage_counts_by_start ON usage_counts (width, start);
+CREATE TABLE usage_batches (id TEXT PRIMARY KEY, applied_at INTEGER NOT NULL);
+CREATE INDEX usage_batches_by_time ON usage_batches (applied_at);
+CREATE TABLE secret_last_used (
+    digest       TEXT PRIMARY KEY,
+    owner_sid    TEXT NOT NULL,
+    last_used_at INTEGER NOT NULL
+);
+CREATE TABLE key_last_used (sid TEXT PRIMARY KEY, last_used_at INTEGER NOT NULL);
 "#,
 ];
 
@@ -969,6 +993,116 @@ impl Tx for Transaction<'_> {
     }
     fn edges(&mut self, since_ms: i64) -> Result<Vec<EdgeSeen>, Error> {
         edges(self, since_ms)
+    }
+    fn claim_usage_batch(&mut self, id: &str, now: i64) -> Result<bool, Error> {
+        let n = self
+            .prepare_cached(
+                "INSERT INTO usage_batches (id, applied_at) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO NOTHING",
+            )?
+            .execute(params![id, now])?;
+        Ok(n == 1)
+    }
+    fn add_usage(&mut self, row: &UsageRow) -> Result<(), Error> {
+        self.prepare_cached(
+            "INSERT INTO usage_counts (account_sid, width, start, key_sid, outcome, n)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (account_sid, width, start, key_sid, outcome)
+             DO UPDATE SET n = n + excluded.n",
+        )?
+        .execute(params![
+            row.account_sid,
+            row.width,
+            row.start,
+            row.key_sid,
+            row.outcome,
+            row.n
+        ])?;
+        Ok(())
+    }
+    fn note_secret_used(&mut self, owner_sid: &str, tag: &str, at: i64) -> Result<bool, Error> {
+        let n = self
+            .prepare_cached(
+                "INSERT INTO secret_last_used (digest, owner_sid, last_used_at)
+                 SELECT digest, owner_sid, ?3 FROM secrets
+                 WHERE owner_sid = ?1 AND substr(digest, 1, 16) = ?2
+                 ON CONFLICT (digest) DO UPDATE
+                 SET last_used_at = max(last_used_at, excluded.last_used_at)",
+            )?
+            .execute(params![owner_sid, tag, at])?;
+        Ok(n > 0)
+    }
+    fn note_key_used(&mut self, key_sid: &str, at: i64) -> Result<(), Error> {
+        self.prepare_cached(
+            "INSERT INTO key_last_used (sid, last_used_at)
+             SELECT sid, ?2 FROM keys WHERE sid = ?1
+             ON CONFLICT (sid) DO UPDATE
+             SET last_used_at = max(last_used_at, excluded.last_used_at)",
+        )?
+        .execute(params![key_sid, at])?;
+        Ok(())
+    }
+    fn usage_counts(
+        &mut self,
+        account_sid: &str,
+        key_sid: Option<&str>,
+        width: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, String, u64)>, Error> {
+        let mut st = self.prepare_cached(
+            "SELECT start, outcome, sum(n) FROM usage_counts
+             WHERE account_sid = ?1 AND width = ?2 AND start >= ?3 AND start < ?4
+               AND (?5 IS NULL OR key_sid = ?5)
+             GROUP BY start, outcome ORDER BY start, outcome",
+        )?;
+        let rows = st
+            .query_map(params![account_sid, width, from, to, key_sid], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+    fn last_used(&mut self, owner_sid: &str) -> Result<LastUsed, Error> {
+        let key = self
+            .prepare_cached("SELECT last_used_at FROM key_last_used WHERE sid = ?1")?
+            .query_row([owner_sid], |r| r.get::<_, i64>(0))
+            .optional()?;
+        let mut st = self.prepare_cached(
+            "SELECT digest, last_used_at FROM secret_last_used WHERE owner_sid = ?1",
+        )?;
+        let secrets = st
+            .query_map([owner_sid], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LastUsed { key, secrets })
+    }
+    fn prune_usage(&mut self, before: &UsagePrune) -> Result<u64, Error> {
+        let mut n = 0;
+        n += self.execute(
+            "DELETE FROM usage_counts WHERE width = 60 AND start < ?1",
+            [before.minutes],
+        )?;
+        n += self.execute(
+            "DELETE FROM usage_counts WHERE width = 3600 AND start < ?1",
+            [before.hours],
+        )?;
+        n += self.execute(
+            "DELETE FROM usage_batches WHERE applied_at < ?1",
+            [before.batches],
+        )?;
+        n += self.execute(
+            "DELETE FROM secret_last_used WHERE digest NOT IN (SELECT digest FROM secrets)",
+            [],
+        )?;
+        n += self.execute(
+            "DELETE FROM key_last_used WHERE sid NOT IN (SELECT sid FROM keys)",
+            [],
+        )?;
+        Ok(n as u64)
     }
 }
 
