@@ -174,7 +174,8 @@ fn counts_equal_what_the_upstream_received_and_the_denials_sent_through_a_contro
     // include `calls` (every request refused after authentication).
     let (key, secret) = cp.create_key_v1(json!({
         "role": "standard",
-        "limits": {"rate": {"requests": 700, "per": "1h"}}
+        // A day's period (one request refills every 2 min): nothing refills during the test.
+        "limits": {"rate": {"requests": 700, "per": "24h"}}
     }));
     let (narrow, narrow_secret) =
         cp.create_key_v1(json!({"role": "standard", "apis": ["messages"]}));
@@ -201,7 +202,7 @@ fn counts_equal_what_the_upstream_received_and_the_denials_sent_through_a_contro
 
     let seen = seen.into_inner().unwrap();
     let refused_seen = refused_seen.into_inner().unwrap();
-    // The probe and 900 more: the key's rate admits 700 in the hour.
+    // The probe and 900 more: the key's rate admits 700 in the day.
     assert_eq!(seen.allowed, 700, "{seen:?}");
     assert_eq!(seen.denied.get("rate_limited_key"), Some(&201), "{seen:?}");
     assert_eq!(echo_settles(&echo, seen.allowed), seen.allowed);
