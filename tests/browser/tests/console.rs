@@ -2,8 +2,10 @@
 //! (`keygate-control serve`) and a real Envoy running the built filter in control-plane mode.
 //!
 //! One key's whole life from the console, checked at the edge at every step: sign in, create a
-//! key, read its secret once, use it through Envoy, regenerate it with the default grace (both
-//! secrets work), revoke the previous one (only the new one works), delete the key (the edge
+//! key, read its secret once, use it through Envoy and see its use reach the console (the
+//! secret's last use, the hour's chart), regenerate it with the default grace (both secrets
+//! work; the new one's last use starts, and with only the new one used the previous one's stays
+//! where it was), revoke the previous one (only the new one works), delete the key (the edge
 //! refuses it). Along the way: no page after the one that showed a secret shows it again and no
 //! URL ever holds it, a form without its CSRF token is refused, a standard key cannot sign in,
 //! and the operator's pages. Screenshots of the main pages go to `target/console-screenshots/`,
@@ -130,6 +132,45 @@ async fn mask_secret(b: &Browser) {
         .unwrap();
 }
 
+/// Each secret's row on a key's page: ("current" or "previous", its "Last used" cell).
+async fn secrets_last_used(b: &Browser) -> Vec<(String, String)> {
+    let rows = b
+        .client
+        .execute(
+            "return Array.from(document.querySelectorAll('#secrets tbody tr')).map(r => [r.cells[0].textContent.trim(), r.cells[3].textContent.trim()]);",
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(rows).unwrap()
+}
+
+/// Reloads `url` until `done` holds for the secrets' last use and the page (usage reaches the
+/// control plane within seconds: the edge's tick, then its poller's batch); answers the rows.
+async fn reload_until(
+    b: &Browser,
+    url: &str,
+    what: &str,
+    done: impl Fn(&[(String, String)], &str) -> bool,
+) -> Vec<(String, String)> {
+    for _ in 0..60 {
+        let page = b.open(url).await;
+        let rows = secrets_last_used(b).await;
+        if done(&rows, &page) {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{what} never showed: {:?}", secrets_last_used(b).await);
+}
+
+/// The "Last used" of the secret in the row named `which` ("current" or "previous").
+fn last_used<'a>(rows: &'a [(String, String)], which: &str) -> &'a str {
+    rows.iter()
+        .find(|(w, _)| w == which)
+        .map_or("", |(_, t)| t.as_str())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_life_in_the_console_is_what_the_edge_does() {
     let cp = blocking(ControlPlane::start);
@@ -181,6 +222,14 @@ async fn a_keys_life_in_the_console_is_what_the_edge_does() {
 
     // It works at the edge (once the feed has carried it).
     edge_comes_to(&envoy, &cp, &sid, &first, 200);
+    // Its use reaches the console: the secret's last use and the hour's chart.
+    let key_url = format!("{console}{page}");
+    let rows = reload_until(&b, &key_url, "the first secret's last use", |rows, page| {
+        last_used(rows, "current") != "never" && page.contains("<svg")
+    })
+    .await;
+    assert!(last_used(&rows, "current").starts_with("20"), "{rows:?}");
+    seen.note(&b).await;
 
     // Reloaded, and the list: the secret is not shown again.
     let again = b.open(&format!("{console}{page}")).await;
@@ -210,6 +259,23 @@ async fn a_keys_life_in_the_console_is_what_the_edge_does() {
     assert_eq!(blocking(|| edge_status(&envoy, &cp, &sid, &first)), 200);
     mask_secret(&b).await;
     screenshot(&b, "console-key.png").await;
+    // The new secret's last use starts; then, with only the new one used, the previous one's
+    // stops where it was.
+    let rows = reload_until(&b, &key_url, "the new secret's last use", |rows, _| {
+        last_used(rows, "current") != "never" && last_used(rows, "previous") != "never"
+    })
+    .await;
+    let previous = last_used(&rows, "previous").to_owned();
+    seen.note(&b).await;
+    for _ in 0..5 {
+        assert_eq!(blocking(|| edge_status(&envoy, &cp, &sid, &second)), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    b.open(&key_url).await;
+    let rows = secrets_last_used(&b).await;
+    seen.note(&b).await;
+    assert_eq!(last_used(&rows, "previous"), previous, "{rows:?}");
+    assert!(last_used(&rows, "current").starts_with("20"), "{rows:?}");
 
     // Revoke the previous secret early: only the new one works.
     b.click("form[action$='/revoke-previous'] button").await;
