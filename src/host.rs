@@ -7,8 +7,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use keygate_core::concurrency::next_vm_id;
 use keygate_core::gate::{shared_failed_auth_key, FailedAuthKey, Host};
-use keygate_core::local::VmLocal;
 use keygate_core::ip::parse_client_address;
+use keygate_core::local::VmLocal;
 use keygate_core::poller::Level;
 use keygate_core::store::{SetError, SharedStore, StoreError, ANCHOR_KEY};
 use proxy_wasm::hostcalls;
