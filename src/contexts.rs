@@ -118,11 +118,10 @@ impl RootContext for KeygateRoot {
         // idle ones no request took), and give back what expired rate leases left unspent.
         let mut counters = Counters::default();
         let mut retries = || self.source.max_cas_retries(&*vm);
-        let host = RequestHost::new(&vm);
-        (vm.local.slots).heartbeat(&mut retries, &host, &mut counters);
+        let (id, now) = (vm.vm_id.get(), now_us());
+        (vm.local.slots).heartbeat(&mut retries, &*vm, id, now, &mut counters);
         if !vm.local.rates.is_empty() {
             let retries = self.source.max_cas_retries(&*vm);
-            let (id, now) = (vm.vm_id.get(), now_us());
             // Every lease that would expire before the tick after next ends now.
             let horizon_us = 2 * TICK_MS * 1000;
             (vm.local.rates).sweep(&*vm, id, now, horizon_us, retries, &mut counters);
@@ -352,7 +351,8 @@ impl HttpContext for KeygateHttp {
         if let Some(ticket) = self.ticket.take() {
             let mut counters = Counters::default();
             let slots = &self.vm.local.slots;
-            slots.release(&ticket, &RequestHost::new(&self.vm), &mut counters);
+            let id = self.vm.vm_id.get();
+            slots.release(&ticket, &*self.vm, id, &now_us, &mut counters);
             self.vm.metrics.record(counters.stats());
         }
     }

@@ -229,7 +229,14 @@ fn bench_gate(c: &mut Criterion) {
                 } => {
                     let local = vm.local.as_ref().expect("local");
                     local.slots.hold(&ticket);
-                    local.slots.release(&ticket, &vm, &mut Counters::default());
+                    let now = || vm.now_us.get();
+                    local.slots.release(
+                        &ticket,
+                        &vm.store,
+                        vm.vm_id,
+                        &now,
+                        &mut Counters::default(),
+                    );
                 }
                 other => panic!("the benchmark key must be admitted: {other:?}"),
             }

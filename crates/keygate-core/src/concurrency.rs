@@ -13,6 +13,22 @@ use crate::store::{
     compare_and_swap, Change, SetError, SharedStore, StoreError, LEASES_TAG, VM_SEQ_KEY,
 };
 
+/// Seconds after which a VM's in-flight lease stops counting unless refreshed.
+pub const INFLIGHT_LEASE_S: u64 = 10;
+/// How often a VM with requests in flight should refresh its leases (`crate::gate::heartbeat`).
+pub const INFLIGHT_HEARTBEAT_S: u64 = 2;
+
+/// A slot held for the request's lifetime; give it back with [`crate::gate::release`] when the stream ends.
+/// It carries what giving it back needs, so the stream's end needs no config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InflightTicket {
+    pub store_key: String,
+    /// The compare-and-swap tries of the config that took the slot.
+    pub max_cas_retries: u32,
+    /// The account's limit when the slot was taken (whether the VM may keep it idle).
+    pub limit: u32,
+}
+
 /// Value format: [`LEASES_TAG`], then entries of `vm_id u64, count u32, heartbeat_s u64` (LE).
 const ENTRY: usize = 20;
 

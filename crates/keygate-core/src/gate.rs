@@ -53,10 +53,7 @@ use crate::store::{
 };
 use crate::usage::Used;
 
-/// Seconds after which a VM's in-flight lease stops counting unless refreshed.
-pub const INFLIGHT_LEASE_S: u64 = 10;
-/// How often a VM with requests in flight should call [`heartbeat`].
-pub const INFLIGHT_HEARTBEAT_S: u64 = 2;
+pub use crate::concurrency::{InflightTicket, INFLIGHT_HEARTBEAT_S, INFLIGHT_LEASE_S};
 
 /// What the gate needs from the host.
 pub trait Host {
@@ -115,17 +112,6 @@ pub fn shared_failed_auth_key(
             }
         }
     })
-}
-
-/// A slot held for the request's lifetime; give it back with [`release`] when the stream ends.
-/// It carries what giving it back needs, so the stream's end needs no config.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InflightTicket {
-    pub store_key: String,
-    /// The compare-and-swap tries of the config that took the slot.
-    pub max_cas_retries: u32,
-    /// The account's limit when the slot was taken (whether the VM may keep it idle).
-    pub limit: u32,
 }
 
 /// What a request is judged against: a catalogue and where its principals are looked up. A

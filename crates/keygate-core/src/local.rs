@@ -2,7 +2,7 @@
 //! its rate leases ([`RateLeases`]), its concurrency slots with the few it keeps for its next
 //! requests ([`HeldSlots`]), and the client addresses it found clear of the failed-auth limiter
 //! a moment ago ([`ClearAddresses`]). Single-threaded, like the VM; the filter holds one
-//! [`VmLocal`] per VM and hands it to the gate through [`crate::gate::Host::local`].
+//! [`VmLocal`] per VM and hands it to the gate through `crate::gate::Host::local`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -10,11 +10,11 @@ use std::net::IpAddr;
 
 use siphasher::sip128::{Hasher128 as _, SipHasher24};
 
-use crate::concurrency::Inflight;
+use crate::concurrency::{Inflight, InflightTicket, INFLIGHT_LEASE_S};
 use crate::digest::{Digest32, Digester};
-use crate::gate::{release, Host, InflightTicket, INFLIGHT_LEASE_S};
 use crate::ratelimit::lease::RateLeases;
 use crate::ratelimit::Counters;
+use crate::store::SharedStore;
 
 /// A VM's own state for the request path.
 #[derive(Debug, Default)]
@@ -98,7 +98,15 @@ impl HeldSlots {
 
     /// Gives the slot back when the request's stream ends, however it ends: kept idle for this
     /// VM's next request when the account is far from its limit, else written back.
-    pub fn release(&self, ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
+    /// `now_us` is read only if the slot is written back.
+    pub fn release(
+        &self,
+        ticket: &InflightTicket,
+        store: &dyn SharedStore,
+        vm_id: u64,
+        now_us: &dyn Fn() -> u64,
+        counters: &mut Counters,
+    ) {
         let keep = {
             let mut map = self.0.borrow_mut();
             let a = map.entry(ticket.store_key.clone()).or_default();
@@ -113,7 +121,13 @@ impl HeldSlots {
             }
         };
         if !keep {
-            release(ticket, host, counters, 1);
+            let slots = Inflight {
+                store,
+                max_retries: ticket.max_cas_retries,
+                lease_s: INFLIGHT_LEASE_S,
+                vm_id,
+            };
+            slots.release(&ticket.store_key, 1, now_us() / 1_000_000, counters);
         }
         let mut map = self.0.borrow_mut();
         if map
@@ -130,7 +144,9 @@ impl HeldSlots {
     pub fn heartbeat(
         &self,
         max_cas_retries: &mut dyn FnMut() -> u32,
-        host: &dyn Host,
+        store: &dyn SharedStore,
+        vm_id: u64,
+        now_us: u64,
         counters: &mut Counters,
     ) {
         let held: Vec<(String, u32)> = {
@@ -152,12 +168,12 @@ impl HeldSlots {
         }
         let retries = max_cas_retries();
         let slots = Inflight {
-            store: host.store(),
+            store,
             max_retries: retries,
             lease_s: INFLIGHT_LEASE_S,
-            vm_id: host.vm_id(),
+            vm_id,
         };
-        let now_s = host.now_us() / 1_000_000;
+        let now_s = now_us / 1_000_000;
         for (key, unused) in held {
             if unused > 0 {
                 slots.release(&key, unused, now_s, counters);
