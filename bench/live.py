@@ -15,6 +15,10 @@ For each size N (LIVE_SIZES, default "1000,1000000"):
    the LIVE_HOT keys' Basic credentials for LIVE_SECONDS s. Envoy CPU per request from
    /proc/<pid>/stat. Ratios are taken within a round; the medians are reported.
 
+LIVE_WASM_B=path/to/other.wasm adds, to the per-request rounds, one more warm Envoy at the first
+size running that build of the filter (an A/B of two builds in the same run, as `make bench`'s
+BENCH_WASM_B), reported as "<size> keys, build B" with its CPU per request over the first's.
+
 Writes bench/results/live-latest.md (also printed) and bench/results/live-<timestamp>.json.
 """
 
@@ -47,6 +51,7 @@ CHANGES = int(os.environ.get("LIVE_CHANGES", "3"))
 REPEATS = int(os.environ.get("LIVE_REPEATS", "3"))
 SECONDS = int(os.environ.get("LIVE_SECONDS", "10"))
 WORKERS = [int(s) for s in os.environ.get("LIVE_WORKERS", "1,4").split(",") if s]
+WASM_B = os.environ.get("LIVE_WASM_B")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -170,7 +175,7 @@ class ControlPlane:
         self.proc.wait(30)
 
 
-def bootstrap(path: Path, cp: ControlPlane, listen: int, admin: int) -> None:
+def bootstrap(path: Path, cp: ControlPlane, listen: int, admin: int, wasm: Path = WASM) -> None:
     plugin = json.dumps({"control_plane": {"cluster": "keygate_control", "authority": "keygate-control",
                                            "token": cp.creds["KEYGATE_EDGE_TOKEN"], "wait_s": 20}})
     path.write_text(json.dumps({
@@ -194,7 +199,7 @@ def bootstrap(path: Path, cp: ControlPlane, listen: int, admin: int) -> None:
                             {"name": "envoy.filters.http.wasm", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                                 "config": {"root_id": "keygate", "vm_config": {
-                                    "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(WASM)}}},
+                                    "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(wasm)}}},
                                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin}}}},
                             {"name": "envoy.filters.http.router", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
@@ -206,12 +211,13 @@ def bootstrap(path: Path, cp: ControlPlane, listen: int, admin: int) -> None:
 
 
 class Envoy:
-    def __init__(self, cp: ControlPlane, concurrency: int, work: Path, cpu: str | None = None):
+    def __init__(self, cp: ControlPlane, concurrency: int, work: Path, cpu: str | None = None,
+                 wasm: Path = WASM):
         self.listen, self.admin = free_port(), free_port()
         name = f"envoy-{cp.n}-c{concurrency}-{self.listen}"
         self.log = work / f"{name}.log"
         cfg = work / f"{name}.json"
-        bootstrap(cfg, cp, self.listen, self.admin)
+        bootstrap(cfg, cp, self.listen, self.admin, wasm)
         cmd = [str(ENVOY), "-c", str(cfg), "--concurrency", str(concurrency), "-l", "info",
                "--disable-hot-restart", "--use-dynamic-base-id", "--log-path", str(self.log),
                "--file-flush-interval-msec", "100"]
@@ -348,11 +354,16 @@ def main() -> int:
                 result["startup"].append(startup(cp, c, work))
         log("per-request cost: one warm Envoy per size pinned to CPU 1, wrk pinned to CPU 0, alternating")
         envs = [Envoy(cp, 1, work, cpu="1") for cp in cps]
+        labels = [str(cp.n) for cp in cps]
+        if WASM_B:
+            envs.append(Envoy(cps[0], 1, work, cpu="1", wasm=Path(WASM_B)))
+            labels.append(f"{cps[0].n}_b")
+            result["wasm_b"] = WASM_B
         for env in envs:
             sid, secret = env.cp.hot[0]
             until(lambda: env.status(sid, secret) == 200, 900, 0.1)
             until(lambda: both_slots(env.logs()), 900, 0.1)
-        luas = [wrk_lua(cp, work) for cp in cps]
+        luas = [wrk_lua(env.cp, work) for env in envs]
         for env, lua in zip(envs, luas):  # warm-up pass (JIT, record caches)
             subprocess.run(["taskset", "-c", "0", "wrk", "-t1", "-c32", "-d2s", "-s", str(lua), f"http://127.0.0.1:{env.listen}/"],
                            capture_output=True, check=True)
@@ -362,9 +373,10 @@ def main() -> int:
                 order.reverse()
             rnd = {}
             for i in order:
-                rnd[cps[i].n] = load(envs[i], luas[i])
-                log(f"  round {r + 1}: {cps[i].n} keys: {rnd[cps[i].n]['rps']:.0f} req/s, p99 {rnd[cps[i].n]['p99_us']} µs, "
-                    f"{rnd[cps[i].n]['cpu_us_per_req']:.1f} µs CPU/req")
+                m = load(envs[i], luas[i])
+                rnd[labels[i]] = m
+                log(f"  round {r + 1}: {labels[i]} keys: {m['rps']:.0f} req/s, p99 {m['p99_us']} µs, "
+                    f"{m['cpu_us_per_req']:.1f} µs CPU/req")
             result["load"].append(rnd)
         for env in envs:
             env.stop()
@@ -395,12 +407,22 @@ def markdown(r: dict) -> str:
         base = sizes[0]
         lines += ["", f"Per-request cost, `--concurrency 1`, wrk -t1 -c32 rotating over {r['hot']} keys, medians of {len(r['load'])} alternating rounds:", "",
                   f"| keys | req/s | p50 | p99 | Envoy CPU per request | req/s ratio to {base:,} keys |", "|---|---|---|---|---|---|"]
-        for n in sizes:
-            rps = statistics.median(x[n]["rps"] for x in r["load"])
-            ratio = statistics.median(x[n]["rps"] / x[base]["rps"] for x in r["load"])
-            lines.append(f"| {n:,} | {rps:.0f} | {statistics.median(x[n]['p50_us'] for x in r['load']) / 1000:.2f} ms | "
-                         f"{statistics.median(x[n]['p99_us'] for x in r['load']) / 1000:.2f} ms | "
-                         f"{statistics.median(x[n]['cpu_us_per_req'] for x in r['load']):.1f} µs | {ratio:.3f} |")
+        rows = [(str(n), f"{n:,}") for n in sizes]
+        if r.get("wasm_b"):
+            rows.append((f"{base}_b", f"{base:,}, build B"))
+        for key, name in rows:
+            loads = [x for x in r["load"] if key in x]
+            b = str(base)
+            rps = statistics.median(x[key]["rps"] for x in loads)
+            ratio = statistics.median(x[key]["rps"] / x[b]["rps"] for x in loads)
+            lines.append(f"| {name} | {rps:.0f} | {statistics.median(x[key]['p50_us'] for x in loads) / 1000:.2f} ms | "
+                         f"{statistics.median(x[key]['p99_us'] for x in loads) / 1000:.2f} ms | "
+                         f"{statistics.median(x[key]['cpu_us_per_req'] for x in loads):.1f} µs | {ratio:.3f} |")
+        if r.get("wasm_b"):
+            b = str(base)
+            diff = statistics.median(x[b]["cpu_us_per_req"] - x[f"{b}_b"]["cpu_us_per_req"] for x in r["load"])
+            lines += ["", f"Build B ({r['wasm_b']}) at {base:,} keys: Envoy CPU per request of this build minus B's, "
+                      f"within each round, median: {diff:+.2f} µs."]
     return "\n".join(lines) + "\n"
 
 
