@@ -166,7 +166,7 @@ pub fn start(
         let mut counters = Counters::default();
         hold.give_back(&host, &mut counters);
         if let Some(ticket) = ticket {
-            gate::release(ticket, &host, &mut counters, 1);
+            gate::release(ticket, &host, &mut counters);
         }
         vm.metrics.record(counters.stats());
     }
@@ -319,7 +319,7 @@ pub fn on_end(vm: &VmState, cell: &Fleet, context_id: u32) -> Option<Resolved> {
         let mut counters = Counters::default();
         w.hold.give_back(&host, &mut counters);
         if let Some(ticket) = &w.ticket {
-            gate::release(ticket, &host, &mut counters, 1);
+            gate::release(ticket, &host, &mut counters);
         }
         vm.metrics.record(counters.stats());
         return None;
@@ -438,7 +438,7 @@ fn resolve(vm: &VmState, w: Waiter, outcome: Outcome) -> Option<(u32, Resolved)>
             let mut counters = Counters::default();
             w.hold.give_back(&host, &mut counters);
             if let Some(ticket) = &w.ticket {
-                gate::release(ticket, &host, &mut counters, 1);
+                gate::release(ticket, &host, &mut counters);
             }
             vm.metrics.record(counters.stats());
             vm.metrics.bump(Stat::Denied(denial.reason));

@@ -207,7 +207,7 @@ fn bench_gate(c: &mut Criterion) {
                 Verdict::Allow {
                     inflight: Some(ticket),
                     ..
-                } => gate::release(&ticket, &host, &mut Counters::default(), 1),
+                } => gate::release(&ticket, &host, &mut Counters::default()),
                 other => panic!("the benchmark key must be admitted: {other:?}"),
             }
         })

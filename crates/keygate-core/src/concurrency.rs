@@ -15,7 +15,8 @@ use crate::store::{
 
 /// Seconds after which a VM's in-flight lease stops counting unless refreshed.
 pub const INFLIGHT_LEASE_S: u64 = 10;
-/// How often a VM with requests in flight should refresh its leases (`crate::gate::heartbeat`).
+/// How often a VM with requests in flight should refresh its leases
+/// ([`crate::local::HeldSlots::heartbeat`]).
 pub const INFLIGHT_HEARTBEAT_S: u64 = 2;
 
 /// A slot held for the request's lifetime; give it back with [`crate::gate::release`] when the stream ends.
@@ -27,6 +28,25 @@ pub struct InflightTicket {
     pub max_cas_retries: u32,
     /// The account's limit when the slot was taken (whether the VM may keep it idle).
     pub limit: u32,
+}
+
+impl InflightTicket {
+    /// Gives the slot back in the shared record (the VM `vm_id`'s lease on the account).
+    pub fn give_back(
+        &self,
+        store: &dyn SharedStore,
+        vm_id: u64,
+        now_s: u64,
+        counters: &mut Counters,
+    ) {
+        let slots = Inflight {
+            store,
+            max_retries: self.max_cas_retries,
+            lease_s: INFLIGHT_LEASE_S,
+            vm_id,
+        };
+        slots.release(&self.store_key, 1, now_s, counters);
+    }
 }
 
 /// Value format: [`LEASES_TAG`], then entries of `vm_id u64, count u32, heartbeat_s u64` (LE).

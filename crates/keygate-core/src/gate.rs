@@ -743,26 +743,9 @@ fn local_tier(limit: &LimitRate, fleet: &mut Vec<Need>, subject: impl FnOnce() -
 }
 
 /// Gives back a concurrency slot when the request's stream ends, however it ends.
-pub fn release(ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters, n: u32) {
-    let slots = Inflight {
-        store: host.store(),
-        max_retries: ticket.max_cas_retries,
-        lease_s: INFLIGHT_LEASE_S,
-        vm_id: host.vm_id(),
-    };
-    slots.release(&ticket.store_key, n, host.now_us() / 1_000_000, counters);
-}
-
-/// Refreshes this VM's lease on an account's slots (call every [`INFLIGHT_HEARTBEAT_S`] while
-/// the VM has requests of that account in flight).
-pub fn heartbeat(cfg_max_retries: u32, store_key: &str, host: &dyn Host, counters: &mut Counters) {
-    let slots = Inflight {
-        store: host.store(),
-        max_retries: cfg_max_retries,
-        lease_s: INFLIGHT_LEASE_S,
-        vm_id: host.vm_id(),
-    };
-    slots.heartbeat(store_key, host.now_us() / 1_000_000, counters);
+pub fn release(ticket: &InflightTicket, host: &dyn Host, counters: &mut Counters) {
+    let now_s = host.now_us() / 1_000_000;
+    ticket.give_back(host.store(), host.vm_id(), now_s, counters);
 }
 
 /// `RateLimit-Policy` and `RateLimit` header values (IETF draft-ietf-httpapi-ratelimit-headers).

@@ -121,13 +121,7 @@ impl HeldSlots {
             }
         };
         if !keep {
-            let slots = Inflight {
-                store,
-                max_retries: ticket.max_cas_retries,
-                lease_s: INFLIGHT_LEASE_S,
-                vm_id,
-            };
-            slots.release(&ticket.store_key, 1, now_us() / 1_000_000, counters);
+            ticket.give_back(store, vm_id, now_us() / 1_000_000, counters);
         }
         let mut map = self.0.borrow_mut();
         if map

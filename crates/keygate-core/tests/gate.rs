@@ -633,7 +633,7 @@ fn concurrency_limit_counts_in_flight_and_gives_rates_back_when_refusing() {
         tat_before,
         "rate given back"
     );
-    release(&t1, &host, &mut Counters::default(), 1);
+    release(&t1, &host, &mut Counters::default());
     assert_eq!(outcome(&run(&cfg, &host, &auth, CALLS).0), Ok(()));
 }
 
