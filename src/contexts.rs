@@ -104,8 +104,13 @@ impl RootContext for KeygateRoot {
             return;
         };
         fleet::on_tick(&vm, &self.fleet, self.context_id);
+        let now = now_us();
+        // What this VM counted since the last flush, at the flush's own period.
+        if vm.ticks.flush_due(now) {
+            vm.metrics.flush();
+        }
         // The poller and the heartbeat at their own period (the fleet's tick may be shorter).
-        if !vm.ticks.base_due(now_us()) {
+        if !vm.ticks.base_due(now) {
             return;
         }
         if let Source::Published(p) = &*self.source {
@@ -118,7 +123,7 @@ impl RootContext for KeygateRoot {
         // idle ones no request took), and give back what expired rate leases left unspent.
         let mut counters = Counters::default();
         let mut retries = || self.source.max_cas_retries(&*vm);
-        let (id, now) = (vm.vm_id.get(), now_us());
+        let id = vm.vm_id.get();
         (vm.local.slots).heartbeat(&mut retries, &*vm, id, now, &mut counters);
         if !vm.local.rates.is_empty() {
             let retries = self.source.max_cas_retries(&*vm);
@@ -127,8 +132,6 @@ impl RootContext for KeygateRoot {
             (vm.local.rates).sweep(&*vm, id, now, horizon_us, retries, &mut counters);
         }
         vm.metrics.record(counters.stats());
-        // What this VM counted since the last tick.
-        vm.metrics.flush();
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
@@ -163,8 +166,7 @@ impl RootContext for KeygateRoot {
             let lease_tick = (fleet_limits.as_ref())
                 .is_some_and(|f| f.mode == FleetMode::Lease)
                 .then_some(FLEET_TICK_MS);
-            // Every config ticks: counters are flushed on it.
-            vm.ticks.set_base(configured.tick_ms.or(Some(TICK_MS)));
+            vm.ticks.set_base(configured.tick_ms);
             vm.ticks.set_fleet(lease_tick);
             // Usage is counted where someone sends it: in control-plane mode.
             vm.local

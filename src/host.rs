@@ -30,14 +30,20 @@ pub struct VmState {
     pub ticks: Ticks,
 }
 
-/// The root's one tick period, the shorter of two: the poller's (or the concurrency heartbeat's)
-/// and the fleet leases'; the poller's work runs at its own period ([`Ticks::base_due`]).
+/// The root's one tick period, the shortest of three: the poller's (or the concurrency
+/// heartbeat's), the fleet leases' and the counters' flush ([`FLUSH_MS`], always on); the
+/// poller's work and the flush run at their own periods ([`Ticks::base_due`],
+/// [`Ticks::flush_due`]).
 #[derive(Default)]
 pub struct Ticks {
     base_ms: Cell<u64>,
     fleet_ms: Cell<u64>,
     last_base_us: Cell<u64>,
+    last_flush_us: Cell<u64>,
 }
+
+/// How often a VM adds what it counted to Envoy's counters.
+pub const FLUSH_MS: u64 = 250;
 
 impl Ticks {
     /// The poller's or heartbeat's period (`None`: no such work).
@@ -53,27 +59,38 @@ impl Ticks {
     }
 
     fn apply(&self) {
-        let period = match (self.base_ms.get(), self.fleet_ms.get()) {
-            (0, f) => f,
-            (b, 0) => b,
-            (b, f) => b.min(f),
-        };
+        let period = [self.base_ms.get(), self.fleet_ms.get(), FLUSH_MS]
+            .into_iter()
+            .filter(|ms| *ms > 0)
+            .min()
+            .unwrap_or(FLUSH_MS);
         let _ = hostcalls::set_tick_period(Duration::from_millis(period));
     }
 
-    /// Whether this tick runs the poller's work (at its own period, not the fleet's shorter one).
+    /// Whether this tick runs the poller's work (at its own period, not a shorter one).
     pub fn base_due(&self, now_us: u64) -> bool {
-        let base_us = self.base_ms.get().saturating_mul(1000);
-        if base_us == 0 {
-            return false;
-        }
-        // A tick early by up to a millisecond still counts (ticks are not exact).
-        if now_us.saturating_sub(self.last_base_us.get()) + 1000 < base_us {
-            return false;
-        }
-        self.last_base_us.set(now_us);
-        true
+        due(&self.last_base_us, self.base_ms.get(), now_us)
     }
+
+    /// Whether this tick flushes the counters.
+    pub fn flush_due(&self, now_us: u64) -> bool {
+        due(&self.last_flush_us, FLUSH_MS, now_us)
+    }
+}
+
+/// Whether work of period `ms` (0: none) last run at `last` is due at `now_us`; if so, records
+/// that it runs now.
+fn due(last: &Cell<u64>, ms: u64, now_us: u64) -> bool {
+    let period_us = ms.saturating_mul(1000);
+    if period_us == 0 {
+        return false;
+    }
+    // A tick early by up to a millisecond still counts (ticks are not exact).
+    if now_us.saturating_sub(last.get()) + 1000 < period_us {
+        return false;
+    }
+    last.set(now_us);
+    true
 }
 
 /// Envoy shared data as keygate-core's [`SharedStore`]; the anchor CAS lives in the VM state.
