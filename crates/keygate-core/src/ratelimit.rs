@@ -530,32 +530,54 @@ impl<S: SharedStore + ?Sized> Limiter<'_, S> {
                 continue;
             };
             let store_key = &checks[first].store_key;
-            for attempt in 0..=self.max_retries {
-                if attempt > 0 {
-                    counters.cas_retries += 1;
-                }
-                let Ok(Some((bytes, cas))) = self.store.get(store_key) else {
-                    break;
-                };
-                let Some(mut record) = decode(&bytes) else {
-                    break;
-                };
-                for &i in &group {
-                    let check = &checks[i];
-                    let back = tat_of(&record.tats, check.slot)
-                        .saturating_sub(check.rate.interval_us())
-                        .max(now);
-                    upsert(&mut record.tats, check.slot, back);
-                }
-                compact(&mut record, now);
-                match self.store.set(store_key, &encode(&record), cas) {
-                    Ok(()) => break,
-                    Err(SetError::CasMismatch) => continue,
-                    Err(SetError::Other) => break,
-                }
-            }
+            rewrite(
+                self.store,
+                store_key,
+                self.max_retries,
+                counters,
+                |record| {
+                    for &i in &group {
+                        let check = &checks[i];
+                        let back = tat_of(&record.tats, check.slot)
+                            .saturating_sub(check.rate.interval_us())
+                            .max(now);
+                        upsert(&mut record.tats, check.slot, back);
+                    }
+                    compact(record, now);
+                },
+            );
         }
     }
+}
+
+/// Read, `edit`, compare-and-swap a subject's record that exists and reads, retried up to
+/// `max_retries` times on a conflict (counted); an absent or unreadable record, or a store
+/// error, is left as it is. Whether it was written.
+fn rewrite<S: SharedStore + ?Sized>(
+    store: &S,
+    store_key: &str,
+    max_retries: u32,
+    counters: &mut Counters,
+    mut edit: impl FnMut(&mut Record),
+) -> bool {
+    for attempt in 0..=max_retries {
+        if attempt > 0 {
+            counters.cas_retries += 1;
+        }
+        let Ok(Some((bytes, cas))) = store.get(store_key) else {
+            return false;
+        };
+        let Some(mut record) = decode(&bytes) else {
+            return false;
+        };
+        edit(&mut record);
+        match store.set(store_key, &encode(&record), cas) {
+            Ok(()) => return true,
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Other) => return false,
+        }
+    }
+    false
 }
 
 /// The checks grouped by subject, each group in the order of its first check.

@@ -29,8 +29,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use super::{compact, decode, encode, tat_of, upsert, Check, Counters, Rate, Record};
-use crate::store::{SetError, SharedStore};
+use super::{compact, rewrite, tat_of, upsert, Check, Counters, Rate, Record};
+use crate::store::SharedStore;
 
 /// How long a VM may spend a lease.
 pub const TTL_US: u64 = 1_000_000;
@@ -292,28 +292,12 @@ impl RateLeases {
         let mut written = 0;
         for (key, due) in &ending {
             let slots: Vec<u32> = due.iter().map(|h| h.slot).collect();
-            for attempt in 0..=max_retries {
-                if attempt > 0 {
-                    counters.cas_retries += 1;
-                }
-                let Ok(Some((bytes, cas))) = store.get(key) else {
-                    break;
-                };
-                let Some(mut record) = decode(&bytes) else {
-                    break;
-                };
-                fold_expired(&mut record, now);
-                end_mine(&mut record, due, &slots, vm_id, now);
-                compact(&mut record, now);
-                match store.set(key, &encode(&record), cas) {
-                    Ok(()) => {
-                        written += 1;
-                        break;
-                    }
-                    Err(SetError::CasMismatch) => continue,
-                    Err(SetError::Other) => break,
-                }
-            }
+            let wrote = rewrite(store, key, max_retries, counters, |record| {
+                fold_expired(record, now);
+                end_mine(record, due, &slots, vm_id, now);
+                compact(record, now);
+            });
+            written += usize::from(wrote);
         }
         written
     }
