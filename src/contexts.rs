@@ -105,10 +105,8 @@ impl RootContext for KeygateRoot {
         };
         fleet::on_tick(&vm, &self.fleet, self.context_id);
         let now = now_us();
-        // What this VM counted since the last flush, at the flush's own period.
-        if vm.ticks.flush_due(now) {
-            vm.metrics.flush();
-        }
+        // What this VM counted since the last tick (at most FLUSH_MS ago).
+        vm.metrics.flush();
         // The poller and the heartbeat at their own period (the fleet's tick may be shorter).
         if !vm.ticks.base_due(now) {
             return;

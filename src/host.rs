@@ -31,18 +31,16 @@ pub struct VmState {
 }
 
 /// The root's one tick period, the shortest of three: the poller's (or the concurrency
-/// heartbeat's), the fleet leases' and the counters' flush ([`FLUSH_MS`], always on); the
-/// poller's work and the flush run at their own periods ([`Ticks::base_due`],
-/// [`Ticks::flush_due`]).
+/// heartbeat's), the fleet leases' and [`FLUSH_MS`] (always on: the counters are flushed on
+/// every tick); the poller's work runs at its own period ([`Ticks::base_due`]).
 #[derive(Default)]
 pub struct Ticks {
     base_ms: Cell<u64>,
     fleet_ms: Cell<u64>,
     last_base_us: Cell<u64>,
-    last_flush_us: Cell<u64>,
 }
 
-/// How often a VM adds what it counted to Envoy's counters.
+/// The longest a VM waits to add what it counted to Envoy's counters.
 pub const FLUSH_MS: u64 = 250;
 
 impl Ticks {
@@ -70,11 +68,6 @@ impl Ticks {
     /// Whether this tick runs the poller's work (at its own period, not a shorter one).
     pub fn base_due(&self, now_us: u64) -> bool {
         due(&self.last_base_us, self.base_ms.get(), now_us)
-    }
-
-    /// Whether this tick flushes the counters.
-    pub fn flush_due(&self, now_us: u64) -> bool {
-        due(&self.last_flush_us, FLUSH_MS, now_us)
     }
 }
 
